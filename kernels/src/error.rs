@@ -1,0 +1,38 @@
+//! The one error type of the kernels crate: every shape, dtype or device misuse is reported, never panicked.
+
+use crate::{DType, Device};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{op}: shape mismatch: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("{op}: expected dtype {expected}, got {got}")]
+    DType {
+        op: &'static str,
+        expected: DType,
+        got: DType,
+    },
+    #[error("{op}: not supported on device {device}")]
+    Device { op: &'static str, device: Device },
+    #[error("{op}: index out of range: {detail}")]
+    Index { op: &'static str, detail: String },
+    #[error("invalid device {0:?}: expected \"cpu\" or \"cuda:N\"")]
+    BadDevice(String),
+    #[error("device {0} is not available: {1}")]
+    Unavailable(Device, String),
+}
+
+impl KernelError {
+    pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        KernelError::Shape {
+            op,
+            detail: detail.into(),
+        }
+    }
+    pub(crate) fn index(op: &'static str, detail: impl Into<String>) -> Self {
+        KernelError::Index {
+            op,
+            detail: detail.into(),
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! Every op against a plain, obviously-correct reference, on seeded random shapes and values.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tessera_kernels::{
+    Tensor,
+    ops::{self, AttentionSeq, AttentionShape},
+    rope::{Rope, RopeScaling},
+};
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn randn(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    assert!(
+        want.iter().any(|&v| v != 0.0),
+        "{what}: reference is all zeros, the test would prove nothing"
+    );
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+fn t(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_f32(data, shape).unwrap()
+}
+
+#[test]
+fn linear_matches_naive_for_gemv_and_gemm_sizes() {
+    let mut r = rng(1);
+    for case in 0..24 {
+        // Small m exercises the GEMV path, larger m the gemm crate.
+        let m = [1, 2, 3, 5, 8, 9, 17, 40][case % 8];
+        let (k, n) = (r.random_range(1..130), r.random_range(1..150));
+        let (x, w, b) = (randn(&mut r, m * k), randn(&mut r, n * k), randn(&mut r, n));
+        let bias = if case % 2 == 0 {
+            Some(t(b.clone(), &[n]))
+        } else {
+            None
+        };
+        let got = ops::linear(
+            &t(x.clone(), &[m, k]),
+            &t(w.clone(), &[n, k]),
+            bias.as_ref(),
+        )
+        .unwrap();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for kk in 0..k {
+                    s += x[i * k + kk] as f64 * w[j * k + kk] as f64;
+                }
+                want[i * n + j] = s as f32 + if case % 2 == 0 { b[j] } else { 0.0 };
+            }
+        }
+        assert_eq!(got.shape(), [m, n]);
+        assert_close(
+            got.as_f32().unwrap(),
+            &want,
+            1e-4,
+            &format!("linear m={m} k={k} n={n}"),
+        );
+    }
+}
+
+#[test]
+fn linear_rejects_mismatched_shapes() {
+    let x = t(vec![1.0; 6], &[2, 3]);
+    assert!(ops::linear(&x, &t(vec![1.0; 8], &[2, 4]), None).is_err());
+    assert!(ops::linear(&x, &t(vec![1.0; 6], &[2, 3]), Some(&t(vec![1.0; 3], &[3]))).is_err());
+    let bf = t(vec![1.0; 6], &[2, 3]).to_dtype(tessera_kernels::DType::BF16);
+    assert!(
+        ops::linear(&x, &bf, None)
+            .unwrap_err()
+            .to_string()
+            .contains("bf16")
+    );
+}
+
+#[test]
+fn matmul_matches_naive() {
+    let mut r = rng(2);
+    for _ in 0..10 {
+        let (m, k, n) = (
+            r.random_range(1..70),
+            r.random_range(1..70),
+            r.random_range(1..70),
+        );
+        let (a, b) = (randn(&mut r, m * k), randn(&mut r, k * n));
+        let got = ops::matmul(&t(a.clone(), &[m, k]), &t(b.clone(), &[k, n])).unwrap();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k)
+                    .map(|kk| a[i * k + kk] as f64 * b[kk * n + j] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        assert_close(got.as_f32().unwrap(), &want, 1e-4, "matmul");
+    }
+}
+
+#[test]
+fn rms_norm_matches_naive() {
+    let mut r = rng(3);
+    for _ in 0..10 {
+        let (rows, h) = (r.random_range(1..40), r.random_range(1..300));
+        let (x, w) = (randn(&mut r, rows * h), randn(&mut r, h));
+        let got = ops::rms_norm(&t(x.clone(), &[rows, h]), &t(w.clone(), &[h]), 1e-5).unwrap();
+        let mut want = vec![0f32; rows * h];
+        for i in 0..rows {
+            let row = &x[i * h..(i + 1) * h];
+            let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
+            for j in 0..h {
+                want[i * h + j] = (row[j] as f64 / (ms + 1e-5).sqrt() * w[j] as f64) as f32;
+            }
+        }
+        assert_close(got.as_f32().unwrap(), &want, 1e-5, "rms_norm");
+    }
+}
+
+#[test]
+fn rope_matches_complex_rotation_for_every_scaling() {
+    let mut r = rng(4);
+    let scalings = [
+        RopeScaling::None,
+        RopeScaling::Linear { factor: 2.0 },
+        RopeScaling::Dynamic {
+            factor: 4.0,
+            max_position_embeddings: 16,
+        },
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32,
+        },
+    ];
+    for scaling in scalings {
+        let hd = 2 * r.random_range(1..20);
+        let (toks, heads) = (r.random_range(1..12), r.random_range(1..5));
+        let rope = Rope {
+            dim: hd,
+            theta: 10000.0,
+            scaling: scaling.clone(),
+        };
+        let positions: Vec<u32> = (0..toks).map(|_| r.random_range(0..200)).collect();
+        let inv = rope.inv_freq(201);
+        let x = randn(&mut r, toks * heads * hd);
+        let mut got = t(x.clone(), &[toks, heads, hd]);
+        ops::rope_inplace(&mut got, &positions, &inv).unwrap();
+        // Reference: pair (i, i + hd/2) as a complex number, multiplied by e^{i·pos·freq}, in f64.
+        let mut want = x.clone();
+        for tk in 0..toks {
+            for h in 0..heads {
+                let base = (tk * heads + h) * hd;
+                for i in 0..hd / 2 {
+                    let ang = positions[tk] as f64 * inv[i] as f64;
+                    let (re, im) = (x[base + i] as f64, x[base + i + hd / 2] as f64);
+                    want[base + i] = (re * ang.cos() - im * ang.sin()) as f32;
+                    want[base + i + hd / 2] = (re * ang.sin() + im * ang.cos()) as f32;
+                }
+            }
+        }
+        assert_close(
+            got.as_f32().unwrap(),
+            &want,
+            2e-4,
+            &format!("rope {scaling:?}"),
+        );
+    }
+}
+
+#[test]
+fn silu_mul_softmax_add_embedding_match_naive() {
+    let mut r = rng(5);
+    let n = r.random_range(100..9000);
+    let (g, u) = (randn(&mut r, n), randn(&mut r, n));
+    let got = ops::silu_mul(&t(g.clone(), &[n]), &t(u.clone(), &[n])).unwrap();
+    let want: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
+        .collect();
+    assert_close(got.as_f32().unwrap(), &want, 1e-5, "silu_mul");
+
+    let (rows, cols) = (r.random_range(1..20), r.random_range(1..100));
+    let x: Vec<f32> = randn(&mut r, rows * cols)
+        .iter()
+        .map(|v| v * 20.0)
+        .collect();
+    let mut got = t(x.clone(), &[rows, cols]);
+    ops::softmax_inplace(&mut got).unwrap();
+    let mut want = vec![0f32; rows * cols];
+    for i in 0..rows {
+        let row = &x[i * cols..(i + 1) * cols];
+        let z: f64 = row.iter().map(|v| (*v as f64).exp()).sum();
+        for j in 0..cols {
+            want[i * cols + j] = ((row[j] as f64).exp() / z) as f32;
+        }
+    }
+    assert_close(got.as_f32().unwrap(), &want, 1e-5, "softmax");
+
+    let (a, b) = (randn(&mut r, 77), randn(&mut r, 77));
+    let mut sum = t(a.clone(), &[7, 11]);
+    ops::add_inplace(&mut sum, &t(b.clone(), &[7, 11])).unwrap();
+    let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    assert_close(sum.as_f32().unwrap(), &want, 0.0, "add");
+    assert!(ops::add_inplace(&mut sum, &t(b, &[11, 7])).is_err());
+
+    let (vocab, h) = (50, 13);
+    let table = randn(&mut r, vocab * h);
+    let ids: Vec<u32> = (0..9).map(|_| r.random_range(0..vocab as u32)).collect();
+    let got = ops::embedding(&ids, &t(table.clone(), &[vocab, h])).unwrap();
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec())
+        .collect();
+    assert_close(got.as_f32().unwrap(), &want, 0.0, "embedding");
+    let err = ops::embedding(&[3, 50], &t(table, &[vocab, h])).unwrap_err();
+    assert!(err.to_string().contains("token id 50"), "{err}");
+}
+
+/// Dense causal attention on each sequence's full K/V, the textbook formula, in f64.
+fn reference_attention(
+    q: &[f32],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    seqs: &[(usize, usize, usize)],
+    s: &AttentionShape,
+) -> Vec<f32> {
+    let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+    let mut out = vec![0f32; q.len()];
+    for (si, &(q_start, q_len, pos0)) in seqs.iter().enumerate() {
+        for i in 0..q_len {
+            let pos = pos0 + i;
+            for h in 0..nh {
+                let kvh = h * nkv / nh;
+                let qv = &q[((q_start + i) * nh + h) * hd..][..hd];
+                let visible: Vec<usize> = (0..=pos)
+                    .filter(|&j| s.sliding_window.is_none_or(|w| pos - j < w))
+                    .collect();
+                let scores: Vec<f64> = visible
+                    .iter()
+                    .map(|&j| {
+                        let kv = &keys[si][(j * nkv + kvh) * hd..][..hd];
+                        qv.iter()
+                            .zip(kv)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * s.scale as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                for d in 0..hd {
+                    let mut acc = 0f64;
+                    for (&j, sc) in visible.iter().zip(&scores) {
+                        acc += (sc - m).exp() / z * values[si][(j * nkv + kvh) * hd + d] as f64;
+                    }
+                    out[((q_start + i) * nh + h) * hd + d] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn paged_attention_matches_dense_reference_on_mixed_batches() {
+    let mut r = rng(6);
+    for case in 0..12 {
+        let nkv = r.random_range(1..4);
+        let nh = nkv * r.random_range(1..4);
+        let hd = r.random_range(1..20);
+        let bs: usize = [1, 4, 16][case % 3];
+        let window = if case % 2 == 0 {
+            None
+        } else {
+            Some(r.random_range(1..10))
+        };
+        let shape = AttentionShape {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+            scale: 1.0 / (hd as f32).sqrt(),
+            sliding_window: window,
+        };
+        // A batch mixing decodes (q_len 1 at the end of a long context) and prefill chunks.
+        let nseq = r.random_range(1..5);
+        let mut specs: Vec<(usize, usize, usize)> = Vec::new();
+        let mut row = 0;
+        for _ in 0..nseq {
+            let (q_len, pos0) = if r.random_bool(0.5) {
+                (1, r.random_range(0..40))
+            } else {
+                (r.random_range(1..20), r.random_range(0..10))
+            };
+            specs.push((row, q_len, pos0));
+            row += q_len;
+        }
+        // Scatter each sequence's K/V over shuffled blocks of a shared pool.
+        let total_blocks: usize = specs
+            .iter()
+            .map(|&(_, l, p)| (p + l).div_ceil(bs))
+            .sum::<usize>()
+            + 3;
+        let mut free: Vec<u32> = (0..total_blocks as u32).collect();
+        for i in (1..free.len()).rev() {
+            free.swap(i, r.random_range(0..=i));
+        }
+        let row_len = nkv * hd;
+        let mut k_cache = randn(&mut r, total_blocks * bs * row_len); // garbage where unused: must be ignored
+        let mut v_cache = randn(&mut r, total_blocks * bs * row_len);
+        let (mut keys, mut values, mut tables) = (Vec::new(), Vec::new(), Vec::new());
+        for &(_, l, p) in &specs {
+            let len = p + l;
+            let table: Vec<u32> = (0..len.div_ceil(bs)).map(|_| free.pop().unwrap()).collect();
+            let (k, v) = (randn(&mut r, len * row_len), randn(&mut r, len * row_len));
+            for j in 0..len {
+                let slot = table[j / bs] as usize * bs + j % bs;
+                k_cache[slot * row_len..][..row_len].copy_from_slice(&k[j * row_len..][..row_len]);
+                v_cache[slot * row_len..][..row_len].copy_from_slice(&v[j * row_len..][..row_len]);
+            }
+            keys.push(k);
+            values.push(v);
+            tables.push(table);
+        }
+        let q = randn(&mut r, row * nh * hd);
+        let seqs: Vec<AttentionSeq> = specs
+            .iter()
+            .zip(&tables)
+            .map(|(&(q_start, q_len, pos0), table)| AttentionSeq {
+                q_start,
+                q_len,
+                pos0,
+                block_table: table,
+            })
+            .collect();
+        let kc = t(k_cache, &[total_blocks, bs, nkv, hd]);
+        let vc = t(v_cache, &[total_blocks, bs, nkv, hd]);
+        let got =
+            ops::paged_attention(&t(q.clone(), &[row, nh, hd]), &kc, &vc, &seqs, &shape).unwrap();
+        let want = reference_attention(&q, &keys, &values, &specs, &shape);
+        assert_close(
+            got.as_f32().unwrap(),
+            &want,
+            1e-4,
+            &format!("attention case {case}"),
+        );
+    }
+}
+
+#[test]
+fn kv_write_then_attention_round_trips_and_rejects_bad_tables() {
+    let mut r = rng(7);
+    let (nb, bs, nkv, hd): (usize, usize, usize, usize) = (4, 4, 2, 8);
+    let mut kc = Tensor::zeros(
+        &[nb, bs, nkv, hd],
+        tessera_kernels::DType::F32,
+        tessera_kernels::Device::Cpu,
+    )
+    .unwrap();
+    let mut vc = kc.clone();
+    let (k, v) = (randn(&mut r, 6 * nkv * hd), randn(&mut r, 6 * nkv * hd));
+    let table = [2u32, 0];
+    let slots: Vec<usize> = (0..6)
+        .map(|p| table[p / bs] as usize * bs + p % bs)
+        .collect();
+    ops::write_kv_cache(
+        &t(k.clone(), &[6, nkv, hd]),
+        &t(v.clone(), &[6, nkv, hd]),
+        &mut kc,
+        &mut vc,
+        &slots,
+    )
+    .unwrap();
+    let row = nkv * hd;
+    assert_eq!(&kc.as_f32().unwrap()[(2 * bs) * row..][..row], &k[..row]);
+    assert_eq!(
+        &vc.as_f32().unwrap()[(0 * bs + 1) * row..][..row],
+        &v[5 * row..][..row]
+    );
+    assert!(
+        ops::write_kv_cache(
+            &t(k.clone(), &[6, nkv, hd]),
+            &t(v, &[6, nkv, hd]),
+            &mut kc,
+            &mut vc,
+            &[99; 6]
+        )
+        .is_err()
+    );
+
+    let shape = AttentionShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: hd,
+        block_size: bs,
+        scale: 0.3,
+        sliding_window: None,
+    };
+    let q = t(randn(&mut r, 4 * hd), &[1, 4, hd]);
+    let short = [AttentionSeq {
+        q_start: 0,
+        q_len: 1,
+        pos0: 5,
+        block_table: &[2],
+    }];
+    assert!(
+        ops::paged_attention(&q, &kc, &vc, &short, &shape)
+            .unwrap_err()
+            .to_string()
+            .contains("needs 2 blocks")
+    );
+    let oob = [AttentionSeq {
+        q_start: 0,
+        q_len: 1,
+        pos0: 5,
+        block_table: &[2, 9],
+    }];
+    assert!(
+        ops::paged_attention(&q, &kc, &vc, &oob, &shape)
+            .unwrap_err()
+            .to_string()
+            .contains("block 9")
+    );
+    let ok = [AttentionSeq {
+        q_start: 0,
+        q_len: 1,
+        pos0: 5,
+        block_table: &table,
+    }];
+    assert!(ops::paged_attention(&q, &kc, &vc, &ok, &shape).is_ok());
+}

@@ -1,0 +1,220 @@
+//! The engine of one worker: a loaded model shard, its KV cache pool and the per-sequence state that
+//! lives between steps (where the sequence has got to, its sampler).
+//!
+//! [`Engine::step`] is the whole interface, the same one the gRPC `Step` carries: a batch of sequences,
+//! each with its new tokens, start position, block table and (when it samples) its sampling parameters.
+//! A step is validated completely before anything runs, so a bad step is refused with nothing changed.
+
+use std::collections::{HashMap, HashSet};
+
+use tessera_kernels::Tensor;
+
+use crate::{
+    collective::Collective,
+    error::{ModelError, StepError},
+    kv_cache::KvCache,
+    model::{Model, SeqInput},
+    sampling::{Sampled, Sampler, SamplingParams},
+};
+
+/// One sequence's part of a step.
+#[derive(Clone, Debug)]
+pub struct StepSeq<'a> {
+    pub id: u64,
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    pub block_table: &'a [u32],
+    /// Sample a token after this step (the last prefill chunk, and every decode).
+    pub sample: Option<&'a SamplingParams>,
+    /// Tokens that count for penalties and were not sent before (the prompt, on first contact).
+    pub penalty_context: &'a [u32],
+}
+
+/// A sampled token, tagged with its sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqSampled {
+    pub id: u64,
+    pub sampled: Sampled,
+}
+
+struct SeqState {
+    /// The next position the sequence expects: everything before it is in the cache.
+    next_pos: usize,
+    sampler: Option<Sampler>,
+}
+
+pub struct Engine {
+    pub model: Model,
+    pub cache: KvCache,
+    comm: Box<dyn Collective>,
+    seqs: HashMap<u64, SeqState>,
+}
+
+impl Engine {
+    pub fn new(model: Model, cache: KvCache, comm: Box<dyn Collective>) -> Self {
+        Engine {
+            model,
+            cache,
+            comm,
+            seqs: HashMap::new(),
+        }
+    }
+
+    /// Sequences with state on this engine.
+    pub fn active_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Drops a sequence's state (its blocks belong to the coordinator and need nothing here).
+    pub fn release(&mut self, id: u64) {
+        self.seqs.remove(&id);
+    }
+
+    fn validate(&self, batch: &[StepSeq<'_>]) -> Result<(), StepError> {
+        let c = &self.model.config;
+        let bs = self.cache.block_size;
+        let mut ids = HashSet::new();
+        for s in batch {
+            let bad = |m: String| Err(StepError::Invalid(format!("sequence {}: {m}", s.id)));
+            if !ids.insert(s.id) {
+                return bad("appears twice in one step".into());
+            }
+            if s.tokens.is_empty() {
+                return bad("no tokens".into());
+            }
+            if let Some(&t) = s
+                .tokens
+                .iter()
+                .chain(s.penalty_context)
+                .find(|&&t| t as usize >= c.vocab_size)
+            {
+                return bad(format!(
+                    "token id {t} outside the vocabulary of {}",
+                    c.vocab_size
+                ));
+            }
+            let end = s.start_pos + s.tokens.len();
+            if end > c.max_position_embeddings {
+                return bad(format!(
+                    "positions up to {end} exceed the model's context of {}",
+                    c.max_position_embeddings
+                ));
+            }
+            if s.start_pos > 0 {
+                match self.seqs.get(&s.id) {
+                    None => {
+                        return bad(format!(
+                            "unknown sequence (start position {} but never seen)",
+                            s.start_pos
+                        ));
+                    }
+                    Some(st) if st.next_pos != s.start_pos => {
+                        return bad(format!(
+                            "start position {} but the cache holds {} positions",
+                            s.start_pos, st.next_pos
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            let needed = end.div_ceil(bs);
+            if s.block_table.len() < needed {
+                return bad(format!(
+                    "block table has {} blocks, positions up to {end} need {needed}",
+                    s.block_table.len()
+                ));
+            }
+            if let Some(&b) = s
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= self.cache.num_blocks)
+            {
+                return bad(format!(
+                    "block {b} out of range (pool has {})",
+                    self.cache.num_blocks
+                ));
+            }
+            if let Some(p) = s.sample {
+                p.validate()
+                    .map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one step. On rank 0 returns a sampled token for each sequence that asked for one, in batch
+    /// order; other ranks return an empty list.
+    pub fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepError> {
+        Ok(self.step_with_logits(batch)?.0)
+    }
+
+    /// [`Engine::step`], also returning the logits rows (`[n, vocab]`) of the sequences that sampled.
+    pub fn step_with_logits(
+        &mut self,
+        batch: &[StepSeq<'_>],
+    ) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
+        let logits = self.forward(batch)?;
+        for s in batch {
+            let st = self.seqs.entry(s.id).or_insert(SeqState {
+                next_pos: 0,
+                sampler: None,
+            });
+            if s.start_pos == 0 {
+                // A sequence starting over (new, or preempted and recomputed) starts its sampler over too.
+                st.sampler = None;
+            }
+            st.next_pos = s.start_pos + s.tokens.len();
+            if let Some(p) = s.sample {
+                let sampler = st.sampler.get_or_insert_with(|| Sampler::new(p.seed));
+                sampler.observe_prompt(s.penalty_context);
+            }
+        }
+        let Some(logits) = logits else {
+            return Ok((Vec::new(), None));
+        };
+        if self.comm.rank() != 0 {
+            return Ok((Vec::new(), None));
+        }
+        let vocab = self.model.config.vocab_size;
+        let rows = logits.as_f32().map_err(StepError::Kernel)?;
+        let mut out = Vec::new();
+        for (s, row) in batch
+            .iter()
+            .filter(|s| s.sample.is_some())
+            .zip(rows.chunks_exact(vocab))
+        {
+            let p = s.sample.expect("filtered");
+            let sampler = self
+                .seqs
+                .get_mut(&s.id)
+                .and_then(|st| st.sampler.as_mut())
+                .expect("created above");
+            out.push(SeqSampled {
+                id: s.id,
+                sampled: sampler.sample(row, p),
+            });
+        }
+        Ok((out, Some(logits)))
+    }
+
+    /// Runs the forward pass only (no sampling, no per-sequence bookkeeping) and returns the logits rows of
+    /// the sequences that sample (`[n, vocab]`). Benchmarks use it to time the model alone.
+    pub fn forward(&mut self, batch: &[StepSeq<'_>]) -> Result<Option<Tensor>, StepError> {
+        self.validate(batch)?;
+        let inputs: Vec<SeqInput> = batch
+            .iter()
+            .map(|s| SeqInput {
+                tokens: s.tokens,
+                start_pos: s.start_pos,
+                block_table: s.block_table,
+                logits: s.sample.is_some(),
+            })
+            .collect();
+        self.model
+            .forward(&inputs, &mut self.cache, self.comm.as_ref())
+            .map_err(|e| match e {
+                ModelError::Kernel(k) => StepError::Kernel(k),
+                other => StepError::Invalid(other.to_string()),
+            })
+    }
+}

@@ -1,0 +1,42 @@
+//! Errors of loading a model directory and of running steps on it. Every load error names the file and,
+//! where there is one, the field or tensor at fault, so a user can fix the directory without reading code.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model directory {0} does not exist or is not a directory")]
+    NoDirectory(PathBuf),
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{path}: tensor `{tensor}`: {message}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("tensor parallelism: {0}")]
+    Sharding(String),
+    #[error(transparent)]
+    Kernel(#[from] tessera_kernels::KernelError),
+}
+
+/// A step the engine refuses: the caller sent something inconsistent. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("invalid step: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Kernel(#[from] tessera_kernels::KernelError),
+}

@@ -1,0 +1,23 @@
+//! Tessera's worker: one tensor-parallel shard of a Llama-family model and everything needed to run it.
+//!
+//! - [`config`]: `config.json` for Llama, Mistral and Qwen2;
+//! - [`weights`]: memory-mapped safetensors, single or sharded, sliced per rank;
+//! - [`model`]: the decoder and its batched forward pass over a paged KV cache;
+//! - [`kv_cache`]: the pool of fixed-size KV blocks;
+//! - [`sampling`]: logits → next token (penalties, temperature, top-k/p, min-p, seeds, logprobs);
+//! - [`collective`]: all-reduce / all-gather within a group;
+//! - [`engine`]: a model + cache + per-sequence state behind one `step` call.
+
+pub mod collective;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod sampling;
+pub mod weights;
+
+pub use engine::{Engine, SeqSampled, StepSeq};
+pub use error::{ModelError, StepError};
+pub use model::{Model, Shard};
+pub use sampling::{Sampled, SamplingParams};

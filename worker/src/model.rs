@@ -1,0 +1,466 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2): weights of one tensor-parallel shard and the
+//! batched forward pass over a paged KV cache.
+//!
+//! Sharding is Megatron-style: q/k/v and gate/up are split by output rows (heads, intermediate features),
+//! o and down by input columns followed by an all-reduce, the embedding is replicated and `lm_head` is split
+//! by vocabulary and all-gathered. With a world of one every slice is the whole tensor.
+
+use std::{ops::Range, path::Path};
+
+use tessera_kernels::{
+    Tensor,
+    ops::{self, AttentionSeq, AttentionShape},
+};
+
+use crate::{
+    collective::Collective,
+    config::ModelConfig,
+    error::ModelError,
+    kv_cache::KvCache,
+    weights::{Slice, WeightFiles},
+};
+
+/// This process's place in its tensor-parallel group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+}
+
+/// Which heads, KV heads, features and vocabulary rows one rank holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardLayout {
+    pub heads: Range<usize>,
+    pub kv_heads: Range<usize>,
+    pub intermediate: Range<usize>,
+    pub vocab: Range<usize>,
+}
+
+impl ShardLayout {
+    /// Splits `cfg` for `shard`, refusing splits that do not divide evenly or break the GQA grouping.
+    pub fn new(cfg: &ModelConfig, shard: Shard) -> Result<Self, ModelError> {
+        let Shard { rank, world } = shard;
+        if world == 0 || rank >= world {
+            return Err(ModelError::Sharding(format!(
+                "rank {rank} is not in a group of {world}"
+            )));
+        }
+        if cfg.num_heads % world != 0 {
+            return Err(ModelError::Sharding(format!(
+                "tp = {world} does not divide num_attention_heads = {}",
+                cfg.num_heads
+            )));
+        }
+        if cfg.intermediate_size % world != 0 {
+            return Err(ModelError::Sharding(format!(
+                "tp = {world} does not divide intermediate_size = {}",
+                cfg.intermediate_size
+            )));
+        }
+        let per = cfg.num_heads / world;
+        let group = cfg.num_heads / cfg.num_kv_heads;
+        let heads = rank * per..(rank + 1) * per;
+        // The KV heads this rank's query heads read: an even split when tp divides them, otherwise the
+        // shared KV head is replicated on every rank that needs it.
+        let kv_heads = heads.start / group..(heads.end - 1) / group + 1;
+        let local_group = per / kv_heads.len().max(1);
+        let consistent = per % kv_heads.len() == 0
+            && heads
+                .clone()
+                .all(|h| h / group - kv_heads.start == (h - heads.start) / local_group);
+        if !consistent {
+            return Err(ModelError::Sharding(format!(
+                "tp = {world} splits the {} query heads across the {} KV-head groups unevenly",
+                cfg.num_heads, cfg.num_kv_heads
+            )));
+        }
+        let inter = cfg.intermediate_size / world;
+        let v = cfg.vocab_size.div_ceil(world);
+        let vocab = (rank * v).min(cfg.vocab_size)..((rank + 1) * v).min(cfg.vocab_size);
+        Ok(ShardLayout {
+            heads,
+            kv_heads,
+            intermediate: rank * inter..(rank + 1) * inter,
+            vocab,
+        })
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o: Tensor,
+    o_bias: Option<Tensor>,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    gate_bias: Option<Tensor>,
+    up_bias: Option<Tensor>,
+    down_bias: Option<Tensor>,
+}
+
+/// One sequence's part of a forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// New tokens this pass (prefill chunk or one decode token).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; positions before it are already in the cache.
+    pub start_pos: usize,
+    /// Cache blocks covering positions `0..start_pos + tokens.len()`.
+    pub block_table: &'a [u32],
+    /// Whether to compute logits for the last token.
+    pub logits: bool,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub shard: Shard,
+    pub layout: ShardLayout,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// This rank's vocabulary rows of the output projection.
+    lm_head: Tensor,
+    /// RoPE inverse frequencies when they do not depend on the sequence length.
+    inv_freq: Vec<f32>,
+}
+
+impl Model {
+    /// Loads the shard `shard` of the model in `dir`.
+    pub fn load(dir: &Path, shard: Shard) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::NoDirectory(dir.to_path_buf()));
+        }
+        let config = ModelConfig::load(dir)?;
+        let files = WeightFiles::open(dir)?;
+        Self::from_weights(config, &files, shard)
+    }
+
+    pub fn from_weights(
+        config: ModelConfig,
+        w: &WeightFiles,
+        shard: Shard,
+    ) -> Result<Self, ModelError> {
+        let c = &config;
+        let layout = ShardLayout::new(c, shard)?;
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let q_rows = layout.heads.start * hd..layout.heads.end * hd;
+        let kv_rows = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
+        let first = shard.rank == 0;
+        let opt = |present: bool,
+                   name: String,
+                   shape: &[usize],
+                   s: Slice|
+         -> Result<Option<Tensor>, ModelError> {
+            if present {
+                w.load(&name, shape, s).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+            layers.push(Layer {
+                input_norm: w.load(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
+                q: w.load(
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    &[qd, h],
+                    Slice::Rows(q_rows.clone()),
+                )?,
+                k: w.load(
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    &[kvd, h],
+                    Slice::Rows(kv_rows.clone()),
+                )?,
+                v: w.load(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    &[kvd, h],
+                    Slice::Rows(kv_rows.clone()),
+                )?,
+                q_bias: opt(
+                    c.qkv_bias,
+                    format!("{p}.self_attn.q_proj.bias"),
+                    &[qd],
+                    Slice::Rows(q_rows.clone()),
+                )?,
+                k_bias: opt(
+                    c.qkv_bias,
+                    format!("{p}.self_attn.k_proj.bias"),
+                    &[kvd],
+                    Slice::Rows(kv_rows.clone()),
+                )?,
+                v_bias: opt(
+                    c.qkv_bias,
+                    format!("{p}.self_attn.v_proj.bias"),
+                    &[kvd],
+                    Slice::Rows(kv_rows.clone()),
+                )?,
+                o: w.load(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    &[h, qd],
+                    Slice::Cols(q_rows.clone()),
+                )?,
+                // Row-parallel biases are added once, by rank 0, before the all-reduce sums the partials.
+                o_bias: opt(
+                    c.o_bias && first,
+                    format!("{p}.self_attn.o_proj.bias"),
+                    &[h],
+                    Slice::Full,
+                )?,
+                post_norm: w.load(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    Slice::Full,
+                )?,
+                gate: w.load(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    &[inter, h],
+                    Slice::Rows(layout.intermediate.clone()),
+                )?,
+                up: w.load(
+                    &format!("{p}.mlp.up_proj.weight"),
+                    &[inter, h],
+                    Slice::Rows(layout.intermediate.clone()),
+                )?,
+                down: w.load(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[h, inter],
+                    Slice::Cols(layout.intermediate.clone()),
+                )?,
+                gate_bias: opt(
+                    c.mlp_bias,
+                    format!("{p}.mlp.gate_proj.bias"),
+                    &[inter],
+                    Slice::Rows(layout.intermediate.clone()),
+                )?,
+                up_bias: opt(
+                    c.mlp_bias,
+                    format!("{p}.mlp.up_proj.bias"),
+                    &[inter],
+                    Slice::Rows(layout.intermediate.clone()),
+                )?,
+                down_bias: opt(
+                    c.mlp_bias && first,
+                    format!("{p}.mlp.down_proj.bias"),
+                    &[h],
+                    Slice::Full,
+                )?,
+            });
+        }
+        let embed = w.load("model.embed_tokens.weight", &[c.vocab_size, h], Slice::Full)?;
+        let head_name = if c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let lm_head = if shard.world == 1 && c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            w.load(
+                head_name,
+                &[c.vocab_size, h],
+                Slice::Rows(layout.vocab.clone()),
+            )?
+        };
+        let norm = w.load("model.norm.weight", &[h], Slice::Full)?;
+        let inv_freq = c.rope.inv_freq(c.max_position_embeddings);
+        Ok(Model {
+            config,
+            shard,
+            layout,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// KV heads held by this rank.
+    pub fn local_kv_heads(&self) -> usize {
+        self.layout.kv_heads.len()
+    }
+
+    /// Bytes of weights this rank reads per decoded token (everything but the embedding table, of which a
+    /// decode reads one row).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.input_norm,
+                    &l.q,
+                    &l.k,
+                    &l.v,
+                    &l.o,
+                    &l.post_norm,
+                    &l.gate,
+                    &l.up,
+                    &l.down,
+                ]
+                .iter()
+                .map(|t| t.size_in_bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        l + self.norm.size_in_bytes() + self.lm_head.size_in_bytes()
+    }
+
+    fn attention_shape(&self, block_size: usize) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape {
+            num_heads: self.layout.heads.len(),
+            num_kv_heads: self.layout.kv_heads.len(),
+            head_dim: c.head_dim,
+            block_size,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            sliding_window: c.sliding_window,
+        }
+    }
+
+    /// Runs the decoder over a batch and returns logits `[n, vocab]` for the `n` sequences that asked for
+    /// them, in batch order. Every rank must call this with the same batch; only the full vocabulary on
+    /// every rank is returned (the all-gather makes it available everywhere, rank 0 uses it).
+    /// Inputs must have been validated (see `Engine::step`).
+    pub fn forward(
+        &self,
+        seqs: &[SeqInput<'_>],
+        cache: &mut KvCache,
+        comm: &dyn Collective,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let shape = self.attention_shape(cache.block_size);
+        let (nh, nkv) = (shape.num_heads, shape.num_kv_heads);
+
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut attn_seqs = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            attn_seqs.push(AttentionSeq {
+                q_start: ids.len(),
+                q_len: s.tokens.len(),
+                pos0: s.start_pos,
+                block_table: s.block_table,
+            });
+            ids.extend_from_slice(s.tokens);
+            for p in s.start_pos..s.start_pos + s.tokens.len() {
+                positions.push(p as u32);
+                slots.push(tessera_kernels::cpu::attention::slot(
+                    s.block_table,
+                    cache.block_size,
+                    p,
+                ));
+            }
+        }
+        let t = ids.len();
+        if t == 0 {
+            return Ok(None);
+        }
+        // Dynamic RoPE rescales by each sequence's own length, as transformers does per forward call.
+        let per_seq_freq: Option<Vec<Vec<f32>>> = c.rope.depends_on_length().then(|| {
+            seqs.iter()
+                .map(|s| c.rope.inv_freq(s.start_pos + s.tokens.len()))
+                .collect()
+        });
+
+        let mut x = ops::embedding(&ids, &self.embed)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let mut q = ops::linear(&h, &layer.q, layer.q_bias.as_ref())?.reshape(&[t, nh, hd])?;
+            let mut k = ops::linear(&h, &layer.k, layer.k_bias.as_ref())?.reshape(&[t, nkv, hd])?;
+            let v = ops::linear(&h, &layer.v, layer.v_bias.as_ref())?.reshape(&[t, nkv, hd])?;
+            match &per_seq_freq {
+                None => {
+                    ops::rope_inplace(&mut q, &positions, &self.inv_freq)?;
+                    ops::rope_inplace(&mut k, &positions, &self.inv_freq)?;
+                }
+                Some(freqs) => {
+                    let (mut qs, mut ks) = (Vec::new(), Vec::new());
+                    for (a, f) in attn_seqs.iter().zip(freqs) {
+                        let r = a.q_start..a.q_start + a.q_len;
+                        let mut qi = q.narrow_rows(r.start, r.end)?;
+                        let mut ki = k.narrow_rows(r.start, r.end)?;
+                        ops::rope_inplace(&mut qi, &positions[r.clone()], f)?;
+                        ops::rope_inplace(&mut ki, &positions[r], f)?;
+                        qs.extend_from_slice(qi.as_f32()?);
+                        ks.extend_from_slice(ki.as_f32()?);
+                    }
+                    q = Tensor::from_f32(qs, &[t, nh, hd])?;
+                    k = Tensor::from_f32(ks, &[t, nkv, hd])?;
+                }
+            }
+            let (kc, vc) = cache.layer_mut(li);
+            ops::write_kv_cache(&k, &v, kc, vc, &slots)?;
+            let (kc, vc) = cache.layer(li);
+            let attn =
+                ops::paged_attention(&q, kc, vc, &attn_seqs, &shape)?.reshape(&[t, nh * hd])?;
+            let mut o = ops::linear(&attn, &layer.o, layer.o_bias.as_ref())?;
+            comm.all_reduce_sum(o.as_f32_mut()?)
+                .map_err(|e| ModelError::Sharding(e.to_string()))?;
+            ops::add_inplace(&mut x, &o)?;
+
+            let h = ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            let gate = ops::linear(&h, &layer.gate, layer.gate_bias.as_ref())?;
+            let up = ops::linear(&h, &layer.up, layer.up_bias.as_ref())?;
+            let act = ops::silu_mul(&gate, &up)?;
+            let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
+            comm.all_reduce_sum(down.as_f32_mut()?)
+                .map_err(|e| ModelError::Sharding(e.to_string()))?;
+            ops::add_inplace(&mut x, &down)?;
+        }
+
+        // Only the last token of sequences that sample needs the (expensive) vocabulary projection.
+        let hsz = c.hidden_size;
+        let xs = x.as_f32()?;
+        let mut last = Vec::new();
+        for a in attn_seqs
+            .iter()
+            .zip(seqs)
+            .filter(|(_, s)| s.logits)
+            .map(|(a, _)| a)
+        {
+            let row = a.q_start + a.q_len - 1;
+            last.extend_from_slice(&xs[row * hsz..(row + 1) * hsz]);
+        }
+        let n = last.len() / hsz;
+        if n == 0 {
+            return Ok(None);
+        }
+        let last = ops::rms_norm(
+            &Tensor::from_f32(last, &[n, hsz])?,
+            &self.norm,
+            c.rms_norm_eps,
+        )?;
+        let local = ops::linear(&last, &self.lm_head, None)?;
+        if comm.world_size() == 1 {
+            return Ok(Some(local));
+        }
+        let parts = comm
+            .all_gather(local.as_f32()?)
+            .map_err(|e| ModelError::Sharding(e.to_string()))?;
+        // Each part is [n, local_vocab]; interleave rows back into [n, vocab].
+        let mut full = Vec::with_capacity(n * c.vocab_size);
+        for r in 0..n {
+            for part in &parts {
+                let w = part.len() / n;
+                full.extend_from_slice(&part[r * w..(r + 1) * w]);
+            }
+        }
+        Ok(Some(Tensor::from_f32(full, &[n, c.vocab_size])?))
+    }
+}

@@ -1,0 +1,396 @@
+//! Turning a row of logits into the next token: penalties, temperature, top-k, top-p, min-p, a seeded
+//! draw, and the logprobs the API reports.
+//!
+//! Order of processing follows vLLM: logprobs are of the model's raw distribution; then penalties
+//! (repetition over prompt and output, presence/frequency over output only, as OpenAI defines them);
+//! temperature 0 is greedy; otherwise temperature, top-k, top-p, min-p, and a draw from the rest.
+//! Each sequence owns its RNG, so a seeded request gives the same output whatever it is batched with.
+
+use std::collections::{HashMap, HashSet};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Below this temperature sampling is greedy.
+const GREEDY_BELOW: f32 = 1e-5;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+    /// Return the sampled token's logprob.
+    pub logprobs: bool,
+    /// How many top alternatives to return.
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logprobs: false,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+
+    /// Checks ranges; the message names the parameter as the OpenAI API spells it.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |v: f32| v.is_finite();
+        if !finite(self.temperature) || self.temperature < 0.0 {
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !finite(self.top_p) || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !finite(self.min_p) || !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !finite(self.repetition_penalty) || self.repetition_penalty <= 0.0 {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if !finite(self.presence_penalty) || !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(format!(
+                "presence_penalty must be in [-2, 2], got {}",
+                self.presence_penalty
+            ));
+        }
+        if !finite(self.frequency_penalty) || !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(format!(
+                "frequency_penalty must be in [-2, 2], got {}",
+                self.frequency_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of sampling one position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// log-softmax of the raw logits at `token`, when asked for.
+    pub logprob: Option<f32>,
+    /// The `top_logprobs` most likely tokens under the raw logits, highest first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampling state: the RNG and what the penalties need to know.
+pub struct Sampler {
+    rng: ChaCha8Rng,
+    /// Tokens of the prompt and output (for the repetition penalty).
+    seen: HashSet<u32>,
+    /// Occurrences of each generated token (for presence and frequency penalties).
+    output_counts: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    pub fn new(seed: Option<u64>) -> Self {
+        let rng = match seed {
+            Some(s) => ChaCha8Rng::seed_from_u64(s),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Sampler {
+            rng,
+            seen: HashSet::new(),
+            output_counts: HashMap::new(),
+        }
+    }
+
+    /// Records prompt tokens (they count for the repetition penalty only).
+    pub fn observe_prompt(&mut self, tokens: &[u32]) {
+        self.seen.extend(tokens.iter().copied());
+    }
+
+    /// Records a generated token.
+    pub fn observe_output(&mut self, token: u32) {
+        self.seen.insert(token);
+        *self.output_counts.entry(token).or_default() += 1;
+    }
+
+    /// Picks the next token from `logits` and records it as output.
+    pub fn sample(&mut self, logits: &[f32], p: &SamplingParams) -> Sampled {
+        let want_lp = p.logprobs || p.top_logprobs > 0;
+        let log_z = if want_lp { log_sum_exp(logits) } else { 0.0 };
+
+        let mut l = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            for &t in &self.seen {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v = if *v > 0.0 {
+                        *v / p.repetition_penalty
+                    } else {
+                        *v * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.output_counts {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let token = if p.temperature < GREEDY_BELOW {
+            argmax(&l)
+        } else {
+            self.draw(&mut l, p)
+        };
+        self.observe_output(token);
+
+        let top_logprobs = if p.top_logprobs > 0 {
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            let k = p.top_logprobs.min(idx.len());
+            let by_logit_desc = |a: &u32, b: &u32| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            };
+            if k < idx.len() {
+                idx.select_nth_unstable_by(k, by_logit_desc);
+                idx.truncate(k);
+            }
+            idx.sort_by(by_logit_desc);
+            idx.into_iter()
+                .map(|t| (t, logits[t as usize] - log_z))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Sampled {
+            token,
+            logprob: want_lp.then(|| logits[token as usize] - log_z),
+            top_logprobs,
+        }
+    }
+
+    fn draw(&mut self, l: &mut [f32], p: &SamplingParams) -> u32 {
+        for v in l.iter_mut() {
+            *v /= p.temperature;
+        }
+        // Candidates sorted by logit, highest first (ties by id, for determinism).
+        let mut cand: Vec<u32> = (0..l.len() as u32).collect();
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k, |a, b| {
+                l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b))
+            });
+            cand.truncate(p.top_k);
+        }
+        cand.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b)));
+        let max = l[cand[0] as usize];
+        let mut probs: Vec<f32> = cand.iter().map(|&t| (l[t as usize] - max).exp()).collect();
+        let z: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= z);
+        if p.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|&q| {
+                acc += q;
+                acc >= p.top_p
+            });
+            let keep = keep.map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+            cand.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = p.min_p * probs[0];
+            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+            probs.truncate(keep);
+            cand.truncate(keep);
+        }
+        let z: f32 = probs.iter().sum();
+        let mut u = self.rng.random::<f32>() * z;
+        for (t, q) in cand.iter().zip(&probs) {
+            if u < *q {
+                return *t;
+            }
+            u -= q;
+        }
+        *cand.last().expect("at least one candidate")
+    }
+}
+
+/// Index of the largest value (the first one on ties), as `torch.argmax` picks.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_sum_exp(v: &[f32]) -> f32 {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = v.iter().map(|&x| ((x - m) as f64).exp()).sum();
+    m + s.ln() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.5, -1.0, 0.5, 2.9]
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_reports_logprobs() {
+        let p = SamplingParams {
+            logprobs: true,
+            top_logprobs: 3,
+            ..SamplingParams::greedy()
+        };
+        let s = Sampler::new(Some(1)).sample(&logits(), &p);
+        assert_eq!(s.token, 1);
+        let z: f32 = logits().iter().map(|x| x.exp()).sum();
+        assert!((s.logprob.unwrap() - (3f32.exp() / z).ln()).abs() < 1e-6);
+        let ids: Vec<u32> = s.top_logprobs.iter().map(|x| x.0).collect();
+        assert_eq!(ids, [1, 5, 2]);
+    }
+
+    #[test]
+    fn penalties_shift_the_choice() {
+        let mut s = Sampler::new(Some(1));
+        s.observe_prompt(&[1]);
+        // 3.0 / 2 = 1.5 < 2.9: token 5 wins.
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(s.sample(&logits(), &p).token, 5);
+        // Now 5 has been generated once; presence 0.5 pushes it to 2.4 < 2.5.
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(Sampler::new(None).sample(&logits(), &p).token, 1);
+        assert_eq!(
+            s.sample(
+                &logits(),
+                &SamplingParams {
+                    repetition_penalty: 2.0,
+                    ..p
+                }
+            )
+            .token,
+            2
+        );
+    }
+
+    #[test]
+    fn seeded_draws_repeat_and_respect_filters() {
+        let p = SamplingParams {
+            temperature: 0.8,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let run = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.seed);
+            (0..50)
+                .map(|_| s.sample(&logits(), p).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(&p), run(&p));
+        assert!(
+            run(&p).iter().collect::<HashSet<_>>().len() > 2,
+            "temperature 0.8 should vary"
+        );
+        let k2 = SamplingParams {
+            top_k: 2,
+            ..p.clone()
+        };
+        assert!(run(&k2).iter().all(|t| [1, 5].contains(t)));
+        let top_p = SamplingParams {
+            top_p: 0.5,
+            ..p.clone()
+        };
+        assert!(run(&top_p).iter().all(|t| [1, 5].contains(t)));
+        let min_p = SamplingParams {
+            min_p: 0.7,
+            ..p.clone()
+        };
+        assert!(run(&min_p).iter().all(|t| [1, 5, 2].contains(t)));
+    }
+
+    #[test]
+    fn draw_frequencies_follow_the_distribution() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p.seed);
+        let l = [0.0f32, 1f32.ln(), 2f32.ln()]; // probabilities 1/4, 1/4, 1/2
+        let mut counts = [0usize; 3];
+        for _ in 0..20000 {
+            counts[s.sample(&l, &p).token as usize] += 1;
+        }
+        let f = counts.map(|c| c as f32 / 20000.0);
+        assert!(
+            (f[0] - 0.25).abs() < 0.02 && (f[1] - 0.25).abs() < 0.02 && (f[2] - 0.5).abs() < 0.02,
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        assert!(
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .contains("top_p")
+        );
+        assert!(
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .contains("temperature")
+        );
+        assert!(
+            SamplingParams {
+                presence_penalty: 3.0,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .contains("presence")
+        );
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,149 @@
+//! Helpers shared by the worker's integration tests: model paths, golden files, a greedy batch driver.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use tessera_worker::{
+    Engine, Model, SamplingParams, Shard, StepSeq, collective::Single, kv_cache::KvCache,
+};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every model with a golden file: the default model and the test models.
+pub fn golden_models() -> Vec<PathBuf> {
+    let mut v = vec![repo().join("models/stories260K")];
+    for m in [
+        "tiny-llama3",
+        "tiny-mistral",
+        "tiny-qwen2",
+        "tiny-llama-bf16-sharded",
+    ] {
+        v.push(repo().join("testdata/models").join(m));
+    }
+    v
+}
+
+pub struct GoldenCase {
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub logits: Vec<f32>,
+}
+
+pub fn golden(dir: &std::path::Path) -> Vec<GoldenCase> {
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    g["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| GoldenCase {
+            prompt_ids: ids(&c["prompt_ids"]),
+            greedy_ids: ids(&c["greedy_ids"]),
+            logits: c["last_prompt_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
+        })
+        .collect()
+}
+
+pub const BLOCK: usize = 16;
+/// Blocks reserved per sequence in these tests (each sequence gets its own disjoint range).
+pub const BLOCKS_PER_SEQ: usize = 8;
+
+pub fn engine(dir: &std::path::Path, max_seqs: usize) -> Engine {
+    let model = Model::load(dir, Shard::WHOLE).unwrap();
+    let cache = KvCache::new(&model, max_seqs * BLOCKS_PER_SEQ, BLOCK).unwrap();
+    Engine::new(model, cache, Box::new(Single))
+}
+
+/// A table of blocks for sequence slot `i`, deliberately in reverse order so that block order matters.
+pub fn table(i: usize) -> Vec<u32> {
+    (0..BLOCKS_PER_SEQ)
+        .rev()
+        .map(|b| (i * BLOCKS_PER_SEQ + b) as u32)
+        .collect()
+}
+
+/// Greedy-generates `n_new` tokens for every prompt as one continuously batched run: prompts are fed in
+/// chunks of `chunk` tokens (all at once when `None`), then one token per step. Returns the new ids and
+/// the logits at each prompt's last position.
+pub fn greedy_batch(
+    engine: &mut Engine,
+    prompts: &[Vec<u32>],
+    n_new: usize,
+    chunk: Option<usize>,
+) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let greedy = SamplingParams::greedy();
+    let tables: Vec<Vec<u32>> = (0..prompts.len()).map(table).collect();
+    let mut fed = vec![0usize; prompts.len()];
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut first_logits: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+    let mut seqs_tokens: Vec<Vec<u32>> = prompts.to_vec();
+    let base = 1000;
+    loop {
+        let mut batch = Vec::new();
+        let mut owners = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            if out[i].len() >= n_new {
+                continue;
+            }
+            let (start, end) = if fed[i] < p.len() {
+                let end = chunk.map_or(p.len(), |c| (fed[i] + c).min(p.len()));
+                (fed[i], end)
+            } else {
+                (seqs_tokens[i].len() - 1, seqs_tokens[i].len())
+            };
+            owners.push((i, start, end));
+        }
+        if owners.is_empty() {
+            break;
+        }
+        for &(i, start, end) in &owners {
+            let samples = end >= prompts[i].len();
+            batch.push(StepSeq {
+                id: base + i as u64,
+                tokens: &seqs_tokens[i][start..end],
+                start_pos: start,
+                block_table: &tables[i],
+                sample: samples.then_some(&greedy),
+                penalty_context: if start == 0 { &prompts[i] } else { &[] },
+            });
+        }
+        let (sampled, logits) = engine.step_with_logits(&batch).unwrap();
+        if let Some(l) = logits {
+            let vocab = l.shape()[1];
+            for (row, s) in sampled.iter().enumerate() {
+                let i = (s.id - base) as usize;
+                if out[i].is_empty() {
+                    first_logits[i] = l.as_f32().unwrap()[row * vocab..(row + 1) * vocab].to_vec();
+                }
+            }
+        }
+        for &(i, _, end) in &owners {
+            fed[i] = fed[i].max(end);
+        }
+        for s in sampled {
+            let i = (s.id - base) as usize;
+            out[i].push(s.sampled.token);
+            seqs_tokens[i].push(s.sampled.token);
+        }
+    }
+    for i in 0..prompts.len() {
+        engine.release(base + i as u64);
+    }
+    (out, first_logits)
+}
