@@ -244,7 +244,7 @@ pub fn paged_attention(
             ),
         ));
     }
-    if s.num_kv_heads == 0 || s.num_heads % s.num_kv_heads != 0 {
+    if s.num_kv_heads == 0 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
         return Err(KernelError::shape(
             OP,
             format!("{} heads over {} kv heads", s.num_heads, s.num_kv_heads),

@@ -155,19 +155,19 @@ impl ModelConfig {
                 ));
             }
         };
-        if let Some(act) = f.get("hidden_act").or_else(|| f.get("hidden_activation")) {
-            if act.as_str() != Some("silu") {
-                return Err(f.err(
-                    "hidden_act",
-                    format!("unsupported activation {act}; only \"silu\" is supported"),
-                ));
-            }
+        if let Some(act) = f.get("hidden_act").or_else(|| f.get("hidden_activation"))
+            && act.as_str() != Some("silu")
+        {
+            return Err(f.err(
+                "hidden_act",
+                format!("unsupported activation {act}; only \"silu\" is supported"),
+            ));
         }
 
         let hidden_size = f.usize("hidden_size")?;
         let num_heads = f.usize("num_attention_heads")?;
         let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        if num_heads % num_kv_heads != 0 {
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(f.err(
                 "num_key_value_heads",
                 format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
@@ -175,7 +175,7 @@ impl ModelConfig {
         }
         let head_dim = match f.opt_usize("head_dim")? {
             Some(d) => d,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
             None => {
                 return Err(f.err(
                     "head_dim",
@@ -183,7 +183,7 @@ impl ModelConfig {
                 ));
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(f.err(
                 "head_dim",
                 format!("{head_dim} is odd; rotary embeddings need an even head size"),

@@ -49,13 +49,13 @@ impl ShardLayout {
                 "rank {rank} is not in a group of {world}"
             )));
         }
-        if cfg.num_heads % world != 0 {
+        if !cfg.num_heads.is_multiple_of(world) {
             return Err(ModelError::Sharding(format!(
                 "tp = {world} does not divide num_attention_heads = {}",
                 cfg.num_heads
             )));
         }
-        if cfg.intermediate_size % world != 0 {
+        if !cfg.intermediate_size.is_multiple_of(world) {
             return Err(ModelError::Sharding(format!(
                 "tp = {world} does not divide intermediate_size = {}",
                 cfg.intermediate_size
@@ -68,7 +68,7 @@ impl ShardLayout {
         // shared KV head is replicated on every rank that needs it.
         let kv_heads = heads.start / group..(heads.end - 1) / group + 1;
         let local_group = per / kv_heads.len().max(1);
-        let consistent = per % kv_heads.len() == 0
+        let consistent = per.is_multiple_of(kv_heads.len())
             && heads
                 .clone()
                 .all(|h| h / group - kv_heads.start == (h - heads.start) / local_group);

@@ -1,0 +1,228 @@
+//! The `tessera` command line: argument parsing and the subcommands' glue. Errors are printed as one
+//! `error:` line (with their causes) and a non-zero exit status; nothing here panics on bad input.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tessera_worker::{Engine, Model, SamplingParams, Shard, collective::Single, kv_cache::KvCache};
+
+use crate::{
+    backend::LocalBackend,
+    default_model,
+    generate::{GenerateRequest, generate, validate_prompt},
+    tokenizer::Tokenizer,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera: a distributed LLM server for the Llama family"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a completion for one prompt and print it (streamed, or as JSON).
+    Generate(GenerateArgs),
+    /// Measure decode and prefill throughput against the memory-bandwidth roofline.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (default: the built-in stories260K).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// KV cache budget in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub kv_cache_mib: usize,
+}
+
+impl ModelArgs {
+    pub fn dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => default_model::path(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text (tokenized with the model's tokenizer, BOS added as the model expects).
+    #[arg(long, conflicts_with = "prompt_ids", value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, used as given.
+    #[arg(long, value_name = "IDS")]
+    pub prompt_ids: Option<String>,
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0, value_name = "T")]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: usize,
+    /// Drop tokens less likely than P times the most likely one.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub min_p: f32,
+    /// Divide logits of tokens already present by this (>1 discourages repetition).
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
+    pub repetition_penalty: f32,
+    /// Subtract from logits of tokens already generated (OpenAI semantics).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "X",
+        allow_hyphen_values = true
+    )]
+    pub presence_penalty: f32,
+    /// Subtract per occurrence of tokens already generated (OpenAI semantics).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "X",
+        allow_hyphen_values = true
+    )]
+    pub frequency_penalty: f32,
+    /// Seed for sampling: the same seed gives the same output.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Report the K most likely tokens and their logprobs at each position (with --json).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_logprobs: usize,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Bench(a) => crate::bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Loads a model directory into an in-process engine with `kv_cache_mib` of KV cache.
+pub fn load_local(dir: &Path, kv_cache_mib: usize) -> Result<(LocalBackend, Tokenizer)> {
+    let model = Model::load(dir, Shard::WHOLE)
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    let tok = Tokenizer::load(dir)?;
+    let cache = KvCache::with_budget(
+        &model,
+        kv_cache_mib << 20,
+        tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE,
+    )?;
+    Ok((
+        LocalBackend {
+            engine: Engine::new(model, cache, Box::new(Single)),
+        },
+        tok,
+    ))
+}
+
+pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u32>()
+                .with_context(|| format!("--prompt-ids: {p:?} is not a token id"))
+        })
+        .collect()
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        seed: a.seed,
+        logprobs: a.top_logprobs > 0,
+        top_logprobs: a.top_logprobs,
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let dir = a.model.dir()?;
+    let (mut backend, tok) = load_local(&dir, a.model.kv_cache_mib)?;
+    let prompt_ids = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), None) => {
+            if text.is_empty() {
+                bail!("--prompt is empty");
+            }
+            tok.encode_prompt(text)?
+        }
+        (None, Some(ids)) => parse_ids(ids)?,
+        _ => bail!("give the prompt with --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let info = crate::backend::Backend::info(&backend);
+    validate_prompt(&prompt_ids, info.vocab_size, info.max_position_embeddings)?;
+    let req = GenerateRequest {
+        prompt_ids,
+        params,
+        max_tokens: a.max_tokens,
+        ignore_eos: a.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    if a.json {
+        let out = generate(&mut backend, &tok, &req, 0, |_| {})?;
+        let mut lock = stdout.lock();
+        serde_json::to_writer(&mut lock, &out)?;
+        writeln!(lock)?;
+    } else {
+        let mut lock = stdout.lock();
+        let mut io_err = None;
+        generate(&mut backend, &tok, &req, 0, |piece| {
+            if io_err.is_none() {
+                io_err = lock
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| lock.flush())
+                    .err();
+            }
+        })?;
+        if let Some(e) = io_err {
+            return Err(e).context("writing to stdout");
+        }
+        writeln!(lock)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! Tessera's coordinator: everything about requests (tokenizer, validation, generation loop, KV block
+//! allocation) and the `tessera` command line. It never touches a tensor: steps run on a [`backend`].
+
+pub mod backend;
+pub mod bench;
+pub mod blocks;
+pub mod cli;
+pub mod default_model;
+pub mod generate;
+pub mod synth;
+pub mod tokenizer;
