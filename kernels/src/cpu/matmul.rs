@@ -140,47 +140,54 @@ fn gemv(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     }
 }
 
-/// Dot product with eight independent lanes so the compiler vectorises it without reassociating floats;
-/// on x86-64 an AVX2 build of the same body is picked at run time.
+/// Dot product over independent accumulator lanes, so the loop is limited by memory rather than by the
+/// latency of one long chain of float adds; on x86-64 a build of the same loop with AVX2 and FMA is picked
+/// at run time. The summation order depends only on the length, never on the caller or the batch.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { dot_avx2(a, b) };
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { dot_avx2_fma(a, b) };
         }
     }
-    dot_lanes(a, b)
+    dot_lanes(a, b, |acc, x, y| acc + x * y)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b, |acc, x, y| x.mul_add(y, acc))
 }
 
+/// 64 lanes: eight 256-bit accumulators, enough to hide FMA latency at two FMAs per cycle.
+const LANES: usize = 64;
+
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
+fn dot_lanes(a: &[f32], b: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; L];
-    let ca = a.chunks_exact(L);
-    let cb = b.chunks_exact(L);
+    let mut acc = [0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
     let (ta, tb) = (ca.remainder(), cb.remainder());
     for (xa, xb) in ca.zip(cb) {
-        for l in 0..L {
-            acc[l] += xa[l] * xb[l];
+        for l in 0..LANES {
+            acc[l] = fma(acc[l], xa[l], xb[l]);
         }
     }
     let mut tail = 0f32;
     for (p, q) in ta.iter().zip(tb) {
-        tail += p * q;
+        tail = fma(tail, *p, *q);
     }
-    let mut s = 0f32;
-    for v in acc {
-        s += v;
+    // Pairwise reduction of the lanes (also vectorises).
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
     }
-    s + tail
+    acc[0] + tail
 }
