@@ -9,8 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/tessera/v1/worker.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/tessera/v1/worker.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -10,9 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use rayon::prelude::*;
 use serde::Serialize;
-use tessera_worker::{
-    Engine, Model, SamplingParams, Shard, StepSeq, collective::Single, kv_cache::KvCache,
-};
+use tessera_worker::{Engine, Model, SamplingParams, Shard, StepSeq, collective::Single, kv_cache::KvCache};
 
 use crate::{default_model, synth};
 
@@ -75,10 +73,7 @@ pub struct Report {
 /// Memory-read bandwidth with the current rayon pool: sum a buffer much larger than any cache.
 pub fn read_bandwidth() -> f64 {
     const BYTES: usize = 1 << 30;
-    let buf: Vec<f32> = (0..BYTES / 4)
-        .into_par_iter()
-        .map(|i| (i % 7) as f32)
-        .collect();
+    let buf: Vec<f32> = (0..BYTES / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
     let chunk = BYTES / 4 / (rayon::current_num_threads() * 8);
     let mut best = f64::MAX;
     for _ in 0..5 {
@@ -105,27 +100,17 @@ fn lane_sum(c: &[f32]) -> f32 {
 }
 
 fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((x >> 33) % (vocab as u64 - 3) + 3) as u32
         })
         .collect()
 }
 
-fn bench_model(
-    name: &str,
-    dir: &std::path::Path,
-    a: &BenchArgs,
-    bandwidth: f64,
-) -> Result<ModelReport> {
-    let model =
-        Model::load(dir, Shard::WHOLE).with_context(|| format!("loading {}", dir.display()))?;
+fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64) -> Result<ModelReport> {
+    let model = Model::load(dir, Shard::WHOLE).with_context(|| format!("loading {}", dir.display()))?;
     let c = model.config.clone();
     let context = a.context.min(c.max_position_embeddings - a.steps - 1);
     let prefill = a.prefill.min(c.max_position_embeddings);
@@ -136,18 +121,15 @@ fn bench_model(
     let bytes = model.weight_bytes_per_token();
     let mut engine = Engine::new(model, cache, Box::new(Single));
     let greedy = SamplingParams::greedy();
-    let tables: Vec<Vec<u32>> = (0..max_batch)
-        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
-        .collect();
+    let tables: Vec<Vec<u32>> =
+        (0..max_batch).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
 
     let mut decode = Vec::new();
     for &b in &a.batch {
         if b == 0 {
             bail!("--batch sizes must be at least 1");
         }
-        let mut seqs: Vec<Vec<u32>> = (0..b)
-            .map(|i| random_ids(context, c.vocab_size, i as u64))
-            .collect();
+        let mut seqs: Vec<Vec<u32>> = (0..b).map(|i| random_ids(context, c.vocab_size, i as u64)).collect();
         // Untimed prefill of every sequence's context, then two warm-up steps.
         // The token each prefill samples is appended, so a decode step feeds the newest token at the next
         // free position.
@@ -229,10 +211,7 @@ fn bench_model(
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting the thread count")?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
     }
     let threads = rayon::current_num_threads();
     let bandwidth = read_bandwidth();
@@ -250,10 +229,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     }
                 };
                 if !dir.join("model.safetensors").exists() {
-                    eprintln!(
-                        "writing the synthetic benchmark model to {} ...",
-                        dir.display()
-                    );
+                    eprintln!("writing the synthetic benchmark model to {} ...", dir.display());
                     synth::write_model(&dir, synth::BENCH_SHAPE, 42)?;
                 }
                 bench_model("synthetic-124.7M-f32", &dir, &a, bandwidth)?
@@ -262,11 +238,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         reports.push(report);
     }
-    let report = Report {
-        threads,
-        read_bandwidth_gb_s: bandwidth,
-        models: reports,
-    };
+    let report = Report { threads, read_bandwidth_gb_s: bandwidth, models: reports };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -288,10 +260,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 d.roofline_fraction * 100.0
             );
         }
-        println!(
-            "{:<24} prefill of {} tokens: {:.1} tokens/s",
-            m.model, m.prefill_tokens, m.prefill_tokens_per_s
-        );
+        println!("{:<24} prefill of {} tokens: {:.1} tokens/s", m.model, m.prefill_tokens, m.prefill_tokens_per_s);
     }
     Ok(())
 }

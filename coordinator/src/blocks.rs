@@ -13,10 +13,7 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(num_blocks: usize) -> Self {
         // Reversed so that allocation hands out low ids first (easier to read in logs).
-        BlockAllocator {
-            free: (0..num_blocks as u32).rev().collect(),
-            num_blocks,
-        }
+        BlockAllocator { free: (0..num_blocks as u32).rev().collect(), num_blocks }
     }
 
     pub fn num_free(&self) -> usize {
@@ -32,22 +29,12 @@ impl BlockAllocator {
         if n > self.free.len() {
             return None;
         }
-        Some(
-            self.free
-                .split_off(self.free.len() - n)
-                .into_iter()
-                .rev()
-                .collect(),
-        )
+        Some(self.free.split_off(self.free.len() - n).into_iter().rev().collect())
     }
 
     /// Returns blocks to the pool.
     pub fn free(&mut self, blocks: &[u32]) {
-        debug_assert!(
-            blocks
-                .iter()
-                .all(|&b| (b as usize) < self.num_blocks && !self.free.contains(&b))
-        );
+        debug_assert!(blocks.iter().all(|&b| (b as usize) < self.num_blocks && !self.free.contains(&b)));
         self.free.extend(blocks.iter().rev());
     }
 }

@@ -12,18 +12,16 @@ use clap::{Args, Parser, Subcommand};
 use tessera_worker::{Engine, Model, SamplingParams, Shard, collective::Single, kv_cache::KvCache};
 
 use crate::{
-    backend::LocalBackend,
+    backend::{Backend, LocalBackend},
     default_model,
     generate::{GenerateRequest, generate, validate_prompt},
+    group::{GroupClient, GroupTimeouts},
+    local_cluster::LocalCluster,
     tokenizer::Tokenizer,
 };
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "tessera",
-    version,
-    about = "Tessera: a distributed LLM server for the Llama family"
-)]
+#[command(name = "tessera", version, about = "Tessera: a distributed LLM server for the Llama family")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -35,6 +33,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure decode and prefill throughput against the memory-bandwidth roofline.
     Bench(crate::bench::BenchArgs),
+    /// Serve one tensor-parallel shard to a coordinator over gRPC.
+    Worker(crate::worker_cmd::WorkerArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -42,9 +42,13 @@ pub struct ModelArgs {
     /// Hugging Face model directory (default: the built-in stories260K).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// KV cache budget in MiB.
+    /// KV cache budget in MiB (per worker).
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub kv_cache_mib: usize,
+    /// Tensor-parallel degree: with N > 1, start N worker processes on loopback and split the model
+    /// across them.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub tp: usize,
 }
 
 impl ModelArgs {
@@ -85,20 +89,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1.0, value_name = "R")]
     pub repetition_penalty: f32,
     /// Subtract from logits of tokens already generated (OpenAI semantics).
-    #[arg(
-        long,
-        default_value_t = 0.0,
-        value_name = "X",
-        allow_hyphen_values = true
-    )]
+    #[arg(long, default_value_t = 0.0, value_name = "X", allow_hyphen_values = true)]
     pub presence_penalty: f32,
     /// Subtract per occurrence of tokens already generated (OpenAI semantics).
-    #[arg(
-        long,
-        default_value_t = 0.0,
-        value_name = "X",
-        allow_hyphen_values = true
-    )]
+    #[arg(long, default_value_t = 0.0, value_name = "X", allow_hyphen_values = true)]
     pub frequency_penalty: f32,
     /// Seed for sampling: the same seed gives the same output.
     #[arg(long, value_name = "S")]
@@ -120,6 +114,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => crate::bench::run(a),
+        Command::Worker(a) => crate::worker_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,40 +126,58 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// Loads a model directory into an in-process engine with `kv_cache_mib` of KV cache.
-pub fn load_local(dir: &Path, kv_cache_mib: usize) -> Result<(LocalBackend, Tokenizer)> {
-    let model = Model::load(dir, Shard::WHOLE)
-        .with_context(|| format!("loading model {}", dir.display()))?;
-    let tok = Tokenizer::load(dir)?;
-    let cache = KvCache::with_budget(
-        &model,
-        kv_cache_mib << 20,
-        tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE,
-    )?;
-    Ok((
-        LocalBackend {
-            engine: Engine::new(model, cache, Box::new(Single)),
-        },
-        tok,
-    ))
+pub fn load_local(dir: &Path, kv_cache_mib: usize) -> Result<LocalBackend> {
+    let model = Model::load(dir, Shard::WHOLE).with_context(|| format!("loading model {}", dir.display()))?;
+    let cache = KvCache::with_budget(&model, kv_cache_mib << 20, tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE)?;
+    Ok(LocalBackend { engine: Engine::new(model, cache, Box::new(Single)) })
+}
+
+/// Where a command's steps run: in this process (tp = 1) or on a local cluster of worker processes.
+pub struct Runner {
+    pub backend: Box<dyn Backend>,
+    // Field order matters: the group's connections close before the workers are stopped.
+    _cluster: Option<LocalCluster>,
+    _rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Runner {
+    pub fn start(args: &ModelArgs, dir: &Path) -> Result<Self> {
+        if args.tp == 0 {
+            bail!("--tp must be at least 1");
+        }
+        if args.tp == 1 {
+            return Ok(Runner { backend: Box::new(load_local(dir, args.kv_cache_mib)?), _cluster: None, _rt: None });
+        }
+        // Refuse a split the model cannot take before starting any process.
+        let config = tessera_worker::config::ModelConfig::load(dir)?;
+        tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib)?;
+        let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+        let group = GroupClient::connect(
+            rt.handle(),
+            &cluster.addrs,
+            &abs.to_string_lossy(),
+            (args.kv_cache_mib as u64) << 20,
+            tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE as u32,
+            &format!("local-{}", std::process::id()),
+            GroupTimeouts::default(),
+        )?;
+        Ok(Runner { backend: Box::new(group), _cluster: Some(cluster), _rt: Some(rt) })
+    }
 }
 
 pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse::<u32>()
-                .with_context(|| format!("--prompt-ids: {p:?} is not a token id"))
-        })
+        .map(|p| p.parse::<u32>().with_context(|| format!("--prompt-ids: {p:?} is not a token id")))
         .collect()
 }
 
@@ -183,7 +196,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let dir = a.model.dir()?;
-    let (mut backend, tok) = load_local(&dir, a.model.kv_cache_mib)?;
+    if !dir.is_dir() {
+        return Err(tessera_worker::ModelError::NoDirectory(dir).into());
+    }
+    let tok = Tokenizer::load(&dir)?;
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {
         (Some(text), None) => {
             if text.is_empty() {
@@ -194,29 +210,23 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         (None, Some(ids)) => parse_ids(ids)?,
         _ => bail!("give the prompt with --prompt TEXT or --prompt-ids 1,2,3"),
     };
-    let info = crate::backend::Backend::info(&backend);
+    let mut runner = Runner::start(&a.model, &dir)?;
+    let backend = runner.backend.as_mut();
+    let info = backend.info();
     validate_prompt(&prompt_ids, info.vocab_size, info.max_position_embeddings)?;
-    let req = GenerateRequest {
-        prompt_ids,
-        params,
-        max_tokens: a.max_tokens,
-        ignore_eos: a.ignore_eos,
-    };
+    let req = GenerateRequest { prompt_ids, params, max_tokens: a.max_tokens, ignore_eos: a.ignore_eos };
     let stdout = std::io::stdout();
     if a.json {
-        let out = generate(&mut backend, &tok, &req, 0, |_| {})?;
+        let out = generate(backend, &tok, &req, 0, |_| {})?;
         let mut lock = stdout.lock();
         serde_json::to_writer(&mut lock, &out)?;
         writeln!(lock)?;
     } else {
         let mut lock = stdout.lock();
         let mut io_err = None;
-        generate(&mut backend, &tok, &req, 0, |piece| {
+        generate(backend, &tok, &req, 0, |piece| {
             if io_err.is_none() {
-                io_err = lock
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| lock.flush())
-                    .err();
+                io_err = lock.write_all(piece.as_bytes()).and_then(|_| lock.flush()).err();
             }
         })?;
         if let Some(e) = io_err {

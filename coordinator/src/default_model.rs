@@ -13,15 +13,7 @@ use anyhow::{Context, Result};
 
 macro_rules! model_file {
     ($name:literal) => {
-        (
-            $name,
-            include_bytes!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../models/stories260K/",
-                $name
-            ))
-            .as_slice(),
-        )
+        ($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/stories260K/", $name)).as_slice())
     };
 }
 
@@ -49,10 +41,7 @@ pub fn path() -> Result<PathBuf> {
     let mut h = DefaultHasher::new();
     FILES.hash(&mut h);
     let dir = cache_root().join(format!("{NAME}-{:016x}", h.finish()));
-    if FILES
-        .iter()
-        .all(|(n, b)| std::fs::metadata(dir.join(n)).is_ok_and(|m| m.len() == b.len() as u64))
-    {
+    if FILES.iter().all(|(n, b)| std::fs::metadata(dir.join(n)).is_ok_and(|m| m.len() == b.len() as u64)) {
         return Ok(dir);
     }
     // Write into a private directory, then rename: concurrent first uses never see a half-written model.
@@ -60,8 +49,7 @@ pub fn path() -> Result<PathBuf> {
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = tempfile_dir(parent)?;
     for (name, bytes) in FILES {
-        std::fs::write(tmp.join(name), bytes)
-            .with_context(|| format!("writing {}", tmp.join(name).display()))?;
+        std::fs::write(tmp.join(name), bytes).with_context(|| format!("writing {}", tmp.join(name).display()))?;
     }
     if std::fs::rename(&tmp, &dir).is_err() {
         // Someone else won the race (or a stale partial dir exists): use theirs if complete.
@@ -77,10 +65,7 @@ fn tempfile_dir(parent: &std::path::Path) -> Result<PathBuf> {
     let p = parent.join(format!(
         ".{NAME}-{}-{}",
         std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
     ));
     std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
     Ok(p)

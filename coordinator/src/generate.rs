@@ -71,11 +71,7 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput> {
     let info = backend.info();
-    validate_prompt(
-        &req.prompt_ids,
-        info.vocab_size,
-        info.max_position_embeddings,
-    )?;
+    validate_prompt(&req.prompt_ids, info.vocab_size, info.max_position_embeddings)?;
     if req.max_tokens == 0 {
         bail!("max_tokens must be at least 1");
     }
@@ -114,11 +110,7 @@ fn run(
     let mut text = String::new();
     let mut pos = 0;
     let finish = loop {
-        let end = if pos < prompt.len() {
-            (pos + PREFILL_CHUNK).min(prompt.len())
-        } else {
-            pos + 1
-        };
+        let end = if pos < prompt.len() { (pos + PREFILL_CHUNK).min(prompt.len()) } else { pos + 1 };
         let last_chunk = end >= prompt.len();
         let step = StepSeq {
             id: seq_id,
@@ -143,11 +135,7 @@ fn run(
         tokens.push(id);
         if want_top {
             top.push(
-                s.sampled
-                    .top_logprobs
-                    .iter()
-                    .map(|&(token_id, logprob)| TokenLogprob { token_id, logprob })
-                    .collect(),
+                s.sampled.top_logprobs.iter().map(|&(token_id, logprob)| TokenLogprob { token_id, logprob }).collect(),
             );
         }
         let piece = decoder.push(tok, id)?;

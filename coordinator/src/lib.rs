@@ -7,5 +7,8 @@ pub mod blocks;
 pub mod cli;
 pub mod default_model;
 pub mod generate;
+pub mod group;
+pub mod local_cluster;
 pub mod synth;
 pub mod tokenizer;
+pub mod worker_cmd;

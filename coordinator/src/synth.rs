@@ -21,15 +21,8 @@ pub struct Shape {
 }
 
 /// The CPU benchmark shape: 124.7M parameters, about 400 MB of f32 weights read per decoded token.
-pub const BENCH_SHAPE: Shape = Shape {
-    hidden: 768,
-    intermediate: 2048,
-    layers: 12,
-    heads: 12,
-    kv_heads: 4,
-    vocab: 32000,
-    context: 2048,
-};
+pub const BENCH_SHAPE: Shape =
+    Shape { hidden: 768, intermediate: 2048, layers: 12, heads: 12, kv_heads: 4, vocab: 32000, context: 2048 };
 
 /// A small, fast generator (SplitMix64): weights only need to be reproducible and non-degenerate.
 struct Rng(u64);
@@ -71,33 +64,19 @@ pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
         "eos_token_id": 2,
         "torch_dtype": "float32",
     });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
 
     let mut rng = Rng(seed);
     // Uniform with the standard deviation of the usual N(0, 0.02) initialisation.
     let a = 0.02 * 3f32.sqrt();
-    let mut random = |n: usize| -> Vec<u8> {
-        (0..n)
-            .flat_map(|_| ((rng.next_f32() * 2.0 - 1.0) * a).to_le_bytes())
-            .collect()
-    };
+    let mut random =
+        |n: usize| -> Vec<u8> { (0..n).flat_map(|_| ((rng.next_f32() * 2.0 - 1.0) * a).to_le_bytes()).collect() };
     let ones = |n: usize| -> Vec<u8> { (0..n).flat_map(|_| 1f32.to_le_bytes()).collect() };
     let (h, i, q, kv) = (s.hidden, s.intermediate, s.heads * hd, s.kv_heads * hd);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![
-        (
-            "model.embed_tokens.weight".into(),
-            vec![s.vocab, h],
-            random(s.vocab * h),
-        ),
+        ("model.embed_tokens.weight".into(), vec![s.vocab, h], random(s.vocab * h)),
         ("model.norm.weight".into(), vec![h], ones(h)),
-        (
-            "lm_head.weight".into(),
-            vec![s.vocab, h],
-            random(s.vocab * h),
-        ),
+        ("lm_head.weight".into(), vec![s.vocab, h], random(s.vocab * h)),
     ];
     for l in 0..s.layers {
         let p = format!("model.layers.{l}");
@@ -114,19 +93,14 @@ pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
             tensors.push((format!("{p}.{name}"), shape, random(n)));
         }
         tensors.push((format!("{p}.input_layernorm.weight"), vec![h], ones(h)));
-        tensors.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            ones(h),
-        ));
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![h], ones(h)));
     }
     let views = tensors
         .iter()
         .map(|(n, shape, data)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
         .collect::<Result<Vec<_>>>()?;
     let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, None, &path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(views, None, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -137,15 +111,7 @@ mod tests {
     #[test]
     fn written_model_loads_and_counts_parameters() {
         let tmp = tempfile::tempdir().unwrap();
-        let shape = Shape {
-            hidden: 32,
-            intermediate: 64,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 100,
-            context: 64,
-        };
+        let shape = Shape { hidden: 32, intermediate: 64, layers: 2, heads: 4, kv_heads: 2, vocab: 100, context: 64 };
         write_model(tmp.path(), shape, 7).unwrap();
         let m = tessera_worker::Model::load(tmp.path(), tessera_worker::Shard::WHOLE).unwrap();
         let c = &m.config;

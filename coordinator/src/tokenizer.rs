@@ -33,15 +33,9 @@ fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| TokenizerError::File {
-                path: path.into(),
-                message: format!("not valid JSON: {e}"),
-            }),
+            .map_err(|e| TokenizerError::File { path: path.into(), message: format!("not valid JSON: {e}") }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(TokenizerError::File {
-            path: path.into(),
-            message: format!("cannot read: {e}"),
-        }),
+        Err(e) => Err(TokenizerError::File { path: path.into(), message: format!("cannot read: {e}") }),
     }
 }
 
@@ -56,11 +50,7 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|x| x as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
         Some(v) => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         None => vec![],
     }
@@ -75,10 +65,8 @@ impl Tokenizer {
                 message: "missing (the model directory needs a tokenizer.json)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::File {
-            path: path.clone(),
-            message: format!("cannot load: {e}"),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| TokenizerError::File { path: path.clone(), message: format!("cannot load: {e}") })?;
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let bos_token = token_str(config.get("bos_token"));
         let eos_token = token_str(config.get("eos_token"));
@@ -98,19 +86,8 @@ impl Tokenizer {
             .and_then(|t| inner.token_to_id(t))
             .or_else(|| ids(gen_cfg.get("bos_token_id")).first().copied())
             .or_else(|| ids(model_cfg.get("bos_token_id")).first().copied());
-        let add_bos = config
-            .get("add_bos_token")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        Ok(Tokenizer {
-            inner,
-            bos_token_id,
-            eos_token_ids,
-            add_bos,
-            bos_token,
-            eos_token,
-            config,
-        })
+        let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        Ok(Tokenizer { inner, bos_token_id, eos_token_ids, add_bos, bos_token, eos_token, config })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -132,18 +109,13 @@ impl Tokenizer {
 
     /// Encodes text; `special` adds the post-processor's special tokens.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, special)
-            .map_err(|e| TokenizerError::Tokenize(e.to_string()))?;
+        let enc = self.inner.encode(text, special).map_err(|e| TokenizerError::Tokenize(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| TokenizerError::Tokenize(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| TokenizerError::Tokenize(e.to_string()))
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
@@ -203,11 +175,7 @@ impl IncrementalDecoder {
             Some(p) => p.to_string(),
             // The decoder rewrote earlier text (rare normalisation effects): emit from the first difference.
             None => {
-                let common = before
-                    .char_indices()
-                    .zip(all.chars())
-                    .take_while(|((_, a), b)| a == b)
-                    .count();
+                let common = before.char_indices().zip(all.chars()).take_while(|((_, a), b)| a == b).count();
                 all.chars().skip(common).collect()
             }
         };
@@ -222,18 +190,14 @@ mod tests {
     use super::*;
 
     fn tok() -> Tokenizer {
-        Tokenizer::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K"))
-            .unwrap()
+        Tokenizer::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K")).unwrap()
     }
 
     #[test]
     fn encodes_prompts_like_transformers() {
         let t = tok();
         // From golden.json: transformers' ids for this prompt (BOS from the post-processor).
-        assert_eq!(
-            t.encode_prompt("Once upon a time").unwrap(),
-            [1, 403, 407, 261, 378]
-        );
+        assert_eq!(t.encode_prompt("Once upon a time").unwrap(), [1, 403, 407, 261, 378]);
         assert_eq!(t.bos_token_id, Some(1));
         assert_eq!(t.eos_token_ids, [2]);
         assert!(t.is_eos(2));
@@ -250,10 +214,7 @@ mod tests {
         let mut out = String::new();
         for &id in &new {
             let piece = d.push(&t, id).unwrap();
-            assert!(
-                !piece.contains('\u{FFFD}'),
-                "emitted a broken character: {piece:?}"
-            );
+            assert!(!piece.contains('\u{FFFD}'), "emitted a broken character: {piece:?}");
             out.push_str(&piece);
         }
         out.push_str(&d.finish(&t).unwrap());

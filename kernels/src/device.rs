@@ -59,12 +59,6 @@ mod tests {
         for bad in ["gpu", "cuda:", "cuda:x", "CPU", ""] {
             assert!(bad.parse::<Device>().is_err(), "{bad} should not parse");
         }
-        assert!(
-            Device::Cuda(0)
-                .ensure_available()
-                .unwrap_err()
-                .to_string()
-                .contains("cuda:0")
-        );
+        assert!(Device::Cuda(0).ensure_available().unwrap_err().to_string().contains("cuda:0"));
     }
 }

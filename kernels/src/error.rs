@@ -7,11 +7,7 @@ pub enum KernelError {
     #[error("{op}: shape mismatch: {detail}")]
     Shape { op: &'static str, detail: String },
     #[error("{op}: expected dtype {expected}, got {got}")]
-    DType {
-        op: &'static str,
-        expected: DType,
-        got: DType,
-    },
+    DType { op: &'static str, expected: DType, got: DType },
     #[error("{op}: not supported on device {device}")]
     Device { op: &'static str, device: Device },
     #[error("{op}: index out of range: {detail}")]
@@ -24,15 +20,9 @@ pub enum KernelError {
 
 impl KernelError {
     pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
-        KernelError::Shape {
-            op,
-            detail: detail.into(),
-        }
+        KernelError::Shape { op, detail: detail.into() }
     }
     pub(crate) fn index(op: &'static str, detail: impl Into<String>) -> Self {
-        KernelError::Index {
-            op,
-            detail: detail.into(),
-        }
+        KernelError::Index { op, detail: detail.into() }
     }
 }

@@ -12,17 +12,9 @@ pub enum RopeScaling {
     /// Positions divided by `factor` (equivalently, frequencies).
     Linear { factor: f32 },
     /// NTK-aware: the base grows once a sequence exceeds `max_position_embeddings`.
-    Dynamic {
-        factor: f32,
-        max_position_embeddings: usize,
-    },
+    Dynamic { factor: f32, max_position_embeddings: usize },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
 }
 
 /// Everything needed to produce the inverse frequencies of a model's rotary embedding.
@@ -43,14 +35,9 @@ impl Rope {
     /// Inverse frequencies (`dim / 2` of them) for a sequence whose largest position is `seq_len - 1`.
     pub fn inv_freq(&self, seq_len: usize) -> Vec<f32> {
         let base = match self.scaling {
-            RopeScaling::Dynamic {
-                factor,
-                max_position_embeddings,
-            } if seq_len > max_position_embeddings => {
+            RopeScaling::Dynamic { factor, max_position_embeddings } if seq_len > max_position_embeddings => {
                 let (f, d) = (factor as f64, self.dim as f64);
-                self.theta
-                    * ((f * seq_len as f64 / max_position_embeddings as f64) - (f - 1.0))
-                        .powf(d / (d - 2.0))
+                self.theta * ((f * seq_len as f64 / max_position_embeddings as f64) - (f - 1.0)).powf(d / (d - 2.0))
             }
             _ => self.theta,
         };
@@ -63,12 +50,7 @@ impl Rope {
         match self.scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => plain,
             RopeScaling::Linear { factor } => plain.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old = original_max_position_embeddings as f32;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
@@ -81,8 +63,7 @@ impl Rope {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -97,11 +78,7 @@ mod tests {
     use super::*;
 
     fn rope(scaling: RopeScaling) -> Rope {
-        Rope {
-            dim: 16,
-            theta: 10000.0,
-            scaling,
-        }
+        Rope { dim: 16, theta: 10000.0, scaling }
     }
 
     #[test]
@@ -110,10 +87,7 @@ mod tests {
         assert_eq!(f.len(), 8);
         for (i, v) in f.iter().enumerate() {
             let want = 1.0 / 10000f64.powf(2.0 * i as f64 / 16.0);
-            assert!(
-                (*v as f64 - want).abs() < 1e-6 * want.max(1e-3),
-                "{i}: {v} vs {want}"
-            );
+            assert!((*v as f64 - want).abs() < 1e-6 * want.max(1e-3), "{i}: {v} vs {want}");
         }
     }
 
@@ -128,10 +102,7 @@ mod tests {
 
     #[test]
     fn dynamic_only_changes_past_the_trained_length() {
-        let r = rope(RopeScaling::Dynamic {
-            factor: 2.0,
-            max_position_embeddings: 64,
-        });
+        let r = rope(RopeScaling::Dynamic { factor: 2.0, max_position_embeddings: 64 });
         assert!(r.depends_on_length());
         assert_eq!(r.inv_freq(64), rope(RopeScaling::None).inv_freq(64));
         let long = r.inv_freq(256);
@@ -139,11 +110,7 @@ mod tests {
         let base = 10000f64 * 7f64.powf(16.0 / 14.0);
         assert_eq!(long[0], 1.0);
         let want = 1.0 / base.powf(2.0 / 16.0);
-        assert!(
-            (long[1] as f64 - want).abs() < 1e-6,
-            "{} vs {want}",
-            long[1]
-        );
+        assert!((long[1] as f64 - want).abs() < 1e-6, "{} vs {want}", long[1]);
     }
 
     #[test]
@@ -158,11 +125,7 @@ mod tests {
                 original_max_position_embeddings: 64,
             },
         };
-        let plain = Rope {
-            scaling: RopeScaling::None,
-            ..r.clone()
-        }
-        .inv_freq(1);
+        let plain = Rope { scaling: RopeScaling::None, ..r.clone() }.inv_freq(1);
         let scaled = r.inv_freq(1);
         let (mut kept, mut divided, mut blended) = (0, 0, 0);
         for (p, s) in plain.iter().zip(&scaled) {
@@ -178,9 +141,6 @@ mod tests {
                 blended += 1;
             }
         }
-        assert!(
-            kept > 0 && divided > 0 && blended > 0,
-            "{kept} {divided} {blended}"
-        );
+        assert!(kept > 0 && divided > 0 && blended > 0, "{kept} {divided} {blended}");
     }
 }

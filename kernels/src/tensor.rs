@@ -26,28 +26,19 @@ impl Tensor {
     /// A CPU f32 tensor from data; `data.len()` must equal the product of `shape`.
     pub fn from_f32(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
         check_len("Tensor::from_f32", data.len(), shape)?;
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            storage: Storage::F32(data),
-        })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::F32(data) })
     }
 
     /// A CPU bf16 tensor from data.
     pub fn from_bf16(data: Vec<bf16>, shape: &[usize]) -> Result<Self> {
         check_len("Tensor::from_bf16", data.len(), shape)?;
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            storage: Storage::BF16(data),
-        })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::BF16(data) })
     }
 
     /// A CPU f16 tensor from data.
     pub fn from_f16(data: Vec<f16>, shape: &[usize]) -> Result<Self> {
         check_len("Tensor::from_f16", data.len(), shape)?;
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            storage: Storage::F16(data),
-        })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::F16(data) })
     }
 
     /// A zero-filled tensor.
@@ -59,10 +50,7 @@ impl Tensor {
             DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
             DType::F16 => Storage::F16(vec![f16::ZERO; n]),
         };
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            storage,
-        })
+        Ok(Tensor { shape: shape.to_vec(), storage })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -117,10 +105,7 @@ impl Tensor {
             DType::BF16 => Storage::BF16(f.into_iter().map(bf16::from_f32).collect()),
             DType::F16 => Storage::F16(f.into_iter().map(f16::from_f32).collect()),
         };
-        Tensor {
-            shape: self.shape,
-            storage,
-        }
+        Tensor { shape: self.shape, storage }
     }
 
     /// Copies the elements out as f32, whatever the dtype.
@@ -136,11 +121,7 @@ impl Tensor {
     pub fn as_f32(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::F32(v) => Ok(v),
-            _ => Err(KernelError::DType {
-                op: "Tensor::as_f32",
-                expected: DType::F32,
-                got: self.dtype(),
-            }),
+            _ => Err(KernelError::DType { op: "Tensor::as_f32", expected: DType::F32, got: self.dtype() }),
         }
     }
 
@@ -149,25 +130,15 @@ impl Tensor {
         let got = self.dtype();
         match &mut self.storage {
             Storage::F32(v) => Ok(v),
-            _ => Err(KernelError::DType {
-                op: "Tensor::as_f32_mut",
-                expected: DType::F32,
-                got,
-            }),
+            _ => Err(KernelError::DType { op: "Tensor::as_f32_mut", expected: DType::F32, got }),
         }
     }
 
     /// Rows `[start, end)` along the first dimension, copied into a new tensor.
     pub fn narrow_rows(&self, start: usize, end: usize) -> Result<Tensor> {
-        let rows = *self
-            .shape
-            .first()
-            .ok_or_else(|| KernelError::shape("narrow_rows", "rank-0 tensor"))?;
+        let rows = *self.shape.first().ok_or_else(|| KernelError::shape("narrow_rows", "rank-0 tensor"))?;
         if start > end || end > rows {
-            return Err(KernelError::index(
-                "narrow_rows",
-                format!("rows {start}..{end} of {rows}"),
-            ));
+            return Err(KernelError::index("narrow_rows", format!("rows {start}..{end} of {rows}")));
         }
         let row: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();
@@ -184,10 +155,7 @@ impl Tensor {
 fn check_len(op: &'static str, len: usize, shape: &[usize]) -> Result<()> {
     let n: usize = shape.iter().product();
     if n != len {
-        return Err(KernelError::shape(
-            op,
-            format!("{len} elements do not fill shape {shape:?} ({n})"),
-        ));
+        return Err(KernelError::shape(op, format!("{len} elements do not fill shape {shape:?} ({n})")));
     }
     Ok(())
 }
@@ -204,10 +172,7 @@ mod tests {
         assert_eq!(b.size_in_bytes(), 12);
         assert_eq!(b.to_vec_f32(), t.to_vec_f32());
         assert!(b.as_f32().is_err());
-        assert_eq!(
-            t.narrow_rows(1, 2).unwrap().as_f32().unwrap(),
-            &[0.5, 8.0, -1.0]
-        );
+        assert_eq!(t.narrow_rows(1, 2).unwrap().as_f32().unwrap(), &[0.5, 8.0, -1.0]);
         assert!(t.narrow_rows(1, 3).is_err());
         assert!(Tensor::from_f32(vec![1.0; 5], &[2, 3]).is_err());
         assert!(t.clone().reshape(&[3, 2]).is_ok());

@@ -21,15 +21,9 @@ fn randn(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
-    assert!(
-        want.iter().any(|&v| v != 0.0),
-        "{what}: reference is all zeros, the test would prove nothing"
-    );
+    assert!(want.iter().any(|&v| v != 0.0), "{what}: reference is all zeros, the test would prove nothing");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * (1.0 + w.abs()),
-            "{what}[{i}]: got {g}, want {w}"
-        );
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w}");
     }
 }
 
@@ -45,17 +39,8 @@ fn linear_matches_naive_for_gemv_and_gemm_sizes() {
         let m = [1, 2, 3, 5, 8, 9, 17, 40][case % 8];
         let (k, n) = (r.random_range(1..130), r.random_range(1..150));
         let (x, w, b) = (randn(&mut r, m * k), randn(&mut r, n * k), randn(&mut r, n));
-        let bias = if case % 2 == 0 {
-            Some(t(b.clone(), &[n]))
-        } else {
-            None
-        };
-        let got = ops::linear(
-            &t(x.clone(), &[m, k]),
-            &t(w.clone(), &[n, k]),
-            bias.as_ref(),
-        )
-        .unwrap();
+        let bias = if case % 2 == 0 { Some(t(b.clone(), &[n])) } else { None };
+        let got = ops::linear(&t(x.clone(), &[m, k]), &t(w.clone(), &[n, k]), bias.as_ref()).unwrap();
         let mut want = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -67,12 +52,7 @@ fn linear_matches_naive_for_gemv_and_gemm_sizes() {
             }
         }
         assert_eq!(got.shape(), [m, n]);
-        assert_close(
-            got.as_f32().unwrap(),
-            &want,
-            1e-4,
-            &format!("linear m={m} k={k} n={n}"),
-        );
+        assert_close(got.as_f32().unwrap(), &want, 1e-4, &format!("linear m={m} k={k} n={n}"));
     }
 }
 
@@ -82,31 +62,20 @@ fn linear_rejects_mismatched_shapes() {
     assert!(ops::linear(&x, &t(vec![1.0; 8], &[2, 4]), None).is_err());
     assert!(ops::linear(&x, &t(vec![1.0; 6], &[2, 3]), Some(&t(vec![1.0; 3], &[3]))).is_err());
     let bf = t(vec![1.0; 6], &[2, 3]).to_dtype(tessera_kernels::DType::BF16);
-    assert!(
-        ops::linear(&x, &bf, None)
-            .unwrap_err()
-            .to_string()
-            .contains("bf16")
-    );
+    assert!(ops::linear(&x, &bf, None).unwrap_err().to_string().contains("bf16"));
 }
 
 #[test]
 fn matmul_matches_naive() {
     let mut r = rng(2);
     for _ in 0..10 {
-        let (m, k, n) = (
-            r.random_range(1..70),
-            r.random_range(1..70),
-            r.random_range(1..70),
-        );
+        let (m, k, n) = (r.random_range(1..70), r.random_range(1..70), r.random_range(1..70));
         let (a, b) = (randn(&mut r, m * k), randn(&mut r, k * n));
         let got = ops::matmul(&t(a.clone(), &[m, k]), &t(b.clone(), &[k, n])).unwrap();
         let mut want = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                want[i * n + j] = (0..k)
-                    .map(|kk| a[i * k + kk] as f64 * b[kk * n + j] as f64)
-                    .sum::<f64>() as f32;
+                want[i * n + j] = (0..k).map(|kk| a[i * k + kk] as f64 * b[kk * n + j] as f64).sum::<f64>() as f32;
             }
         }
         assert_close(got.as_f32().unwrap(), &want, 1e-4, "matmul");
@@ -138,10 +107,7 @@ fn rope_matches_complex_rotation_for_every_scaling() {
     let scalings = [
         RopeScaling::None,
         RopeScaling::Linear { factor: 2.0 },
-        RopeScaling::Dynamic {
-            factor: 4.0,
-            max_position_embeddings: 16,
-        },
+        RopeScaling::Dynamic { factor: 4.0, max_position_embeddings: 16 },
         RopeScaling::Llama3 {
             factor: 8.0,
             low_freq_factor: 1.0,
@@ -152,11 +118,7 @@ fn rope_matches_complex_rotation_for_every_scaling() {
     for scaling in scalings {
         let hd = 2 * r.random_range(1..20);
         let (toks, heads) = (r.random_range(1..12), r.random_range(1..5));
-        let rope = Rope {
-            dim: hd,
-            theta: 10000.0,
-            scaling: scaling.clone(),
-        };
+        let rope = Rope { dim: hd, theta: 10000.0, scaling: scaling.clone() };
         let positions: Vec<u32> = (0..toks).map(|_| r.random_range(0..200)).collect();
         let inv = rope.inv_freq(201);
         let x = randn(&mut r, toks * heads * hd);
@@ -175,12 +137,7 @@ fn rope_matches_complex_rotation_for_every_scaling() {
                 }
             }
         }
-        assert_close(
-            got.as_f32().unwrap(),
-            &want,
-            2e-4,
-            &format!("rope {scaling:?}"),
-        );
+        assert_close(got.as_f32().unwrap(), &want, 2e-4, &format!("rope {scaling:?}"));
     }
 }
 
@@ -190,18 +147,12 @@ fn silu_mul_softmax_add_embedding_match_naive() {
     let n = r.random_range(100..9000);
     let (g, u) = (randn(&mut r, n), randn(&mut r, n));
     let got = ops::silu_mul(&t(g.clone(), &[n]), &t(u.clone(), &[n])).unwrap();
-    let want: Vec<f32> = g
-        .iter()
-        .zip(&u)
-        .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
-        .collect();
+    let want: Vec<f32> =
+        g.iter().zip(&u).map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32).collect();
     assert_close(got.as_f32().unwrap(), &want, 1e-5, "silu_mul");
 
     let (rows, cols) = (r.random_range(1..20), r.random_range(1..100));
-    let x: Vec<f32> = randn(&mut r, rows * cols)
-        .iter()
-        .map(|v| v * 20.0)
-        .collect();
+    let x: Vec<f32> = randn(&mut r, rows * cols).iter().map(|v| v * 20.0).collect();
     let mut got = t(x.clone(), &[rows, cols]);
     ops::softmax_inplace(&mut got).unwrap();
     let mut want = vec![0f32; rows * cols];
@@ -225,10 +176,7 @@ fn silu_mul_softmax_add_embedding_match_naive() {
     let table = randn(&mut r, vocab * h);
     let ids: Vec<u32> = (0..9).map(|_| r.random_range(0..vocab as u32)).collect();
     let got = ops::embedding(&ids, &t(table.clone(), &[vocab, h])).unwrap();
-    let want: Vec<f32> = ids
-        .iter()
-        .flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec())
-        .collect();
+    let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
     assert_close(got.as_f32().unwrap(), &want, 0.0, "embedding");
     let err = ops::embedding(&[3, 50], &t(table, &[vocab, h])).unwrap_err();
     assert!(err.to_string().contains("token id 50"), "{err}");
@@ -250,18 +198,12 @@ fn reference_attention(
             for h in 0..nh {
                 let kvh = h * nkv / nh;
                 let qv = &q[((q_start + i) * nh + h) * hd..][..hd];
-                let visible: Vec<usize> = (0..=pos)
-                    .filter(|&j| s.sliding_window.is_none_or(|w| pos - j < w))
-                    .collect();
+                let visible: Vec<usize> = (0..=pos).filter(|&j| s.sliding_window.is_none_or(|w| pos - j < w)).collect();
                 let scores: Vec<f64> = visible
                     .iter()
                     .map(|&j| {
                         let kv = &keys[si][(j * nkv + kvh) * hd..][..hd];
-                        qv.iter()
-                            .zip(kv)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            * s.scale as f64
+                        qv.iter().zip(kv).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * s.scale as f64
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -287,11 +229,7 @@ fn paged_attention_matches_dense_reference_on_mixed_batches() {
         let nh = nkv * r.random_range(1..4);
         let hd = r.random_range(1..20);
         let bs: usize = [1, 4, 16][case % 3];
-        let window = if case % 2 == 0 {
-            None
-        } else {
-            Some(r.random_range(1..10))
-        };
+        let window = if case % 2 == 0 { None } else { Some(r.random_range(1..10)) };
         let shape = AttentionShape {
             num_heads: nh,
             num_kv_heads: nkv,
@@ -314,11 +252,7 @@ fn paged_attention_matches_dense_reference_on_mixed_batches() {
             row += q_len;
         }
         // Scatter each sequence's K/V over shuffled blocks of a shared pool.
-        let total_blocks: usize = specs
-            .iter()
-            .map(|&(_, l, p)| (p + l).div_ceil(bs))
-            .sum::<usize>()
-            + 3;
+        let total_blocks: usize = specs.iter().map(|&(_, l, p)| (p + l).div_ceil(bs)).sum::<usize>() + 3;
         let mut free: Vec<u32> = (0..total_blocks as u32).collect();
         for i in (1..free.len()).rev() {
             free.swap(i, r.random_range(0..=i));
@@ -344,24 +278,13 @@ fn paged_attention_matches_dense_reference_on_mixed_batches() {
         let seqs: Vec<AttentionSeq> = specs
             .iter()
             .zip(&tables)
-            .map(|(&(q_start, q_len, pos0), table)| AttentionSeq {
-                q_start,
-                q_len,
-                pos0,
-                block_table: table,
-            })
+            .map(|(&(q_start, q_len, pos0), table)| AttentionSeq { q_start, q_len, pos0, block_table: table })
             .collect();
         let kc = t(k_cache, &[total_blocks, bs, nkv, hd]);
         let vc = t(v_cache, &[total_blocks, bs, nkv, hd]);
-        let got =
-            ops::paged_attention(&t(q.clone(), &[row, nh, hd]), &kc, &vc, &seqs, &shape).unwrap();
+        let got = ops::paged_attention(&t(q.clone(), &[row, nh, hd]), &kc, &vc, &seqs, &shape).unwrap();
         let want = reference_attention(&q, &keys, &values, &specs, &shape);
-        assert_close(
-            got.as_f32().unwrap(),
-            &want,
-            1e-4,
-            &format!("attention case {case}"),
-        );
+        assert_close(got.as_f32().unwrap(), &want, 1e-4, &format!("attention case {case}"));
     }
 }
 
@@ -369,43 +292,19 @@ fn paged_attention_matches_dense_reference_on_mixed_batches() {
 fn kv_write_then_attention_round_trips_and_rejects_bad_tables() {
     let mut r = rng(7);
     let (nb, bs, nkv, hd): (usize, usize, usize, usize) = (4, 4, 2, 8);
-    let mut kc = Tensor::zeros(
-        &[nb, bs, nkv, hd],
-        tessera_kernels::DType::F32,
-        tessera_kernels::Device::Cpu,
-    )
-    .unwrap();
+    let mut kc = Tensor::zeros(&[nb, bs, nkv, hd], tessera_kernels::DType::F32, tessera_kernels::Device::Cpu).unwrap();
     let mut vc = kc.clone();
     let (k, v) = (randn(&mut r, 6 * nkv * hd), randn(&mut r, 6 * nkv * hd));
     let table = [2u32, 0];
-    let slots: Vec<usize> = (0..6)
-        .map(|p| table[p / bs] as usize * bs + p % bs)
-        .collect();
-    ops::write_kv_cache(
-        &t(k.clone(), &[6, nkv, hd]),
-        &t(v.clone(), &[6, nkv, hd]),
-        &mut kc,
-        &mut vc,
-        &slots,
-    )
-    .unwrap();
+    let slots: Vec<usize> = (0..6).map(|p| table[p / bs] as usize * bs + p % bs).collect();
+    ops::write_kv_cache(&t(k.clone(), &[6, nkv, hd]), &t(v.clone(), &[6, nkv, hd]), &mut kc, &mut vc, &slots).unwrap();
     let row = nkv * hd;
     assert_eq!(&kc.as_f32().unwrap()[(2 * bs) * row..][..row], &k[..row]);
     // Position 5 is in table[5 / 4] = block 0, at offset 1.
     let slot_of_pos5 = 1;
-    assert_eq!(
-        &vc.as_f32().unwrap()[slot_of_pos5 * row..][..row],
-        &v[5 * row..][..row]
-    );
+    assert_eq!(&vc.as_f32().unwrap()[slot_of_pos5 * row..][..row], &v[5 * row..][..row]);
     assert!(
-        ops::write_kv_cache(
-            &t(k.clone(), &[6, nkv, hd]),
-            &t(v, &[6, nkv, hd]),
-            &mut kc,
-            &mut vc,
-            &[99; 6]
-        )
-        .is_err()
+        ops::write_kv_cache(&t(k.clone(), &[6, nkv, hd]), &t(v, &[6, nkv, hd]), &mut kc, &mut vc, &[99; 6]).is_err()
     );
 
     let shape = AttentionShape {
@@ -417,35 +316,10 @@ fn kv_write_then_attention_round_trips_and_rejects_bad_tables() {
         sliding_window: None,
     };
     let q = t(randn(&mut r, 4 * hd), &[1, 4, hd]);
-    let short = [AttentionSeq {
-        q_start: 0,
-        q_len: 1,
-        pos0: 5,
-        block_table: &[2],
-    }];
-    assert!(
-        ops::paged_attention(&q, &kc, &vc, &short, &shape)
-            .unwrap_err()
-            .to_string()
-            .contains("needs 2 blocks")
-    );
-    let oob = [AttentionSeq {
-        q_start: 0,
-        q_len: 1,
-        pos0: 5,
-        block_table: &[2, 9],
-    }];
-    assert!(
-        ops::paged_attention(&q, &kc, &vc, &oob, &shape)
-            .unwrap_err()
-            .to_string()
-            .contains("block 9")
-    );
-    let ok = [AttentionSeq {
-        q_start: 0,
-        q_len: 1,
-        pos0: 5,
-        block_table: &table,
-    }];
+    let short = [AttentionSeq { q_start: 0, q_len: 1, pos0: 5, block_table: &[2] }];
+    assert!(ops::paged_attention(&q, &kc, &vc, &short, &shape).unwrap_err().to_string().contains("needs 2 blocks"));
+    let oob = [AttentionSeq { q_start: 0, q_len: 1, pos0: 5, block_table: &[2, 9] }];
+    assert!(ops::paged_attention(&q, &kc, &vc, &oob, &shape).unwrap_err().to_string().contains("block 9"));
+    let ok = [AttentionSeq { q_start: 0, q_len: 1, pos0: 5, block_table: &table }];
     assert!(ops::paged_attention(&q, &kc, &vc, &ok, &shape).is_ok());
 }

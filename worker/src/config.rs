@@ -53,18 +53,13 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, field: &str, message: impl Into<String>) -> ModelError {
-        ModelError::Field {
-            path: self.path.clone(),
-            field: field.into(),
-            message: message.into(),
-        }
+        ModelError::Field { path: self.path.clone(), field: field.into(), message: message.into() }
     }
     fn get(&self, field: &str) -> Option<&Value> {
         self.map.get(field).filter(|v| !v.is_null())
     }
     fn usize(&self, field: &str) -> Result<usize, ModelError> {
-        self.opt_usize(field)?
-            .ok_or_else(|| self.err(field, "missing"))
+        self.opt_usize(field)?.ok_or_else(|| self.err(field, "missing"))
     }
     fn opt_usize(&self, field: &str) -> Result<Option<usize>, ModelError> {
         match self.get(field) {
@@ -78,29 +73,22 @@ impl Fields<'_> {
     fn opt_f64(&self, field: &str) -> Result<Option<f64>, ModelError> {
         match self.get(field) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
         }
     }
     fn opt_bool(&self, field: &str) -> Result<Option<bool>, ModelError> {
         match self.get(field) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
+            Some(v) => {
+                v.as_bool().map(Some).ok_or_else(|| self.err(field, format!("expected true or false, found {v}")))
+            }
         }
     }
     fn token_ids(&self, field: &str) -> Result<Vec<u32>, ModelError> {
         let bad = || self.err(field, "expected a token id or a list of token ids");
         match self.get(field) {
             None => Ok(vec![]),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
-                .collect(),
+            Some(Value::Array(a)) => a.iter().map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad)).collect(),
             Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
         }
     }
@@ -110,35 +98,23 @@ impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
         Self::parse(&text, &path)
     }
 
     /// Parses the text of a `config.json`; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ModelError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| ModelError::File {
-            path: path.into(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let map = value.as_object().ok_or_else(|| ModelError::File {
-            path: path.into(),
-            message: "expected a JSON object".into(),
-        })?;
-        let f = Fields {
-            path: path.into(),
-            map,
-        };
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::File { path: path.into(), message: format!("not valid JSON: {e}") })?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| ModelError::File { path: path.into(), message: "expected a JSON object".into() })?;
+        let f = Fields { path: path.into(), map };
 
         let arch_name = match f.get("architectures") {
             Some(Value::Array(a)) if !a.is_empty() => a[0].as_str().unwrap_or_default().to_string(),
             Some(v) => {
-                return Err(f.err(
-                    "architectures",
-                    format!("expected a non-empty list of names, found {v}"),
-                ));
+                return Err(f.err("architectures", format!("expected a non-empty list of names, found {v}")));
             }
             None => return Err(f.err("architectures", "missing")),
         };
@@ -158,10 +134,7 @@ impl ModelConfig {
         if let Some(act) = f.get("hidden_act").or_else(|| f.get("hidden_activation"))
             && act.as_str() != Some("silu")
         {
-            return Err(f.err(
-                "hidden_act",
-                format!("unsupported activation {act}; only \"silu\" is supported"),
-            ));
+            return Err(f.err("hidden_act", format!("unsupported activation {act}; only \"silu\" is supported")));
         }
 
         let hidden_size = f.usize("hidden_size")?;
@@ -177,17 +150,11 @@ impl ModelConfig {
             Some(d) => d,
             None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
             None => {
-                return Err(f.err(
-                    "head_dim",
-                    "missing, and hidden_size is not a multiple of num_attention_heads",
-                ));
+                return Err(f.err("head_dim", "missing, and hidden_size is not a multiple of num_attention_heads"));
             }
         };
         if !head_dim.is_multiple_of(2) {
-            return Err(f.err(
-                "head_dim",
-                format!("{head_dim} is odd; rotary embeddings need an even head size"),
-            ));
+            return Err(f.err("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head size")));
         }
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
         let rope = parse_rope(&f, head_dim, max_position_embeddings)?;
@@ -196,10 +163,7 @@ impl ModelConfig {
             Architecture::Mistral => f.opt_usize("sliding_window")?,
             // Qwen2 only slides when asked to, and then only above `max_window_layers`: not supported.
             Architecture::Qwen2 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
-                return Err(f.err(
-                    "use_sliding_window",
-                    "Qwen2 sliding-window layers are not supported",
-                ));
+                return Err(f.err("use_sliding_window", "Qwen2 sliding-window layers are not supported"));
             }
             _ => None,
         };
@@ -212,10 +176,7 @@ impl ModelConfig {
         let bos_token_id = f.token_ids("bos_token_id")?.first().copied();
         let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
         if rms_norm_eps <= 0.0 {
-            return Err(f.err(
-                "rms_norm_eps",
-                format!("must be positive, found {rms_norm_eps}"),
-            ));
+            return Err(f.err("rms_norm_eps", format!("must be positive, found {rms_norm_eps}")));
         }
         Ok(ModelConfig {
             architecture,
@@ -242,10 +203,7 @@ impl ModelConfig {
     /// Parameters in the full (unsharded) model, for reporting and benchmarks.
     pub fn num_parameters(&self) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let (q, kv) = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        );
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
         let mlp = 3 * h * i;
         let per_layer = attn + mlp + 2 * h;
@@ -262,47 +220,27 @@ fn parse_rope(f: &Fields<'_>, head_dim: usize, max_pos: usize) -> Result<Rope, M
         None => match f.get("rope_scaling") {
             Some(Value::Object(p)) => ("rope_scaling", Some(p)),
             Some(v) => {
-                return Err(f.err(
-                    "rope_scaling",
-                    format!("expected an object or null, found {v}"),
-                ));
+                return Err(f.err("rope_scaling", format!("expected an object or null, found {v}")));
             }
             None => ("rope_scaling", None),
         },
     };
-    let sub = params.map(|p| Fields {
-        path: f.path.clone(),
-        map: p,
-    });
+    let sub = params.map(|p| Fields { path: f.path.clone(), map: p });
     let theta = match sub.as_ref().and_then(|s| s.get("rope_theta")) {
         Some(_) => sub.as_ref().unwrap().opt_f64("rope_theta")?,
         None => f.opt_f64("rope_theta")?,
     }
     .unwrap_or(10000.0);
     let Some(sub) = sub else {
-        return Ok(Rope {
-            dim: head_dim,
-            theta,
-            scaling: RopeScaling::None,
-        });
+        return Ok(Rope { dim: head_dim, theta, scaling: RopeScaling::None });
     };
     let err = |name: &str, msg: String| f.err(&format!("{field}.{name}"), msg);
-    let kind = sub
-        .get("rope_type")
-        .or_else(|| sub.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = sub.get("rope_type").or_else(|| sub.get("type")).and_then(Value::as_str).unwrap_or("default");
     let factor = || -> Result<f32, ModelError> {
-        match sub
-            .opt_f64("factor")
-            .map_err(|_| err("factor", "expected a number".into()))?
-        {
+        match sub.opt_f64("factor").map_err(|_| err("factor", "expected a number".into()))? {
             Some(x) if x >= 1.0 => Ok(x as f32),
             Some(x) => Err(err("factor", format!("must be at least 1, found {x}"))),
-            None => Err(err(
-                "factor",
-                format!("missing (required by rope_type {kind:?})"),
-            )),
+            None => Err(err("factor", format!("missing (required by rope_type {kind:?})"))),
         }
     };
     let num = |name: &str| -> Result<f32, ModelError> {
@@ -318,21 +256,13 @@ fn parse_rope(f: &Fields<'_>, head_dim: usize, max_pos: usize) -> Result<Rope, M
             factor: factor()?,
             max_position_embeddings: sub
                 .opt_usize("original_max_position_embeddings")
-                .map_err(|_| {
-                    err(
-                        "original_max_position_embeddings",
-                        "expected a positive integer".into(),
-                    )
-                })?
+                .map_err(|_| err("original_max_position_embeddings", "expected a positive integer".into()))?
                 .unwrap_or(max_pos),
         },
         "llama3" => {
             let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
             if high <= low {
-                return Err(err(
-                    "high_freq_factor",
-                    format!("must exceed low_freq_factor ({high} <= {low})"),
-                ));
+                return Err(err("high_freq_factor", format!("must exceed low_freq_factor ({high} <= {low})")));
             }
             RopeScaling::Llama3 {
                 factor: factor()?,
@@ -340,32 +270,16 @@ fn parse_rope(f: &Fields<'_>, head_dim: usize, max_pos: usize) -> Result<Rope, M
                 high_freq_factor: high,
                 original_max_position_embeddings: sub
                     .opt_usize("original_max_position_embeddings")
-                    .map_err(|_| {
-                        err(
-                            "original_max_position_embeddings",
-                            "expected a positive integer".into(),
-                        )
-                    })?
-                    .ok_or_else(|| {
-                        err(
-                            "original_max_position_embeddings",
-                            "missing (required by llama3)".into(),
-                        )
-                    })?,
+                    .map_err(|_| err("original_max_position_embeddings", "expected a positive integer".into()))?
+                    .ok_or_else(|| err("original_max_position_embeddings", "missing (required by llama3)".into()))?,
             }
         }
         other => {
             return Err(err(
                 "rope_type",
-                format!(
-                    "unsupported rope_type {other:?}; supported: default, linear, dynamic, llama3"
-                ),
+                format!("unsupported rope_type {other:?}; supported: default, linear, dynamic, llama3"),
             ));
         }
     };
-    Ok(Rope {
-        dim: head_dim,
-        theta,
-        scaling,
-    })
+    Ok(Rope { dim: head_dim, theta, scaling })
 }

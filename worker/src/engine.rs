@@ -52,12 +52,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(model: Model, cache: KvCache, comm: Box<dyn Collective>) -> Self {
-        Engine {
-            model,
-            cache,
-            comm,
-            seqs: HashMap::new(),
-        }
+        Engine { model, cache, comm, seqs: HashMap::new() }
     }
 
     /// Sequences with state on this engine.
@@ -82,16 +77,8 @@ impl Engine {
             if s.tokens.is_empty() {
                 return bad("no tokens".into());
             }
-            if let Some(&t) = s
-                .tokens
-                .iter()
-                .chain(s.penalty_context)
-                .find(|&&t| t as usize >= c.vocab_size)
-            {
-                return bad(format!(
-                    "token id {t} outside the vocabulary of {}",
-                    c.vocab_size
-                ));
+            if let Some(&t) = s.tokens.iter().chain(s.penalty_context).find(|&&t| t as usize >= c.vocab_size) {
+                return bad(format!("token id {t} outside the vocabulary of {}", c.vocab_size));
             }
             let end = s.start_pos + s.tokens.len();
             if end > c.max_position_embeddings {
@@ -103,10 +90,7 @@ impl Engine {
             if s.start_pos > 0 {
                 match self.seqs.get(&s.id) {
                     None => {
-                        return bad(format!(
-                            "unknown sequence (start position {} but never seen)",
-                            s.start_pos
-                        ));
+                        return bad(format!("unknown sequence (start position {} but never seen)", s.start_pos));
                     }
                     Some(st) if st.next_pos != s.start_pos => {
                         return bad(format!(
@@ -124,19 +108,11 @@ impl Engine {
                     s.block_table.len()
                 ));
             }
-            if let Some(&b) = s
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= self.cache.num_blocks)
-            {
-                return bad(format!(
-                    "block {b} out of range (pool has {})",
-                    self.cache.num_blocks
-                ));
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
+                return bad(format!("block {b} out of range (pool has {})", self.cache.num_blocks));
             }
             if let Some(p) = s.sample {
-                p.validate()
-                    .map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
+                p.validate().map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
             }
         }
         Ok(())
@@ -149,16 +125,10 @@ impl Engine {
     }
 
     /// [`Engine::step`], also returning the logits rows (`[n, vocab]`) of the sequences that sampled.
-    pub fn step_with_logits(
-        &mut self,
-        batch: &[StepSeq<'_>],
-    ) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
+    pub fn step_with_logits(&mut self, batch: &[StepSeq<'_>]) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
         let logits = self.forward(batch)?;
         for s in batch {
-            let st = self.seqs.entry(s.id).or_insert(SeqState {
-                next_pos: 0,
-                sampler: None,
-            });
+            let st = self.seqs.entry(s.id).or_insert(SeqState { next_pos: 0, sampler: None });
             if s.start_pos == 0 {
                 // A sequence starting over (new, or preempted and recomputed) starts its sampler over too.
                 st.sampler = None;
@@ -178,21 +148,10 @@ impl Engine {
         let vocab = self.model.config.vocab_size;
         let rows = logits.as_f32().map_err(StepError::Kernel)?;
         let mut out = Vec::new();
-        for (s, row) in batch
-            .iter()
-            .filter(|s| s.sample.is_some())
-            .zip(rows.chunks_exact(vocab))
-        {
+        for (s, row) in batch.iter().filter(|s| s.sample.is_some()).zip(rows.chunks_exact(vocab)) {
             let p = s.sample.expect("filtered");
-            let sampler = self
-                .seqs
-                .get_mut(&s.id)
-                .and_then(|st| st.sampler.as_mut())
-                .expect("created above");
-            out.push(SeqSampled {
-                id: s.id,
-                sampled: sampler.sample(row, p),
-            });
+            let sampler = self.seqs.get_mut(&s.id).and_then(|st| st.sampler.as_mut()).expect("created above");
+            out.push(SeqSampled { id: s.id, sampled: sampler.sample(row, p) });
         }
         Ok((out, Some(logits)))
     }
@@ -210,11 +169,10 @@ impl Engine {
                 logits: s.sample.is_some(),
             })
             .collect();
-        self.model
-            .forward(&inputs, &mut self.cache, self.comm.as_ref())
-            .map_err(|e| match e {
-                ModelError::Kernel(k) => StepError::Kernel(k),
-                other => StepError::Invalid(other.to_string()),
-            })
+        self.model.forward(&inputs, &mut self.cache, self.comm.as_ref()).map_err(|e| match e {
+            ModelError::Kernel(k) => StepError::Kernel(k),
+            ModelError::Collective(c) => StepError::Collective(c),
+            other => StepError::Invalid(other.to_string()),
+        })
     }
 }

@@ -8,28 +8,19 @@ pub enum ModelError {
     #[error("model directory {0} does not exist or is not a directory")]
     NoDirectory(PathBuf),
     #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("{path}: field `{field}`: {message}")]
-    Field {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
+    Field { path: PathBuf, field: String, message: String },
     #[error("{path}: tensor `{tensor}`: {message}")]
-    Tensor {
-        path: PathBuf,
-        tensor: String,
-        message: String,
-    },
+    Tensor { path: PathBuf, tensor: String, message: String },
     #[error("tensor parallelism: {0}")]
     Sharding(String),
     #[error(transparent)]
     Kernel(#[from] tessera_kernels::KernelError),
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
 }
 
 /// A step the engine refuses: the caller sent something inconsistent. Nothing was changed.
@@ -37,6 +28,9 @@ pub enum ModelError {
 pub enum StepError {
     #[error("invalid step: {0}")]
     Invalid(String),
+    /// The group's collectives failed mid-step: the group is unusable and must be re-formed.
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
     #[error(transparent)]
     Kernel(#[from] tessera_kernels::KernelError),
 }

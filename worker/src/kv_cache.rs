@@ -32,12 +32,7 @@ impl KvCache {
                 "KV cache needs at least one block of at least one token (got {num_blocks} × {block_size})"
             )));
         }
-        let shape = [
-            num_blocks,
-            block_size,
-            model.local_kv_heads(),
-            model.config.head_dim,
-        ];
+        let shape = [num_blocks, block_size, model.local_kv_heads(), model.config.head_dim];
         let layers = model.config.num_layers;
         let mk = || Tensor::zeros(&shape, DType::F32, Device::Cpu);
         Ok(KvCache {

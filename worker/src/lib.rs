@@ -6,7 +6,9 @@
 //! - [`kv_cache`]: the pool of fixed-size KV blocks;
 //! - [`sampling`]: logits → next token (penalties, temperature, top-k/p, min-p, seeds, logprobs);
 //! - [`collective`]: all-reduce / all-gather within a group;
-//! - [`engine`]: a model + cache + per-sequence state behind one `step` call.
+//! - [`engine`]: a model + cache + per-sequence state behind one `step` call;
+//! - [`tcp_collective`]: the TCP ring between CPU worker processes;
+//! - [`server`]: the `tessera.v1.Worker` gRPC service around an engine.
 
 pub mod collective;
 pub mod config;
@@ -15,6 +17,8 @@ pub mod error;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
+pub mod server;
+pub mod tcp_collective;
 pub mod weights;
 
 pub use engine::{Engine, SeqSampled, StepSeq};

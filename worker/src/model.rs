@@ -45,9 +45,7 @@ impl ShardLayout {
     pub fn new(cfg: &ModelConfig, shard: Shard) -> Result<Self, ModelError> {
         let Shard { rank, world } = shard;
         if world == 0 || rank >= world {
-            return Err(ModelError::Sharding(format!(
-                "rank {rank} is not in a group of {world}"
-            )));
+            return Err(ModelError::Sharding(format!("rank {rank} is not in a group of {world}")));
         }
         if !cfg.num_heads.is_multiple_of(world) {
             return Err(ModelError::Sharding(format!(
@@ -69,9 +67,7 @@ impl ShardLayout {
         let kv_heads = heads.start / group..(heads.end - 1) / group + 1;
         let local_group = per / kv_heads.len().max(1);
         let consistent = per.is_multiple_of(kv_heads.len())
-            && heads
-                .clone()
-                .all(|h| h / group - kv_heads.start == (h - heads.start) / local_group);
+            && heads.clone().all(|h| h / group - kv_heads.start == (h - heads.start) / local_group);
         if !consistent {
             return Err(ModelError::Sharding(format!(
                 "tp = {world} splits the {} query heads across the {} KV-head groups unevenly",
@@ -81,12 +77,7 @@ impl ShardLayout {
         let inter = cfg.intermediate_size / world;
         let v = cfg.vocab_size.div_ceil(world);
         let vocab = (rank * v).min(cfg.vocab_size)..((rank + 1) * v).min(cfg.vocab_size);
-        Ok(ShardLayout {
-            heads,
-            kv_heads,
-            intermediate: rank * inter..(rank + 1) * inter,
-            vocab,
-        })
+        Ok(ShardLayout { heads, kv_heads, intermediate: rank * inter..(rank + 1) * inter, vocab })
     }
 }
 
@@ -146,27 +137,15 @@ impl Model {
         Self::from_weights(config, &files, shard)
     }
 
-    pub fn from_weights(
-        config: ModelConfig,
-        w: &WeightFiles,
-        shard: Shard,
-    ) -> Result<Self, ModelError> {
+    pub fn from_weights(config: ModelConfig, w: &WeightFiles, shard: Shard) -> Result<Self, ModelError> {
         let c = &config;
         let layout = ShardLayout::new(c, shard)?;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let q_rows = layout.heads.start * hd..layout.heads.end * hd;
         let kv_rows = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
         let first = shard.rank == 0;
-        let opt = |present: bool,
-                   name: String,
-                   shape: &[usize],
-                   s: Slice|
-         -> Result<Option<Tensor>, ModelError> {
-            if present {
-                w.load(&name, shape, s).map(Some)
-            } else {
-                Ok(None)
-            }
+        let opt = |present: bool, name: String, shape: &[usize], s: Slice| -> Result<Option<Tensor>, ModelError> {
+            if present { w.load(&name, shape, s).map(Some) } else { Ok(None) }
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -174,56 +153,16 @@ impl Model {
             let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
             layers.push(Layer {
                 input_norm: w.load(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
-                q: w.load(
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    &[qd, h],
-                    Slice::Rows(q_rows.clone()),
-                )?,
-                k: w.load(
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    &[kvd, h],
-                    Slice::Rows(kv_rows.clone()),
-                )?,
-                v: w.load(
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    &[kvd, h],
-                    Slice::Rows(kv_rows.clone()),
-                )?,
-                q_bias: opt(
-                    c.qkv_bias,
-                    format!("{p}.self_attn.q_proj.bias"),
-                    &[qd],
-                    Slice::Rows(q_rows.clone()),
-                )?,
-                k_bias: opt(
-                    c.qkv_bias,
-                    format!("{p}.self_attn.k_proj.bias"),
-                    &[kvd],
-                    Slice::Rows(kv_rows.clone()),
-                )?,
-                v_bias: opt(
-                    c.qkv_bias,
-                    format!("{p}.self_attn.v_proj.bias"),
-                    &[kvd],
-                    Slice::Rows(kv_rows.clone()),
-                )?,
-                o: w.load(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    &[h, qd],
-                    Slice::Cols(q_rows.clone()),
-                )?,
+                q: w.load(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], Slice::Rows(q_rows.clone()))?,
+                k: w.load(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?,
+                v: w.load(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?,
+                q_bias: opt(c.qkv_bias, format!("{p}.self_attn.q_proj.bias"), &[qd], Slice::Rows(q_rows.clone()))?,
+                k_bias: opt(c.qkv_bias, format!("{p}.self_attn.k_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
+                v_bias: opt(c.qkv_bias, format!("{p}.self_attn.v_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
+                o: w.load(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], Slice::Cols(q_rows.clone()))?,
                 // Row-parallel biases are added once, by rank 0, before the all-reduce sums the partials.
-                o_bias: opt(
-                    c.o_bias && first,
-                    format!("{p}.self_attn.o_proj.bias"),
-                    &[h],
-                    Slice::Full,
-                )?,
-                post_norm: w.load(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                    Slice::Full,
-                )?,
+                o_bias: opt(c.o_bias && first, format!("{p}.self_attn.o_proj.bias"), &[h], Slice::Full)?,
+                post_norm: w.load(&format!("{p}.post_attention_layernorm.weight"), &[h], Slice::Full)?,
                 gate: w.load(
                     &format!("{p}.mlp.gate_proj.weight"),
                     &[inter, h],
@@ -251,41 +190,19 @@ impl Model {
                     &[inter],
                     Slice::Rows(layout.intermediate.clone()),
                 )?,
-                down_bias: opt(
-                    c.mlp_bias && first,
-                    format!("{p}.mlp.down_proj.bias"),
-                    &[h],
-                    Slice::Full,
-                )?,
+                down_bias: opt(c.mlp_bias && first, format!("{p}.mlp.down_proj.bias"), &[h], Slice::Full)?,
             });
         }
         let embed = w.load("model.embed_tokens.weight", &[c.vocab_size, h], Slice::Full)?;
-        let head_name = if c.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
+        let head_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let lm_head = if shard.world == 1 && c.tie_word_embeddings {
             embed.clone()
         } else {
-            w.load(
-                head_name,
-                &[c.vocab_size, h],
-                Slice::Rows(layout.vocab.clone()),
-            )?
+            w.load(head_name, &[c.vocab_size, h], Slice::Rows(layout.vocab.clone()))?
         };
         let norm = w.load("model.norm.weight", &[h], Slice::Full)?;
         let inv_freq = c.rope.inv_freq(c.max_position_embeddings);
-        Ok(Model {
-            config,
-            shard,
-            layout,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
-        })
+        Ok(Model { config, shard, layout, embed, layers, norm, lm_head, inv_freq })
     }
 
     /// KV heads held by this rank.
@@ -300,20 +217,10 @@ impl Model {
             .layers
             .iter()
             .map(|l| {
-                [
-                    &l.input_norm,
-                    &l.q,
-                    &l.k,
-                    &l.v,
-                    &l.o,
-                    &l.post_norm,
-                    &l.gate,
-                    &l.up,
-                    &l.down,
-                ]
-                .iter()
-                .map(|t| t.size_in_bytes())
-                .sum::<usize>()
+                [&l.input_norm, &l.q, &l.k, &l.v, &l.o, &l.post_norm, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|t| t.size_in_bytes())
+                    .sum::<usize>()
             })
             .sum();
         l + self.norm.size_in_bytes() + self.lm_head.size_in_bytes()
@@ -360,11 +267,7 @@ impl Model {
             ids.extend_from_slice(s.tokens);
             for p in s.start_pos..s.start_pos + s.tokens.len() {
                 positions.push(p as u32);
-                slots.push(tessera_kernels::cpu::attention::slot(
-                    s.block_table,
-                    cache.block_size,
-                    p,
-                ));
+                slots.push(tessera_kernels::cpu::attention::slot(s.block_table, cache.block_size, p));
             }
         }
         let t = ids.len();
@@ -372,11 +275,10 @@ impl Model {
             return Ok(None);
         }
         // Dynamic RoPE rescales by each sequence's own length, as transformers does per forward call.
-        let per_seq_freq: Option<Vec<Vec<f32>>> = c.rope.depends_on_length().then(|| {
-            seqs.iter()
-                .map(|s| c.rope.inv_freq(s.start_pos + s.tokens.len()))
-                .collect()
-        });
+        let per_seq_freq: Option<Vec<Vec<f32>>> = c
+            .rope
+            .depends_on_length()
+            .then(|| seqs.iter().map(|s| c.rope.inv_freq(s.start_pos + s.tokens.len())).collect());
 
         let mut x = ops::embedding(&ids, &self.embed)?;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -407,11 +309,9 @@ impl Model {
             let (kc, vc) = cache.layer_mut(li);
             ops::write_kv_cache(&k, &v, kc, vc, &slots)?;
             let (kc, vc) = cache.layer(li);
-            let attn =
-                ops::paged_attention(&q, kc, vc, &attn_seqs, &shape)?.reshape(&[t, nh * hd])?;
+            let attn = ops::paged_attention(&q, kc, vc, &attn_seqs, &shape)?.reshape(&[t, nh * hd])?;
             let mut o = ops::linear(&attn, &layer.o, layer.o_bias.as_ref())?;
-            comm.all_reduce_sum(o.as_f32_mut()?)
-                .map_err(|e| ModelError::Sharding(e.to_string()))?;
+            comm.all_reduce_sum(o.as_f32_mut()?)?;
             ops::add_inplace(&mut x, &o)?;
 
             let h = ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
@@ -419,8 +319,7 @@ impl Model {
             let up = ops::linear(&h, &layer.up, layer.up_bias.as_ref())?;
             let act = ops::silu_mul(&gate, &up)?;
             let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
-            comm.all_reduce_sum(down.as_f32_mut()?)
-                .map_err(|e| ModelError::Sharding(e.to_string()))?;
+            comm.all_reduce_sum(down.as_f32_mut()?)?;
             ops::add_inplace(&mut x, &down)?;
         }
 
@@ -428,12 +327,7 @@ impl Model {
         let hsz = c.hidden_size;
         let xs = x.as_f32()?;
         let mut last = Vec::new();
-        for a in attn_seqs
-            .iter()
-            .zip(seqs)
-            .filter(|(_, s)| s.logits)
-            .map(|(a, _)| a)
-        {
+        for a in attn_seqs.iter().zip(seqs).filter(|(_, s)| s.logits).map(|(a, _)| a) {
             let row = a.q_start + a.q_len - 1;
             last.extend_from_slice(&xs[row * hsz..(row + 1) * hsz]);
         }
@@ -441,18 +335,12 @@ impl Model {
         if n == 0 {
             return Ok(None);
         }
-        let last = ops::rms_norm(
-            &Tensor::from_f32(last, &[n, hsz])?,
-            &self.norm,
-            c.rms_norm_eps,
-        )?;
+        let last = ops::rms_norm(&Tensor::from_f32(last, &[n, hsz])?, &self.norm, c.rms_norm_eps)?;
         let local = ops::linear(&last, &self.lm_head, None)?;
         if comm.world_size() == 1 {
             return Ok(Some(local));
         }
-        let parts = comm
-            .all_gather(local.as_f32()?)
-            .map_err(|e| ModelError::Sharding(e.to_string()))?;
+        let parts = comm.all_gather(local.as_f32()?)?;
         // Each part is [n, local_vocab]; interleave rows back into [n, vocab].
         let mut full = Vec::with_capacity(n * c.vocab_size);
         for r in 0..n {

@@ -49,20 +49,14 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        }
+        SamplingParams { temperature: 0.0, ..Default::default() }
     }
 
     /// Checks ranges; the message names the parameter as the OpenAI API spells it.
     pub fn validate(&self) -> Result<(), String> {
         let finite = |v: f32| v.is_finite();
         if !finite(self.temperature) || self.temperature < 0.0 {
-            return Err(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            ));
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
         }
         if !finite(self.top_p) || self.top_p <= 0.0 || self.top_p > 1.0 {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -71,22 +65,13 @@ impl SamplingParams {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !finite(self.repetition_penalty) || self.repetition_penalty <= 0.0 {
-            return Err(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
         }
         if !finite(self.presence_penalty) || !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return Err(format!(
-                "presence_penalty must be in [-2, 2], got {}",
-                self.presence_penalty
-            ));
+            return Err(format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty));
         }
         if !finite(self.frequency_penalty) || !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return Err(format!(
-                "frequency_penalty must be in [-2, 2], got {}",
-                self.frequency_penalty
-            ));
+            return Err(format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
         }
         Ok(())
     }
@@ -117,11 +102,7 @@ impl Sampler {
             Some(s) => ChaCha8Rng::seed_from_u64(s),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Sampler {
-            rng,
-            seen: HashSet::new(),
-            output_counts: HashMap::new(),
-        }
+        Sampler { rng, seen: HashSet::new(), output_counts: HashMap::new() }
     }
 
     /// Records prompt tokens (they count for the repetition penalty only).
@@ -144,11 +125,7 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 if let Some(v) = l.get_mut(t as usize) {
-                    *v = if *v > 0.0 {
-                        *v / p.repetition_penalty
-                    } else {
-                        *v * p.repetition_penalty
-                    };
+                    *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
                 }
             }
         }
@@ -159,37 +136,23 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature < GREEDY_BELOW {
-            argmax(&l)
-        } else {
-            self.draw(&mut l, p)
-        };
+        let token = if p.temperature < GREEDY_BELOW { argmax(&l) } else { self.draw(&mut l, p) };
         self.observe_output(token);
 
         let top_logprobs = if p.top_logprobs > 0 {
             let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
             let k = p.top_logprobs.min(idx.len());
-            let by_logit_desc = |a: &u32, b: &u32| {
-                logits[*b as usize]
-                    .total_cmp(&logits[*a as usize])
-                    .then(a.cmp(b))
-            };
+            let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
             if k < idx.len() {
                 idx.select_nth_unstable_by(k, by_logit_desc);
                 idx.truncate(k);
             }
             idx.sort_by(by_logit_desc);
-            idx.into_iter()
-                .map(|t| (t, logits[t as usize] - log_z))
-                .collect()
+            idx.into_iter().map(|t| (t, logits[t as usize] - log_z)).collect()
         } else {
             Vec::new()
         };
-        Sampled {
-            token,
-            logprob: want_lp.then(|| logits[token as usize] - log_z),
-            top_logprobs,
-        }
+        Sampled { token, logprob: want_lp.then(|| logits[token as usize] - log_z), top_logprobs }
     }
 
     fn draw(&mut self, l: &mut [f32], p: &SamplingParams) -> u32 {
@@ -199,9 +162,7 @@ impl Sampler {
         // Candidates sorted by logit, highest first (ties by id, for determinism).
         let mut cand: Vec<u32> = (0..l.len() as u32).collect();
         if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k, |a, b| {
-                l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b))
-            });
+            cand.select_nth_unstable_by(p.top_k, |a, b| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b)));
             cand.truncate(p.top_k);
         }
         cand.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b)));
@@ -265,11 +226,7 @@ mod tests {
 
     #[test]
     fn greedy_picks_argmax_and_reports_logprobs() {
-        let p = SamplingParams {
-            logprobs: true,
-            top_logprobs: 3,
-            ..SamplingParams::greedy()
-        };
+        let p = SamplingParams { logprobs: true, top_logprobs: 3, ..SamplingParams::greedy() };
         let s = Sampler::new(Some(1)).sample(&logits(), &p);
         assert_eq!(s.token, 1);
         let z: f32 = logits().iter().map(|x| x.exp()).sum();
@@ -283,72 +240,34 @@ mod tests {
         let mut s = Sampler::new(Some(1));
         s.observe_prompt(&[1]);
         // 3.0 / 2 = 1.5 < 2.9: token 5 wins.
-        let p = SamplingParams {
-            repetition_penalty: 2.0,
-            ..SamplingParams::greedy()
-        };
+        let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
         assert_eq!(s.sample(&logits(), &p).token, 5);
         // Now 5 has been generated once; presence 0.5 pushes it to 2.4 < 2.5.
-        let p = SamplingParams {
-            presence_penalty: 0.5,
-            ..SamplingParams::greedy()
-        };
+        let p = SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() };
         assert_eq!(Sampler::new(None).sample(&logits(), &p).token, 1);
-        assert_eq!(
-            s.sample(
-                &logits(),
-                &SamplingParams {
-                    repetition_penalty: 2.0,
-                    ..p
-                }
-            )
-            .token,
-            2
-        );
+        assert_eq!(s.sample(&logits(), &SamplingParams { repetition_penalty: 2.0, ..p }).token, 2);
     }
 
     #[test]
     fn seeded_draws_repeat_and_respect_filters() {
-        let p = SamplingParams {
-            temperature: 0.8,
-            seed: Some(7),
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 0.8, seed: Some(7), ..Default::default() };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.seed);
-            (0..50)
-                .map(|_| s.sample(&logits(), p).token)
-                .collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&logits(), p).token).collect::<Vec<_>>()
         };
         assert_eq!(run(&p), run(&p));
-        assert!(
-            run(&p).iter().collect::<HashSet<_>>().len() > 2,
-            "temperature 0.8 should vary"
-        );
-        let k2 = SamplingParams {
-            top_k: 2,
-            ..p.clone()
-        };
+        assert!(run(&p).iter().collect::<HashSet<_>>().len() > 2, "temperature 0.8 should vary");
+        let k2 = SamplingParams { top_k: 2, ..p.clone() };
         assert!(run(&k2).iter().all(|t| [1, 5].contains(t)));
-        let top_p = SamplingParams {
-            top_p: 0.5,
-            ..p.clone()
-        };
+        let top_p = SamplingParams { top_p: 0.5, ..p.clone() };
         assert!(run(&top_p).iter().all(|t| [1, 5].contains(t)));
-        let min_p = SamplingParams {
-            min_p: 0.7,
-            ..p.clone()
-        };
+        let min_p = SamplingParams { min_p: 0.7, ..p.clone() };
         assert!(run(&min_p).iter().all(|t| [1, 5, 2].contains(t)));
     }
 
     #[test]
     fn draw_frequencies_follow_the_distribution() {
-        let p = SamplingParams {
-            temperature: 1.0,
-            seed: Some(3),
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() };
         let mut s = Sampler::new(p.seed);
         let l = [0.0f32, 1f32.ln(), 2f32.ln()]; // probabilities 1/4, 1/4, 1/2
         let mut counts = [0usize; 3];
@@ -356,40 +275,17 @@ mod tests {
             counts[s.sample(&l, &p).token as usize] += 1;
         }
         let f = counts.map(|c| c as f32 / 20000.0);
-        assert!(
-            (f[0] - 0.25).abs() < 0.02 && (f[1] - 0.25).abs() < 0.02 && (f[2] - 0.5).abs() < 0.02,
-            "{f:?}"
-        );
+        assert!((f[0] - 0.25).abs() < 0.02 && (f[1] - 0.25).abs() < 0.02 && (f[2] - 0.5).abs() < 0.02, "{f:?}");
     }
 
     #[test]
     fn validation_names_the_parameter() {
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err().contains("top_p"));
         assert!(
-            SamplingParams {
-                top_p: 0.0,
-                ..Default::default()
-            }
-            .validate()
-            .unwrap_err()
-            .contains("top_p")
+            SamplingParams { temperature: -1.0, ..Default::default() }.validate().unwrap_err().contains("temperature")
         );
         assert!(
-            SamplingParams {
-                temperature: -1.0,
-                ..Default::default()
-            }
-            .validate()
-            .unwrap_err()
-            .contains("temperature")
-        );
-        assert!(
-            SamplingParams {
-                presence_penalty: 3.0,
-                ..Default::default()
-            }
-            .validate()
-            .unwrap_err()
-            .contains("presence")
+            SamplingParams { presence_penalty: 3.0, ..Default::default() }.validate().unwrap_err().contains("presence")
         );
         assert!(SamplingParams::default().validate().is_ok());
     }

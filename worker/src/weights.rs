@@ -39,35 +39,24 @@ impl WeightFiles {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::File { path: index_path.clone(), message: format!("not valid JSON: {e}") })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Field {
                 path: index_path.clone(),
-                source,
+                field: "weight_map".into(),
+                message: "missing or not an object".into(),
             })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::File {
-                    path: index_path.clone(),
-                    message: format!("not valid JSON: {e}"),
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::Field {
-                    path: index_path.clone(),
-                    field: "weight_map".into(),
-                    message: "missing or not an object".into(),
-                })?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .filter(|f| !f.contains('/') && !f.contains(".."))
-                    .ok_or_else(|| ModelError::Field {
+                let file = file.as_str().filter(|f| !f.contains('/') && !f.contains("..")).ok_or_else(|| {
+                    ModelError::Field {
                         path: index_path.clone(),
                         field: format!("weight_map.{tensor}"),
-                        message: format!(
-                            "expected a file name in the model directory, found {file}"
-                        ),
-                    })?;
+                        message: format!("expected a file name in the model directory, found {file}"),
+                    }
+                })?;
                 if !names.iter().any(|n| n == file) {
                     names.push(file.to_string());
                 }
@@ -86,16 +75,10 @@ impl WeightFiles {
         let mut maps = Vec::new();
         let mut index = HashMap::new();
         for path in files {
-            let file = File::open(&path).map_err(|source| ModelError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
             // SAFETY: the file is opened read-only; modifying model files under a running server is outside
             // what we can defend against (as with every mmap-based loader).
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::File {
                 path: path.clone(),
                 message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
@@ -120,33 +103,22 @@ impl WeightFiles {
 
     /// Reads `name`, checking that its full shape is `shape`, and returns the requested slice as f32.
     pub fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<Tensor, ModelError> {
-        let err = |message: String| ModelError::Tensor {
-            path: self.path_for(name),
-            tensor: name.into(),
-            message,
-        };
+        let err = |message: String| ModelError::Tensor { path: self.path_for(name), tensor: name.into(), message };
         let &i = self.index.get(name).ok_or_else(|| err("missing".into()))?;
         let (path, mmap) = &self.maps[i];
         // Deserializing only parses the JSON header; the data stays in the map.
-        let st = SafeTensors::deserialize(mmap).map_err(|e| ModelError::File {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
         let view = st.tensor(name).map_err(|e| err(e.to_string()))?;
         if view.shape() != shape {
-            return Err(err(format!(
-                "expected shape {shape:?}, found {:?}",
-                view.shape()
-            )));
+            return Err(err(format!("expected shape {shape:?}, found {:?}", view.shape())));
         }
         let conv: fn(&[u8]) -> f32 = match view.dtype() {
             Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             Dtype::BF16 => |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
             Dtype::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
             other => {
-                return Err(err(format!(
-                    "unsupported dtype {other:?}; expected F32, BF16 or F16"
-                )));
+                return Err(err(format!("unsupported dtype {other:?}; expected F32, BF16 or F16")));
             }
         };
         let es = view.dtype().bitsize() / 8;
@@ -155,9 +127,7 @@ impl WeightFiles {
             [n] => (1, *n),
             [r, c] => (*r, *c),
             _ => {
-                return Err(err(format!(
-                    "expected a 1-D or 2-D tensor, found shape {shape:?}"
-                )));
+                return Err(err(format!("expected a 1-D or 2-D tensor, found shape {shape:?}")));
             }
         };
         let (r0, r1, c0, c1) = match &slice {
@@ -174,11 +144,7 @@ impl WeightFiles {
             let row = &data[(r * cols + c0) * es..(r * cols + c1) * es];
             out.extend(row.chunks_exact(es).map(conv));
         }
-        let out_shape: Vec<usize> = if shape.len() == 1 {
-            vec![c1 - c0]
-        } else {
-            vec![r1 - r0, c1 - c0]
-        };
+        let out_shape: Vec<usize> = if shape.len() == 1 { vec![c1 - c0] } else { vec![r1 - r0, c1 - c0] };
         Ok(Tensor::from_f32(out, &out_shape)?)
     }
 }

@@ -17,28 +17,14 @@ fn every_model_reproduces_its_golden_file() {
         let mut worst = 0f32;
         // Each case alone.
         for c in &cases {
-            let (ids, logits) = greedy_batch(
-                &mut engine,
-                std::slice::from_ref(&c.prompt_ids),
-                n_new,
-                None,
-            );
-            assert_eq!(
-                ids[0],
-                c.greedy_ids,
-                "{}: greedy ids for prompt {:?}",
-                dir.display(),
-                c.prompt_ids
-            );
+            let (ids, logits) = greedy_batch(&mut engine, std::slice::from_ref(&c.prompt_ids), n_new, None);
+            assert_eq!(ids[0], c.greedy_ids, "{}: greedy ids for prompt {:?}", dir.display(), c.prompt_ids);
             assert_eq!(logits[0].len(), c.logits.len());
             for (a, b) in logits[0].iter().zip(&c.logits) {
                 worst = worst.max((a - b).abs());
             }
         }
-        println!(
-            "{}: worst |logit - golden| = {worst:.2e}",
-            dir.file_name().unwrap().to_string_lossy()
-        );
+        println!("{}: worst |logit - golden| = {worst:.2e}", dir.file_name().unwrap().to_string_lossy());
         assert!(worst < 1e-3, "{}: logits differ by {worst}", dir.display());
     }
 }
@@ -60,21 +46,11 @@ fn greedy_output_is_the_same_alone_and_in_a_batch_of_eight() {
         let (batched, _) = greedy_batch(&mut engine, &prompts, 24, None);
         for (i, p) in prompts.iter().enumerate() {
             let (alone, _) = greedy_batch(&mut engine, std::slice::from_ref(p), 24, None);
-            assert_eq!(
-                alone[0],
-                batched[i],
-                "{}: prompt {i} alone vs batched",
-                dir.display()
-            );
+            assert_eq!(alone[0], batched[i], "{}: prompt {i} alone vs batched", dir.display());
         }
         // And against the golden continuation for the golden prompts.
         for (c, got) in cases.iter().zip(&batched) {
-            assert_eq!(
-                &c.greedy_ids[..24],
-                &got[..],
-                "{}: batched vs golden",
-                dir.display()
-            );
+            assert_eq!(&c.greedy_ids[..24], &got[..], "{}: batched vs golden", dir.display());
         }
     }
 }
@@ -89,16 +65,8 @@ fn chunked_prefill_gives_the_same_result_as_one_prefill() {
         let (chunked, chunked_logits) = greedy_batch(&mut engine, &prompts, 16, Some(3));
         assert_eq!(whole, chunked, "{}", dir.display());
         for (a, b) in whole_logits.iter().zip(&chunked_logits) {
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst < 1e-4,
-                "{}: chunked logits differ by {worst}",
-                dir.display()
-            );
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{}: chunked logits differ by {worst}", dir.display());
         }
     }
 }

@@ -26,8 +26,7 @@ fn load_err(dir: &Path) -> String {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(v.as_object_mut().unwrap());
     std::fs::write(p, serde_json::to_string(&v).unwrap()).unwrap();
 }
@@ -37,16 +36,11 @@ fn edit_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<u
     let p = dir.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut m: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
+    let mut m: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
     edit(&mut m);
-    let views: Vec<(String, TensorView)> = m
-        .iter()
-        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        m.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -57,10 +51,7 @@ fn missing_directory_and_files() {
     assert!(e.contains("nope") && e.contains("does not exist"), "{e}");
 
     let e = load_err(tmp.path());
-    assert!(
-        e.contains("config.json") && e.contains("cannot read"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("cannot read"), "{e}");
 
     copy_model(tmp.path());
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
@@ -88,10 +79,7 @@ fn malformed_config_names_the_field() {
         (
             "architectures",
             Box::new(|m| {
-                m.insert(
-                    "architectures".into(),
-                    serde_json::json!(["GPT2LMHeadModel"]),
-                );
+                m.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
             }),
             "unsupported architecture \"GPT2LMHeadModel\"",
         ),
@@ -105,20 +93,14 @@ fn malformed_config_names_the_field() {
         (
             "rope_scaling.rope_type",
             Box::new(|m| {
-                m.insert(
-                    "rope_scaling".into(),
-                    serde_json::json!({"rope_type": "yarn", "factor": 2.0}),
-                );
+                m.insert("rope_scaling".into(), serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
             }),
             "unsupported rope_type",
         ),
         (
             "rope_scaling.low_freq_factor",
             Box::new(|m| {
-                m.insert(
-                    "rope_scaling".into(),
-                    serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
-                );
+                m.insert("rope_scaling".into(), serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
             }),
             "missing",
         ),
@@ -142,19 +124,13 @@ fn malformed_config_names_the_field() {
         copy_model(tmp.path());
         edit_config(tmp.path(), edit);
         let e = load_err(tmp.path());
-        assert!(
-            e.contains("config.json") && e.contains(&format!("`{field}`")) && e.contains(msg),
-            "{field}: {e}"
-        );
+        assert!(e.contains("config.json") && e.contains(&format!("`{field}`")) && e.contains(msg), "{field}: {e}");
     }
     let tmp = tempfile::tempdir().unwrap();
     copy_model(tmp.path());
     std::fs::write(tmp.path().join("config.json"), "{\"hidden_size\": 64,").unwrap();
     let e = load_err(tmp.path());
-    assert!(
-        e.contains("config.json") && e.contains("not valid JSON"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("not valid JSON"), "{e}");
 }
 
 #[test]
@@ -166,10 +142,7 @@ fn bad_tensors_name_the_tensor() {
         m.remove(q);
     });
     let e = load_err(tmp.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains(q) && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains(q) && e.contains("missing"), "{e}");
 
     let tmp = tempfile::tempdir().unwrap();
     copy_model(tmp.path());
@@ -178,10 +151,7 @@ fn bad_tensors_name_the_tensor() {
         t.1 = vec![32, 128];
     });
     let e = load_err(tmp.path());
-    assert!(
-        e.contains(q) && e.contains("expected shape [64, 64], found [32, 128]"),
-        "{e}"
-    );
+    assert!(e.contains(q) && e.contains("expected shape [64, 64], found [32, 128]"), "{e}");
 
     let tmp = tempfile::tempdir().unwrap();
     copy_model(tmp.path());
@@ -198,10 +168,7 @@ fn truncated_safetensors_is_reported() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
     let e = load_err(tmp.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
 }
 
 #[test]
@@ -214,33 +181,17 @@ fn sharded_index_errors_name_the_index() {
     }
     std::fs::remove_file(tmp.path().join("model-00003-of-00004.safetensors")).unwrap();
     let e = load_err(tmp.path());
-    assert!(
-        e.contains("model-00003-of-00004.safetensors") && e.contains("cannot read"),
-        "{e}"
-    );
-    std::fs::write(
-        tmp.path().join("model.safetensors.index.json"),
-        "{\"metadata\": {}}",
-    )
-    .unwrap();
+    assert!(e.contains("model-00003-of-00004.safetensors") && e.contains("cannot read"), "{e}");
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), "{\"metadata\": {}}").unwrap();
     let e = load_err(tmp.path());
-    assert!(
-        e.contains("model.safetensors.index.json") && e.contains("`weight_map`"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors.index.json") && e.contains("`weight_map`"), "{e}");
 }
 
 #[test]
 fn tensor_parallel_degree_must_divide_heads_and_features() {
     let qwen = common::repo().join("testdata/models/tiny-qwen2");
-    let err = Model::load(&qwen, Shard { rank: 0, world: 4 })
-        .err()
-        .expect("tp=4 must be refused");
+    let err = Model::load(&qwen, Shard { rank: 0, world: 4 }).err().expect("tp=4 must be refused");
     assert!(matches!(err, ModelError::Sharding(_)));
-    assert!(
-        err.to_string()
-            .contains("tp = 4 does not divide num_attention_heads = 6"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("tp = 4 does not divide num_attention_heads = 6"), "{err}");
     assert!(Model::load(&qwen, Shard { rank: 1, world: 2 }).is_ok());
 }

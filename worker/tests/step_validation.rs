@@ -25,19 +25,10 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
         (vec![seq(7, &[5], 9, t)], "unknown sequence"),
         (vec![seq(7, &[], 0, t)], "no tokens"),
         (vec![seq(7, &[600], 0, t)], "outside the vocabulary"),
-        (
-            vec![seq(7, &[5], 0, leak(vec![99]))],
-            "block 99 out of range",
-        ),
+        (vec![seq(7, &[5], 0, leak(vec![99]))], "block 99 out of range"),
         (vec![seq(7, leak(vec![5; 20]), 0, leak(vec![0]))], "need 2"),
-        (
-            vec![seq(7, &[5], 0, t), seq(7, &[6], 0, t)],
-            "appears twice",
-        ),
-        (
-            vec![seq(7, &[5], 600, t)],
-            "exceed the model's context of 512",
-        ),
+        (vec![seq(7, &[5], 0, t), seq(7, &[6], 0, t)], "appears twice"),
+        (vec![seq(7, &[5], 600, t)], "exceed the model's context of 512"),
     ];
     for (batch, msg) in cases {
         match e.step(&batch) {
@@ -45,35 +36,16 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
             other => panic!("expected Invalid({msg}), got {other:?}"),
         }
     }
-    let bad_p = SamplingParams {
-        top_p: 2.0,
-        ..g.clone()
-    };
-    let s = StepSeq {
-        sample: Some(&bad_p),
-        ..seq(7, leak(prompt.to_vec()), 0, t)
-    };
+    let bad_p = SamplingParams { top_p: 2.0, ..g.clone() };
+    let s = StepSeq { sample: Some(&bad_p), ..seq(7, leak(prompt.to_vec()), 0, t) };
     assert!(e.step(&[s]).unwrap_err().to_string().contains("top_p"));
-    assert_eq!(
-        e.active_sequences(),
-        0,
-        "refused steps leave no state behind"
-    );
+    assert_eq!(e.active_sequences(), 0, "refused steps leave no state behind");
 
     // Still serving: the golden first token of "Once upon a time".
-    let ok = StepSeq {
-        sample: Some(&g),
-        penalty_context: &prompt,
-        ..seq(7, leak(prompt.to_vec()), 0, t)
-    };
+    let ok = StepSeq { sample: Some(&g), penalty_context: &prompt, ..seq(7, leak(prompt.to_vec()), 0, t) };
     let out = e.step(&[ok]).unwrap();
     assert_eq!(out[0].sampled.token, 432);
     // A continuation at the wrong position is inconsistent with what the cache holds.
     let wrong = seq(7, &[432], 6, t);
-    assert!(
-        e.step(&[wrong])
-            .unwrap_err()
-            .to_string()
-            .contains("cache holds 5")
-    );
+    assert!(e.step(&[wrong]).unwrap_err().to_string().contains("cache holds 5"));
 }

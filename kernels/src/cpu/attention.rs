@@ -42,14 +42,7 @@ pub fn slot(block_table: &[u32], block_size: usize, pos: usize) -> usize {
 }
 
 /// Stores new keys and values (`[tokens, num_kv_heads, head_dim]`) at the given cache slots.
-pub fn write_kv(
-    k: &[f32],
-    v: &[f32],
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
-    slots: &[usize],
-    row: usize,
-) {
+pub fn write_kv(k: &[f32], v: &[f32], k_cache: &mut [f32], v_cache: &mut [f32], slots: &[usize], row: usize) {
     for (t, &s) in slots.iter().enumerate() {
         k_cache[s * row..(s + 1) * row].copy_from_slice(&k[t * row..(t + 1) * row]);
         v_cache[s * row..(s + 1) * row].copy_from_slice(&v[t * row..(t + 1) * row]);
@@ -76,10 +69,8 @@ pub fn paged_attention(
             owner[seq.q_start + i] = (si, seq.pos0 + i);
         }
     }
-    out.par_chunks_mut(nh * hd)
-        .zip(q.par_chunks(nh * hd))
-        .zip(owner.par_iter())
-        .for_each(|((o_tok, q_tok), &(si, pos))| {
+    out.par_chunks_mut(nh * hd).zip(q.par_chunks(nh * hd)).zip(owner.par_iter()).for_each(
+        |((o_tok, q_tok), &(si, pos))| {
             let seq = &seqs[si];
             let first = match s.sliding_window {
                 Some(w) => (pos + 1).saturating_sub(w),
@@ -103,5 +94,6 @@ pub fn paged_attention(
                     }
                 }
             }
-        });
+        },
+    );
 }

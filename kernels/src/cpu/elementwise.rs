@@ -15,13 +15,11 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     debug_assert_eq!(gate.len(), up.len());
     debug_assert_eq!(gate.len(), out.len());
     const CHUNK: usize = 4096;
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| {
-            for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
-                *ov = gv / (1.0 + (-gv).exp()) * uv;
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
+        for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+            *ov = gv / (1.0 + (-gv).exp()) * uv;
+        }
+    });
 }
 
 /// Numerically stable softmax of one row, in place.

@@ -16,15 +16,7 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_ROWS_PER_TASK: usize = 64;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`.
-pub fn linear(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) {
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], m: usize, k: usize, n: usize) {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     debug_assert_eq!(out.len(), m * n);

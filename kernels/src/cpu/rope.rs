@@ -3,13 +3,7 @@
 
 /// Rotates every head of every token: `x` is `[tokens, heads, head_dim]`, `positions[t]` the position of
 /// token `t`, `inv_freq` has `head_dim / 2` entries.
-pub fn rope_inplace(
-    x: &mut [f32],
-    positions: &[u32],
-    heads: usize,
-    head_dim: usize,
-    inv_freq: &[f32],
-) {
+pub fn rope_inplace(x: &mut [f32], positions: &[u32], heads: usize, head_dim: usize, inv_freq: &[f32]) {
     let half = head_dim / 2;
     debug_assert_eq!(inv_freq.len(), half);
     debug_assert_eq!(x.len(), positions.len() * heads * head_dim);

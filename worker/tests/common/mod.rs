@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use tessera_worker::{
-    Engine, Model, SamplingParams, Shard, StepSeq, collective::Single, kv_cache::KvCache,
-};
+use tessera_worker::{Engine, Model, SamplingParams, Shard, StepSeq, collective::Single, kv_cache::KvCache};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -16,12 +14,7 @@ pub fn repo() -> PathBuf {
 /// Every model with a golden file: the default model and the test models.
 pub fn golden_models() -> Vec<PathBuf> {
     let mut v = vec![repo().join("models/stories260K")];
-    for m in [
-        "tiny-llama3",
-        "tiny-mistral",
-        "tiny-qwen2",
-        "tiny-llama-bf16-sharded",
-    ] {
+    for m in ["tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-llama-bf16-sharded"] {
         v.push(repo().join("testdata/models").join(m));
     }
     v
@@ -34,15 +27,8 @@ pub struct GoldenCase {
 }
 
 pub fn golden(dir: &std::path::Path) -> Vec<GoldenCase> {
-    let g: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids = |v: &Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
     g["cases"]
         .as_array()
         .unwrap()
@@ -50,12 +36,7 @@ pub fn golden(dir: &std::path::Path) -> Vec<GoldenCase> {
         .map(|c| GoldenCase {
             prompt_ids: ids(&c["prompt_ids"]),
             greedy_ids: ids(&c["greedy_ids"]),
-            logits: c["last_prompt_logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect(),
+            logits: c["last_prompt_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
         })
         .collect()
 }
@@ -72,10 +53,7 @@ pub fn engine(dir: &std::path::Path, max_seqs: usize) -> Engine {
 
 /// A table of blocks for sequence slot `i`, deliberately in reverse order so that block order matters.
 pub fn table(i: usize) -> Vec<u32> {
-    (0..BLOCKS_PER_SEQ)
-        .rev()
-        .map(|b| (i * BLOCKS_PER_SEQ + b) as u32)
-        .collect()
+    (0..BLOCKS_PER_SEQ).rev().map(|b| (i * BLOCKS_PER_SEQ + b) as u32).collect()
 }
 
 /// Greedy-generates `n_new` tokens for every prompt as one continuously batched run: prompts are fed in

@@ -1,0 +1,289 @@
+//! The coordinator's client of one tensor-parallel group: a model replica spread over `tp` worker
+//! processes.
+//!
+//! Forming the group: ask every worker for its collective address (`Info`), then send each its rank and
+//! the full peer list in `LoadModel`, concurrently (the ranks meet in the middle). Each step goes to every
+//! rank concurrently; the group waits for all and takes rank 0's tokens. Any rank's error, or a rank not
+//! answering within the step deadline, fails the step with a message naming the rank and its address;
+//! a group that failed once is not used again.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tessera_proto::v1::{
+    self as pb, InfoRequest, LoadModelRequest, Rendezvous, StepRequest, TcpRendezvous, rendezvous::Kind,
+    worker_client::WorkerClient,
+};
+use tessera_worker::{Sampled, SeqSampled, StepSeq};
+use tonic::{Code, transport::Channel};
+
+use crate::backend::{Backend, ModelInfo};
+
+/// Timeouts of a group.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupTimeouts {
+    pub connect: Duration,
+    pub load: Duration,
+    pub step: Duration,
+}
+
+impl Default for GroupTimeouts {
+    fn default() -> Self {
+        GroupTimeouts {
+            connect: Duration::from_secs(10),
+            load: Duration::from_secs(300),
+            step: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Rank {
+    addr: String,
+    client: WorkerClient<Channel>,
+}
+
+pub struct GroupClient {
+    rt: tokio::runtime::Handle,
+    ranks: Vec<Rank>,
+    info: ModelInfo,
+    group_id: String,
+    timeouts: GroupTimeouts,
+    next_step: u64,
+    /// Set after the first failure: the group's collectives are out of step for good.
+    failed: Option<String>,
+    /// Sequences finished since the last step (their worker state is dropped with the next step).
+    finished: Vec<u64>,
+}
+
+fn describe(status: &tonic::Status) -> String {
+    match status.code() {
+        Code::Unavailable | Code::Unknown if status.message().contains("transport") || status.message().is_empty() => {
+            format!("unreachable ({})", status.message())
+        }
+        _ => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+impl GroupClient {
+    /// Connects to `addrs` (rank order) and loads `model_path` on all of them. Blocks on `rt`.
+    pub fn connect(
+        rt: &tokio::runtime::Handle,
+        addrs: &[String],
+        model_path: &str,
+        kv_cache_bytes: u64,
+        block_size: u32,
+        group_id: &str,
+        timeouts: GroupTimeouts,
+    ) -> Result<Self> {
+        rt.block_on(Self::connect_async(rt.clone(), addrs, model_path, kv_cache_bytes, block_size, group_id, timeouts))
+    }
+
+    async fn connect_async(
+        rt: tokio::runtime::Handle,
+        addrs: &[String],
+        model_path: &str,
+        kv_cache_bytes: u64,
+        block_size: u32,
+        group_id: &str,
+        timeouts: GroupTimeouts,
+    ) -> Result<Self> {
+        if addrs.is_empty() {
+            bail!("a group needs at least one worker");
+        }
+        let mut ranks = Vec::new();
+        let mut peers = Vec::new();
+        for (r, addr) in addrs.iter().enumerate() {
+            let channel = Channel::from_shared(format!("http://{addr}"))
+                .with_context(|| format!("worker address {addr:?}"))?
+                .connect_timeout(timeouts.connect)
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to worker rank {r} at {addr}"))?;
+            let mut client =
+                WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+            let info = tokio::time::timeout(timeouts.connect, client.info(InfoRequest {}))
+                .await
+                .map_err(|_| anyhow!("worker rank {r} at {addr} did not answer Info within {:?}", timeouts.connect))?
+                .map_err(|s| anyhow!("worker rank {r} at {addr}: {}", describe(&s)))?
+                .into_inner();
+            if info.protocol != tessera_proto::PROTOCOL_VERSION {
+                bail!(
+                    "worker rank {r} at {addr} speaks {:?}, this coordinator {:?}",
+                    info.protocol,
+                    tessera_proto::PROTOCOL_VERSION
+                );
+            }
+            peers.push(info.collective_address);
+            ranks.push(Rank { addr: addr.clone(), client });
+        }
+        let world = ranks.len() as u32;
+        let loads = ranks.iter().enumerate().map(|(r, rank)| {
+            let mut client = rank.client.clone();
+            let req = LoadModelRequest {
+                model_path: model_path.to_string(),
+                dtype: String::new(),
+                rank: r as u32,
+                world_size: world,
+                rendezvous: Some(Rendezvous { kind: Some(Kind::Tcp(TcpRendezvous { peers: peers.clone() })) }),
+                kv_cache_bytes,
+                block_size,
+                group_id: group_id.to_string(),
+            };
+            let addr = rank.addr.clone();
+            async move {
+                tokio::time::timeout(timeouts.load, client.load_model(req))
+                    .await
+                    .map_err(|_| {
+                        anyhow!("worker rank {r} at {addr} did not load the model within {:?}", timeouts.load)
+                    })?
+                    .map_err(|s| anyhow!("worker rank {r} at {addr} could not load the model: {}", s.message()))
+                    .map(|x| x.into_inner())
+            }
+        });
+        let replies = join_all(loads).await;
+        let mut loaded = Vec::new();
+        let mut errors = Vec::new();
+        for r in replies {
+            match r {
+                Ok(x) => loaded.push(x),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
+        }
+        let first = &loaded[0];
+        let info = ModelInfo {
+            vocab_size: first.vocab_size as usize,
+            max_position_embeddings: first.max_position_embeddings as usize,
+            // The group can only use blocks every rank has.
+            num_blocks: loaded.iter().map(|l| l.num_kv_blocks as usize).min().unwrap_or(0),
+            block_size: block_size as usize,
+        };
+        Ok(GroupClient {
+            rt,
+            ranks,
+            info,
+            group_id: group_id.to_string(),
+            timeouts,
+            next_step: 0,
+            failed: None,
+            finished: Vec::new(),
+        })
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.ranks.iter().map(|r| r.addr.clone()).collect()
+    }
+
+    /// Runs a step; with `return_logits` rank 0 also returns the logits rows of the sampled positions.
+    pub fn step_full(&mut self, batch: &[StepSeq<'_>], return_logits: bool) -> Result<Vec<(SeqSampled, Vec<f32>)>> {
+        if let Some(f) = &self.failed {
+            bail!("the group failed earlier and cannot run steps: {f}");
+        }
+        let req = StepRequest {
+            step_id: self.next_step,
+            sequences: batch.iter().map(to_proto).collect(),
+            finished_sequence_ids: std::mem::take(&mut self.finished),
+            group_id: self.group_id.clone(),
+            return_logits,
+        };
+        self.next_step += 1;
+        let timeout = self.timeouts.step;
+        let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
+            let mut client = rank.client.clone();
+            let req = req.clone();
+            async move { (r, tokio::time::timeout(timeout, client.step(req)).await) }
+        });
+        let results = self.rt.block_on(join_all(calls));
+        let mut errors = Vec::new();
+        let mut reply = None;
+        for (r, res) in results {
+            let addr = &self.ranks[r].addr;
+            match res {
+                Err(_) => errors.push((1, format!("worker rank {r} at {addr} did not answer within {timeout:?}"))),
+                // A refused step changed nothing on any rank (they all validate the same batch).
+                Ok(Err(s)) if s.code() == Code::InvalidArgument && r == 0 => {
+                    return Err(anyhow!("worker rank 0 at {addr} refused the step: {}", s.message()));
+                }
+                // A rank that died or is unreachable is the cause; its peers' collective errors follow.
+                Ok(Err(s)) if s.code() == Code::Aborted => {
+                    errors.push((2, format!("worker rank {r} at {addr}: {}", s.message())))
+                }
+                Ok(Err(s)) => errors.push((0, format!("worker rank {r} at {addr} failed: {}", describe(&s)))),
+                Ok(Ok(x)) if r == 0 => reply = Some(x.into_inner()),
+                Ok(Ok(_)) => {}
+            }
+        }
+        if !errors.is_empty() {
+            errors.sort();
+            let msg = errors.into_iter().map(|e| e.1).collect::<Vec<_>>().join("; ");
+            self.failed = Some(msg.clone());
+            bail!("tensor-parallel group failed: {msg}");
+        }
+        let reply = reply.ok_or_else(|| anyhow!("rank 0 sent no reply"))?;
+        Ok(reply
+            .tokens
+            .into_iter()
+            .map(|t| {
+                let sampled = Sampled {
+                    token: t.token_id,
+                    logprob: Some(t.logprob),
+                    top_logprobs: t.top_logprobs.iter().map(|x| (x.token_id, x.logprob)).collect(),
+                };
+                (SeqSampled { id: t.sequence_id, sampled }, t.logits)
+            })
+            .collect())
+    }
+}
+
+fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
+    pb::SequenceStep {
+        sequence_id: s.id,
+        token_ids: s.tokens.to_vec(),
+        start_position: s.start_pos as u32,
+        block_table: s.block_table.to_vec(),
+        sample: s.sample.is_some(),
+        sampling: s.sample.map(|p| pb::SamplingParams {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k as u32,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+            top_logprobs: p.top_logprobs as u32,
+            logprobs: p.logprobs,
+        }),
+        penalty_context: s.penalty_context.to_vec(),
+    }
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn join_all<F: std::future::Future + Send + 'static>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("group task panicked"));
+    }
+    out
+}
+
+impl Backend for GroupClient {
+    fn info(&self) -> ModelInfo {
+        self.info
+    }
+
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>> {
+        Ok(self.step_full(batch, false)?.into_iter().map(|x| x.0).collect())
+    }
+
+    fn release(&mut self, ids: &[u64]) {
+        self.finished.extend_from_slice(ids);
+    }
+}

@@ -1,0 +1,90 @@
+//! A local cluster: `tp` worker processes on loopback ports, started and owned by this process
+//! (`tessera generate --tp N`, `tessera serve --tp N`).
+//!
+//! Workers are this same binary (`tessera worker --listen 127.0.0.1:0`). Each one reports its addresses on
+//! its first stdout line. They are stopped when the [`LocalCluster`] is dropped (normal exit, error, or a
+//! Ctrl-C handled by the caller), and they exit by themselves when their standard input closes, which is
+//! what happens if this process is killed outright: no orphans either way.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// How long a worker may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct LocalCluster {
+    children: Vec<Child>,
+    /// gRPC address of each worker, in rank order.
+    pub addrs: Vec<String>,
+}
+
+impl LocalCluster {
+    /// Starts `n` workers of the running binary.
+    pub fn start(n: usize, threads_per_worker: usize, kv_cache_mib: usize) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the tessera binary")?;
+        Self::start_with(&exe, n, threads_per_worker, kv_cache_mib)
+    }
+
+    /// Starts `n` workers of the `tessera` binary at `exe`.
+    pub fn start_with(exe: &Path, n: usize, threads_per_worker: usize, kv_cache_mib: usize) -> Result<Self> {
+        let mut cluster = LocalCluster { children: Vec::new(), addrs: Vec::new() };
+        for rank in 0..n {
+            let mut child = Command::new(exe)
+                .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent"])
+                .args(["--threads", &threads_per_worker.max(1).to_string()])
+                .args(["--kv-cache-mib", &kv_cache_mib.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
+            let stdout = child.stdout.take().expect("piped");
+            cluster.children.push(child);
+            // Read the address line on a thread so a worker that never prints cannot block us forever.
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let mut reader = BufReader::new(stdout);
+                let _ = tx.send(reader.read_line(&mut line).map(|_| line));
+                // Keep draining so the worker never blocks writing to a full pipe.
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            });
+            let line = rx
+                .recv_timeout(START_TIMEOUT)
+                .map_err(|_| anyhow!("worker {rank} did not start listening within {START_TIMEOUT:?}"))?
+                .with_context(|| format!("reading worker {rank}'s address"))?;
+            let addr = line
+                .strip_prefix("tessera worker listening on ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .ok_or_else(|| anyhow!("worker {rank} exited or printed {line:?} instead of its address"))?;
+            cluster.addrs.push(addr.to_string());
+        }
+        if cluster.addrs.len() != n {
+            bail!("started {} of {n} workers", cluster.addrs.len());
+        }
+        Ok(cluster)
+    }
+
+    /// Process ids of the workers, in rank order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+    }
+}

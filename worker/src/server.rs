@@ -1,0 +1,281 @@
+//! The worker's gRPC service (`tessera.v1.Worker`): loads its shard when the coordinator asks, joins the
+//! group's collectives, and runs steps.
+//!
+//! One step runs at a time (the engine is behind a mutex and runs on a blocking thread). A step the engine
+//! refuses is `INVALID_ARGUMENT` and changes nothing; a collective failure marks the worker `FAILED`
+//! (`ABORTED` to the caller) until the next `LoadModel`, because its peers are out of step for good.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tessera_proto::v1::{
+    self as pb, HealthReply, HealthRequest, InfoReply, InfoRequest, LoadModelReply, LoadModelRequest, StepReply,
+    StepRequest, health_reply::Status as HealthStatus, rendezvous::Kind, worker_server::Worker,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Engine, Model, SamplingParams, Shard, StepError, StepSeq,
+    collective::{Collective, Single},
+    kv_cache::{DEFAULT_BLOCK_SIZE, KvCache},
+    tcp_collective,
+};
+
+/// Settings of a worker process.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Default KV cache budget when LoadModel does not give one.
+    pub kv_cache_bytes: usize,
+    /// Bound on the collective rendezvous and on every collective read/write after it.
+    pub collective_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { kv_cache_bytes: 256 << 20, collective_timeout: Duration::from_secs(30) }
+    }
+}
+
+enum State {
+    Idle,
+    Serving { engine: Box<Engine>, model: String, rank: u32, world: u32, group_id: String },
+    Failed(String),
+}
+
+pub struct WorkerService {
+    config: WorkerConfig,
+    collective_listener: Arc<tokio::net::TcpListener>,
+    collective_address: String,
+    state: Arc<Mutex<State>>,
+    /// Serialises LoadModel calls (a load replaces the engine; two at once would race).
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl WorkerService {
+    /// `collective_listener` accepts this worker's ring neighbour; `advertise` is the address peers dial.
+    pub fn new(config: WorkerConfig, collective_listener: tokio::net::TcpListener, advertise: String) -> Self {
+        WorkerService {
+            config,
+            collective_listener: Arc::new(collective_listener),
+            collective_address: advertise,
+            state: Arc::new(Mutex::new(State::Idle)),
+            loading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the engine in an unknown state: treat it as failed.
+        self.state.lock().unwrap_or_else(|p| {
+            let mut g = p.into_inner();
+            *g = State::Failed("an earlier step panicked".into());
+            g
+        })
+    }
+}
+
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn to_params(p: Option<&pb::SamplingParams>) -> SamplingParams {
+    let Some(p) = p else { return SamplingParams::greedy() };
+    SamplingParams {
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k as usize,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        seed: p.seed,
+        logprobs: p.logprobs,
+        top_logprobs: p.top_logprobs as usize,
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
+        let mut reply = InfoReply {
+            protocol: tessera_proto::PROTOCOL_VERSION.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            device: "cpu".into(),
+            memory_bytes: available_memory(),
+            collective_address: self.collective_address.clone(),
+            ..Default::default()
+        };
+        if let State::Serving { engine, model, rank, world, .. } = &*self.lock() {
+            reply.model = model.clone();
+            reply.rank = *rank;
+            reply.world_size = *world;
+            reply.num_kv_blocks = engine.cache.num_blocks as u32;
+            reply.block_size = engine.cache.block_size as u32;
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn load_model(&self, req: Request<LoadModelRequest>) -> Result<Response<LoadModelReply>, Status> {
+        let _one_at_a_time = self.loading.lock().await;
+        let started = Instant::now();
+        let r = req.into_inner();
+        let (rank, world) = (r.rank as usize, r.world_size as usize);
+        if world == 0 || rank >= world {
+            return Err(Status::invalid_argument(format!("rank {rank} is not in a group of {world}")));
+        }
+        if !(r.dtype.is_empty() || r.dtype == "f32") {
+            return Err(Status::invalid_argument(format!("dtype {:?} is not supported on the CPU; use f32", r.dtype)));
+        }
+        // Drop any previous model first: its memory and its collective connections.
+        *self.lock() = State::Idle;
+        let comm: Box<dyn Collective> = if world == 1 {
+            Box::new(Single)
+        } else {
+            let peers = match r.rendezvous.and_then(|z| z.kind) {
+                Some(Kind::Tcp(t)) if t.peers.len() == world => t.peers,
+                Some(Kind::Tcp(t)) => {
+                    return Err(Status::invalid_argument(format!(
+                        "{} peer addresses for a group of {world}",
+                        t.peers.len()
+                    )));
+                }
+                Some(Kind::NcclUniqueId(_)) => {
+                    return Err(Status::invalid_argument(
+                        "NCCL rendezvous on a CPU worker; this worker uses TCP collectives",
+                    ));
+                }
+                None => return Err(Status::invalid_argument("a group of more than one rank needs a rendezvous")),
+            };
+            let c = tcp_collective::rendezvous(
+                &self.collective_listener,
+                rank,
+                &peers,
+                &r.group_id,
+                self.config.collective_timeout,
+            )
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+            Box::new(c)
+        };
+        let path = PathBuf::from(&r.model_path);
+        let kv_bytes = if r.kv_cache_bytes > 0 { r.kv_cache_bytes as usize } else { self.config.kv_cache_bytes };
+        let block_size = if r.block_size > 0 { r.block_size as usize } else { DEFAULT_BLOCK_SIZE };
+        let engine = tokio::task::spawn_blocking(move || -> Result<Engine, crate::ModelError> {
+            let model = Model::load(&path, Shard { rank, world })?;
+            let cache = KvCache::with_budget(&model, kv_bytes, block_size)?;
+            Ok(Engine::new(model, cache, comm))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("loading panicked: {e}")))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let c = &engine.model.config;
+        let reply = LoadModelReply {
+            num_kv_blocks: engine.cache.num_blocks as u32,
+            vocab_size: c.vocab_size as u32,
+            max_position_embeddings: c.max_position_embeddings as u32,
+            load_seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(model = %r.model_path, rank, world, blocks = reply.num_kv_blocks, "model loaded");
+        *self.lock() = State::Serving {
+            engine: Box::new(engine),
+            model: r.model_path,
+            rank: r.rank,
+            world: r.world_size,
+            group_id: r.group_id,
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn step(&self, req: Request<StepRequest>) -> Result<Response<StepReply>, Status> {
+        let r = req.into_inner();
+        let state = self.state.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || -> Result<StepReply, Status> {
+            let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
+            let engine = match &mut *guard {
+                State::Serving { engine, group_id, .. } => {
+                    if !r.group_id.is_empty() && r.group_id != *group_id {
+                        return Err(Status::failed_precondition(format!(
+                            "step for group {} but this worker serves group {group_id}",
+                            r.group_id
+                        )));
+                    }
+                    engine
+                }
+                State::Idle => return Err(Status::failed_precondition("no model loaded")),
+                State::Failed(m) => return Err(Status::failed_precondition(format!("worker failed earlier: {m}"))),
+            };
+            for id in &r.finished_sequence_ids {
+                engine.release(*id);
+            }
+            let params: Vec<SamplingParams> = r.sequences.iter().map(|s| to_params(s.sampling.as_ref())).collect();
+            let batch: Vec<StepSeq> = r
+                .sequences
+                .iter()
+                .zip(&params)
+                .map(|(s, p)| StepSeq {
+                    id: s.sequence_id,
+                    tokens: &s.token_ids,
+                    start_pos: s.start_position as usize,
+                    block_table: &s.block_table,
+                    sample: s.sample.then_some(p),
+                    penalty_context: &s.penalty_context,
+                })
+                .collect();
+            let (sampled, logits) = match engine.step_with_logits(&batch) {
+                Ok(x) => x,
+                Err(StepError::Invalid(m)) => return Err(Status::invalid_argument(m)),
+                Err(e @ StepError::Collective(_)) => {
+                    let m = e.to_string();
+                    *guard = State::Failed(m.clone());
+                    return Err(Status::aborted(m));
+                }
+                Err(e) => return Err(Status::internal(e.to_string())),
+            };
+            let vocab = engine.model.config.vocab_size;
+            let rows = logits.as_ref().and_then(|l| l.as_f32().ok());
+            let tokens = sampled
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| pb::SampledToken {
+                    sequence_id: s.id,
+                    token_id: s.sampled.token,
+                    logprob: s.sampled.logprob.unwrap_or(0.0),
+                    top_logprobs: s
+                        .sampled
+                        .top_logprobs
+                        .iter()
+                        .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+                        .collect(),
+                    logits: match (r.return_logits, rows) {
+                        (true, Some(rows)) => rows[i * vocab..(i + 1) * vocab].to_vec(),
+                        _ => Vec::new(),
+                    },
+                })
+                .collect();
+            Ok(StepReply { tokens, forward_seconds: started.elapsed().as_secs_f64(), sample_seconds: 0.0 })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("step panicked: {e}")))?;
+        result.map(Response::new)
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
+        let (status, message) = match &*self.lock() {
+            State::Idle => (HealthStatus::Idle, String::new()),
+            State::Serving { .. } => (HealthStatus::Serving, String::new()),
+            State::Failed(m) => (HealthStatus::Failed, m.clone()),
+        };
+        Ok(Response::new(HealthReply { status: status as i32, message }))
+    }
+}

@@ -1,0 +1,352 @@
+//! The TCP implementation of [`Collective`] for CPU worker processes: a ring, each rank sending to
+//! `rank + 1` and receiving from `rank - 1`.
+//!
+//! Connections are made once, when the group loads its model ([`rendezvous`]), and checked with a
+//! handshake naming the group and the sender's rank, so a stray or stale connection is refused. Every
+//! message carries a sequence number and length: ranks that fall out of step get an error, not garbage.
+//! Every read and write has a timeout, and a peer that dies closes its socket: either way the collective
+//! returns an error within the timeout and never hangs.
+
+use std::{
+    io::{self, Read, Write},
+    net::TcpStream,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::collective::{Collective, CollectiveError};
+
+const MAGIC: &[u8; 4] = b"TSRA";
+/// Messages up to this size are written before reading: the sockets' buffers absorb them, so two ranks
+/// writing to each other at once cannot deadlock. Larger ones are written from a second thread while this
+/// one reads.
+const INLINE_SEND: usize = 64 * 1024;
+
+struct Ring {
+    right: TcpStream,
+    left: TcpStream,
+    /// Sequence number of the next message, identical on every rank.
+    seq: u64,
+}
+
+pub struct TcpCollective {
+    rank: usize,
+    world: usize,
+    ring: Mutex<Ring>,
+}
+
+impl TcpCollective {
+    fn err(&self, op: &'static str, message: impl Into<String>) -> CollectiveError {
+        CollectiveError { op, rank: self.rank, world: self.world, message: message.into() }
+    }
+
+    fn left_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    fn io_err(&self, op: &'static str, e: io::Error, sending: bool) -> CollectiveError {
+        let peer = if sending { (self.rank + 1) % self.world } else { self.left_rank() };
+        let what = match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out waiting for".to_string(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                "lost the connection to".to_string()
+            }
+            _ => format!("I/O error ({e}) with"),
+        };
+        self.err(op, format!("{what} rank {peer}"))
+    }
+
+    /// Sends `payload` to the right neighbour while receiving the left neighbour's message of the same
+    /// sequence number. `expect_len` checks the received length when the caller knows it.
+    fn exchange(
+        &self,
+        op: &'static str,
+        payload: &[u8],
+        expect_len: Option<usize>,
+    ) -> Result<Vec<u8>, CollectiveError> {
+        let mut guard = self.ring.lock().map_err(|_| self.err(op, "a previous collective panicked"))?;
+        let ring = &mut *guard;
+        let seq = ring.seq;
+        ring.seq += 1;
+        let mut header = [0u8; 16];
+        header[..8].copy_from_slice(&seq.to_le_bytes());
+        header[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        let right = &mut ring.right;
+        let left = &mut ring.left;
+        let recv = |left: &mut TcpStream| -> Result<Vec<u8>, CollectiveError> {
+            let mut h = [0u8; 16];
+            left.read_exact(&mut h).map_err(|e| self.io_err(op, e, false))?;
+            let (got_seq, len) = (
+                u64::from_le_bytes(h[..8].try_into().unwrap()),
+                u64::from_le_bytes(h[8..].try_into().unwrap()) as usize,
+            );
+            if got_seq != seq {
+                return Err(self.err(
+                    op,
+                    format!("out of step: expected message {seq} from rank {}, got {got_seq}", self.left_rank()),
+                ));
+            }
+            if expect_len.is_some_and(|n| n != len) {
+                return Err(self
+                    .err(op, format!("rank {} sent {len} bytes, expected {}", self.left_rank(), expect_len.unwrap())));
+            }
+            let mut buf = vec![0u8; len];
+            left.read_exact(&mut buf).map_err(|e| self.io_err(op, e, false))?;
+            Ok(buf)
+        };
+        let send = |right: &mut TcpStream| -> io::Result<()> {
+            right.write_all(&header)?;
+            right.write_all(payload)
+        };
+        if payload.len() <= INLINE_SEND {
+            send(right).map_err(|e| self.io_err(op, e, true))?;
+            recv(left)
+        } else {
+            std::thread::scope(|s| {
+                let sender = s.spawn(|| send(right));
+                let received = recv(left);
+                let sent = sender.join().map_err(|_| self.err(op, "sender thread panicked"))?;
+                sent.map_err(|e| self.io_err(op, e, true))?;
+                received
+            })
+        }
+    }
+}
+
+fn chunk(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
+    len * i / n..len * (i + 1) / n
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Ring all-reduce: a reduce-scatter (after `n - 1` steps rank `r` holds the full sum of chunk
+    /// `r + 1`) followed by an all-gather of the reduced chunks. Every rank ends with identical values.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let (n, r) = (self.world, self.rank);
+        if n == 1 {
+            return Ok(());
+        }
+        let len = buf.len();
+        for s in 0..n - 1 {
+            let send = chunk(len, n, (r + n - s) % n);
+            let recv = chunk(len, n, (r + 2 * n - s - 1) % n);
+            let got = self.exchange("all_reduce", bytemuck::cast_slice(&buf[send]), Some(recv.len() * 4))?;
+            for (b, x) in buf[recv].iter_mut().zip(got.chunks_exact(4)) {
+                *b += f32::from_le_bytes(x.try_into().unwrap());
+            }
+        }
+        for s in 0..n - 1 {
+            let send = chunk(len, n, (r + 1 + n - s) % n);
+            let recv = chunk(len, n, (r + n - s) % n);
+            let got = self.exchange("all_reduce", bytemuck::cast_slice(&buf[send]), Some(recv.len() * 4))?;
+            for (b, x) in buf[recv].iter_mut().zip(got.chunks_exact(4)) {
+                *b = f32::from_le_bytes(x.try_into().unwrap());
+            }
+        }
+        Ok(())
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, CollectiveError> {
+        let (n, r) = (self.world, self.rank);
+        let mut parts: Vec<Vec<f32>> = vec![Vec::new(); n];
+        parts[r] = local.to_vec();
+        for s in 0..n - 1 {
+            let send = (r + n - s) % n;
+            let recv = (r + 2 * n - s - 1) % n;
+            let got = self.exchange("all_gather", bytemuck::cast_slice(&parts[send]), None)?;
+            if got.len() % 4 != 0 {
+                return Err(
+                    self.err("all_gather", format!("rank {} sent {} bytes, not f32s", self.left_rank(), got.len()))
+                );
+            }
+            parts[recv] = got.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().unwrap())).collect();
+        }
+        Ok(parts)
+    }
+}
+
+fn handshake(group_id: &str, rank: usize) -> Vec<u8> {
+    let mut h = MAGIC.to_vec();
+    h.extend_from_slice(&(rank as u32).to_le_bytes());
+    h.extend_from_slice(&(group_id.len() as u32).to_le_bytes());
+    h.extend_from_slice(group_id.as_bytes());
+    h
+}
+
+/// Reads a handshake; returns the sender's rank if it is for `group_id`.
+async fn read_handshake(s: &mut tokio::net::TcpStream, group_id: &str) -> io::Result<Option<usize>> {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 12];
+    s.read_exact(&mut h).await?;
+    if &h[..4] != MAGIC {
+        return Ok(None);
+    }
+    let rank = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    if len > 1024 {
+        return Ok(None);
+    }
+    let mut g = vec![0u8; len];
+    s.read_exact(&mut g).await?;
+    Ok((g == group_id.as_bytes()).then_some(rank))
+}
+
+/// Connects rank `rank` of the group `group_id` to its ring neighbours. `listener` is this worker's
+/// collective listener (its address is `peers[rank]`); `timeout` bounds the rendezvous and, afterwards,
+/// every read and write of a collective.
+pub async fn rendezvous(
+    listener: &tokio::net::TcpListener,
+    rank: usize,
+    peers: &[String],
+    group_id: &str,
+    timeout: Duration,
+) -> Result<TcpCollective, CollectiveError> {
+    use tokio::io::AsyncWriteExt;
+    let world = peers.len();
+    let fail = |m: String| CollectiveError { op: "rendezvous", rank, world, message: m };
+    if rank >= world {
+        return Err(fail(format!("rank {rank} outside a group of {world}")));
+    }
+    let deadline = Instant::now() + timeout;
+    let right_addr = &peers[(rank + 1) % world];
+    let left_rank = (rank + world - 1) % world;
+    let connect = async {
+        // The right neighbour's listener exists from its start, but it may still be starting: retry.
+        loop {
+            match tokio::net::TcpStream::connect(right_addr).await {
+                Ok(mut s) => {
+                    s.write_all(&handshake(group_id, rank)).await?;
+                    return Ok::<_, io::Error>(s);
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("connecting to rank {} at {right_addr}: {e}; retrying", (rank + 1) % world);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let accept = async {
+        loop {
+            let (mut s, from) = listener.accept().await?;
+            match read_handshake(&mut s, group_id).await {
+                Ok(Some(r)) if r == left_rank => return Ok::<_, io::Error>(s),
+                other => tracing::warn!(
+                    "refusing collective connection from {from}: {other:?} (want rank {left_rank} of group {group_id})"
+                ),
+            }
+        }
+    };
+    let joined = tokio::time::timeout(timeout, async { tokio::try_join!(connect, accept) }).await;
+    let (right, left) = match joined {
+        Err(_) => return Err(fail(format!("peers did not connect within {timeout:?} (right: {right_addr})"))),
+        Ok(Err(e)) => return Err(fail(format!("connecting the ring: {e} (right: {right_addr})"))),
+        Ok(Ok(pair)) => pair,
+    };
+    let to_std = |s: tokio::net::TcpStream| -> io::Result<TcpStream> {
+        let s = s.into_std()?;
+        s.set_nonblocking(false)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        Ok(s)
+    };
+    let right = to_std(right).map_err(|e| fail(e.to_string()))?;
+    let left = to_std(left).map_err(|e| fail(e.to_string()))?;
+    Ok(TcpCollective { rank, world, ring: Mutex::new(Ring { right, left, seq: 0 }) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts a ring of `n` ranks on loopback inside one process.
+    pub(crate) fn ring(n: usize, timeout: Duration) -> Vec<TcpCollective> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut listeners = Vec::new();
+            for _ in 0..n {
+                listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+            }
+            let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+            let tasks: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let peers = peers.clone();
+                    tokio::spawn(async move { rendezvous(&l, r, &peers, "g1", timeout).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap().unwrap());
+            }
+            out
+        })
+    }
+
+    fn run_all<T: Send>(ranks: &[TcpCollective], f: impl Fn(&TcpCollective) -> T + Sync) -> Vec<T> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = ranks.iter().map(|c| s.spawn(|| f(c))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn data(rank: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 31 + rank * 17) % 101) as f32 * 0.25 - 12.0).collect()
+    }
+
+    #[test]
+    fn all_reduce_and_all_gather_match_the_sum_for_every_size() {
+        for n in [2, 3, 4] {
+            let ranks = ring(n, Duration::from_secs(10));
+            // Sizes below and above the inline-send threshold, and smaller than the world.
+            for len in [1, 3, 1000, 40_000] {
+                let want: Vec<f32> = (0..len).map(|i| (0..n).map(|r| data(r, len)[i]).sum()).collect();
+                let outs = run_all(&ranks, |c| {
+                    let mut b = data(c.rank(), len);
+                    c.all_reduce_sum(&mut b).unwrap();
+                    b
+                });
+                for (r, o) in outs.iter().enumerate() {
+                    for (i, (a, b)) in o.iter().zip(&want).enumerate() {
+                        assert!((a - b).abs() < 1e-3, "n={n} len={len} rank {r} [{i}]: {a} vs {b}");
+                    }
+                    assert_eq!(o, &outs[0], "ranks must agree exactly");
+                }
+            }
+            let outs = run_all(&ranks, |c| c.all_gather(&data(c.rank(), 5 + c.rank())).unwrap());
+            for o in outs {
+                for (r, part) in o.iter().enumerate() {
+                    assert_eq!(part, &data(r, 5 + r));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error_not_a_hang() {
+        let mut ranks = ring(3, Duration::from_secs(2));
+        drop(ranks.pop()); // rank 2 "dies": its sockets close
+        let t = Instant::now();
+        let errs = run_all(&ranks, |c| c.all_reduce_sum(&mut data(c.rank(), 100)).unwrap_err().to_string());
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(errs.iter().any(|e| e.contains("rank 2")), "{errs:?}");
+    }
+
+    #[test]
+    fn a_silent_peer_times_out() {
+        let ranks = ring(2, Duration::from_millis(300));
+        let t = Instant::now();
+        // Only rank 0 takes part: rank 1 is alive but never answers.
+        let e = ranks[0].all_reduce_sum(&mut data(0, 10)).unwrap_err().to_string();
+        assert!(e.contains("timed out waiting for rank 1"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+}
