@@ -15,7 +15,10 @@ use tessera_worker::{Engine, Model, SamplingParams, Shard, StepSeq, collective::
 use crate::{default_model, synth};
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     /// Models to measure: `default` (stories260K), `synthetic` (the 124.7M-parameter benchmark shape,
     /// random f32 weights) or a model directory. Comma-separated.
     #[arg(long, default_value = "default,synthetic", value_delimiter = ',')]
@@ -42,6 +45,13 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Per-step cost of worker processes (gRPC + TCP collectives) against the in-process engine, and the
+    /// TCP all-reduce bandwidth.
+    Cluster(crate::bench_cluster::ClusterBenchArgs),
 }
 
 #[derive(Serialize, Debug)]
@@ -210,6 +220,9 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(BenchCommand::Cluster(c)) = a.command {
+        return crate::bench_cluster::run(c);
+    }
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
     }

@@ -140,28 +140,33 @@ pub fn load_local(dir: &Path, kv_cache_mib: usize) -> Result<LocalBackend> {
 /// Where a command's steps run: in this process (tp = 1) or on a local cluster of worker processes.
 pub struct Runner {
     pub backend: Box<dyn Backend>,
-    // Field order matters: the group's connections close before the workers are stopped.
+    // Dropped after the backend (field order): the group's connections close before the workers stop.
     _cluster: Option<LocalCluster>,
-    _rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Runner {
+    /// In this process for tp = 1, else on a local cluster of worker processes.
     pub fn start(args: &ModelArgs, dir: &Path) -> Result<Self> {
+        if args.tp == 1 { Self::in_process(dir, args.kv_cache_mib) } else { Self::start_workers(args, dir) }
+    }
+
+    /// An engine in this process.
+    pub fn in_process(dir: &Path, kv_cache_mib: usize) -> Result<Self> {
+        Ok(Runner { backend: Box::new(load_local(dir, kv_cache_mib)?), _cluster: None })
+    }
+
+    /// `args.tp` worker processes on loopback, even for tp = 1.
+    pub fn start_workers(args: &ModelArgs, dir: &Path) -> Result<Self> {
         if args.tp == 0 {
             bail!("--tp must be at least 1");
-        }
-        if args.tp == 1 {
-            return Ok(Runner { backend: Box::new(load_local(dir, args.kv_cache_mib)?), _cluster: None, _rt: None });
         }
         // Refuse a split the model cannot take before starting any process.
         let config = tessera_worker::config::ModelConfig::load(dir)?;
         tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib)?;
         let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
         let group = GroupClient::connect(
-            rt.handle(),
             &cluster.addrs,
             &abs.to_string_lossy(),
             (args.kv_cache_mib as u64) << 20,
@@ -169,7 +174,7 @@ impl Runner {
             &format!("local-{}", std::process::id()),
             GroupTimeouts::default(),
         )?;
-        Ok(Runner { backend: Box::new(group), _cluster: Some(cluster), _rt: Some(rt) })
+        Ok(Runner { backend: Box::new(group), _cluster: Some(cluster) })
     }
 }
 

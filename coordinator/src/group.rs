@@ -43,7 +43,9 @@ struct Rank {
 }
 
 pub struct GroupClient {
-    rt: tokio::runtime::Handle,
+    /// A current-thread runtime owned by the group: each step polls every rank's RPC on the calling
+    /// thread, with no handoff to runtime worker threads (tens of microseconds a step on a busy machine).
+    rt: tokio::runtime::Runtime,
     ranks: Vec<Rank>,
     info: ModelInfo,
     group_id: String,
@@ -65,9 +67,9 @@ fn describe(status: &tonic::Status) -> String {
 }
 
 impl GroupClient {
-    /// Connects to `addrs` (rank order) and loads `model_path` on all of them. Blocks on `rt`.
+    /// Connects to `addrs` (rank order) and loads `model_path` on all of them. Blocks the calling thread,
+    /// which must not be inside an async runtime; so do the steps.
     pub fn connect(
-        rt: &tokio::runtime::Handle,
         addrs: &[String],
         model_path: &str,
         kv_cache_bytes: u64,
@@ -75,18 +77,29 @@ impl GroupClient {
         group_id: &str,
         timeouts: GroupTimeouts,
     ) -> Result<Self> {
-        rt.block_on(Self::connect_async(rt.clone(), addrs, model_path, kv_cache_bytes, block_size, group_id, timeouts))
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
+        let (ranks, info) =
+            rt.block_on(Self::connect_async(addrs, model_path, kv_cache_bytes, block_size, group_id, timeouts))?;
+        Ok(GroupClient {
+            rt,
+            ranks,
+            info,
+            group_id: group_id.to_string(),
+            timeouts,
+            next_step: 0,
+            failed: None,
+            finished: Vec::new(),
+        })
     }
 
     async fn connect_async(
-        rt: tokio::runtime::Handle,
         addrs: &[String],
         model_path: &str,
         kv_cache_bytes: u64,
         block_size: u32,
         group_id: &str,
         timeouts: GroupTimeouts,
-    ) -> Result<Self> {
+    ) -> Result<(Vec<Rank>, ModelInfo)> {
         if addrs.is_empty() {
             bail!("a group needs at least one worker");
         }
@@ -141,7 +154,7 @@ impl GroupClient {
                     .map(|x| x.into_inner())
             }
         });
-        let replies = join_all(loads).await;
+        let replies = futures_util::future::join_all(loads).await;
         let mut loaded = Vec::new();
         let mut errors = Vec::new();
         for r in replies {
@@ -161,16 +174,7 @@ impl GroupClient {
             num_blocks: loaded.iter().map(|l| l.num_kv_blocks as usize).min().unwrap_or(0),
             block_size: block_size as usize,
         };
-        Ok(GroupClient {
-            rt,
-            ranks,
-            info,
-            group_id: group_id.to_string(),
-            timeouts,
-            next_step: 0,
-            failed: None,
-            finished: Vec::new(),
-        })
+        Ok((ranks, info))
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -196,7 +200,7 @@ impl GroupClient {
             let req = req.clone();
             async move { (r, tokio::time::timeout(timeout, client.step(req)).await) }
         });
-        let results = self.rt.block_on(join_all(calls));
+        let results = self.rt.block_on(futures_util::future::join_all(calls));
         let mut errors = Vec::new();
         let mut reply = None;
         for (r, res) in results {
@@ -259,19 +263,6 @@ fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
         }),
         penalty_context: s.penalty_context.to_vec(),
     }
-}
-
-/// Runs futures concurrently and collects their outputs in order.
-async fn join_all<F: std::future::Future + Send + 'static>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("group task panicked"));
-    }
-    out
 }
 
 impl Backend for GroupClient {

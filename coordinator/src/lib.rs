@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bench_cluster;
 pub mod blocks;
 pub mod cli;
 pub mod default_model;

@@ -79,7 +79,6 @@ fn run(
 
 #[test]
 fn tensor_parallel_groups_match_the_single_process_engine() {
-    let rt = rt();
     let models = [
         "models/stories260K",
         "testdata/models/tiny-llama3",
@@ -109,7 +108,6 @@ fn tensor_parallel_groups_match_the_single_process_engine() {
         for &tp in tps {
             let cluster = LocalCluster::start_with(exe(), tp, 1, 16).unwrap();
             let mut group = GroupClient::connect(
-                rt.handle(),
                 &cluster.addrs,
                 dir.to_str().unwrap(),
                 16 << 20,
@@ -326,19 +324,11 @@ fn malformed_steps_get_invalid_argument_and_the_worker_keeps_serving() {
 
 #[test]
 fn a_group_refuses_a_bad_step_without_failing() {
-    let rt = rt();
     let cluster = LocalCluster::start_with(exe(), 2, 1, 4).unwrap();
     let dir = repo().join("models/stories260K");
-    let mut group = GroupClient::connect(
-        rt.handle(),
-        &cluster.addrs,
-        dir.to_str().unwrap(),
-        1 << 20,
-        16,
-        "g",
-        GroupTimeouts::default(),
-    )
-    .unwrap();
+    let mut group =
+        GroupClient::connect(&cluster.addrs, dir.to_str().unwrap(), 1 << 20, 16, "g", GroupTimeouts::default())
+            .unwrap();
     let greedy = SamplingParams::greedy();
     let prompt = [1u32, 403, 407, 261, 378];
     let bad = [StepSeq {

@@ -21,6 +21,7 @@ pub mod server;
 pub mod tcp_collective;
 pub mod weights;
 
+pub use collective::Collective;
 pub use engine::{Engine, SeqSampled, StepSeq};
 pub use error::{ModelError, StepError};
 pub use model::{Model, Shard};

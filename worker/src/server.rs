@@ -200,73 +200,12 @@ impl Worker for WorkerService {
         let r = req.into_inner();
         let state = self.state.clone();
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || -> Result<StepReply, Status> {
-            let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
-            let engine = match &mut *guard {
-                State::Serving { engine, group_id, .. } => {
-                    if !r.group_id.is_empty() && r.group_id != *group_id {
-                        return Err(Status::failed_precondition(format!(
-                            "step for group {} but this worker serves group {group_id}",
-                            r.group_id
-                        )));
-                    }
-                    engine
-                }
-                State::Idle => return Err(Status::failed_precondition("no model loaded")),
-                State::Failed(m) => return Err(Status::failed_precondition(format!("worker failed earlier: {m}"))),
-            };
-            for id in &r.finished_sequence_ids {
-                engine.release(*id);
-            }
-            let params: Vec<SamplingParams> = r.sequences.iter().map(|s| to_params(s.sampling.as_ref())).collect();
-            let batch: Vec<StepSeq> = r
-                .sequences
-                .iter()
-                .zip(&params)
-                .map(|(s, p)| StepSeq {
-                    id: s.sequence_id,
-                    tokens: &s.token_ids,
-                    start_pos: s.start_position as usize,
-                    block_table: &s.block_table,
-                    sample: s.sample.then_some(p),
-                    penalty_context: &s.penalty_context,
-                })
-                .collect();
-            let (sampled, logits) = match engine.step_with_logits(&batch) {
-                Ok(x) => x,
-                Err(StepError::Invalid(m)) => return Err(Status::invalid_argument(m)),
-                Err(e @ StepError::Collective(_)) => {
-                    let m = e.to_string();
-                    *guard = State::Failed(m.clone());
-                    return Err(Status::aborted(m));
-                }
-                Err(e) => return Err(Status::internal(e.to_string())),
-            };
-            let vocab = engine.model.config.vocab_size;
-            let rows = logits.as_ref().and_then(|l| l.as_f32().ok());
-            let tokens = sampled
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| pb::SampledToken {
-                    sequence_id: s.id,
-                    token_id: s.sampled.token,
-                    logprob: s.sampled.logprob.unwrap_or(0.0),
-                    top_logprobs: s
-                        .sampled
-                        .top_logprobs
-                        .iter()
-                        .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
-                        .collect(),
-                    logits: match (r.return_logits, rows) {
-                        (true, Some(rows)) => rows[i * vocab..(i + 1) * vocab].to_vec(),
-                        _ => Vec::new(),
-                    },
-                })
-                .collect();
-            Ok(StepReply { tokens, forward_seconds: started.elapsed().as_secs_f64(), sample_seconds: 0.0 })
-        })
-        .await
-        .map_err(|e| Status::internal(format!("step panicked: {e}")))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Straight onto the compute pool: one handoff (tokio → rayon) instead of two via a blocking thread.
+        rayon::spawn(move || {
+            let _ = tx.send(run_step(&state, r, started));
+        });
+        let result = rx.await.map_err(|_| Status::internal("step panicked"))?;
         result.map(Response::new)
     }
 
@@ -278,4 +217,71 @@ impl Worker for WorkerService {
         };
         Ok(Response::new(HealthReply { status: status as i32, message }))
     }
+}
+
+/// Runs one step on the engine (on a rayon thread).
+fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<StepReply, Status> {
+    let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
+    let engine = match &mut *guard {
+        State::Serving { engine, group_id, .. } => {
+            if !r.group_id.is_empty() && r.group_id != *group_id {
+                return Err(Status::failed_precondition(format!(
+                    "step for group {} but this worker serves group {group_id}",
+                    r.group_id
+                )));
+            }
+            engine
+        }
+        State::Idle => return Err(Status::failed_precondition("no model loaded")),
+        State::Failed(m) => return Err(Status::failed_precondition(format!("worker failed earlier: {m}"))),
+    };
+    for id in &r.finished_sequence_ids {
+        engine.release(*id);
+    }
+    let params: Vec<SamplingParams> = r.sequences.iter().map(|s| to_params(s.sampling.as_ref())).collect();
+    let batch: Vec<StepSeq> = r
+        .sequences
+        .iter()
+        .zip(&params)
+        .map(|(s, p)| StepSeq {
+            id: s.sequence_id,
+            tokens: &s.token_ids,
+            start_pos: s.start_position as usize,
+            block_table: &s.block_table,
+            sample: s.sample.then_some(p),
+            penalty_context: &s.penalty_context,
+        })
+        .collect();
+    let (sampled, logits) = match engine.step_with_logits(&batch) {
+        Ok(x) => x,
+        Err(StepError::Invalid(m)) => return Err(Status::invalid_argument(m)),
+        Err(e @ StepError::Collective(_)) => {
+            let m = e.to_string();
+            *guard = State::Failed(m.clone());
+            return Err(Status::aborted(m));
+        }
+        Err(e) => return Err(Status::internal(e.to_string())),
+    };
+    let vocab = engine.model.config.vocab_size;
+    let rows = logits.as_ref().and_then(|l| l.as_f32().ok());
+    let tokens = sampled
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| pb::SampledToken {
+            sequence_id: s.id,
+            token_id: s.sampled.token,
+            logprob: s.sampled.logprob.unwrap_or(0.0),
+            top_logprobs: s
+                .sampled
+                .top_logprobs
+                .iter()
+                .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+                .collect(),
+            logits: match (r.return_logits, rows) {
+                (true, Some(rows)) => rows[i * vocab..(i + 1) * vocab].to_vec(),
+                _ => Vec::new(),
+            },
+        })
+        .collect();
+    Ok(StepReply { tokens, forward_seconds: started.elapsed().as_secs_f64(), sample_seconds: 0.0 })
 }

@@ -21,6 +21,8 @@ const MAGIC: &[u8; 4] = b"TSRA";
 /// writing to each other at once cannot deadlock. Larger ones are written from a second thread while this
 /// one reads.
 const INLINE_SEND: usize = 64 * 1024;
+/// All-reduces up to this many bytes gather whole buffers (fewer round trips) instead of running the ring.
+const SMALL_ALL_REDUCE: usize = 64 * 1024;
 
 struct Ring {
     right: TcpStream,
@@ -130,6 +132,18 @@ impl Collective for TcpCollective {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let (n, r) = (self.world, self.rank);
         if n == 1 {
+            return Ok(());
+        }
+        // Small buffers (decode activations) are latency-bound: gather everyone's buffer in n - 1 exchanges
+        // instead of the ring's 2(n - 1), and sum in rank order so every rank gets identical bits.
+        if buf.len() * 4 <= SMALL_ALL_REDUCE {
+            let parts = self.all_gather(buf)?;
+            if parts.iter().any(|p| p.len() != buf.len()) {
+                return Err(self.err("all_reduce", "ranks reduced buffers of different lengths"));
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = parts.iter().fold(0.0, |acc, p| acc + p[i]);
+            }
             return Ok(());
         }
         let len = buf.len();
@@ -262,33 +276,47 @@ pub async fn rendezvous(
     Ok(TcpCollective { rank, world, ring: Mutex::new(Ring { right, left, seq: 0 }) })
 }
 
+/// A ring of `n` ranks on loopback inside this process (one collective per rank, to be driven from one
+/// thread each): for benchmarks and tests of the collective itself.
+pub fn loopback_ring(n: usize, timeout: Duration) -> Result<Vec<TcpCollective>, CollectiveError> {
+    let fail = |m: String| CollectiveError { op: "rendezvous", rank: 0, world: n, message: m };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    rt.block_on(async {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| fail(e.to_string()))?);
+        }
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(e.to_string()))?;
+        let tasks: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let peers = peers.clone();
+                tokio::spawn(async move { rendezvous(&l, r, &peers, "loopback", timeout).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.map_err(|e| fail(e.to_string()))??);
+        }
+        Ok(out)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Starts a ring of `n` ranks on loopback inside one process.
-    pub(crate) fn ring(n: usize, timeout: Duration) -> Vec<TcpCollective> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async {
-            let mut listeners = Vec::new();
-            for _ in 0..n {
-                listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-            }
-            let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-            let tasks: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    let peers = peers.clone();
-                    tokio::spawn(async move { rendezvous(&l, r, &peers, "g1", timeout).await })
-                })
-                .collect();
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await.unwrap().unwrap());
-            }
-            out
-        })
+    fn ring(n: usize, timeout: Duration) -> Vec<TcpCollective> {
+        loopback_ring(n, timeout).unwrap()
     }
 
     fn run_all<T: Send>(ranks: &[TcpCollective], f: impl Fn(&TcpCollective) -> T + Sync) -> Vec<T> {
@@ -308,7 +336,8 @@ mod tests {
             let ranks = ring(n, Duration::from_secs(10));
             // Sizes below and above the inline-send threshold, and smaller than the world.
             for len in [1, 3, 1000, 40_000] {
-                let want: Vec<f32> = (0..len).map(|i| (0..n).map(|r| data(r, len)[i]).sum()).collect();
+                let inputs: Vec<Vec<f32>> = (0..n).map(|r| data(r, len)).collect();
+                let want: Vec<f32> = (0..len).map(|i| inputs.iter().map(|d| d[i]).sum()).collect();
                 let outs = run_all(&ranks, |c| {
                     let mut b = data(c.rank(), len);
                     c.all_reduce_sum(&mut b).unwrap();
