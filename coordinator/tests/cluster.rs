@@ -351,3 +351,44 @@ fn a_group_refuses_a_bad_step_without_failing() {
     }];
     assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
 }
+
+#[test]
+fn workers_exit_when_their_parent_is_killed_outright() {
+    for signal in ["-9", "-2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let shape = tessera_coordinator::synth::Shape {
+            hidden: 256,
+            intermediate: 512,
+            layers: 6,
+            heads: 8,
+            kv_heads: 4,
+            vocab: 512,
+            context: 4096,
+        };
+        tessera_coordinator::synth::write_model(tmp.path(), shape, 5).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(repo().join("models/stories260K").join(f), tmp.path().join(f)).unwrap();
+        }
+        let mut child = Command::new(exe())
+            .args(["generate", "--tp", "2", "--model", tmp.path().to_str().unwrap(), "--prompt", "Once upon a time"])
+            .args(["--max-tokens", "4000", "--ignore-eos", "--temperature", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        stdout.read_exact(&mut first).unwrap();
+        let workers = children_of(child.id());
+        assert_eq!(workers.len(), 2);
+        // SIGKILL gives the parent no chance to clean up; SIGINT sent to it alone (not its process group,
+        // as a terminal's Ctrl-C would) ends it with the default action, also without cleanup.
+        assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while workers.iter().any(|&p| alive(p)) {
+            assert!(Instant::now() < deadline, "kill {signal}: workers outlived their parent: {workers:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
