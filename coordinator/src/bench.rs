@@ -151,6 +151,7 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
                 block_table: &tables[i],
                 sample: Some(&greedy),
                 penalty_context: &[],
+                output_context: &[],
             }])?;
             s.push(out[0].sampled.token);
         }
@@ -165,6 +166,7 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
                     block_table: &tables[i],
                     sample: Some(&greedy),
                     penalty_context: &[],
+                    output_context: &[],
                 })
                 .collect();
             let out = engine.step(&batch)?;
@@ -205,6 +207,7 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
             block_table: &tables[0],
             sample: Some(&greedy),
             penalty_context: &[],
+            output_context: &[],
         }])?;
         best = best.min(t.elapsed().as_secs_f64());
         engine.release(id);

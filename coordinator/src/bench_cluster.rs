@@ -60,6 +60,7 @@ fn time_decode(backend: &mut dyn Backend, batch: usize, steps: usize) -> Result<
                     block_table: &tables[i],
                     sample: Some(&greedy),
                     penalty_context: &[],
+                    output_context: &[],
                 }
             })
             .collect();

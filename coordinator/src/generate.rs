@@ -119,6 +119,7 @@ fn run(
             block_table: table,
             sample: last_chunk.then_some(&req.params),
             penalty_context: if pos == 0 { prompt } else { &[] },
+            output_context: &[],
         };
         let sampled = backend.step(&[step])?;
         pos = end;

@@ -262,6 +262,7 @@ fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
             logprobs: p.logprobs,
         }),
         penalty_context: s.penalty_context.to_vec(),
+        output_context: s.output_context.to_vec(),
     }
 }
 

@@ -64,6 +64,7 @@ fn run(
                     block_table: &tables[i],
                     sample: Some(&greedy),
                     penalty_context: if s == 0 { toks } else { &[] },
+                    output_context: &[],
                 }
             })
             .collect();
@@ -338,6 +339,7 @@ fn a_group_refuses_a_bad_step_without_failing() {
         block_table: &[9999],
         sample: Some(&greedy),
         penalty_context: &[],
+        output_context: &[],
     }];
     let e = group.step_full(&bad, false).unwrap_err().to_string();
     assert!(e.contains("refused the step") && e.contains("block 9999"), "{e}");
@@ -348,6 +350,7 @@ fn a_group_refuses_a_bad_step_without_failing() {
         block_table: &[0],
         sample: Some(&greedy),
         penalty_context: &[],
+        output_context: &[],
     }];
     assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
 }

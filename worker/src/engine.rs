@@ -26,8 +26,10 @@ pub struct StepSeq<'a> {
     pub block_table: &'a [u32],
     /// Sample a token after this step (the last prefill chunk, and every decode).
     pub sample: Option<&'a SamplingParams>,
-    /// Tokens that count for penalties and were not sent before (the prompt, on first contact).
+    /// Prompt tokens for the repetition penalty, sent with the first step of the sequence (start 0).
     pub penalty_context: &'a [u32],
+    /// Tokens already generated, sent with the first step after a restart (count as output for penalties).
+    pub output_context: &'a [u32],
 }
 
 /// A sampled token, tagged with its sequence.
@@ -41,6 +43,8 @@ struct SeqState {
     /// The next position the sequence expects: everything before it is in the cache.
     next_pos: usize,
     sampler: Option<Sampler>,
+    /// Penalty context that arrived before the first sampling step (chunked prefill): prompt, output.
+    pending: (Vec<u32>, Vec<u32>),
 }
 
 pub struct Engine {
@@ -134,15 +138,24 @@ impl Engine {
     fn step_in_pool(&mut self, batch: &[StepSeq<'_>]) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
         let logits = self.forward(batch)?;
         for s in batch {
-            let st = self.seqs.entry(s.id).or_insert(SeqState { next_pos: 0, sampler: None });
+            let st =
+                self.seqs.entry(s.id).or_insert(SeqState { next_pos: 0, sampler: None, pending: Default::default() });
             if s.start_pos == 0 {
                 // A sequence starting over (new, or preempted and recomputed) starts its sampler over too.
                 st.sampler = None;
+                st.pending = (s.penalty_context.to_vec(), s.output_context.to_vec());
             }
             st.next_pos = s.start_pos + s.tokens.len();
-            if let Some(p) = s.sample {
-                let sampler = st.sampler.get_or_insert_with(|| Sampler::new(p.seed));
-                sampler.observe_prompt(s.penalty_context);
+            if let Some(p) = s.sample
+                && st.sampler.is_none()
+            {
+                let mut sampler = Sampler::new(p.seed);
+                let (prompt, output) = std::mem::take(&mut st.pending);
+                sampler.observe_prompt(&prompt);
+                for t in output {
+                    sampler.observe_output(t);
+                }
+                st.sampler = Some(sampler);
             }
         }
         let Some(logits) = logits else {

@@ -250,6 +250,7 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             block_table: &s.block_table,
             sample: s.sample.then_some(p),
             penalty_context: &s.penalty_context,
+            output_context: &s.output_context,
         })
         .collect();
     let (sampled, logits) = match engine.step_with_logits(&batch) {

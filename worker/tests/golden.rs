@@ -70,3 +70,21 @@ fn chunked_prefill_gives_the_same_result_as_one_prefill() {
         }
     }
 }
+
+/// Penalties see the whole prompt even when the step that sends it (the first chunk) does not sample.
+#[test]
+fn penalties_see_the_prompt_through_chunked_prefill() {
+    let dir = repo().join("models/stories260K");
+    let prompts: Vec<Vec<u32>> = golden(&dir).iter().map(|c| c.prompt_ids.clone()).collect();
+    let p = tessera_worker::SamplingParams {
+        repetition_penalty: 1.5,
+        frequency_penalty: 0.7,
+        ..tessera_worker::SamplingParams::greedy()
+    };
+    let mut engine = engine(&dir, prompts.len());
+    let (whole, _) = run_batch(&mut engine, &prompts, 24, None, &p);
+    let (chunked, _) = run_batch(&mut engine, &prompts, 24, Some(3), &p);
+    let (plain, _) = greedy_batch(&mut engine, &prompts, 24, None);
+    assert_eq!(whole, chunked);
+    assert_ne!(whole, plain, "the penalties should change a 24-token greedy story");
+}

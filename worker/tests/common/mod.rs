@@ -65,7 +65,17 @@ pub fn greedy_batch(
     n_new: usize,
     chunk: Option<usize>,
 ) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
-    let greedy = SamplingParams::greedy();
+    run_batch(engine, prompts, n_new, chunk, &SamplingParams::greedy())
+}
+
+/// [`greedy_batch`] with any sampling parameters.
+pub fn run_batch(
+    engine: &mut Engine,
+    prompts: &[Vec<u32>],
+    n_new: usize,
+    chunk: Option<usize>,
+    greedy: &SamplingParams,
+) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let tables: Vec<Vec<u32>> = (0..prompts.len()).map(table).collect();
     let mut fed = vec![0usize; prompts.len()];
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -97,8 +107,9 @@ pub fn greedy_batch(
                 tokens: &seqs_tokens[i][start..end],
                 start_pos: start,
                 block_table: &tables[i],
-                sample: samples.then_some(&greedy),
+                sample: samples.then_some(greedy),
                 penalty_context: if start == 0 { &prompts[i] } else { &[] },
+                output_context: &[],
             });
         }
         let (sampled, logits) = engine.step_with_logits(&batch).unwrap();
