@@ -10,6 +10,7 @@ pub mod default_model;
 pub mod generate;
 pub mod group;
 pub mod local_cluster;
+pub mod scheduler;
 pub mod synth;
 pub mod tokenizer;
 pub mod worker_cmd;

@@ -1,0 +1,472 @@
+//! Continuous batching: which sequences run in the next step, how many of their tokens, in which KV blocks.
+//!
+//! The scheduler is plain state over two queues and the [`BlockManager`]; it runs no model, so its policy
+//! is tested directly. Each step, within a token budget:
+//! 1. every running sequence that only needs its next token (a decode) gets one;
+//! 2. running sequences still prefilling get a chunk of their prompt (chunked prefill);
+//! 3. waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and the pool allow,
+//!    first mapping whatever prefix of them the prefix cache holds.
+//!
+//! A decode that needs a new block when none is free preempts the most recently admitted sequence: its
+//! blocks are released and it goes back to the front of the queue to be recomputed (prompt plus what it
+//! generated so far) when there is room.
+
+use std::{collections::VecDeque, time::Instant};
+
+use tessera_worker::{Sampled, SamplingParams, SeqSampled, StepSeq};
+
+use crate::{blocks::BlockManager, generate::FinishReason};
+
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerConfig {
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step (decodes count one each).
+    pub max_batched_tokens: usize,
+    /// The model's context: no sequence grows past it.
+    pub max_model_len: usize,
+}
+
+/// A sequence as the scheduler sees it.
+pub struct Sequence {
+    pub id: u64,
+    /// Prompt followed by the tokens generated so far.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub params: SamplingParams,
+    /// New tokens allowed.
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+    pub arrival: Instant,
+    /// When it was first scheduled (end of queueing).
+    pub first_scheduled: Option<Instant>,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_tokens: usize,
+    blocks: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    num_computed: usize,
+    /// Full blocks registered in the prefix cache, and the chained hash after the last of them.
+    num_hashed: usize,
+    last_hash: u64,
+}
+
+impl Sequence {
+    pub fn new(id: u64, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, ignore_eos: bool) -> Self {
+        Sequence {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            params,
+            max_tokens,
+            ignore_eos,
+            arrival: Instant::now(),
+            first_scheduled: None,
+            cached_tokens: 0,
+            blocks: Vec::new(),
+            num_computed: 0,
+            num_hashed: 0,
+            last_hash: 0,
+        }
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    fn remaining(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    fn reset(&mut self) {
+        self.blocks.clear();
+        self.num_computed = 0;
+        self.num_hashed = 0;
+        self.last_hash = 0;
+    }
+}
+
+/// One sequence's share of a planned step: compute tokens `start..end`, sample after them if `sample`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub id: u64,
+    pub start: usize,
+    pub end: usize,
+    pub sample: bool,
+}
+
+/// What a step did to one sequence.
+#[derive(Debug)]
+pub struct Outcome {
+    pub id: u64,
+    pub sampled: Sampled,
+    pub finished: Option<FinishReason>,
+}
+
+pub struct Scheduler {
+    pub cfg: SchedulerConfig,
+    pub blocks: BlockManager,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: preemption takes from the back.
+    running: Vec<Sequence>,
+    pub preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
+        Scheduler { cfg, blocks, waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
+    }
+
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq);
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Ids of every sequence, running or waiting.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.running.iter().chain(&self.waiting).map(|s| s.id)
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Sequence> {
+        self.running.iter().chain(&self.waiting).find(|s| s.id == id)
+    }
+
+    /// Removes a sequence wherever it is and frees its blocks at once.
+    pub fn abort(&mut self, id: u64) -> Option<Sequence> {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)?
+        };
+        self.blocks.release(&seq.blocks);
+        Some(seq)
+    }
+
+    fn preempt_last(&mut self) -> Option<u64> {
+        let mut seq = self.running.pop()?;
+        self.blocks.release(&seq.blocks);
+        seq.reset();
+        self.preemptions += 1;
+        let id = seq.id;
+        self.waiting.push_front(seq);
+        Some(id)
+    }
+
+    /// Grows `running[i]`'s block table to cover `end` tokens; false if the pool is dry.
+    fn grow(&mut self, i: usize, end: usize) -> bool {
+        let need = end.div_ceil(self.blocks.block_size());
+        let have = self.running[i].blocks.len();
+        if need <= have {
+            return true;
+        }
+        match self.blocks.allocate_n(need - have) {
+            Some(b) => {
+                self.running[i].blocks.extend(b);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Plans the next step. Sequences are in a consistent state whatever happens to the step: a failed
+    /// step can be retried or its sequences aborted.
+    pub fn schedule(&mut self) -> Vec<Planned> {
+        let mut plan = Vec::new();
+        let mut budget = self.cfg.max_batched_tokens;
+        let now = Instant::now();
+
+        // 1. Decodes, in admission order; preempt from the back when blocks run out.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            if self.running[i].remaining() != 1 {
+                i += 1;
+                continue;
+            }
+            let end = self.running[i].tokens.len();
+            while !self.grow(i, end) {
+                let victim = self.preempt_last();
+                if victim.is_none() || i >= self.running.len() {
+                    // This sequence was itself the last one: it waits, and so does everyone after it.
+                    return plan;
+                }
+            }
+            plan.push(Planned { id: self.running[i].id, start: end - 1, end, sample: true });
+            budget -= 1;
+            i += 1;
+        }
+
+        // 2. Chunks of running prefills (they are not preempted for: they wait for blocks instead).
+        for i in 0..self.running.len() {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.running[i];
+            // One remaining token is a decode: scheduled above, or left for the next step with the budget.
+            if s.remaining() <= 1 {
+                continue;
+            }
+            let start = s.num_computed;
+            let end = start + s.remaining().min(budget);
+            if !self.grow(i, end) {
+                break;
+            }
+            plan.push(Planned { id: self.running[i].id, start, end, sample: end == self.running[i].tokens.len() });
+            budget -= end - start;
+        }
+
+        // 3. Admit waiting sequences.
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(mut seq) = self.waiting.pop_front() else { break };
+            let bs = self.blocks.block_size();
+            if seq.blocks.is_empty() {
+                // Leave at least one token to compute, in a block of its own: shared blocks are never written.
+                let max_hit = (seq.tokens.len() - 1) / bs;
+                let (hit, last) = self.blocks.lookup_prefix(&seq.tokens, max_hit);
+                seq.num_computed = hit.len() * bs;
+                seq.num_hashed = hit.len();
+                seq.last_hash = last;
+                if seq.first_scheduled.is_none() {
+                    seq.cached_tokens = seq.num_computed.min(seq.prompt_len);
+                }
+                seq.blocks = hit;
+            }
+            let start = seq.num_computed;
+            let end = start + seq.remaining().min(budget);
+            let need = end.div_ceil(bs).saturating_sub(seq.blocks.len());
+            match self.blocks.allocate_n(need) {
+                Some(b) => seq.blocks.extend(b),
+                None => {
+                    // No room: give back the prefix hits and wait at the front of the queue.
+                    self.blocks.release(&seq.blocks);
+                    seq.reset();
+                    self.waiting.push_front(seq);
+                    break;
+                }
+            }
+            seq.first_scheduled.get_or_insert(now);
+            plan.push(Planned { id: seq.id, start, end, sample: end == seq.tokens.len() });
+            budget -= end - start;
+            self.running.push(seq);
+        }
+        plan
+    }
+
+    /// The step inputs for `plan`, borrowing the sequences' tokens and block tables.
+    pub fn inputs<'a>(&'a self, plan: &[Planned]) -> Vec<StepSeq<'a>> {
+        plan.iter()
+            .map(|p| {
+                let s = self.running.iter().find(|s| s.id == p.id).expect("planned sequences are running");
+                let first = p.start == 0;
+                StepSeq {
+                    id: s.id,
+                    tokens: &s.tokens[p.start..p.end],
+                    start_pos: p.start,
+                    block_table: &s.blocks,
+                    sample: p.sample.then_some(&s.params),
+                    penalty_context: if first { &s.tokens[..s.prompt_len] } else { &[] },
+                    output_context: if first { &s.tokens[s.prompt_len..] } else { &[] },
+                }
+            })
+            .collect()
+    }
+
+    /// Records a completed step: computed positions, prefix-cache registration, sampled tokens and
+    /// finished sequences (whose blocks are released). `eos` are the end-of-sequence ids.
+    pub fn apply(&mut self, plan: &[Planned], sampled: Vec<SeqSampled>, eos: &[u32]) -> Vec<Outcome> {
+        let bs = self.blocks.block_size();
+        for p in plan {
+            let Some(s) = self.running.iter_mut().find(|s| s.id == p.id) else { continue };
+            s.num_computed = s.num_computed.max(p.end);
+            while (s.num_hashed + 1) * bs <= s.num_computed {
+                let b = s.num_hashed;
+                s.last_hash = self.blocks.register(s.blocks[b], s.last_hash, &s.tokens[b * bs..(b + 1) * bs]);
+                s.num_hashed += 1;
+            }
+        }
+        let mut out = Vec::with_capacity(sampled.len());
+        for x in sampled {
+            let Some(i) = self.running.iter().position(|s| s.id == x.id) else { continue };
+            let s = &mut self.running[i];
+            let token = x.sampled.token;
+            s.tokens.push(token);
+            let finished = if !s.ignore_eos && eos.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if s.generated().len() >= s.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if finished.is_some() {
+                let s = self.running.remove(i);
+                self.blocks.release(&s.blocks);
+            }
+            out.push(Outcome { id: x.id, sampled: x.sampled, finished });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(blocks: usize, bs: usize, budget: usize, max_seqs: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig { max_num_seqs: max_seqs, max_batched_tokens: budget, max_model_len: 1000 },
+            BlockManager::new(blocks, bs),
+        )
+    }
+
+    fn seq(id: u64, len: usize, max_tokens: usize) -> Sequence {
+        Sequence::new(
+            id,
+            (0..len as u32).map(|t| t + 100 * id as u32).collect(),
+            SamplingParams::greedy(),
+            max_tokens,
+            false,
+        )
+    }
+
+    /// Runs `plan` with a fake model that always samples token 7.
+    fn step(s: &mut Scheduler, plan: &[Planned]) -> Vec<Outcome> {
+        let sampled = plan
+            .iter()
+            .filter(|p| p.sample)
+            .map(|p| SeqSampled { id: p.id, sampled: Sampled { token: 7, logprob: None, top_logprobs: vec![] } })
+            .collect();
+        s.apply(plan, sampled, &[2])
+    }
+
+    #[test]
+    fn decodes_go_first_then_prefill_chunks_within_the_budget() {
+        let mut s = sched(64, 4, 6, 8);
+        s.add(seq(1, 10, 5));
+        // Budget 6: seq 1's prompt is prefilled in chunks of 6 then 4 tokens.
+        let p = s.schedule();
+        assert_eq!(p, [Planned { id: 1, start: 0, end: 6, sample: false }]);
+        step(&mut s, &p);
+        s.add(seq(2, 9, 5));
+        let p = s.schedule();
+        assert_eq!(
+            p,
+            [Planned { id: 1, start: 6, end: 10, sample: true }, Planned { id: 2, start: 0, end: 2, sample: false }]
+        );
+        step(&mut s, &p);
+        // Seq 1 now decodes (one token, first), seq 2 continues its prefill with the rest of the budget.
+        let p = s.schedule();
+        assert_eq!(
+            p,
+            [Planned { id: 1, start: 10, end: 11, sample: true }, Planned { id: 2, start: 2, end: 7, sample: false }]
+        );
+        let inputs = s.inputs(&p);
+        assert_eq!(inputs[0].tokens, [7]);
+        assert_eq!(inputs[1].block_table.len(), 2, "7 tokens in blocks of 4");
+        assert!(inputs[1].penalty_context.is_empty(), "penalty context only with the first chunk");
+    }
+
+    #[test]
+    fn finishing_releases_blocks_and_reports_the_reason() {
+        let mut s = sched(16, 4, 100, 8);
+        s.add(seq(1, 5, 3));
+        let mut reasons = Vec::new();
+        while !s.is_idle() {
+            let p = s.schedule();
+            for o in step(&mut s, &p) {
+                reasons.push(o.finished);
+            }
+        }
+        assert_eq!(reasons, [None, None, Some(FinishReason::Length)]);
+        assert_eq!(s.blocks.num_used(), 0);
+        // EOS (id 2) stops a sequence unless it ignores EOS.
+        s.add(seq(3, 5, 10));
+        let p = s.schedule();
+        let out = s.apply(
+            &p,
+            vec![SeqSampled { id: 3, sampled: Sampled { token: 2, logprob: None, top_logprobs: vec![] } }],
+            &[2],
+        );
+        assert_eq!(out[0].finished, Some(FinishReason::Stop));
+        assert!(s.is_idle());
+    }
+
+    #[test]
+    fn prefix_cache_hits_skip_computed_blocks_but_never_the_last_token() {
+        let mut s = sched(32, 4, 100, 8);
+        let prompt: Vec<u32> = (10..22).collect(); // 12 tokens = 3 full blocks
+        s.add(Sequence::new(1, prompt.clone(), SamplingParams::greedy(), 1, false));
+        let p = s.schedule();
+        step(&mut s, &p);
+        assert!(s.is_idle());
+        // Same prompt again: two blocks come from the cache; the third is recomputed (it holds the last
+        // prompt token, which must be fed to get logits).
+        s.add(Sequence::new(2, prompt.clone(), SamplingParams::greedy(), 1, false));
+        let p = s.schedule();
+        assert_eq!(p, [Planned { id: 2, start: 8, end: 12, sample: true }]);
+        assert_eq!(s.get(2).unwrap().cached_tokens, 8);
+        assert_eq!(s.blocks.stats.hits, 2);
+        // A prompt sharing only the first block hits once.
+        step(&mut s, &p);
+        let mut other = prompt.clone();
+        other[5] = 99;
+        s.add(Sequence::new(3, other, SamplingParams::greedy(), 1, false));
+        let p = s.schedule();
+        assert_eq!(p[0].start, 4);
+    }
+
+    #[test]
+    fn a_full_pool_preempts_the_newest_and_recomputes_it_later() {
+        // 4 blocks of 2 tokens; two sequences of 3 tokens each need 2 blocks apiece, then grow.
+        let mut s = sched(4, 2, 100, 8);
+        s.add(seq(1, 3, 6));
+        s.add(seq(2, 3, 6));
+        let p = s.schedule();
+        assert_eq!(p.len(), 2);
+        step(&mut s, &p); // both have 4 tokens now, 2 blocks each, pool empty
+        let p = s.schedule(); // position 3 still fits in the second block
+        assert_eq!(p.len(), 2);
+        step(&mut s, &p);
+        let p = s.schedule(); // both need a third block for position 4: seq 2 is preempted
+        assert_eq!(p, [Planned { id: 1, start: 4, end: 5, sample: true }]);
+        assert_eq!(s.preemptions, 1);
+        assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
+        // Run seq 1 to the end; seq 2 then restarts from position 0 with its generated token included.
+        let mut guard = 0;
+        while s.get(1).is_some() {
+            let p = s.schedule();
+            step(&mut s, &p);
+            guard += 1;
+            assert!(guard < 20);
+        }
+        let p = s.schedule();
+        assert_eq!(p, [Planned { id: 2, start: 0, end: 5, sample: true }]);
+        let inputs = s.inputs(&p);
+        assert_eq!(inputs[0].output_context, [7, 7], "the restarted sequence carries what it generated");
+        assert_eq!(inputs[0].penalty_context.len(), 3);
+    }
+
+    #[test]
+    fn abort_frees_blocks_at_once_wherever_the_sequence_is() {
+        let mut s = sched(8, 4, 100, 1);
+        s.add(seq(1, 6, 5));
+        s.add(seq(2, 6, 5));
+        let p = s.schedule();
+        assert_eq!(p.len(), 1, "max_num_seqs = 1");
+        assert_eq!(s.blocks.num_used(), 2);
+        assert!(s.abort(1).is_some());
+        assert_eq!(s.blocks.num_used(), 0);
+        assert!(s.abort(2).is_some(), "waiting sequences abort too");
+        assert!(s.abort(2).is_none());
+        assert!(s.is_idle());
+    }
+}
