@@ -13,7 +13,7 @@ pub struct ModelInfo {
     pub block_size: usize,
 }
 
-pub trait Backend {
+pub trait Backend: Send {
     fn info(&self) -> ModelInfo;
     /// Runs one step over a batch; returns a token for each sequence that asked to sample, in order.
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>>;

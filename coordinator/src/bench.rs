@@ -52,6 +52,8 @@ pub enum BenchCommand {
     /// Per-step cost of worker processes (gRPC + TCP collectives) against the in-process engine, and the
     /// TCP all-reduce bandwidth.
     Cluster(crate::bench_cluster::ClusterBenchArgs),
+    /// Load-test a running server: throughput and TTFT / inter-token / end-to-end latency percentiles.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Serialize, Debug)]
@@ -223,8 +225,10 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if let Some(BenchCommand::Cluster(c)) = a.command {
-        return crate::bench_cluster::run(c);
+    match a.command {
+        Some(BenchCommand::Cluster(c)) => return crate::bench_cluster::run(c),
+        Some(BenchCommand::Serve(c)) => return crate::bench_serve::run(c),
+        None => {}
     }
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;

@@ -35,6 +35,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Serve one tensor-parallel shard to a coordinator over gRPC.
     Worker(crate::worker_cmd::WorkerArgs),
+    /// Serve the OpenAI-compatible HTTP API on a model (in process, or on --tp N local worker processes).
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -115,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => crate::bench::run(a),
         Command::Worker(a) => crate::worker_cmd::run(a),
+        Command::Serve(a) => crate::serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,6 +148,11 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// The backend, and the worker processes to keep alive as long as it is used.
+    pub fn into_parts(self) -> (Box<dyn Backend>, Option<LocalCluster>) {
+        (self.backend, self._cluster)
+    }
+
     /// In this process for tp = 1, else on a local cluster of worker processes.
     pub fn start(args: &ModelArgs, dir: &Path) -> Result<Self> {
         if args.tp == 1 { Self::in_process(dir, args.kv_cache_mib) } else { Self::start_workers(args, dir) }

@@ -1,16 +1,22 @@
 //! Tessera's coordinator: everything about requests (tokenizer, validation, generation loop, KV block
 //! allocation) and the `tessera` command line. It never touches a tensor: steps run on a [`backend`].
 
+pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_serve;
 pub mod blocks;
 pub mod cli;
 pub mod default_model;
+pub mod engine_loop;
 pub mod generate;
 pub mod group;
+pub mod http_client;
 pub mod local_cluster;
+pub mod metrics;
 pub mod scheduler;
+pub mod serve;
 pub mod synth;
 pub mod tokenizer;
 pub mod worker_cmd;

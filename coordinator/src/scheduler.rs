@@ -100,6 +100,8 @@ pub struct Outcome {
     pub id: u64,
     pub sampled: Sampled,
     pub finished: Option<FinishReason>,
+    /// Prompt tokens the prefix cache served at admission.
+    pub cached_tokens: usize,
 }
 
 pub struct Scheduler {
@@ -262,6 +264,19 @@ impl Scheduler {
         plan
     }
 
+    /// Called when a step could not be planned although sequences are present. With several running,
+    /// preempts the newest to free its blocks and returns `None`; with one running (or only waiting ones)
+    /// that still cannot proceed, aborts it and returns its id: it can never fit the pool.
+    pub fn unstick(&mut self) -> Option<u64> {
+        if self.running.len() > 1 {
+            self.preempt_last();
+            return None;
+        }
+        let id = self.running.first().or(self.waiting.front()).map(|s| s.id)?;
+        self.abort(id);
+        Some(id)
+    }
+
     /// The step inputs for `plan`, borrowing the sequences' tokens and block tables.
     pub fn inputs<'a>(&'a self, plan: &[Planned]) -> Vec<StepSeq<'a>> {
         plan.iter()
@@ -298,6 +313,7 @@ impl Scheduler {
         for x in sampled {
             let Some(i) = self.running.iter().position(|s| s.id == x.id) else { continue };
             let s = &mut self.running[i];
+            let cached_tokens = s.cached_tokens;
             let token = x.sampled.token;
             s.tokens.push(token);
             let finished = if !s.ignore_eos && eos.contains(&token) {
@@ -311,7 +327,7 @@ impl Scheduler {
                 let s = self.running.remove(i);
                 self.blocks.release(&s.blocks);
             }
-            out.push(Outcome { id: x.id, sampled: x.sampled, finished });
+            out.push(Outcome { id: x.id, sampled: x.sampled, finished, cached_tokens });
         }
         out
     }

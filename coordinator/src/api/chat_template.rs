@@ -1,0 +1,139 @@
+//! Chat templates from `tokenizer_config.json`, rendered with minijinja the way Hugging Face's
+//! `apply_chat_template(..., add_generation_prompt=True)` renders them: `messages`, `bos_token`,
+//! `eos_token`, `add_generation_prompt`, a `raise_exception` function, and Python string methods
+//! (`.strip()`, `.startswith()` …) through minijinja-contrib's pycompat layer.
+
+use minijinja::{Environment, ErrorKind, Value, context};
+use serde::Serialize;
+
+use super::error::ApiError;
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+const NAME: &str = "chat";
+
+impl ChatTemplate {
+    /// The template in `tokenizer_config.json` (a string, or a list of named templates of which `default`
+    /// is used), or `None` if the model has none.
+    pub fn from_config(
+        config: &serde_json::Value,
+        bos: Option<&str>,
+        eos: Option<&str>,
+    ) -> Result<Option<Self>, String> {
+        let source = match config.get("chat_template") {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str())
+                .map(str::to_string)
+                .ok_or("tokenizer_config.json: `chat_template` is a list without a \"default\" template")?,
+            Some(other) => {
+                return Err(format!("tokenizer_config.json: `chat_template` must be a string, found {other}"));
+            }
+        };
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // Hugging Face renders with trim_blocks and lstrip_blocks.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned(NAME, source)
+            .map_err(|e| format!("tokenizer_config.json: `chat_template` does not compile: {e}"))?;
+        Ok(Some(ChatTemplate {
+            env,
+            bos: bos.unwrap_or_default().to_string(),
+            eos: eos.unwrap_or_default().to_string(),
+        }))
+    }
+
+    /// Renders the prompt for `messages`, ending with the assistant's turn opened.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ApiError> {
+        let t = self.env.get_template(NAME).map_err(|e| ApiError::internal(e.to_string()))?;
+        t.render(context! {
+            messages => messages,
+            bos_token => self.bos,
+            eos_token => self.eos,
+            add_generation_prompt => true,
+        })
+        .map_err(|e| {
+            // raise_exception is the template telling the client its conversation is not acceptable.
+            if e.kind() == ErrorKind::InvalidOperation {
+                ApiError::param("messages", e.detail().unwrap_or("the chat template rejected the messages").to_string())
+            } else {
+                ApiError::internal(format!("rendering the chat template failed: {e}"))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tpl(src: &str) -> ChatTemplate {
+        ChatTemplate::from_config(&serde_json::json!({ "chat_template": src }), Some("<s>"), Some("</s>"))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn renders_like_transformers_for_the_tiny_llama3_template() {
+        // The golden case of testdata/models/tiny-llama3: transformers' rendering of this template.
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../testdata/models/tiny-llama3/tokenizer_config.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let t = ChatTemplate::from_config(&cfg, Some("<s>"), Some("</s>")).unwrap().unwrap();
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../testdata/models/tiny-llama3/golden.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        for case in golden["chat_cases"].as_array().unwrap() {
+            let msgs: Vec<ChatMessage> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m["role"].as_str().unwrap().into(),
+                    content: m["content"].as_str().unwrap().into(),
+                })
+                .collect();
+            assert_eq!(t.render(&msgs).unwrap(), case["prompt_text"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn raise_exception_is_a_400_and_python_methods_work() {
+        let t = tpl(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with the user') }}{% endif %}{{ messages[0]['content'].strip() | upper }}",
+        );
+        let e = t.render(&[ChatMessage { role: "assistant".into(), content: "x".into() }]).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.message, "Conversation must start with the user");
+        assert_eq!(t.render(&[ChatMessage { role: "user".into(), content: "  hi ".into() }]).unwrap(), "HI");
+        assert!(ChatTemplate::from_config(&serde_json::json!({}), None, None).unwrap().is_none());
+        assert!(ChatTemplate::from_config(&serde_json::json!({"chat_template": "{% if %}"}), None, None).is_err());
+    }
+}

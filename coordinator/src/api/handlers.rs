@@ -1,0 +1,523 @@
+//! The completion endpoints: validate, tokenize, submit to the engine loop, assemble the answer.
+
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    http::StatusCode,
+    response::{
+        IntoResponse, Response,
+        sse::{Event as SseEvent, Sse},
+    },
+};
+use futures_util::{StreamExt, stream};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::{
+    AppState,
+    chat_template::ChatMessage,
+    error::ApiError,
+    output::{ChoiceText, chat_logprobs, completion_logprobs},
+    request::{self, ChatRequest, CompletionRequest, Content, MAX_TOP_LOGPROBS, Options, Prompt},
+    unix_now,
+};
+use crate::{
+    engine_loop::{Event, GenRequest},
+    generate::FinishReason,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+fn body(b: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    b.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::invalid(None, r.body_text())
+        }
+    })
+}
+
+fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
+    if model != s.model_name { Err(ApiError::model_not_found(model)) } else { Ok(()) }
+}
+
+fn token_ids(s: &AppState, ids: Vec<i64>) -> Result<Vec<u32>, ApiError> {
+    let vocab = s.engine.info.vocab_size as i64;
+    ids.into_iter()
+        .map(|t| {
+            if (0..vocab).contains(&t) {
+                Ok(t as u32)
+            } else {
+                Err(ApiError::param("prompt", format!("Token id {t} is outside the vocabulary (0 to {}).", vocab - 1)))
+            }
+        })
+        .collect()
+}
+
+fn encode(s: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    s.tokenizer.encode_prompt(text).map_err(|e| ApiError::param("prompt", e.to_string()))
+}
+
+pub async fn completions(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
+    match prepare_completion(&s, b) {
+        Ok((prompt, max_tokens, opts)) => run(s, Kind::Completion, prompt, max_tokens, opts).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn prepare_completion(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<(Vec<u32>, usize, Options), ApiError> {
+    let mut r: CompletionRequest = request::parse(&body(b, s.max_body_bytes)?)?;
+    check_model(s, &r.model)?;
+    if r.echo == Some(true) {
+        return Err(ApiError::param("echo", "echo is not supported by this server."));
+    }
+    if r.suffix.is_some() {
+        return Err(ApiError::param("suffix", "suffix is not supported by this server."));
+    }
+    if r.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::param("best_of", "best_of other than 1 is not supported by this server."));
+    }
+    let logprobs = match r.logprobs {
+        None => None,
+        Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::param(
+                "logprobs",
+                format!("{k} is not a valid value for 'logprobs': expected 0 to {MAX_TOP_LOGPROBS}."),
+            ));
+        }
+    };
+    let prompt = match std::mem::replace(&mut r.prompt, Prompt::Tokens(vec![])) {
+        Prompt::Text(t) => encode(s, &t)?,
+        Prompt::Tokens(ids) => token_ids(s, ids)?,
+        Prompt::Texts(mut v) if v.len() == 1 => encode(s, &v.remove(0))?,
+        Prompt::TokenLists(mut v) if v.len() == 1 => token_ids(s, v.remove(0))?,
+        Prompt::Texts(v) if v.is_empty() => vec![],
+        Prompt::TokenLists(v) if v.is_empty() => vec![],
+        _ => {
+            return Err(ApiError::param(
+                "prompt",
+                "Batched prompts are not supported: send one prompt per request (use n for several completions).",
+            ));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::param("prompt", "The prompt must not be empty."));
+    }
+    let max_tokens = request::max_tokens("max_tokens", r.max_tokens)?.unwrap_or(16);
+    let opts = request::options(r.common(), logprobs)?;
+    Ok((prompt, max_tokens, opts))
+}
+
+pub async fn chat(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
+    match prepare_chat(&s, b) {
+        Ok((prompt, max_tokens, opts)) => run(s, Kind::Chat, prompt, max_tokens, opts).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn prepare_chat(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<(Vec<u32>, usize, Options), ApiError> {
+    let mut r: ChatRequest = request::parse(&body(b, s.max_body_bytes)?)?;
+    check_model(s, &r.model)?;
+    let template = s.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            None,
+            format!("The model `{}` has no chat template; use /v1/completions instead.", s.model_name),
+        )
+    })?;
+    if r.tools.as_ref().is_some_and(|t| !t.is_null()) || r.tool_choice.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::param("tools", "Tool calling is not supported by this server."));
+    }
+    if let Some(f) = &r.response_format
+        && f.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(ApiError::param(
+            "response_format",
+            "Only response_format {\"type\": \"text\"} is supported by this server.",
+        ));
+    }
+    if r.messages.is_empty() {
+        return Err(ApiError::param("messages", "messages must contain at least one message."));
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.iter().enumerate() {
+        if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+            return Err(ApiError::param(&format!("messages.[{i}].role"), format!("Invalid role {:?}.", m.role)));
+        }
+        let content = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::param(
+                                &format!("messages.[{i}].content"),
+                                format!("Content parts of type {kind:?} are not supported; only text."),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        let _ = &m.name;
+        messages.push(ChatMessage { role: m.role.clone(), content });
+    }
+    let text = template.render(&messages)?;
+    // The template writes the special tokens itself (e.g. "<s>"); like transformers, add none.
+    let prompt = s.tokenizer.encode(&text, false).map_err(|e| ApiError::param("messages", e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::param("messages", "The rendered conversation is empty."));
+    }
+    let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::param("top_logprobs", "top_logprobs requires logprobs to be true."));
+        }
+        (false, _) => None,
+        (true, None) => Some(0),
+        (true, Some(k)) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as usize),
+        (true, Some(k)) => {
+            return Err(ApiError::param(
+                "top_logprobs",
+                format!("{k} is not a valid value for 'top_logprobs': expected 0 to {MAX_TOP_LOGPROBS}."),
+            ));
+        }
+    };
+    let max = match (
+        request::max_tokens("max_completion_tokens", r.max_completion_tokens)?,
+        request::max_tokens("max_tokens", r.max_tokens)?,
+    ) {
+        (Some(m), _) | (None, Some(m)) => m,
+        // Without a limit, a chat answer may run to the end of the context.
+        (None, None) => s.engine.info.max_position_embeddings.saturating_sub(prompt.len()).max(1),
+    };
+    let opts = request::options(r.common(), logprobs)?;
+    Ok((prompt, max, opts))
+}
+
+/// Checks the request against the model and the pool, then runs it.
+async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, opts: Options) -> Response {
+    let info = s.engine.info;
+    let ctx = info.max_position_embeddings;
+    let what = if kind == Kind::Chat { "messages" } else { "prompt" };
+    if prompt.len() + max_tokens > ctx {
+        return ApiError::param(
+            what,
+            format!(
+                "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {what}, {max_tokens} in the completion). Please reduce the length of the {what} or completion.",
+                prompt.len() + max_tokens,
+                prompt.len()
+            ),
+        )
+        .with_code("context_length_exceeded")
+        .into_response();
+    }
+    let blocks = (prompt.len() + max_tokens).div_ceil(info.block_size);
+    if blocks > info.num_blocks {
+        return ApiError::param(
+            what,
+            format!(
+                "This request needs {blocks} KV cache blocks but the server has {}; request fewer tokens.",
+                info.num_blocks
+            ),
+        )
+        .into_response();
+    }
+    if !s.engine.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        return ApiError::unavailable("No model replica is ready to serve.").into_response();
+    }
+    let waiting = s.engine.queued.load(std::sync::atomic::Ordering::Relaxed);
+    if waiting >= s.max_waiting {
+        return ApiError::overloaded(waiting).into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = s.engine.next_request_id();
+    let req = GenRequest {
+        id,
+        prompt: prompt.clone(),
+        params: opts.params.clone(),
+        max_tokens,
+        ignore_eos: opts.ignore_eos,
+        n: opts.n,
+        events: tx,
+    };
+    if !s.engine.submit(req) {
+        return ApiError::unavailable("The engine has stopped.").into_response();
+    }
+    let started = Instant::now();
+    let reply = Reply {
+        s: s.clone(),
+        kind,
+        id,
+        name: format!("{}-{:x}{:06x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, s.started, id),
+        created: unix_now(),
+        prompt_tokens: prompt.len(),
+        choices: (0..opts.n).map(|_| ChoiceText::new(&prompt)).collect(),
+        cached_tokens: 0,
+        opts,
+        rx,
+        sent_role: vec![false; 0],
+        done: false,
+    };
+    let r = if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await };
+    tracing::info!(
+        request = id,
+        kind = if kind == Kind::Chat { "chat" } else { "completion" },
+        status = r.status().as_u16(),
+        seconds = started.elapsed().as_secs_f64(),
+        "request"
+    );
+    r
+}
+
+/// A request in flight and everything needed to answer it.
+struct Reply {
+    s: Arc<AppState>,
+    kind: Kind,
+    id: u64,
+    name: String,
+    created: u64,
+    prompt_tokens: usize,
+    choices: Vec<ChoiceText>,
+    cached_tokens: usize,
+    opts: Options,
+    rx: UnboundedReceiver<Event>,
+    sent_role: Vec<bool>,
+    done: bool,
+}
+
+impl Reply {
+    fn all_finished(&self) -> bool {
+        self.choices.iter().all(|c| c.finish.is_some())
+    }
+
+    /// Applies one engine event; returns the choice it concerned, or an error that ends the request.
+    fn apply(&mut self, ev: Event) -> Result<usize, String> {
+        let stops = self.opts.stop.clone();
+        match ev {
+            Event::Token { choice, token, logprob, top_logprobs } => {
+                let lp = self.opts.logprobs.map(|_| (logprob.unwrap_or(0.0), top_logprobs.as_slice()));
+                if self.choices[choice].push(&self.s.tokenizer, token, lp, &stops) {
+                    // Stop string: the engine may keep going a step; tell it to stop now.
+                    self.s.engine.abort(self.id, choice, Some(FinishReason::Stop));
+                }
+                Ok(choice)
+            }
+            Event::Finished { choice, reason, cached_tokens, .. } => {
+                self.cached_tokens = self.cached_tokens.max(cached_tokens);
+                self.choices[choice].end(&self.s.tokenizer, reason, &stops);
+                Ok(choice)
+            }
+            Event::Error { message, .. } => Err(message),
+        }
+    }
+
+    fn usage(&self) -> Value {
+        let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+        })
+    }
+
+    fn finish_str(c: &ChoiceText) -> Value {
+        match c.finish {
+            Some(FinishReason::Stop) => json!("stop"),
+            Some(FinishReason::Length) => json!("length"),
+            None => Value::Null,
+        }
+    }
+
+    /// A streaming chunk for choice `i` with `delta` text (and whatever logprobs are pending).
+    fn chunk(&mut self, i: usize, delta: String, with_finish: bool) -> Option<Value> {
+        let lp_entries = self.choices[i].take_logprobs().to_vec();
+        let finish = if with_finish { Self::finish_str(&self.choices[i]) } else { Value::Null };
+        if delta.is_empty() && lp_entries.is_empty() && finish.is_null() && self.kind == Kind::Completion {
+            return None;
+        }
+        let logprobs = match (self.opts.logprobs, self.kind) {
+            (None, _) => Value::Null,
+            (Some(_), Kind::Completion) => completion_logprobs(&lp_entries),
+            (Some(_), Kind::Chat) => chat_logprobs(&lp_entries),
+        };
+        let choice = match self.kind {
+            Kind::Completion => json!({ "index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish }),
+            Kind::Chat => {
+                let mut d = serde_json::Map::new();
+                if !self.sent_role[i] {
+                    // The first chunk of a choice only opens the assistant's message, as OpenAI's does.
+                    self.sent_role[i] = true;
+                    d.insert("role".into(), json!("assistant"));
+                    d.insert("content".into(), json!(""));
+                } else if !delta.is_empty() {
+                    d.insert("content".into(), json!(delta));
+                } else if finish.is_null() && lp_entries.is_empty() {
+                    return None;
+                }
+                json!({ "index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish })
+            }
+        };
+        let mut c = json!({
+            "id": self.name,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.s.model_name,
+            "choices": [choice],
+        });
+        if self.kind == Kind::Chat {
+            c["system_fingerprint"] = Value::Null;
+        }
+        if self.opts.include_usage {
+            c["usage"] = Value::Null;
+        }
+        Some(c)
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        // The client went away (or the reply is complete): stop whatever is still running.
+        for (i, c) in self.choices.iter().enumerate() {
+            if c.finish.is_none() {
+                self.s.engine.abort(self.id, i, None);
+            }
+        }
+    }
+}
+
+fn backend_error(message: &str) -> ApiError {
+    ApiError::unavailable(format!("The model replica failed while serving this request: {message}"))
+}
+
+async fn whole_reply(mut r: Reply) -> Response {
+    while !r.all_finished() {
+        let Some(ev) = r.rx.recv().await else {
+            return ApiError::internal("The engine stopped before the request finished.").into_response();
+        };
+        if let Err(m) = r.apply(ev) {
+            return backend_error(&m).into_response();
+        }
+    }
+    let choices: Vec<Value> = r
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let logprobs = match (r.opts.logprobs, r.kind) {
+                (None, _) => Value::Null,
+                (Some(_), Kind::Completion) => completion_logprobs(&c.logprobs),
+                (Some(_), Kind::Chat) => chat_logprobs(&c.logprobs),
+            };
+            match r.kind {
+                Kind::Completion => {
+                    json!({ "index": i, "text": c.text, "logprobs": logprobs, "finish_reason": Reply::finish_str(c) })
+                }
+                Kind::Chat => json!({
+                    "index": i,
+                    "message": { "role": "assistant", "content": c.text, "refusal": null },
+                    "logprobs": logprobs,
+                    "finish_reason": Reply::finish_str(c),
+                }),
+            }
+        })
+        .collect();
+    let mut body = json!({
+        "id": r.name,
+        "object": if r.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": r.created,
+        "model": r.s.model_name,
+        "choices": choices,
+        "usage": r.usage(),
+    });
+    if r.kind == Kind::Chat {
+        body["system_fingerprint"] = Value::Null;
+    }
+    Json(body).into_response()
+}
+
+fn sse(v: &Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(v.to_string()))
+}
+
+fn stream_reply(mut r: Reply) -> Response {
+    r.sent_role = vec![false; r.choices.len()];
+    let events = stream::unfold(r, |mut r| async move {
+        if r.done {
+            return None;
+        }
+        let mut out = Vec::new();
+        if r.kind == Kind::Chat && r.sent_role.iter().any(|s| !s) {
+            for i in 0..r.choices.len() {
+                if let Some(c) = r.chunk(i, String::new(), false) {
+                    out.push(sse(&c));
+                }
+            }
+            return Some((stream::iter(out), r));
+        }
+        if r.all_finished() {
+            if r.opts.include_usage {
+                let mut u = json!({
+                    "id": r.name,
+                    "object": if r.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+                    "created": r.created,
+                    "model": r.s.model_name,
+                    "choices": [],
+                    "usage": r.usage(),
+                });
+                if r.kind == Kind::Chat {
+                    u["system_fingerprint"] = Value::Null;
+                }
+                out.push(sse(&u));
+            }
+            out.push(Ok(SseEvent::default().data("[DONE]")));
+            r.done = true;
+            return Some((stream::iter(out), r));
+        }
+        match r.rx.recv().await {
+            None => {
+                out.push(sse(&ApiError::internal("The engine stopped before the request finished.").body_json()));
+                out.push(Ok(SseEvent::default().data("[DONE]")));
+                r.done = true;
+            }
+            Some(ev) => match r.apply(ev) {
+                Err(m) => {
+                    out.push(sse(&backend_error(&m).body_json()));
+                    out.push(Ok(SseEvent::default().data("[DONE]")));
+                    r.done = true;
+                }
+                Ok(i) => {
+                    let stops = r.opts.stop.clone();
+                    let finished = r.choices[i].finish.is_some();
+                    let delta = r.choices[i].take_delta(&stops);
+                    if finished && r.kind == Kind::Chat && !delta.is_empty() {
+                        // Chat sends the last text and the finish reason in separate chunks, like OpenAI.
+                        if let Some(c) = r.chunk(i, delta, false) {
+                            out.push(sse(&c));
+                        }
+                        if let Some(c) = r.chunk(i, String::new(), true) {
+                            out.push(sse(&c));
+                        }
+                    } else if let Some(c) = r.chunk(i, delta, finished) {
+                        out.push(sse(&c));
+                    }
+                }
+            },
+        }
+        Some((stream::iter(out), r))
+    })
+    .flatten();
+    Sse::new(events).into_response()
+}

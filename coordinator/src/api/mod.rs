@@ -1,0 +1,108 @@
+//! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (streaming and not),
+//! `/v1/models`, and the operational endpoints `/health`, `/ready`, `/metrics`.
+//!
+//! Handlers validate and tokenize, then hand the request to the engine loop and assemble its tokens into
+//! OpenAI's response or event stream. Every error is OpenAI-shaped with the right status.
+
+pub mod chat_template;
+pub mod error;
+mod handlers;
+pub mod output;
+pub mod request;
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, State},
+    http::{Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+
+use crate::{engine_loop::EngineHandle, metrics, tokenizer::Tokenizer};
+use chat_template::ChatTemplate;
+use error::ApiError;
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    /// The name clients use in `model`.
+    pub model_name: String,
+    /// Requests allowed to wait before new ones get 429.
+    pub max_waiting: usize,
+    pub max_body_bytes: usize,
+    /// Unix time the server started (`created` of the model).
+    pub started: u64,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/chat/completions", post(handlers::chat))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn model_card(s: &AppState) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.model_name,
+        "object": "model",
+        "created": s.started,
+        "owned_by": "tessera",
+        "max_model_len": s.engine.info.max_position_embeddings,
+    })
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(serde_json::json!({ "object": "list", "data": [model_card(&s)] })).into_response()
+}
+
+async fn model(State(s): State<Arc<AppState>>, axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    if name != s.model_name {
+        return ApiError::model_not_found(&name).into_response();
+    }
+    axum::Json(model_card(&s)).into_response()
+}
+
+/// Liveness: the process answers.
+async fn health() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// Readiness: a replica is loaded and serving.
+async fn ready(State(s): State<Arc<AppState>>) -> Response {
+    if s.engine.ready.load(Ordering::Relaxed) {
+        axum::Json(serde_json::json!({ "status": "ready" })).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "unavailable" }))).into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.engine.metrics.render()).into_response()
+}
+
+async fn fallback(uri: Uri) -> Response {
+    ApiError::not_found(uri.path()).into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response()
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics of the coordinator, named as vLLM names them (under `tessera:`), each labelled with
+//! the served model.
+//!
+//! Gauges are set by the engine loop after every step; counters and histograms are fed where the event
+//! happens (the engine loop for tokens and steps, the HTTP layer for request outcomes). Label values are
+//! bounded: the model name and a handful of finish reasons.
+
+use std::borrow::Cow;
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub num_requests_running: Gauge,
+    pub num_requests_waiting: Gauge,
+    pub kv_cache_usage_perc: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub e2e_request_latency: Histogram,
+    pub request_queue_time: Histogram,
+    pub request_success: Family<Labels, Counter>,
+    pub request_failure: Family<Labels, Counter>,
+    pub prefix_cache_queries: Counter,
+    pub prefix_cache_hits: Counter,
+    pub num_preemptions: Counter,
+    /// Coordinator CPU time per step, excluding the wait for the workers.
+    pub scheduler_step_seconds: Histogram,
+    /// Wall time of the step on the workers, as the coordinator sees it.
+    pub step_seconds: Histogram,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 0.5 ms … ~65 s.
+    exponential_buckets(0.0005, 2.0, 18)
+}
+
+impl Metrics {
+    pub fn new(model: &str) -> Self {
+        let mut registry = Registry::with_labels([(Cow::Borrowed("model"), Cow::Owned(model.to_string()))].into_iter());
+        let m = Metrics {
+            num_requests_running: Gauge::default(),
+            num_requests_waiting: Gauge::default(),
+            kv_cache_usage_perc: Gauge::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            time_to_first_token: Histogram::new(latency_buckets()),
+            inter_token_latency: Histogram::new(latency_buckets()),
+            e2e_request_latency: Histogram::new(latency_buckets()),
+            request_queue_time: Histogram::new(latency_buckets()),
+            request_success: Family::default(),
+            request_failure: Family::default(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
+            num_preemptions: Counter::default(),
+            scheduler_step_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
+            step_seconds: Histogram::new(latency_buckets()),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("tessera:num_requests_running", "Requests running on a replica", m.num_requests_running.clone());
+        r.register("tessera:num_requests_waiting", "Requests waiting to be scheduled", m.num_requests_waiting.clone());
+        r.register(
+            "tessera:kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (1 = full)",
+            m.kv_cache_usage_perc.clone(),
+        );
+        // Counters get `_total` appended by the encoder.
+        r.register("tessera:prompt_tokens", "Prompt tokens processed", m.prompt_tokens.clone());
+        r.register("tessera:generation_tokens", "Tokens generated", m.generation_tokens.clone());
+        r.register("tessera:time_to_first_token_seconds", "Time to first token", m.time_to_first_token.clone());
+        r.register(
+            "tessera:inter_token_latency_seconds",
+            "Time between consecutive output tokens",
+            m.inter_token_latency.clone(),
+        );
+        r.register(
+            "tessera:e2e_request_latency_seconds",
+            "Request latency, arrival to last token",
+            m.e2e_request_latency.clone(),
+        );
+        r.register(
+            "tessera:request_queue_time_seconds",
+            "Time a request waited before its first step",
+            m.request_queue_time.clone(),
+        );
+        r.register(
+            "tessera:request_success",
+            "Requests finished, by reason (stop, length, abort)",
+            m.request_success.clone(),
+        );
+        r.register("tessera:request_failure", "Requests that ended with an error, by kind", m.request_failure.clone());
+        r.register(
+            "tessera:prefix_cache_queries",
+            "Prompt blocks looked up in the prefix cache",
+            m.prefix_cache_queries.clone(),
+        );
+        r.register("tessera:prefix_cache_hits", "Prompt blocks found in the prefix cache", m.prefix_cache_hits.clone());
+        r.register("tessera:num_preemptions", "Sequences preempted for lack of KV blocks", m.num_preemptions.clone());
+        r.register(
+            "tessera:scheduler_step_seconds",
+            "Coordinator CPU time per step, excluding the wait for workers",
+            m.scheduler_step_seconds.clone(),
+        );
+        r.register("tessera:step_seconds", "Step wall time on the workers", m.step_seconds.clone());
+        for reason in ["stop", "length", "abort"] {
+            let _ = m.request_success.get_or_create(&vec![("finished_reason", reason)]);
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The exposition, in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        encode(&mut s, &self.registry).expect("writing to a String cannot fail");
+        s
+    }
+}
+
+/// Content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_name_with_the_model_label() {
+        let m = Metrics::new("stories260K");
+        m.prompt_tokens.inc_by(5);
+        m.time_to_first_token.observe(0.01);
+        m.request_success.get_or_create(&vec![("finished_reason", "stop")]).inc();
+        let text = m.render();
+        for name in [
+            "tessera:num_requests_running{model=\"stories260K\"} 0",
+            "tessera:prompt_tokens_total{model=\"stories260K\"} 5",
+            "tessera:time_to_first_token_seconds_count{model=\"stories260K\"} 1",
+            "tessera:request_success_total{model=\"stories260K\",finished_reason=\"stop\"} 1",
+            "tessera:kv_cache_usage_perc{model=\"stories260K\"} 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `tessera serve`: the OpenAI-compatible server on one replica (this process, or `--tp N` local worker
+//! processes), with no etcd and no other moving parts.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::{
+    api::{self, AppState, chat_template::ChatTemplate},
+    cli::{ModelArgs, Runner},
+    engine_loop,
+    metrics::Metrics,
+    scheduler::SchedulerConfig,
+    tokenizer::Tokenizer,
+};
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (0.0.0.0 to accept connections from other machines).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// HTTP port.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients send in `model` (default: the model directory's name).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 128)]
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step; prompts longer than this are prefilled in chunks.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Requests allowed to wait for a slot; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    if a.max_num_seqs == 0 || a.max_num_batched_tokens == 0 {
+        bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
+    }
+    let dir = a.model.dir()?;
+    if !dir.is_dir() {
+        return Err(tessera_worker::ModelError::NoDirectory(dir).into());
+    }
+    let name = match &a.served_model_name {
+        Some(n) => n.clone(),
+        None if a.model.model.is_none() => crate::default_model::NAME.to_string(),
+        None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+    };
+    let tokenizer = Tokenizer::load(&dir)?;
+    let chat_template =
+        ChatTemplate::from_config(&tokenizer.config, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    let addr: SocketAddr =
+        format!("{}:{}", a.host, a.port).parse().with_context(|| format!("--host {} --port {}", a.host, a.port))?;
+    // Bind before loading so that a port conflict is reported at once.
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let (backend, cluster) = Runner::start(&a.model, &dir)?.into_parts();
+    let info = backend.info();
+    let cfg = SchedulerConfig {
+        max_num_seqs: a.max_num_seqs,
+        max_batched_tokens: a.max_num_batched_tokens,
+        max_model_len: info.max_position_embeddings,
+    };
+    let metrics = Arc::new(Metrics::new(&name));
+    let eos = tokenizer.eos_token_ids.clone();
+    let engine = engine_loop::spawn(backend, cfg, eos, metrics, Box::new(cluster));
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer: Arc::new(tokenizer),
+        chat_template,
+        model_name: name.clone(),
+        max_waiting: a.max_waiting,
+        max_body_bytes: a.max_body_bytes,
+        started: api::unix_now(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let local = listener.local_addr()?;
+        eprintln!("tessera serving {name} (tp = {}) on http://{local}/v1", a.model.tp);
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(crate::worker_cmd::shutdown_signal())
+            .await
+            .context("serving HTTP")
+    })
+}
