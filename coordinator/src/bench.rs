@@ -154,6 +154,7 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
                 sample: Some(&greedy),
                 penalty_context: &[],
                 output_context: &[],
+                starts: false,
             }])?;
             s.push(out[0].sampled.token);
         }
@@ -169,6 +170,7 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
                     sample: Some(&greedy),
                     penalty_context: &[],
                     output_context: &[],
+                    starts: false,
                 })
                 .collect();
             let out = engine.step(&batch)?;
@@ -210,6 +212,7 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64)
             sample: Some(&greedy),
             penalty_context: &[],
             output_context: &[],
+            starts: false,
         }])?;
         best = best.min(t.elapsed().as_secs_f64());
         engine.release(id);

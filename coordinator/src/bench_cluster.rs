@@ -61,6 +61,7 @@ fn time_decode(backend: &mut dyn Backend, batch: usize, steps: usize) -> Result<
                     sample: Some(&greedy),
                     penalty_context: &[],
                     output_context: &[],
+                    starts: false,
                 }
             })
             .collect();

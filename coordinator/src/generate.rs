@@ -120,6 +120,7 @@ fn run(
             sample: last_chunk.then_some(&req.params),
             penalty_context: if pos == 0 { prompt } else { &[] },
             output_context: &[],
+            starts: false,
         };
         let sampled = backend.step(&[step])?;
         pos = end;

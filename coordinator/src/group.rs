@@ -263,6 +263,7 @@ fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
         }),
         penalty_context: s.penalty_context.to_vec(),
         output_context: s.output_context.to_vec(),
+        starts: s.starts,
     }
 }
 

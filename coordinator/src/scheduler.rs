@@ -48,6 +48,8 @@ pub struct Sequence {
     /// Full blocks registered in the prefix cache, and the chained hash after the last of them.
     num_hashed: usize,
     last_hash: u64,
+    /// Admitted (or re-admitted) and not yet stepped: the next step begins it on the workers.
+    fresh: bool,
 }
 
 impl Sequence {
@@ -66,6 +68,7 @@ impl Sequence {
             num_computed: 0,
             num_hashed: 0,
             last_hash: 0,
+            fresh: true,
         }
     }
 
@@ -82,6 +85,7 @@ impl Sequence {
         self.num_computed = 0;
         self.num_hashed = 0;
         self.last_hash = 0;
+        self.fresh = true;
     }
 }
 
@@ -282,7 +286,7 @@ impl Scheduler {
         plan.iter()
             .map(|p| {
                 let s = self.running.iter().find(|s| s.id == p.id).expect("planned sequences are running");
-                let first = p.start == 0;
+                let first = s.fresh;
                 StepSeq {
                     id: s.id,
                     tokens: &s.tokens[p.start..p.end],
@@ -291,6 +295,7 @@ impl Scheduler {
                     sample: p.sample.then_some(&s.params),
                     penalty_context: if first { &s.tokens[..s.prompt_len] } else { &[] },
                     output_context: if first { &s.tokens[s.prompt_len..] } else { &[] },
+                    starts: first,
                 }
             })
             .collect()
@@ -302,6 +307,7 @@ impl Scheduler {
         let bs = self.blocks.block_size();
         for p in plan {
             let Some(s) = self.running.iter_mut().find(|s| s.id == p.id) else { continue };
+            s.fresh = false;
             s.num_computed = s.num_computed.max(p.end);
             while (s.num_hashed + 1) * bs <= s.num_computed {
                 let b = s.num_hashed;
@@ -429,6 +435,8 @@ mod tests {
         s.add(Sequence::new(2, prompt.clone(), SamplingParams::greedy(), 1, false));
         let p = s.schedule();
         assert_eq!(p, [Planned { id: 2, start: 8, end: 12, sample: true }]);
+        assert!(s.inputs(&p)[0].starts, "the first step after a prefix hit begins the sequence on the workers");
+        assert_eq!(s.inputs(&p)[0].penalty_context.len(), 12);
         assert_eq!(s.get(2).unwrap().cached_tokens, 8);
         assert_eq!(s.blocks.stats.hits, 2);
         // A prompt sharing only the first block hits once.

@@ -65,6 +65,7 @@ fn run(
                     sample: Some(&greedy),
                     penalty_context: if s == 0 { toks } else { &[] },
                     output_context: &[],
+                    starts: false,
                 }
             })
             .collect();
@@ -340,6 +341,7 @@ fn a_group_refuses_a_bad_step_without_failing() {
         sample: Some(&greedy),
         penalty_context: &[],
         output_context: &[],
+        starts: false,
     }];
     let e = group.step_full(&bad, false).unwrap_err().to_string();
     assert!(e.contains("refused the step") && e.contains("block 9999"), "{e}");
@@ -351,6 +353,7 @@ fn a_group_refuses_a_bad_step_without_failing() {
         sample: Some(&greedy),
         penalty_context: &[],
         output_context: &[],
+        starts: false,
     }];
     assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
 }

@@ -30,6 +30,15 @@ pub struct StepSeq<'a> {
     pub penalty_context: &'a [u32],
     /// Tokens already generated, sent with the first step after a restart (count as output for penalties).
     pub output_context: &'a [u32],
+    /// This step begins the sequence: earlier state is dropped and positions before `start_pos` are a
+    /// cached prefix already in the block table. Implied by `start_pos == 0`.
+    pub starts: bool,
+}
+
+impl StepSeq<'_> {
+    fn begins(&self) -> bool {
+        self.starts || self.start_pos == 0
+    }
 }
 
 /// A sampled token, tagged with its sequence.
@@ -91,7 +100,7 @@ impl Engine {
                     c.max_position_embeddings
                 ));
             }
-            if s.start_pos > 0 {
+            if !s.begins() {
                 match self.seqs.get(&s.id) {
                     None => {
                         return bad(format!("unknown sequence (start position {} but never seen)", s.start_pos));
@@ -140,7 +149,7 @@ impl Engine {
         for s in batch {
             let st =
                 self.seqs.entry(s.id).or_insert(SeqState { next_pos: 0, sampler: None, pending: Default::default() });
-            if s.start_pos == 0 {
+            if s.begins() {
                 // A sequence starting over (new, or preempted and recomputed) starts its sampler over too.
                 st.sampler = None;
                 st.pending = (s.penalty_context.to_vec(), s.output_context.to_vec());

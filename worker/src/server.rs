@@ -251,6 +251,7 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             sample: s.sample.then_some(p),
             penalty_context: &s.penalty_context,
             output_context: &s.output_context,
+            starts: s.starts,
         })
         .collect();
     let (sampled, logits) = match engine.step_with_logits(&batch) {

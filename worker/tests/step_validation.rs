@@ -19,6 +19,7 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
         sample: None,
         penalty_context: &[],
         output_context: &[],
+        starts: false,
     };
     let leak = |v: Vec<u32>| -> &'static [u32] { Box::leak(v.into_boxed_slice()) };
     let t: &'static [u32] = leak(table.clone());

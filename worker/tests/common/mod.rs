@@ -110,6 +110,7 @@ pub fn run_batch(
                 sample: samples.then_some(greedy),
                 penalty_context: if start == 0 { &prompts[i] } else { &[] },
                 output_context: &[],
+                starts: false,
             });
         }
         let (sampled, logits) = engine.step_with_logits(&batch).unwrap();

@@ -1,0 +1,95 @@
+//! A `tessera serve` process for tests: started on a free port, stopped when dropped.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tessera_coordinator::http_client::HttpClient;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+}
+
+impl Server {
+    /// `tessera serve --port 0 ARGS...`, waiting for its "serving ... on URL" line.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stderr).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.split(" on ").nth(1).filter(|_| line.starts_with("tessera serving")) {
+                    let _ = tx.send(Ok(url.trim_end_matches("/v1").to_string()));
+                    break;
+                }
+                eprintln!("[serve] {line}");
+            }
+            let _ = tx.send(Err("tessera serve exited before it was serving".to_string()));
+            for line in lines.map_while(Result::ok) {
+                eprintln!("[serve] {line}");
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(60)).expect("tessera serve did not start in 60 s").unwrap();
+        Server { child, base }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The value of a metric line (first match of `name{` or `name `).
+    pub async fn metric(&self, client: &HttpClient, name: &str) -> f64 {
+        let text = String::from_utf8(client.get(&self.url("/metrics")).await.unwrap().body.to_vec()).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A greedy completion's text.
+pub async fn complete(client: &HttpClient, s: &Server, prompt: &str, max_tokens: usize) -> String {
+    let r = client
+        .post_json(
+            &s.url("/v1/completions"),
+            &serde_json::json!({"model": "stories260K", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v: Value = r.json().unwrap();
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
