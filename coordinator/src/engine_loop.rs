@@ -89,6 +89,17 @@ pub fn seq_id(request: u64, choice: usize) -> u64 {
     request * MAX_CHOICES as u64 + choice as u64
 }
 
+/// CPU seconds this thread has used.
+fn thread_cpu_time() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID is always valid on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// Per-sequence bookkeeping the scheduler does not need.
 struct Track {
     events: UnboundedSender<Event>,
@@ -214,6 +225,7 @@ impl Loop {
 
     fn step(&mut self) {
         let started = Instant::now();
+        let cpu_started = thread_cpu_time();
         let plan = self.sched.schedule();
         if plan.is_empty() {
             self.fail_unschedulable();
@@ -228,12 +240,12 @@ impl Loop {
             }
         }
         let inputs = self.sched.inputs(&plan);
-        let before_backend = started.elapsed();
+        let cpu_before_backend = thread_cpu_time() - cpu_started;
         let t = Instant::now();
         let result = self.backend.step(&inputs);
         let on_workers = t.elapsed();
         drop(inputs);
-        let after = Instant::now();
+        let cpu_after = thread_cpu_time();
         match result {
             Ok(sampled) => {
                 let outcomes = self.sched.apply(&plan, sampled, &self.eos);
@@ -245,7 +257,9 @@ impl Loop {
             Err(e) => self.fail_all(&format!("{e:#}")),
         }
         self.metrics.step_seconds.observe(on_workers.as_secs_f64());
-        self.metrics.scheduler_step_seconds.observe((before_backend + after.elapsed()).as_secs_f64());
+        // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled, and that
+        // is not the scheduler's cost. (With an in-process backend the forward pass runs on rayon threads.)
+        self.metrics.scheduler_step_seconds.observe(cpu_before_backend + (thread_cpu_time() - cpu_after));
     }
 
     fn emit(&mut self, o: crate::scheduler::Outcome, now: Instant) {

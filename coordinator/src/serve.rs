@@ -87,6 +87,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let local = listener.local_addr()?;
+        // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
+        // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         eprintln!("tessera serving {name} (tp = {}) on http://{local}/v1", a.model.tp);
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(crate::worker_cmd::shutdown_signal())

@@ -101,6 +101,36 @@ pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let path = dir.join("model.safetensors");
     safetensors::serialize_to_file(views, None, &path).with_context(|| format!("writing {}", path.display()))?;
+    write_tokenizer(dir, s.vocab)
+}
+
+/// A word-level tokenizer over the model's vocabulary (`<unk>`, `<s>`, `</s>`, then `w3`, `w4`, ...), so the
+/// directory is a complete model that `tessera serve` can load and whose every token decodes to text.
+pub fn write_tokenizer(dir: &Path, vocab: usize) -> Result<()> {
+    let special = |id: usize, content: &str| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+    };
+    let mut words = serde_json::Map::new();
+    for (i, w) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        words.insert(w.to_string(), json!(i));
+    }
+    for i in 3..vocab {
+        words.insert(format!("w{i}"), json!(i));
+    }
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?)?;
+    let config = json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": true});
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
     Ok(())
 }
 
@@ -117,6 +147,10 @@ mod tests {
         let c = &m.config;
         let expect = 2 * 100 * 32 + 32 + 2 * (32 * 32 * 2 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32);
         assert_eq!(c.num_parameters(), expect);
+        let tok = crate::tokenizer::Tokenizer::load(tmp.path()).unwrap();
+        assert_eq!(tok.vocab_size(), 100);
+        assert_eq!(tok.encode_prompt("w5 w99").unwrap(), [1, 5, 99]);
+        assert_eq!(tok.decode(&[5, 99]).unwrap(), "w5 w99");
         assert_eq!(
             BENCH_SHAPE.hidden * BENCH_SHAPE.vocab * 2
                 + 12 * (768 * 768 * 2 + 2 * 768 * 256 + 3 * 768 * 2048 + 2 * 768)
