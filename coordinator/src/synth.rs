@@ -107,9 +107,7 @@ pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
 /// A word-level tokenizer over the model's vocabulary (`<unk>`, `<s>`, `</s>`, then `w3`, `w4`, ...), so the
 /// directory is a complete model that `tessera serve` can load and whose every token decodes to text.
 pub fn write_tokenizer(dir: &Path, vocab: usize) -> Result<()> {
-    let special = |id: usize, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-    };
+    let special = |id: usize, content: &str| json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     let mut words = serde_json::Map::new();
     for (i, w) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
         words.insert(w.to_string(), json!(i));

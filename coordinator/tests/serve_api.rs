@@ -128,6 +128,30 @@ fn concurrent_greedy_requests_return_what_each_returns_alone() {
 }
 
 #[test]
+fn preemption_under_a_small_kv_cache_still_gives_each_request_its_own_answer() {
+    let rt = rt();
+    let client = HttpClient::new();
+    let prompts = prompts();
+    let alone = {
+        let s = Server::start(&[]);
+        rt.block_on(run_all(&client, &s, &prompts, false))
+    };
+    // 1 MiB holds 51 blocks of stories260K: 32 concurrent requests of ~3 blocks each must preempt.
+    let s = Server::start(&["--kv-cache-mib", "1"]);
+    let (batched, preemptions, usage) = rt.block_on(async {
+        let batched = run_all(&client, &s, &prompts, true).await;
+        (
+            batched,
+            s.metric(&client, "tessera:num_preemptions_total").await,
+            s.metric(&client, "tessera:kv_cache_usage_perc").await,
+        )
+    });
+    assert!(preemptions > 0.0, "the pool was meant to run dry");
+    assert_eq!(alone, batched, "recomputed sequences continue exactly where they were");
+    assert_eq!(usage, 0.0);
+}
+
+#[test]
 fn a_client_that_disconnects_frees_its_blocks() {
     let rt = rt();
     let client = HttpClient::new();
