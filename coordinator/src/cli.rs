@@ -23,15 +23,25 @@ use crate::{
 #[derive(Parser, Debug)]
 #[command(name = "tessera", version, about = "Tessera: a distributed LLM server for the Llama family")]
 pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
+    /// Filter with RUST_LOG (default: info for tessera serve and worker, warn otherwise).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate a completion for one prompt and print it (streamed, or as JSON).
     Generate(GenerateArgs),
-    /// Measure decode and prefill throughput against the memory-bandwidth roofline.
+    /// Benchmarks: the engine against the memory-bandwidth roofline; `cluster` (worker processes); `serve` (load generator).
     Bench(crate::bench::BenchArgs),
     /// Serve one tensor-parallel shard to a coordinator over gRPC.
     Worker(crate::worker_cmd::WorkerArgs),
@@ -112,12 +122,15 @@ pub struct GenerateArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let quiet = matches!(cli.command, Command::Generate(_) | Command::Bench(_));
+    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => crate::bench::run(a),
         Command::Worker(a) => crate::worker_cmd::run(a),
-        Command::Serve(a) => crate::serve::run(a),
+        Command::Serve(a) => {
+            crate::serve::run(crate::serve::ServeArgs { log_json: cli.log_format == LogFormat::Json, ..a })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -128,9 +141,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Loads a model directory into an in-process engine with `kv_cache_mib` of KV cache.

@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Set from the global --log-format.
+    #[arg(skip)]
+    pub log_json: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -92,7 +95,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        eprintln!("tessera serving {name} (tp = {}) on http://{local}/v1", a.model.tp);
+        let banner = format!("tessera serving {name} (tp = {}) on http://{local}/v1", a.model.tp);
+        if a.log_json {
+            tracing::info!(model = %name, tp = a.model.tp, url = %format!("http://{local}/v1"), "{banner}");
+        } else {
+            eprintln!("{banner}");
+        }
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(crate::worker_cmd::shutdown_signal())
             .await

@@ -302,3 +302,113 @@ fn chat_matches_transformers_on_tiny_llama3_and_a_model_without_template_gets_40
         assert!(r.json().unwrap()["error"]["message"].as_str().unwrap().contains("no chat template"));
     });
 }
+
+#[test]
+fn each_request_is_one_json_log_line_with_its_id_status_and_timings() {
+    let rt = rt();
+    let client = HttpClient::new();
+    let s = Server::start(&["--log-format", "json"]);
+    let secret = "a prompt that must never reach the logs";
+    rt.block_on(async {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(s.url("/v1/completions"))
+            .header("x-request-id", "trace-me-42")
+            .body(serde_json::to_string(&json!({"model": "stories260K", "prompt": secret, "max_tokens": 4})).unwrap())
+            .unwrap();
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<String>();
+        let resp = http.request(req).await.unwrap();
+        assert_eq!(resp.headers()["x-request-id"], "trace-me-42");
+        http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+        let r = client.post_json(&s.url("/v1/completions"), &json!({"model": "nope", "prompt": "x"})).await.unwrap();
+        assert_eq!(r.status, 404);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (ok, missing) = loop {
+        let lines = s.log.lock().unwrap().clone();
+        let events: Vec<Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &Value| v["message"] == "request")
+            .collect();
+        let ok = events.iter().find(|v| v["request_id"] == "trace-me-42").cloned();
+        let missing = events.iter().find(|v| v["status"] == 404).cloned();
+        if let (Some(ok), Some(missing)) = (ok, missing) {
+            assert!(lines.iter().all(|l| !l.contains(secret)), "prompt text leaked into the logs");
+            assert!(
+                lines
+                    .iter()
+                    .filter(|l| l.contains("\"message\":\"request\""))
+                    .all(|l| serde_json::from_str::<Value>(l).is_ok())
+            );
+            break (ok, missing);
+        }
+        assert!(Instant::now() < deadline, "request lines not logged: {lines:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        (ok["status"].as_u64(), ok["method"].as_str(), ok["path"].as_str()),
+        (Some(200), Some("POST"), Some("/v1/completions"))
+    );
+    assert_eq!(ok["completed"], true);
+    assert!(ok["duration_ms"].as_f64().unwrap() >= 0.0 && ok["first_byte_ms"].as_f64().is_some());
+    assert_eq!(ok["level"], "INFO");
+    assert!(missing["request_id"].as_str().unwrap().starts_with("req-"));
+}
+
+/// Parses an exposition into (name, labels, value) samples.
+fn samples(text: &str) -> Vec<(String, String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample line {l:?}"));
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n.to_string(), rest.trim_end_matches('}').to_string()),
+                None => (series.to_string(), String::new()),
+            };
+            (name, labels, value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect()
+}
+
+#[test]
+fn every_design_metric_is_exported_with_sane_values_after_a_request() {
+    let rt = rt();
+    let client = HttpClient::new();
+    let s = Server::start(&[]);
+    let text = rt.block_on(async {
+        assert_eq!(complete(&client, &s, "Once upon a time", 27).await, LILY);
+        let r = client.get(&s.url("/metrics")).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+        String::from_utf8(r.body.to_vec()).unwrap()
+    });
+    assert!(text.trim_end().ends_with("# EOF"));
+    let all = samples(&text);
+    let get = |name: &str| -> Vec<&(String, String, f64)> { all.iter().filter(|x| x.0 == name).collect() };
+    let one = |name: &str| -> f64 {
+        let v = get(name);
+        assert_eq!(v.len(), 1, "{name}: {v:?}");
+        assert!(v[0].1.contains("model=\"stories260K\""), "{name} lacks the model label");
+        v[0].2
+    };
+    assert_eq!(one("tessera:num_requests_running"), 0.0);
+    assert_eq!(one("tessera:num_requests_waiting"), 0.0);
+    assert!((0.0..=1.0).contains(&one("tessera:kv_cache_usage_perc")));
+    assert_eq!(one("tessera:prompt_tokens_total"), 5.0);
+    assert_eq!(one("tessera:generation_tokens_total"), 27.0);
+    for h in ["time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"] {
+        assert_eq!(one(&format!("tessera:{h}_count")), 1.0, "{h}");
+        assert!(one(&format!("tessera:{h}_sum")) > 0.0, "{h}");
+    }
+    assert_eq!(one("tessera:inter_token_latency_seconds_count"), 26.0);
+    let success = get("tessera:request_success_total");
+    let length = success.iter().find(|x| x.1.contains("finished_reason=\"length\"")).unwrap();
+    assert_eq!(length.2, 1.0);
+    assert!(success.iter().all(|x| x.1.contains("model=\"stories260K\"")));
+    // Histogram buckets are cumulative and end at +Inf with the count.
+    let buckets: Vec<_> = get("tessera:e2e_request_latency_seconds_bucket");
+    assert!(buckets.windows(2).all(|w| w[0].2 <= w[1].2));
+    assert!(buckets.last().unwrap().1.contains("le=\"+Inf\"") && buckets.last().unwrap().2 == 1.0);
+}

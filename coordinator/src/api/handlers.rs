@@ -1,6 +1,6 @@
 //! The completion endpoints: validate, tokenize, submit to the engine loop, assemble the answer.
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{convert::Infallible, sync::Arc};
 
 use axum::{
     Json,
@@ -255,7 +255,6 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
     if !s.engine.submit(req) {
         return ApiError::unavailable("The engine has stopped.").into_response();
     }
-    let started = Instant::now();
     let reply = Reply {
         s: s.clone(),
         kind,
@@ -270,15 +269,7 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
         sent_role: vec![false; 0],
         done: false,
     };
-    let r = if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await };
-    tracing::info!(
-        request = id,
-        kind = if kind == Kind::Chat { "chat" } else { "completion" },
-        status = r.status().as_u16(),
-        seconds = started.elapsed().as_secs_f64(),
-        "request"
-    );
-    r
+    if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await }
 }
 
 /// A request in flight and everything needed to answer it.

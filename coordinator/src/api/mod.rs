@@ -4,6 +4,7 @@
 //! Handlers validate and tokenize, then hand the request to the engine loop and assemble its tokens into
 //! OpenAI's response or event stream. Every error is OpenAI-shaped with the right status.
 
+mod access_log;
 pub mod chat_template;
 pub mod error;
 mod handlers;
@@ -57,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(access_log::log_requests))
         .with_state(state)
 }
 

@@ -21,6 +21,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// Every line the server wrote to stderr so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -35,23 +37,29 @@ impl Server {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stderr).lines();
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
-                if let Some(url) = line.split(" on ").nth(1).filter(|_| line.starts_with("tessera serving")) {
+                // The startup banner, plain or inside a JSON log event.
+                if let Some(rest) = line.split("tessera serving").nth(1)
+                    && let Some(url) = rest.split(" on ").nth(1)
+                {
+                    let url: String = url.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
                     let _ = tx.send(Ok(url.trim_end_matches("/v1").to_string()));
                     break;
                 }
-                eprintln!("[serve] {line}");
+                sink.lock().unwrap().push(line);
             }
             let _ = tx.send(Err("tessera serve exited before it was serving".to_string()));
             for line in lines.map_while(Result::ok) {
-                eprintln!("[serve] {line}");
+                sink.lock().unwrap().push(line);
             }
         });
         let base = rx.recv_timeout(Duration::from_secs(60)).expect("tessera serve did not start in 60 s").unwrap();
-        Server { child, base }
+        Server { child, base, log }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,105 @@
+//! One log line per HTTP request, at info, written when the response body has been sent (or dropped,
+//! if the client went away): request id, method, path, status, bytes, time to first byte and total time.
+//! The id comes from the client's `x-request-id` or is generated, and is echoed in the response.
+//! Prompt text is never logged.
+
+use std::{
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use axum::{
+    body::Body,
+    extract::Request,
+    http::{HeaderValue, Method, StatusCode},
+    middleware::Next,
+    response::Response,
+};
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+pub async fn log_requests(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req-{:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status();
+    let first_byte_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (parts, body) = resp.into_parts();
+    let logged = Logged { inner: body, id, method, path, status, start, first_byte_ms, bytes: 0, done: false };
+    Response::from_parts(parts, Body::new(logged))
+}
+
+struct Logged {
+    inner: Body,
+    id: String,
+    method: Method,
+    path: String,
+    status: StatusCode,
+    start: Instant,
+    first_byte_ms: f64,
+    bytes: u64,
+    done: bool,
+}
+
+impl http_body::Body for Logged {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.done = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let done = self.done || self.inner.is_end_stream();
+        tracing::info!(
+            request_id = %self.id,
+            method = %self.method,
+            path = %self.path,
+            status = self.status.as_u16(),
+            bytes = self.bytes,
+            first_byte_ms = round1(self.first_byte_ms),
+            duration_ms = round1(self.start.elapsed().as_secs_f64() * 1e3),
+            completed = done,
+            "request"
+        );
+    }
+}
+
+fn round1(ms: f64) -> f64 {
+    (ms * 10.0).round() / 10.0
+}
