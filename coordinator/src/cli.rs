@@ -27,6 +27,12 @@ pub struct Cli {
     /// Filter with RUST_LOG (default: info for tessera serve and worker, warn otherwise).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this collector (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset: none).
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces to sample when exporting (requests with a sampled traceparent always are).
+    #[arg(long, global = true, default_value_t = 1.0, value_name = "RATIO")]
+    pub otlp_sampling_ratio: f64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -123,14 +129,20 @@ pub struct GenerateArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Generate(_) | Command::Bench(_));
-    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
+    let service = if matches!(cli.command, Command::Worker(_)) { "tessera-worker" } else { "tessera-coordinator" };
+    let _telemetry = match init_telemetry(&cli, if quiet { "warn" } else { "info" }, service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log_json = cli.log_format == LogFormat::Json;
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => crate::bench::run(a),
         Command::Worker(a) => crate::worker_cmd::run(a),
-        Command::Serve(a) => {
-            crate::serve::run(crate::serve::ServeArgs { log_json: cli.log_format == LogFormat::Json, ..a })
-        }
+        Command::Serve(a) => crate::serve::run(crate::serve::ServeArgs { log_json, ..a }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -141,13 +153,28 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+/// The subscriber, and with an OTLP endpoint the exporter on a small runtime of its own (its gRPC channel
+/// must live on one, whatever runtime the subcommand uses), kept alive until exit.
+fn init_telemetry(
+    cli: &Cli,
+    default: &str,
+    service: &'static str,
+) -> Result<(crate::telemetry::Telemetry, Option<tokio::runtime::Runtime>)> {
+    let json = cli.log_format == LogFormat::Json;
+    let Some(endpoint) = crate::telemetry::endpoint(&cli.otlp_endpoint) else {
+        return Ok((crate::telemetry::init(json, default, None)?, None));
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tessera-otlp")
+        .enable_all()
+        .build()?;
+    let otlp = crate::telemetry::Otlp { endpoint, sampling_ratio: cli.otlp_sampling_ratio, service_name: service };
+    let t = {
+        let _in_rt = rt.enter();
+        crate::telemetry::init(json, default, Some(otlp))?
+    };
+    Ok((t, Some(rt)))
 }
 
 /// Loads a model directory into an in-process engine with `kv_cache_mib` of KV cache.

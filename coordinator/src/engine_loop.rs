@@ -46,6 +46,8 @@ pub struct GenRequest {
     pub ignore_eos: bool,
     pub n: usize,
     pub events: UnboundedSender<Event>,
+    /// The request's span: steps it takes part in are its children or linked to it.
+    pub span: tracing::Span,
 }
 
 enum Command {
@@ -102,6 +104,7 @@ fn thread_cpu_time() -> f64 {
 
 /// Per-sequence bookkeeping the scheduler does not need.
 struct Track {
+    span: tracing::Span,
     events: UnboundedSender<Event>,
     choice: usize,
     arrival: Instant,
@@ -187,6 +190,7 @@ impl Loop {
                     self.tracks.insert(
                         id,
                         Track {
+                            span: r.span.clone(),
                             events: r.events.clone(),
                             choice,
                             arrival,
@@ -240,15 +244,38 @@ impl Loop {
             }
         }
         let inputs = self.sched.inputs(&plan);
+        // One span per step, shared by the requests in it: a child of the first request's span, linked to
+        // the others' (never one span per request per step).
+        let prefill: usize =
+            plan.iter().filter(|p| !(p.end - p.start == 1 && p.start > 0)).map(|p| p.end - p.start).sum();
+        let tokens: usize = plan.iter().map(|p| p.end - p.start).sum();
+        let mut parents = plan.iter().filter_map(|p| self.tracks.get(&p.id)).map(|t| &t.span);
+        let step_span = match parents.next() {
+            Some(first) => {
+                let s = tracing::info_span!(target: "tessera::engine", parent: first, "step", sequences = plan.len(), tokens, prefill_tokens = prefill);
+                let mut seen = vec![first.id()];
+                for other in parents {
+                    if !seen.contains(&other.id()) {
+                        seen.push(other.id());
+                        crate::telemetry::link(&s, other);
+                    }
+                }
+                s
+            }
+            None => tracing::Span::none(),
+        };
         let cpu_before_backend = thread_cpu_time() - cpu_started;
         let t = Instant::now();
-        let result = self.backend.step(&inputs);
+        let result = step_span.in_scope(|| self.backend.step(&inputs));
         let on_workers = t.elapsed();
         drop(inputs);
         let cpu_after = thread_cpu_time();
         match result {
             Ok(sampled) => {
                 let outcomes = self.sched.apply(&plan, sampled, &self.eos);
+                // Metrics first, events second: a client whose response completes must see its own request
+                // counted and no longer running.
+                self.publish();
                 let now = Instant::now();
                 for o in outcomes {
                     self.emit(o, now);
@@ -282,15 +309,15 @@ impl Loop {
         if let Some(reason) = o.finished {
             let t = self.tracks.remove(&o.id).expect("tracked");
             self.backend.release(&[o.id]);
+            let label = if reason == FinishReason::Stop { "stop" } else { "length" };
+            self.metrics.request_success.get_or_create(&vec![("finished_reason", label)]).inc();
+            self.metrics.e2e_request_latency.observe(t.arrival.elapsed().as_secs_f64());
             let _ = t.events.send(Event::Finished {
                 choice: t.choice,
                 reason,
                 prompt_tokens: t.prompt_tokens,
                 cached_tokens: o.cached_tokens,
             });
-            let label = if reason == FinishReason::Stop { "stop" } else { "length" };
-            self.metrics.request_success.get_or_create(&vec![("finished_reason", label)]).inc();
-            self.metrics.e2e_request_latency.observe(t.arrival.elapsed().as_secs_f64());
         }
     }
 

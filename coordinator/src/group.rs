@@ -197,7 +197,8 @@ impl GroupClient {
         let timeout = self.timeouts.step;
         let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
             let mut client = rank.client.clone();
-            let req = req.clone();
+            let mut req = tonic::Request::new(req.clone());
+            crate::telemetry::inject_current(req.metadata_mut());
             async move { (r, tokio::time::timeout(timeout, client.step(req)).await) }
         });
         let results = self.rt.block_on(futures_util::future::join_all(calls));

@@ -46,9 +46,19 @@ impl Default for HttpClient {
 
 impl HttpClient {
     pub fn new() -> Self {
+        Self::with_pool(256)
+    }
+
+    /// A client that opens a new connection per request: after a response the server ends early (a 413
+    /// for a body it did not read), a pooled connection may be closing just as it is reused.
+    pub fn unpooled() -> Self {
+        Self::with_pool(0)
+    }
+
+    fn with_pool(idle_per_host: usize) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        HttpClient { client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(http) }
+        HttpClient { client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(idle_per_host).build(http) }
     }
 
     /// Sends a request with a raw body.

@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod scheduler;
 pub mod serve;
 pub mod synth;
+pub mod telemetry;
 pub mod tokenizer;
 pub mod worker_cmd;

@@ -73,6 +73,7 @@ async fn serve(a: WorkerArgs) -> Result<()> {
     }
     tracing::info!(%grpc_addr, %coll_addr, "worker serving");
     tonic::transport::Server::builder()
+        .layer(crate::telemetry::TraceContextLayer)
         .add_service(
             WorkerServer::new(service).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20),
         )

@@ -141,7 +141,9 @@ impl Engine {
     pub fn step_with_logits(&mut self, batch: &[StepSeq<'_>]) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
         // Run the whole step on a rayon worker thread: each op's parallel loop then starts by work-stealing
         // instead of a cross-thread handoff from the caller (tens of microseconds a step on small models).
-        rayon::scope(|_| self.step_in_pool(batch))
+        // The caller's span follows the work onto the pool thread.
+        let span = tracing::Span::current();
+        rayon::scope(|_| span.in_scope(|| self.step_in_pool(batch)))
     }
 
     fn step_in_pool(&mut self, batch: &[StepSeq<'_>]) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
@@ -197,6 +199,7 @@ impl Engine {
                 logits: s.sample.is_some(),
             })
             .collect();
+        let _forward = tracing::info_span!(target: "tessera::worker", "forward", tokens = inputs.iter().map(|s| s.tokens.len()).sum::<usize>()).entered();
         self.model.forward(&inputs, &mut self.cache, self.comm.as_ref()).map_err(|e| match e {
             ModelError::Kernel(k) => StepError::Kernel(k),
             ModelError::Collective(c) => StepError::Collective(c),

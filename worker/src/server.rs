@@ -201,9 +201,10 @@ impl Worker for WorkerService {
         let state = self.state.clone();
         let started = Instant::now();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let span = tracing::info_span!(target: "tessera::worker", "worker.step", step_id = r.step_id, sequences = r.sequences.len());
         // Straight onto the compute pool: one handoff (tokio → rayon) instead of two via a blocking thread.
         rayon::spawn(move || {
-            let _ = tx.send(run_step(&state, r, started));
+            let _ = tx.send(span.in_scope(|| run_step(&state, r, started)));
         });
         let result = rx.await.map_err(|_| Status::internal("step panicked"))?;
         result.map(Response::new)

@@ -66,6 +66,7 @@ impl TcpCollective {
         payload: &[u8],
         expect_len: Option<usize>,
     ) -> Result<Vec<u8>, CollectiveError> {
+        let _span = tracing::info_span!(target: "tessera::worker", "collective", op, bytes = payload.len()).entered();
         let mut guard = self.ring.lock().map_err(|_| self.err(op, "a previous collective panicked"))?;
         let ring = &mut *guard;
         let seq = ring.seq;

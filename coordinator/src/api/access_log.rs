@@ -33,14 +33,17 @@ pub async fn log_requests(req: Request, next: Next) -> Response {
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_string)
         .unwrap_or_else(|| format!("req-{:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
-    let mut resp = next.run(req).await;
+    let span = tracing::info_span!(target: "tessera::http", "http.request", request_id = %id, method = %method, path = %path, status = tracing::field::Empty);
+    crate::telemetry::adopt_parent(&span, req.headers());
+    let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("status", resp.status().as_u16());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     let status = resp.status();
     let first_byte_ms = start.elapsed().as_secs_f64() * 1e3;
     let (parts, body) = resp.into_parts();
-    let logged = Logged { inner: body, id, method, path, status, start, first_byte_ms, bytes: 0, done: false };
+    let logged = Logged { inner: body, id, method, path, status, start, first_byte_ms, bytes: 0, done: false, span };
     Response::from_parts(parts, Body::new(logged))
 }
 
@@ -54,6 +57,8 @@ struct Logged {
     first_byte_ms: f64,
     bytes: u64,
     done: bool,
+    /// Open until the body is done: the request's span covers streaming too.
+    span: tracing::Span,
 }
 
 impl http_body::Body for Logged {
@@ -86,6 +91,7 @@ impl http_body::Body for Logged {
 impl Drop for Logged {
     fn drop(&mut self) {
         let done = self.done || self.inner.is_end_stream();
+        let _in_span = self.span.enter();
         tracing::info!(
             request_id = %self.id,
             method = %self.method,

@@ -67,7 +67,8 @@ fn encode(s: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
 }
 
 pub async fn completions(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
-    match prepare_completion(&s, b) {
+    let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_completion(&s, b));
+    match prepared {
         Ok((prompt, max_tokens, opts)) => run(s, Kind::Completion, prompt, max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
@@ -118,7 +119,8 @@ fn prepare_completion(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<
 }
 
 pub async fn chat(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
-    match prepare_chat(&s, b) {
+    let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_chat(&s, b));
+    match prepared {
         Ok((prompt, max_tokens, opts)) => run(s, Kind::Chat, prompt, max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
@@ -243,6 +245,17 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let id = s.engine.next_request_id();
+    let span = tracing::info_span!(
+        target: "tessera::http",
+        "generate",
+        request_id = id,
+        model = %s.model_name,
+        prompt_tokens = prompt.len(),
+        completion_tokens = tracing::field::Empty,
+        cached_tokens = tracing::field::Empty,
+        finish_reason = tracing::field::Empty,
+    );
+    let queue = tracing::info_span!(target: "tessera::http", parent: &span, "queue");
     let req = GenRequest {
         id,
         prompt: prompt.clone(),
@@ -251,6 +264,7 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
         ignore_eos: opts.ignore_eos,
         n: opts.n,
         events: tx,
+        span: span.clone(),
     };
     if !s.engine.submit(req) {
         return ApiError::unavailable("The engine has stopped.").into_response();
@@ -268,6 +282,8 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
         rx,
         sent_role: vec![false; 0],
         done: false,
+        span,
+        queue: Some(queue),
     };
     if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await }
 }
@@ -286,6 +302,10 @@ struct Reply {
     rx: UnboundedReceiver<Event>,
     sent_role: Vec<bool>,
     done: bool,
+    /// The request's span; its token counts and finish reason are recorded when it ends.
+    span: tracing::Span,
+    /// Open from submission to the first token.
+    queue: Option<tracing::Span>,
 }
 
 impl Reply {
@@ -296,6 +316,9 @@ impl Reply {
     /// Applies one engine event; returns the choice it concerned, or an error that ends the request.
     fn apply(&mut self, ev: Event) -> Result<usize, String> {
         let stops = self.opts.stop.clone();
+        if matches!(ev, Event::Token { .. }) {
+            self.queue.take();
+        }
         match ev {
             Event::Token { choice, token, logprob, top_logprobs } => {
                 let lp = self.opts.logprobs.map(|_| (logprob.unwrap_or(0.0), top_logprobs.as_slice()));
@@ -380,6 +403,21 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
+        let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
+        let reasons: Vec<&str> = self
+            .choices
+            .iter()
+            .map(|c| match c.finish {
+                Some(FinishReason::Stop) => "stop",
+                Some(FinishReason::Length) => "length",
+                None => "abort",
+            })
+            .collect();
+        self.span.record("completion_tokens", completion);
+        self.span.record("cached_tokens", self.cached_tokens);
+        self.span.record("finish_reason", reasons.join(","));
+        tracing::info_span!(target: "tessera::http", parent: &self.span, "finish", finish_reason = %reasons.join(","))
+            .in_scope(|| {});
         // The client went away (or the reply is complete): stop whatever is still running.
         for (i, c) in self.choices.iter().enumerate() {
             if c.finish.is_none() {
