@@ -67,6 +67,9 @@ pub struct ModelArgs {
     /// across them.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub tp: usize,
+    /// Arguments every local worker gets (log format, OTLP export), from the global options.
+    #[arg(skip)]
+    pub worker_args: Vec<String>,
 }
 
 impl ModelArgs {
@@ -138,7 +141,26 @@ pub fn main() -> ExitCode {
         }
     };
     let log_json = cli.log_format == LogFormat::Json;
-    let result = match cli.command {
+    // Local workers log and export like their parent.
+    let mut worker_args = Vec::new();
+    if log_json {
+        worker_args.extend(["--log-format".to_string(), "json".to_string()]);
+    }
+    if let Some(e) = &cli.otlp_endpoint {
+        worker_args.extend([
+            "--otlp-endpoint".to_string(),
+            e.clone(),
+            "--otlp-sampling-ratio".to_string(),
+            cli.otlp_sampling_ratio.to_string(),
+        ]);
+    }
+    let mut command = cli.command;
+    match &mut command {
+        Command::Serve(a) => a.model.worker_args = worker_args,
+        Command::Generate(a) => a.model.worker_args = worker_args,
+        _ => {}
+    }
+    let result = match command {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => crate::bench::run(a),
         Command::Worker(a) => crate::worker_cmd::run(a),
@@ -216,7 +238,7 @@ impl Runner {
         let config = tessera_worker::config::ModelConfig::load(dir)?;
         tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib)?;
+        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &args.worker_args)?;
         let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
         let group = GroupClient::connect(
             &cluster.addrs,

@@ -27,19 +27,32 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Starts `n` workers of the running binary.
-    pub fn start(n: usize, threads_per_worker: usize, kv_cache_mib: usize) -> Result<Self> {
+    /// Starts `n` workers of the running binary; `extra` are passed to each (log format, OTLP export).
+    pub fn start(n: usize, threads_per_worker: usize, kv_cache_mib: usize, extra: &[String]) -> Result<Self> {
         let exe = std::env::current_exe().context("locating the tessera binary")?;
-        Self::start_with(&exe, n, threads_per_worker, kv_cache_mib)
+        Self::start_with_args(&exe, n, threads_per_worker, kv_cache_mib, extra)
     }
 
     /// Starts `n` workers of the `tessera` binary at `exe`.
     pub fn start_with(exe: &Path, n: usize, threads_per_worker: usize, kv_cache_mib: usize) -> Result<Self> {
+        Self::start_with_args(exe, n, threads_per_worker, kv_cache_mib, &[])
+    }
+
+    /// [`LocalCluster::start_with`], passing `extra` arguments to every worker.
+    pub fn start_with_args(
+        exe: &Path,
+        n: usize,
+        threads_per_worker: usize,
+        kv_cache_mib: usize,
+        extra: &[String],
+    ) -> Result<Self> {
         let mut cluster = LocalCluster { children: Vec::new(), addrs: Vec::new() };
         for rank in 0..n {
             let mut child = Command::new(exe)
                 .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent"])
                 .args(["--threads", &threads_per_worker.max(1).to_string()])
                 .args(["--kv-cache-mib", &kv_cache_mib.to_string()])
+                .args(extra)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

@@ -248,9 +248,10 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
     let span = tracing::info_span!(
         target: "tessera::http",
         "generate",
-        request_id = id,
+        // Signed: OpenTelemetry exports unsigned integers as strings.
+        request_id = id as i64,
         model = %s.model_name,
-        prompt_tokens = prompt.len(),
+        prompt_tokens = prompt.len() as i64,
         completion_tokens = tracing::field::Empty,
         cached_tokens = tracing::field::Empty,
         finish_reason = tracing::field::Empty,
@@ -413,8 +414,8 @@ impl Drop for Reply {
                 None => "abort",
             })
             .collect();
-        self.span.record("completion_tokens", completion);
-        self.span.record("cached_tokens", self.cached_tokens);
+        self.span.record("completion_tokens", completion as i64);
+        self.span.record("cached_tokens", self.cached_tokens as i64);
         self.span.record("finish_reason", reasons.join(","));
         tracing::info_span!(target: "tessera::http", parent: &self.span, "finish", finish_reason = %reasons.join(","))
             .in_scope(|| {});
