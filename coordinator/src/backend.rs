@@ -11,6 +11,8 @@ pub struct ModelInfo {
     pub max_position_embeddings: usize,
     pub num_blocks: usize,
     pub block_size: usize,
+    /// Ranks in the replica's tensor-parallel group.
+    pub world_size: usize,
 }
 
 pub trait Backend: Send {
@@ -19,11 +21,23 @@ pub trait Backend: Send {
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>>;
     /// Forgets per-sequence state of finished sequences.
     fn release(&mut self, ids: &[u64]);
+    /// Per rank, what the last step cost on the worker.
+    fn last_timings(&self) -> Vec<WorkerTiming>;
+}
+
+/// One rank's share of a step, as the worker measured it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WorkerTiming {
+    /// The whole step on the worker (forward pass and sampling).
+    pub step_seconds: f64,
+    /// Of which in collectives, waiting on peers included.
+    pub collective_seconds: f64,
 }
 
 /// An engine in this process (tp = 1).
 pub struct LocalBackend {
     pub engine: Engine,
+    pub last: WorkerTiming,
 }
 
 impl Backend for LocalBackend {
@@ -34,11 +48,19 @@ impl Backend for LocalBackend {
             max_position_embeddings: c.max_position_embeddings,
             num_blocks: self.engine.cache.num_blocks,
             block_size: self.engine.cache.block_size,
+            world_size: 1,
         }
     }
 
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>> {
-        Ok(self.engine.step(batch)?)
+        let t = std::time::Instant::now();
+        let out = self.engine.step(batch)?;
+        self.last = WorkerTiming { step_seconds: t.elapsed().as_secs_f64(), collective_seconds: 0.0 };
+        Ok(out)
+    }
+
+    fn last_timings(&self) -> Vec<WorkerTiming> {
+        vec![self.last]
     }
 
     fn release(&mut self, ids: &[u64]) {

@@ -203,7 +203,7 @@ fn init_telemetry(
 pub fn load_local(dir: &Path, kv_cache_mib: usize) -> Result<LocalBackend> {
     let model = Model::load(dir, Shard::WHOLE).with_context(|| format!("loading model {}", dir.display()))?;
     let cache = KvCache::with_budget(&model, kv_cache_mib << 20, tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE)?;
-    Ok(LocalBackend { engine: Engine::new(model, cache, Box::new(Single)) })
+    Ok(LocalBackend { engine: Engine::new(model, cache, Box::new(Single)), last: Default::default() })
 }
 
 /// Where a command's steps run: in this process (tp = 1) or on a local cluster of worker processes.

@@ -121,6 +121,9 @@ pub fn spawn(
     keep_alive: Box<dyn Send>,
 ) -> EngineHandle {
     let info = backend.info();
+    for rank in 0..info.world_size {
+        metrics.worker_kv_cache_blocks.get_or_create(&vec![("rank", rank.to_string())]).set(info.num_blocks as i64);
+    }
     let (tx, rx) = mpsc::channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicBool::new(true));
@@ -284,6 +287,11 @@ impl Loop {
             Err(e) => self.fail_all(&format!("{e:#}")),
         }
         self.metrics.step_seconds.observe(on_workers.as_secs_f64());
+        for (rank, t) in self.backend.last_timings().iter().enumerate() {
+            let label = vec![("rank", rank.to_string())];
+            self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);
+            self.metrics.worker_collective_seconds.get_or_create(&label).observe(t.collective_seconds);
+        }
         // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled, and that
         // is not the scheduler's cost. (With an in-process backend the forward pass runs on rayon threads.)
         self.metrics.scheduler_step_seconds.observe(cpu_before_backend + (thread_cpu_time() - cpu_after));

@@ -17,7 +17,7 @@ use tessera_proto::v1::{
 use tessera_worker::{Sampled, SeqSampled, StepSeq};
 use tonic::{Code, transport::Channel};
 
-use crate::backend::{Backend, ModelInfo};
+use crate::backend::{Backend, ModelInfo, WorkerTiming};
 
 /// Timeouts of a group.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +55,8 @@ pub struct GroupClient {
     failed: Option<String>,
     /// Sequences finished since the last step (their worker state is dropped with the next step).
     finished: Vec<u64>,
+    /// Per rank, the worker's own timing of the last successful step.
+    last: Vec<WorkerTiming>,
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -89,6 +91,7 @@ impl GroupClient {
             next_step: 0,
             failed: None,
             finished: Vec::new(),
+            last: Vec::new(),
         })
     }
 
@@ -173,6 +176,7 @@ impl GroupClient {
             // The group can only use blocks every rank has.
             num_blocks: loaded.iter().map(|l| l.num_kv_blocks as usize).min().unwrap_or(0),
             block_size: block_size as usize,
+            world_size: ranks.len(),
         };
         Ok((ranks, info))
     }
@@ -204,6 +208,7 @@ impl GroupClient {
         let results = self.rt.block_on(futures_util::future::join_all(calls));
         let mut errors = Vec::new();
         let mut reply = None;
+        let mut timings = vec![WorkerTiming::default(); self.ranks.len()];
         for (r, res) in results {
             let addr = &self.ranks[r].addr;
             match res {
@@ -217,8 +222,14 @@ impl GroupClient {
                     errors.push((2, format!("worker rank {r} at {addr}: {}", s.message())))
                 }
                 Ok(Err(s)) => errors.push((0, format!("worker rank {r} at {addr} failed: {}", describe(&s)))),
-                Ok(Ok(x)) if r == 0 => reply = Some(x.into_inner()),
-                Ok(Ok(_)) => {}
+                Ok(Ok(x)) => {
+                    let x = x.into_inner();
+                    timings[r] =
+                        WorkerTiming { step_seconds: x.forward_seconds, collective_seconds: x.collective_seconds };
+                    if r == 0 {
+                        reply = Some(x);
+                    }
+                }
             }
         }
         if !errors.is_empty() {
@@ -228,6 +239,7 @@ impl GroupClient {
             bail!("tensor-parallel group failed: {msg}");
         }
         let reply = reply.ok_or_else(|| anyhow!("rank 0 sent no reply"))?;
+        self.last = timings;
         Ok(reply
             .tokens
             .into_iter()
@@ -279,5 +291,9 @@ impl Backend for GroupClient {
 
     fn release(&mut self, ids: &[u64]) {
         self.finished.extend_from_slice(ids);
+    }
+
+    fn last_timings(&self) -> Vec<WorkerTiming> {
+        self.last.clone()
     }
 }

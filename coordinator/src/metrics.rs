@@ -19,6 +19,14 @@ use prometheus_client::{
 };
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// `rank` label: at most the tensor-parallel degree of values.
+type RankLabels = Vec<(&'static str, String)>;
+type RankHistograms = Family<RankLabels, Histogram, fn() -> Histogram>;
+
+fn worker_buckets() -> Histogram {
+    // 50 µs … ~1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +48,11 @@ pub struct Metrics {
     pub scheduler_step_seconds: Histogram,
     /// Wall time of the step on the workers, as the coordinator sees it.
     pub step_seconds: Histogram,
+    /// Per rank: the step as the worker measured it, and its time in collectives.
+    pub worker_step_seconds: RankHistograms,
+    pub worker_collective_seconds: RankHistograms,
+    /// Per rank: KV cache blocks the worker holds.
+    pub worker_kv_cache_blocks: Family<RankLabels, Gauge>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -67,6 +80,9 @@ impl Metrics {
             num_preemptions: Counter::default(),
             scheduler_step_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
             step_seconds: Histogram::new(latency_buckets()),
+            worker_step_seconds: Family::new_with_constructor(worker_buckets),
+            worker_collective_seconds: Family::new_with_constructor(worker_buckets),
+            worker_kv_cache_blocks: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -115,6 +131,21 @@ impl Metrics {
             m.scheduler_step_seconds.clone(),
         );
         r.register("tessera:step_seconds", "Step wall time on the workers", m.step_seconds.clone());
+        r.register(
+            "tessera:worker_step_seconds",
+            "Step time measured by each worker, by rank",
+            m.worker_step_seconds.clone(),
+        );
+        r.register(
+            "tessera:worker_collective_seconds",
+            "Time each worker spent in collectives per step, by rank",
+            m.worker_collective_seconds.clone(),
+        );
+        r.register(
+            "tessera:worker_kv_cache_blocks",
+            "KV cache blocks each worker holds, by rank",
+            m.worker_kv_cache_blocks.clone(),
+        );
         for reason in ["stop", "length", "abort"] {
             let _ = m.request_success.get_or_create(&vec![("finished_reason", reason)]);
         }

@@ -412,3 +412,29 @@ fn every_design_metric_is_exported_with_sane_values_after_a_request() {
     assert!(buckets.windows(2).all(|w| w[0].2 <= w[1].2));
     assert!(buckets.last().unwrap().1.contains("le=\"+Inf\"") && buckets.last().unwrap().2 == 1.0);
 }
+
+#[test]
+fn per_worker_step_collective_and_kv_metrics_with_two_ranks() {
+    let rt = rt();
+    let client = HttpClient::new();
+    let s = Server::start(&["--tp", "2"]);
+    let text = rt.block_on(async {
+        assert_eq!(complete(&client, &s, "Once upon a time", 27).await, LILY);
+        String::from_utf8(client.get(&s.url("/metrics")).await.unwrap().body.to_vec()).unwrap()
+    });
+    let all = samples(&text);
+    let value = |name: &str, rank: &str| -> f64 {
+        all.iter()
+            .find(|x| x.0 == name && x.1.contains(&format!("rank=\"{rank}\"")) && x.1.contains("model=\"stories260K\""))
+            .unwrap_or_else(|| panic!("{name} rank {rank} missing"))
+            .2
+    };
+    for rank in ["0", "1"] {
+        // 27 tokens: one prefill step and 26 decodes.
+        assert_eq!(value("tessera:worker_step_seconds_count", rank), 27.0);
+        assert!(value("tessera:worker_step_seconds_sum", rank) > 0.0);
+        assert!(value("tessera:worker_collective_seconds_sum", rank) > 0.0, "tp=2 all-reduces take time");
+        assert!(value("tessera:worker_collective_seconds_sum", rank) < value("tessera:worker_step_seconds_sum", rank));
+        assert!(value("tessera:worker_kv_cache_blocks", rank) > 0.0);
+    }
+}

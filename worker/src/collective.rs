@@ -21,6 +21,10 @@ pub trait Collective: Send + Sync {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CollectiveError>;
     /// Every rank's `local` (lengths may differ), in rank order, on every rank.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, CollectiveError>;
+    /// Seconds spent in collectives since the last call (for per-step metrics).
+    fn take_seconds(&self) -> f64 {
+        0.0
+    }
 }
 
 /// The group of one: nothing to exchange.

@@ -68,6 +68,11 @@ impl Engine {
         Engine { model, cache, comm, seqs: HashMap::new() }
     }
 
+    /// Seconds spent in collectives since the last call.
+    pub fn take_collective_seconds(&self) -> f64 {
+        self.comm.take_seconds()
+    }
+
     /// Sequences with state on this engine.
     pub fn active_sequences(&self) -> usize {
         self.seqs.len()

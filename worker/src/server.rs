@@ -286,5 +286,10 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             },
         })
         .collect();
-    Ok(StepReply { tokens, forward_seconds: started.elapsed().as_secs_f64(), sample_seconds: 0.0 })
+    Ok(StepReply {
+        tokens,
+        forward_seconds: started.elapsed().as_secs_f64(),
+        sample_seconds: 0.0,
+        collective_seconds: engine.take_collective_seconds(),
+    })
 }

@@ -35,6 +35,8 @@ pub struct TcpCollective {
     rank: usize,
     world: usize,
     ring: Mutex<Ring>,
+    /// Nanoseconds spent in exchanges since `take_seconds` last ran.
+    busy_ns: std::sync::atomic::AtomicU64,
 }
 
 impl TcpCollective {
@@ -67,6 +69,18 @@ impl TcpCollective {
         expect_len: Option<usize>,
     ) -> Result<Vec<u8>, CollectiveError> {
         let _span = tracing::info_span!(target: "tessera::worker", "collective", op, bytes = payload.len()).entered();
+        let started = Instant::now();
+        let result = self.exchange_inner(op, payload, expect_len);
+        self.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    fn exchange_inner(
+        &self,
+        op: &'static str,
+        payload: &[u8],
+        expect_len: Option<usize>,
+    ) -> Result<Vec<u8>, CollectiveError> {
         let mut guard = self.ring.lock().map_err(|_| self.err(op, "a previous collective panicked"))?;
         let ring = &mut *guard;
         let seq = ring.seq;
@@ -165,6 +179,10 @@ impl Collective for TcpCollective {
             }
         }
         Ok(())
+    }
+
+    fn take_seconds(&self) -> f64 {
+        self.busy_ns.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, CollectiveError> {
@@ -274,7 +292,7 @@ pub async fn rendezvous(
     };
     let right = to_std(right).map_err(|e| fail(e.to_string()))?;
     let left = to_std(left).map_err(|e| fail(e.to_string()))?;
-    Ok(TcpCollective { rank, world, ring: Mutex::new(Ring { right, left, seq: 0 }) })
+    Ok(TcpCollective { rank, world, ring: Mutex::new(Ring { right, left, seq: 0 }), busy_ns: Default::default() })
 }
 
 /// A ring of `n` ranks on loopback inside this process (one collective per rank, to be driven from one
