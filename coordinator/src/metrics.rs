@@ -185,3 +185,43 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    /// The Grafana dashboard in `deploy/grafana/` parses and queries only metrics Tessera exports.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/tessera.json");
+        let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let m = Metrics::new("m");
+        m.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
+        m.worker_step_seconds.get_or_create(&vec![("rank", "0".to_string())]).observe(0.1);
+        m.worker_collective_seconds.get_or_create(&vec![("rank", "0".to_string())]).observe(0.1);
+        let exported: std::collections::HashSet<String> = m
+            .render()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next().map(str::to_string))
+            .collect();
+        let mut queried = 0;
+        for p in dash["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for name in expr
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                    .filter(|w| w.starts_with("tessera:"))
+                {
+                    assert!(
+                        exported.contains(name),
+                        "panel {:?} queries {name}, which Tessera does not export",
+                        p["title"]
+                    );
+                    queried += 1;
+                }
+            }
+        }
+        assert!(queried >= 20);
+    }
+}

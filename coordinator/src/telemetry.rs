@@ -83,8 +83,13 @@ pub fn init(json: bool, default_filter: &str, otlp: Option<Otlp>) -> Result<Tele
         .build();
     let tracer = provider.tracer("tessera");
     // Only Tessera's own spans are exported; dependencies' spans would be noise and cost.
+    // Source locations, thread ids and busy/idle timers on every span cost serialisation and bytes on
+    // each export and tell an operator nothing the span names do not.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
         .with_filter(tracing_subscriber::filter::Targets::new().with_target("tessera", tracing::Level::INFO));
     registry.with(otel).init();
     global::set_tracer_provider(provider.clone());
