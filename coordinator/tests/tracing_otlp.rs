@@ -215,3 +215,57 @@ fn serving_goes_on_unharmed_when_the_collector_goes_away() {
     // Exports are batched off the serving path: the median must not move beyond noise.
     assert!(down < up * 2.0 + 0.005, "median latency {up:.4}s with the collector, {down:.4}s without");
 }
+
+#[test]
+fn a_step_shared_by_two_requests_is_one_span_linked_to_both_traces() {
+    let rt = rt();
+    let (sink, endpoint, _stop) = receiver(&rt);
+    let s = Server::start_env(&["--otlp-endpoint", &endpoint], &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+    let traces = ["11111111111111111111111111111111", "22222222222222222222222222222222"];
+    rt.block_on(async {
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<String>();
+        let calls = traces.iter().map(|t| {
+            let req = hyper::Request::builder()
+                .method("POST")
+                .uri(s.url("/v1/completions"))
+                .header("traceparent", format!("00-{t}-{CLIENT_SPAN}-01"))
+                .body(
+                    json!({"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": true})
+                        .to_string(),
+                )
+                .unwrap();
+            let http = http.clone();
+            async move {
+                let resp = http.request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+            }
+        });
+        futures_util::future::join_all(calls).await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let steps = loop {
+        let got = sink.0.lock().unwrap().clone();
+        let finished =
+            traces.iter().all(|t| got.iter().any(|g| hex(&g.span.trace_id) == *t && g.span.name == "finish"));
+        if finished {
+            std::thread::sleep(Duration::from_millis(300)); // the last batch of steps
+            break sink.0.lock().unwrap().iter().filter(|g| g.span.name == "step").cloned().collect::<Vec<_>>();
+        }
+        assert!(Instant::now() < deadline, "traces incomplete");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Every step span is unique, and steps that served both requests link to the other trace.
+    let ids: HashSet<String> = steps.iter().map(|g| hex(&g.span.span_id)).collect();
+    assert_eq!(ids.len(), steps.len());
+    let shared: Vec<&Got> = steps.iter().filter(|g| !g.span.links.is_empty()).collect();
+    assert!(!shared.is_empty(), "the two requests ran in the same steps: those must be linked");
+    for g in &shared {
+        let own = hex(&g.span.trace_id);
+        assert!(traces.contains(&own.as_str()));
+        assert!(g.span.links.iter().all(|l| hex(&l.trace_id) != own && traces.contains(&hex(&l.trace_id).as_str())));
+    }
+    // 40 tokens each: 80 step spans if nothing were shared; shared steps count once.
+    assert!(steps.len() < 80, "{} step spans for two 40-token requests that shared steps", steps.len());
+}
