@@ -149,6 +149,36 @@ fn a_split_the_model_cannot_take_is_refused_clearly() {
     assert!(!err.contains("panicked"));
 }
 
+/// Starts `tessera generate --tp 2` on a model slow enough that a 4000-token generation is surely still
+/// running when a test strikes, and returns once text has arrived (generation has started).
+fn long_tp2_generation(stderr: Stdio) -> (tempfile::TempDir, std::process::Child, std::process::ChildStdout) {
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = tessera_coordinator::synth::Shape {
+        hidden: 256,
+        intermediate: 512,
+        layers: 6,
+        heads: 8,
+        kv_heads: 4,
+        vocab: 512,
+        context: 4096,
+    };
+    tessera_coordinator::synth::write_model(tmp.path(), shape, 5).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(repo().join("models/stories260K").join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut child = Command::new(exe())
+        .args(["generate", "--tp", "2", "--model", tmp.path().to_str().unwrap(), "--prompt", "Once upon a time"])
+        .args(["--max-tokens", "4000", "--ignore-eos", "--temperature", "0"])
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    (tmp, child, stdout)
+}
+
 fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -171,32 +201,7 @@ fn alive(pid: u32) -> bool {
 
 #[test]
 fn a_worker_killed_mid_generation_fails_the_request_fast_and_leaves_no_process() {
-    // A model slow enough that a 4000-token generation is surely still running when we strike.
-    let tmp = tempfile::tempdir().unwrap();
-    let shape = tessera_coordinator::synth::Shape {
-        hidden: 256,
-        intermediate: 512,
-        layers: 6,
-        heads: 8,
-        kv_heads: 4,
-        vocab: 512,
-        context: 4096,
-    };
-    tessera_coordinator::synth::write_model(tmp.path(), shape, 5).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(repo().join("models/stories260K").join(f), tmp.path().join(f)).unwrap();
-    }
-    let mut child = Command::new(exe())
-        .args(["generate", "--tp", "2", "--model", tmp.path().to_str().unwrap(), "--prompt", "Once upon a time"])
-        .args(["--max-tokens", "4000", "--ignore-eos", "--temperature", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Generation has started once text arrives on stdout.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut first = [0u8; 1];
-    stdout.read_exact(&mut first).unwrap();
+    let (_model, mut child, mut stdout) = long_tp2_generation(Stdio::piped());
     let workers = children_of(child.id());
     assert_eq!(workers.len(), 2, "expected two worker processes, found {workers:?}");
     let victim = workers[1];
@@ -361,30 +366,7 @@ fn a_group_refuses_a_bad_step_without_failing() {
 #[test]
 fn workers_exit_when_their_parent_is_killed_outright() {
     for signal in ["-9", "-2"] {
-        let tmp = tempfile::tempdir().unwrap();
-        let shape = tessera_coordinator::synth::Shape {
-            hidden: 256,
-            intermediate: 512,
-            layers: 6,
-            heads: 8,
-            kv_heads: 4,
-            vocab: 512,
-            context: 4096,
-        };
-        tessera_coordinator::synth::write_model(tmp.path(), shape, 5).unwrap();
-        for f in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(repo().join("models/stories260K").join(f), tmp.path().join(f)).unwrap();
-        }
-        let mut child = Command::new(exe())
-            .args(["generate", "--tp", "2", "--model", tmp.path().to_str().unwrap(), "--prompt", "Once upon a time"])
-            .args(["--max-tokens", "4000", "--ignore-eos", "--temperature", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let mut first = [0u8; 1];
-        stdout.read_exact(&mut first).unwrap();
+        let (_model, mut child, _stdout) = long_tp2_generation(Stdio::null());
         let workers = children_of(child.id());
         assert_eq!(workers.len(), 2);
         // SIGKILL gives the parent no chance to clean up; SIGINT sent to it alone (not its process group,

@@ -274,46 +274,32 @@ pub fn max_tokens(param: &str, v: Option<i64>) -> Result<Option<usize>, ApiError
     }
 }
 
-impl CompletionRequest {
-    pub fn common(&mut self) -> Common {
-        Common {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            n: self.n,
-            stream: self.stream,
-            stream_options: self.stream_options.take(),
-            stop: self.stop.take(),
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            seed: self.seed,
-            user: self.user.take(),
-            ignore_eos: self.ignore_eos,
-            logit_bias: self.logit_bias.take(),
+/// Both request types list the shared parameters (serde cannot flatten them under `deny_unknown_fields`);
+/// this moves them into one [`Common`].
+macro_rules! take_common {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn common(&mut self) -> Common {
+                Common {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    n: self.n,
+                    stream: self.stream,
+                    stream_options: self.stream_options.take(),
+                    stop: self.stop.take(),
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    repetition_penalty: self.repetition_penalty,
+                    seed: self.seed,
+                    user: self.user.take(),
+                    ignore_eos: self.ignore_eos,
+                    logit_bias: self.logit_bias.take(),
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl ChatRequest {
-    pub fn common(&mut self) -> Common {
-        Common {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            n: self.n,
-            stream: self.stream,
-            stream_options: self.stream_options.take(),
-            stop: self.stop.take(),
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            seed: self.seed,
-            user: self.user.take(),
-            ignore_eos: self.ignore_eos,
-            logit_bias: self.logit_bias.take(),
-        }
-    }
-}
+take_common!(CompletionRequest, ChatRequest);
