@@ -78,7 +78,7 @@ pub fn generate(
     // The sequence may grow to the context's end; that is also where a too-large max_tokens stops.
     let limit = (req.prompt_ids.len() + req.max_tokens).min(info.max_position_embeddings);
     let mut alloc = BlockManager::new(info.num_blocks, info.block_size);
-    let Some(mut table) = alloc.allocate_n(limit.div_ceil(info.block_size)) else {
+    let Some(table) = alloc.allocate_n(limit.div_ceil(info.block_size)) else {
         bail!(
             "the KV cache holds {} blocks of {} tokens; this request needs {}",
             info.num_blocks,
@@ -89,7 +89,6 @@ pub fn generate(
     let result = run(backend, tok, req, seq_id, limit, &table, &mut on_text);
     backend.release(&[seq_id]);
     alloc.release(&table);
-    table.clear();
     result
 }
 

@@ -173,7 +173,6 @@ fn prepare_chat(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<(Vec<u
                 text
             }
         };
-        let _ = &m.name;
         messages.push(ChatMessage { role: m.role.clone(), content });
     }
     let text = template.render(&messages)?;

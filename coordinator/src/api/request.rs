@@ -100,10 +100,10 @@ pub struct ContentPart {
 }
 
 #[derive(Deserialize, Debug)]
+/// A chat message. Other fields OpenAI defines (`name`, …) are accepted and not used.
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
-    pub name: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
