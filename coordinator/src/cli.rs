@@ -53,6 +53,36 @@ pub enum Command {
     Worker(crate::worker_cmd::WorkerArgs),
     /// Serve the OpenAI-compatible HTTP API on a model (in process, or on --tp N local worker processes).
     Serve(crate::serve::ServeArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Make a new key: prints the secret once, and the entry to add to the --api-keys file.
+    Create {
+        /// Tenant the key belongs to.
+        #[arg(long)]
+        tenant: String,
+        /// Key id (default: derived from the secret's hash).
+        #[arg(long)]
+        id: Option<String>,
+        /// Models the key may use, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+    },
+}
+
+fn keys_create(tenant: &str, id: Option<&str>, models: Option<Vec<String>>) -> Result<()> {
+    if tenant.is_empty() {
+        bail!("--tenant must not be empty");
+    }
+    let (secret, entry) = crate::api::auth::create(tenant, id, models);
+    println!("secret (shown once, store it now): {secret}");
+    println!("add this entry to the \"keys\" list of the --api-keys file:");
+    println!("{}", serde_json::to_string(&entry)?);
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -165,6 +195,7 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => crate::bench::run(a),
         Command::Worker(a) => crate::worker_cmd::run(a),
         Command::Serve(a) => crate::serve::run(crate::serve::ServeArgs { log_json, ..a }),
+        Command::Keys(KeysCommand::Create { tenant, id, models }) => keys_create(&tenant, id.as_deref(), models),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

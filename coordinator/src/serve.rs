@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// JSON file of API keys (see `tessera keys create`); without it the API is open to anyone who can
+    /// reach it.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys: Option<std::path::PathBuf>,
     /// Set from the global --log-format.
     #[arg(skip)]
     pub log_json: bool,
@@ -58,6 +62,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None if a.model.model.is_none() => crate::default_model::NAME.to_string(),
         None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
     };
+    let keys = a.api_keys.as_deref().map(crate::api::auth::KeyStore::open).transpose()?;
     let tokenizer = Tokenizer::load(&dir)?;
     let chat_template =
         ChatTemplate::from_config(&tokenizer.config, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())
@@ -85,11 +90,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_waiting: a.max_waiting,
         max_body_bytes: a.max_body_bytes,
         started: api::unix_now(),
+        keys: keys.clone(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let local = listener.local_addr()?;
+        match &keys {
+            Some(k) => {
+                tracing::info!(keys = k.current().len(), "API keys required (reloaded on change or SIGHUP)");
+                k.clone().watch(std::time::Duration::from_secs(1));
+            }
+            None => tracing::warn!("no --api-keys: the API is open to anyone who can reach this address"),
+        }
         // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
         // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -3,7 +3,7 @@
 use std::{convert::Infallible, sync::Arc};
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
     http::StatusCode,
@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{
     AppState,
+    auth::{self, Caller},
     chat_template::ChatMessage,
     error::ApiError,
     output::{ChoiceText, chat_logprobs, completion_logprobs},
@@ -66,17 +67,27 @@ fn encode(s: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
     s.tokenizer.encode_prompt(text).map_err(|e| ApiError::param("prompt", e.to_string()))
 }
 
-pub async fn completions(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
-    let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_completion(&s, b));
+pub async fn completions(
+    State(s): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let prepared =
+        tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_completion(&s, &caller, b));
     match prepared {
         Ok((prompt, max_tokens, opts)) => run(s, Kind::Completion, prompt, max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn prepare_completion(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<(Vec<u32>, usize, Options), ApiError> {
+fn prepare_completion(
+    s: &AppState,
+    caller: &Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<(Vec<u32>, usize, Options), ApiError> {
     let mut r: CompletionRequest = request::parse(&body(b, s.max_body_bytes)?)?;
     check_model(s, &r.model)?;
+    auth::check_model(caller, &r.model)?;
     if r.echo == Some(true) {
         return Err(ApiError::param("echo", "echo is not supported by this server."));
     }
@@ -118,17 +129,26 @@ fn prepare_completion(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<
     Ok((prompt, max_tokens, opts))
 }
 
-pub async fn chat(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
-    let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_chat(&s, b));
+pub async fn chat(
+    State(s): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_chat(&s, &caller, b));
     match prepared {
         Ok((prompt, max_tokens, opts)) => run(s, Kind::Chat, prompt, max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn prepare_chat(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<(Vec<u32>, usize, Options), ApiError> {
+fn prepare_chat(
+    s: &AppState,
+    caller: &Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<(Vec<u32>, usize, Options), ApiError> {
     let mut r: ChatRequest = request::parse(&body(b, s.max_body_bytes)?)?;
     check_model(s, &r.model)?;
+    auth::check_model(caller, &r.model)?;
     let template = s.chat_template.as_ref().ok_or_else(|| {
         ApiError::invalid(
             None,

@@ -5,6 +5,7 @@
 //! OpenAI's response or event stream. Every error is OpenAI-shaped with the right status.
 
 mod access_log;
+pub mod auth;
 pub mod chat_template;
 pub mod error;
 mod handlers;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Unix time the server started (`created` of the model).
     pub started: u64,
+    /// API keys; `None` serves everyone.
+    pub keys: Option<Arc<auth::KeyStore>>,
 }
 
 pub fn unix_now() -> u64 {
@@ -47,11 +50,15 @@ pub fn unix_now() -> u64 {
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    // Keys guard the API; health, readiness and metrics stay open for probes and scrapers.
+    let api = Router::new()
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
+        .route_layer(axum::middleware::from_fn_with_state(state.keys.clone(), auth::require_key));
+    Router::new()
+        .merge(api)
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -1,0 +1,266 @@
+//! API keys: who may call `/v1/*`, and which models each key may use.
+//!
+//! Keys live in a JSON file (`--api-keys`) that holds, per key, its id, tenant, the SHA-256 of its secret
+//! (never the secret), and optionally the models it may use. A request's `Authorization: Bearer SECRET` is
+//! hashed and looked up. The file is re-read when it changes on disk or on SIGHUP; a file that no longer
+//! parses is refused with a log line and the previous keys stay in force, so a bad edit never locks
+//! everyone out, and requests in flight are never dropped by a reload.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result, bail};
+use axum::{
+    extract::{Request, State},
+    http::{StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+
+/// One key as the file describes it.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    pub id: String,
+    pub tenant: String,
+    /// Lower-case hex SHA-256 of the secret.
+    pub secret_sha256: String,
+    /// Models the key may use; absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+}
+
+impl KeyEntry {
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|m| m.iter().any(|x| x == model))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    keys: Vec<KeyEntry>,
+}
+
+/// The caller of a request: `None` when the server runs without keys.
+#[derive(Clone, Debug)]
+pub struct Caller(pub Option<Arc<KeyEntry>>);
+
+pub fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A parsed, validated key file.
+#[derive(Debug, Default)]
+pub struct Keys {
+    by_hash: HashMap<String, Arc<KeyEntry>>,
+}
+
+impl Keys {
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let file: KeyFile =
+            serde_json::from_str(text).with_context(|| format!("{}: not a valid key file", path.display()))?;
+        let mut ids = HashSet::new();
+        let mut by_hash = HashMap::new();
+        for (i, k) in file.keys.into_iter().enumerate() {
+            if k.id.is_empty() || !ids.insert(k.id.clone()) {
+                bail!("{}: keys[{i}].id: empty or used twice ({:?})", path.display(), k.id);
+            }
+            if k.secret_sha256.len() != 64
+                || !k.secret_sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                bail!(
+                    "{}: keys[{i}].secret_sha256: expected 64 lower-case hex digits (the key {:?})",
+                    path.display(),
+                    k.id
+                );
+            }
+            if by_hash.insert(k.secret_sha256.clone(), Arc::new(k.clone())).is_some() {
+                bail!("{}: keys[{i}].secret_sha256: two keys share a secret ({:?})", path.display(), k.id);
+            }
+        }
+        Ok(Keys { by_hash })
+    }
+
+    pub fn lookup(&self, secret: &str) -> Option<Arc<KeyEntry>> {
+        self.by_hash.get(&sha256_hex(secret)).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+/// The key file and the keys currently in force.
+pub struct KeyStore {
+    path: PathBuf,
+    keys: RwLock<Arc<Keys>>,
+    modified: RwLock<Option<SystemTime>>,
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl KeyStore {
+    /// Loads `path`; an unreadable or invalid file is an error at start.
+    pub fn open(path: &Path) -> Result<Arc<Self>> {
+        let modified = mtime(path);
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let keys = Keys::parse(&text, path)?;
+        Ok(Arc::new(KeyStore {
+            path: path.to_path_buf(),
+            keys: RwLock::new(Arc::new(keys)),
+            modified: RwLock::new(modified),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Keys> {
+        self.keys.read().expect("key store lock").clone()
+    }
+
+    /// Re-reads the file. On error the keys in force stay as they are.
+    pub fn reload(&self) -> Result<usize> {
+        let modified = mtime(&self.path);
+        let text = std::fs::read_to_string(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
+        let keys = Keys::parse(&text, &self.path)?;
+        let n = keys.len();
+        *self.keys.write().expect("key store lock") = Arc::new(keys);
+        *self.modified.write().expect("key store lock") = modified;
+        Ok(n)
+    }
+
+    fn reload_logged(&self, why: &str) {
+        match self.reload() {
+            Ok(n) => tracing::info!(keys = n, "{why}: reloaded {}", self.path.display()),
+            Err(e) => tracing::error!("{why}: keeping the previous keys: {e:#}"),
+        }
+    }
+
+    /// Reloads when the file's modification time changes (checked every `every`) or on SIGHUP.
+    pub fn watch(self: Arc<Self>, every: Duration) {
+        tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(every);
+            loop {
+                let sighup = async {
+                    match hup.as_mut() {
+                        Some(s) => {
+                            s.recv().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let now = mtime(&self.path);
+                        if now != *self.modified.read().expect("key store lock") {
+                            self.reload_logged("key file changed");
+                        }
+                    }
+                    _ = sighup => self.reload_logged("SIGHUP"),
+                }
+            }
+        });
+    }
+}
+
+fn unauthorized(message: &str, code: Option<&'static str>) -> Response {
+    let mut e = ApiError::invalid(None, message);
+    e.status = StatusCode::UNAUTHORIZED;
+    e.code = code;
+    e.into_response()
+}
+
+/// Middleware for `/v1/*`: with a key store, a known `Authorization: Bearer` key is required; the caller is
+/// attached to the request for the handlers' per-model check.
+pub async fn require_key(State(store): State<Option<Arc<KeyStore>>>, mut req: Request, next: Next) -> Response {
+    let caller = match &store {
+        None => Caller(None),
+        Some(store) => {
+            let Some(auth) = req.headers().get(header::AUTHORIZATION) else {
+                return unauthorized(
+                    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                    None,
+                );
+            };
+            let secret = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+            match store.current().lookup(secret) {
+                Some(k) => Caller(Some(k)),
+                None => return unauthorized("Incorrect API key provided.", Some("invalid_api_key")),
+            }
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// 403 unless the caller may use `model`.
+pub fn check_model(caller: &Caller, model: &str) -> Result<(), ApiError> {
+    match &caller.0 {
+        Some(k) if !k.allows(model) => {
+            let mut e =
+                ApiError::param("model", format!("The API key {:?} is not allowed to use the model `{model}`.", k.id));
+            e.status = StatusCode::FORBIDDEN;
+            e.kind = "permission_error";
+            e.code = Some("model_not_allowed");
+            Err(e)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A new key: the secret (shown once) and the entry to add to the key file.
+pub fn create(tenant: &str, id: Option<&str>, models: Option<Vec<String>>) -> (String, KeyEntry) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+    let mut bytes = [0u8; 32];
+    rng.fill_bytes(&mut bytes);
+    let secret: String = format!("tsk-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let id = id.map(str::to_string).unwrap_or_else(|| format!("key-{}", &sha256_hex(&secret)[..8]));
+    let entry = KeyEntry { id, tenant: tenant.to_string(), secret_sha256: sha256_hex(&secret), models };
+    (secret, entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_look_up_and_refuse_bad_files() {
+        let (secret, entry) = create("acme", Some("k1"), Some(vec!["m".into()]));
+        assert!(secret.starts_with("tsk-") && secret.len() == 68);
+        let text = serde_json::json!({ "keys": [entry] }).to_string();
+        let keys = Keys::parse(&text, Path::new("keys.json")).unwrap();
+        let k = keys.lookup(&secret).unwrap();
+        assert_eq!((k.id.as_str(), k.tenant.as_str()), ("k1", "acme"));
+        assert!(k.allows("m") && !k.allows("other"));
+        assert!(keys.lookup("tsk-wrong").is_none());
+        assert!(!text.contains(&secret), "the file holds the hash, never the secret");
+        for (bad, msg) in [
+            (r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "xyz"}]}"#, "secret_sha256"),
+            (r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "00"}], "x": 1}"#, "not a valid key file"),
+            (r#"{"keys": [{"id": "", "tenant": "t", "secret_sha256": "00"}]}"#, "id"),
+        ] {
+            let e = Keys::parse(bad, Path::new("keys.json")).unwrap_err().to_string();
+            assert!(e.contains("keys.json") && e.contains(msg), "{e}");
+        }
+        let h = sha256_hex("s");
+        let dup = format!(
+            r#"{{"keys": [{{"id": "a", "tenant": "t", "secret_sha256": "{h}"}}, {{"id": "a", "tenant": "u", "secret_sha256": "{h}"}}]}}"#
+        );
+        assert!(Keys::parse(&dup, Path::new("k")).unwrap_err().to_string().contains("used twice"));
+    }
+}
