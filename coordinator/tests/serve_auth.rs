@@ -146,3 +146,78 @@ fn a_bad_key_file_stops_the_server_at_start_with_the_reason() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("keys.json") && err.contains("keys[0].secret_sha256"), "{err}");
 }
+
+#[test]
+fn per_key_limits_answer_429_with_openai_headers() {
+    let (limited, mut limited_entry) = create("acme", "limited", None);
+    limited_entry["limits"] = json!({"requests_per_minute": 3, "tokens_per_minute": 200, "max_tokens_per_request": 50});
+    let (single, mut single_entry) = create("acme", "single", None);
+    single_entry["limits"] = json!({"concurrent_requests": 1});
+    let (tight, mut tight_entry) = create("acme", "tight", None);
+    tight_entry["limits"] = json!({"tokens_per_minute": 40});
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.json");
+    std::fs::write(&file, json!({"keys": [limited_entry, single_entry, tight_entry]}).to_string()).unwrap();
+    let s = Server::start(&["--api-keys", file.to_str().unwrap()]);
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<String>();
+    let post = |key: &str, body: Value| {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(s.url("/v1/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .body(body.to_string())
+            .unwrap();
+        http.request(req)
+    };
+    let body = |max: usize| json!({"model": "stories260K", "prompt": "Once upon a time", "max_tokens": max, "ignore_eos": true});
+    rt().block_on(async {
+        // Requests per minute, tokens per minute, max_tokens per request, with the headers on every response.
+        let r = post(&limited, body(10)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let h = r.headers();
+        assert_eq!(
+            (&h["x-ratelimit-limit-requests"], &h["x-ratelimit-remaining-requests"]),
+            (&"3".parse().unwrap(), &"2".parse().unwrap())
+        );
+        assert_eq!(h["x-ratelimit-limit-tokens"], "200");
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "185", "5 prompt + 10 max_tokens reserved");
+        assert!(h.contains_key("x-ratelimit-reset-requests") && h.contains_key("x-ratelimit-reset-tokens"));
+        let r = post(&limited, body(60)).await.unwrap();
+        assert_eq!(r.status(), 400, "over max_tokens_per_request");
+        assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
+        let r = post(&limited, body(10)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+        let r = post(&limited, body(10)).await.unwrap();
+        assert_eq!(r.status(), 429);
+        assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+        assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+        let v: Value =
+            serde_json::from_slice(&http_body_util::BodyExt::collect(r.into_body()).await.unwrap().to_bytes()).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+
+        // Tokens per minute: 35 of 40 reserved and used; the next 35 must wait.
+        assert_eq!(post(&tight, body(30)).await.unwrap().status(), 200);
+        let r = post(&tight, body(30)).await.unwrap();
+        assert_eq!(r.status(), 429);
+        assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() > 30);
+
+        // One request at a time: a second one while a stream runs is refused, then admitted once it ends.
+        let mut streaming = body(400);
+        streaming["stream"] = json!(true);
+        let first = post(&single, streaming).await.unwrap();
+        assert_eq!(first.status(), 200);
+        let r = post(&single, body(3)).await.unwrap();
+        assert_eq!(r.status(), 429, "concurrency limit");
+        drop(first); // hang up: the slot frees
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = post(&single, body(3)).await.unwrap().status();
+            if st == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "slot not freed after the stream ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}

@@ -23,7 +23,10 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::error::ApiError;
+use super::{
+    error::ApiError,
+    limits::{KeyLimits, Limiter, Slot, Snapshot},
+};
 
 /// One key as the file describes it.
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -36,6 +39,9 @@ pub struct KeyEntry {
     /// Models the key may use; absent means all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
+    /// Rate and size limits; absent means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<KeyLimits>,
 }
 
 impl KeyEntry {
@@ -50,9 +56,19 @@ struct KeyFile {
     keys: Vec<KeyEntry>,
 }
 
-/// The caller of a request: `None` when the server runs without keys.
-#[derive(Clone, Debug)]
-pub struct Caller(pub Option<Arc<KeyEntry>>);
+/// The caller of a request (no key when the server runs without keys) and, for a key with limits, its
+/// hold on them, which the handler takes over for the life of the response.
+#[derive(Clone)]
+pub struct Caller {
+    pub key: Option<Arc<KeyEntry>>,
+    pub slot: Option<Arc<std::sync::Mutex<Option<Slot>>>>,
+}
+
+impl Caller {
+    pub fn take_slot(&self) -> Option<Slot> {
+        self.slot.as_ref().and_then(|s| s.lock().ok()?.take())
+    }
+}
 
 pub fn sha256_hex(secret: &str) -> String {
     Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
@@ -186,9 +202,13 @@ fn unauthorized(message: &str, code: Option<&'static str>) -> Response {
 
 /// Middleware for `/v1/*`: with a key store, a known `Authorization: Bearer` key is required; the caller is
 /// attached to the request for the handlers' per-model check.
-pub async fn require_key(State(store): State<Option<Arc<KeyStore>>>, mut req: Request, next: Next) -> Response {
-    let caller = match &store {
-        None => Caller(None),
+pub async fn require_key(
+    State((store, limiter)): State<(Option<Arc<KeyStore>>, Arc<Limiter>)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let key = match &store {
+        None => None,
         Some(store) => {
             let Some(auth) = req.headers().get(header::AUTHORIZATION) else {
                 return unauthorized(
@@ -198,18 +218,36 @@ pub async fn require_key(State(store): State<Option<Arc<KeyStore>>>, mut req: Re
             };
             let secret = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
             match store.current().lookup(secret) {
-                Some(k) => Caller(Some(k)),
+                Some(k) => Some(k),
                 None => return unauthorized("Incorrect API key provided.", Some("invalid_api_key")),
             }
         }
     };
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    let limits = key.as_ref().and_then(|k| k.limits);
+    let (slot, snapshot) = match (&key, &limits) {
+        (Some(k), Some(l)) => match limiter.admit(&k.id, l) {
+            Ok((slot, snap)) => (Some(Arc::new(std::sync::Mutex::new(Some(slot)))), Some(snap)),
+            Err(refused) => {
+                let (e, snap) = *refused;
+                let mut r = e.into_response();
+                snap.write(r.headers_mut());
+                return r;
+            }
+        },
+        _ => (None, None),
+    };
+    req.extensions_mut().insert(Caller { key, slot });
+    let mut resp = next.run(req).await;
+    // The handler's view (after reserving tokens) if it left one, else the admission's.
+    if let Some(s) = resp.extensions().get::<Snapshot>().cloned().or(snapshot) {
+        s.write(resp.headers_mut());
+    }
+    resp
 }
 
 /// 403 unless the caller may use `model`.
 pub fn check_model(caller: &Caller, model: &str) -> Result<(), ApiError> {
-    match &caller.0 {
+    match &caller.key {
         Some(k) if !k.allows(model) => {
             let mut e =
                 ApiError::param("model", format!("The API key {:?} is not allowed to use the model `{model}`.", k.id));
@@ -230,7 +268,7 @@ pub fn create(tenant: &str, id: Option<&str>, models: Option<Vec<String>>) -> (S
     rng.fill_bytes(&mut bytes);
     let secret: String = format!("tsk-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
     let id = id.map(str::to_string).unwrap_or_else(|| format!("key-{}", &sha256_hex(&secret)[..8]));
-    let entry = KeyEntry { id, tenant: tenant.to_string(), secret_sha256: sha256_hex(&secret), models };
+    let entry = KeyEntry { id, tenant: tenant.to_string(), secret_sha256: sha256_hex(&secret), models, limits: None };
     (secret, entry)
 }
 

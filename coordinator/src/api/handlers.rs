@@ -75,7 +75,7 @@ pub async fn completions(
     let prepared =
         tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_completion(&s, &caller, b));
     match prepared {
-        Ok((prompt, max_tokens, opts)) => run(s, Kind::Completion, prompt, max_tokens, opts).await,
+        Ok((prompt, max_tokens, opts)) => run(s, &caller, Kind::Completion, prompt, max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
 }
@@ -136,7 +136,7 @@ pub async fn chat(
 ) -> Response {
     let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_chat(&s, &caller, b));
     match prepared {
-        Ok((prompt, max_tokens, opts)) => run(s, Kind::Chat, prompt, max_tokens, opts).await,
+        Ok((prompt, max_tokens, opts)) => run(s, &caller, Kind::Chat, prompt, max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
 }
@@ -228,7 +228,14 @@ fn prepare_chat(
 }
 
 /// Checks the request against the model and the pool, then runs it.
-async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, opts: Options) -> Response {
+async fn run(
+    s: Arc<AppState>,
+    caller: &Caller,
+    kind: Kind,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    opts: Options,
+) -> Response {
     let info = s.engine.info;
     let ctx = info.max_position_embeddings;
     let what = if kind == Kind::Chat { "messages" } else { "prompt" };
@@ -261,6 +268,20 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
     let waiting = s.engine.queued.load(std::sync::atomic::Ordering::Relaxed);
     if waiting >= s.max_waiting {
         return ApiError::overloaded(waiting).into_response();
+    }
+    // Tokens count against the key as OpenAI counts them at admission: prompt + max_tokens per choice.
+    let mut slot = caller.take_slot();
+    let mut snapshot = None;
+    if let (Some(sl), Some(l)) = (slot.as_mut(), caller.key.as_ref().and_then(|k| k.limits)) {
+        match sl.reserve(&l, prompt.len(), max_tokens * opts.n) {
+            Ok(snap) => snapshot = Some(snap),
+            Err(refused) => {
+                let (e, snap) = *refused;
+                let mut r = e.into_response();
+                r.extensions_mut().insert(snap);
+                return r;
+            }
+        }
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let id = s.engine.next_request_id();
@@ -304,8 +325,13 @@ async fn run(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, max_tokens: usize, 
         done: false,
         span,
         queue: Some(queue),
+        slot,
     };
-    if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await }
+    let mut r = if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await };
+    if let Some(snap) = snapshot {
+        r.extensions_mut().insert(snap);
+    }
+    r
 }
 
 /// A request in flight and everything needed to answer it.
@@ -326,6 +352,9 @@ struct Reply {
     span: tracing::Span,
     /// Open from submission to the first token.
     queue: Option<tracing::Span>,
+    /// The key's hold on its limits: unused reserved tokens go back, and the concurrency slot frees, when
+    /// the reply ends.
+    slot: Option<crate::api::limits::Slot>,
 }
 
 impl Reply {
@@ -433,6 +462,9 @@ impl Drop for Reply {
                 None => "abort",
             })
             .collect();
+        if let Some(slot) = self.slot.as_mut() {
+            slot.settle(self.prompt_tokens + completion);
+        }
         self.span.record("completion_tokens", completion as i64);
         self.span.record("cached_tokens", self.cached_tokens as i64);
         self.span.record("finish_reason", reasons.join(","));

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod chat_template;
 pub mod error;
 mod handlers;
+pub mod limits;
 pub mod output;
 pub mod request;
 
@@ -42,6 +43,8 @@ pub struct AppState {
     pub started: u64,
     /// API keys; `None` serves everyone.
     pub keys: Option<Arc<auth::KeyStore>>,
+    /// Per-key limit state.
+    pub limiter: Arc<limits::Limiter>,
 }
 
 pub fn unix_now() -> u64 {
@@ -56,7 +59,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
-        .route_layer(axum::middleware::from_fn_with_state(state.keys.clone(), auth::require_key));
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.keys.clone(), state.limiter.clone()),
+            auth::require_key,
+        ));
     Router::new()
         .merge(api)
         .route("/health", get(health))
