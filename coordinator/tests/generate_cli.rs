@@ -8,6 +8,16 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A writable copy of the default model, for tests that edit its files.
+fn default_model_copy() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(repo().join("models/stories260K")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    tmp
+}
+
 struct Out {
     ok: bool,
     stdout: String,
@@ -136,11 +146,7 @@ fn seeded_sampling_repeats_and_eos_stops() {
     assert_ne!(a.stdout, c.stdout, "a different seed should change a 40-token sample");
     // stories260K (like llama2.c) ends a story with BOS, id 1. With generation_config.json naming both 1
     // and 2 as end-of-sequence, a long greedy run must stop there with "stop", the EOS not included.
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(repo().join("models/stories260K")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
+    let tmp = default_model_copy();
     std::fs::write(tmp.path().join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [2, 1]}"#)
         .unwrap();
     let dir = tmp.path().to_str().unwrap();
@@ -194,11 +200,7 @@ fn bad_input_is_a_clear_error() {
     fails_with(&["generate", "--prompt", "hi", "--max-tokens", "0"], &["max_tokens"]);
     fails_with(&["generate", "--prompt", "hi", "--prompt-ids", "1"], &["cannot be used with"]);
 
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(repo().join("models/stories260K")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
+    let tmp = default_model_copy();
     let cfg = tmp.path().join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap().replace("LlamaForCausalLM", "FalconForCausalLM");
     std::fs::write(&cfg, text).unwrap();
