@@ -4,8 +4,8 @@ use std::{fmt, str::FromStr};
 
 use crate::KernelError;
 
-/// A compute device. Only the CPU is implemented in this build; `cuda:N` parses so that command lines and
-/// cluster records can name it, and asking to use it is a clear [`KernelError::Unavailable`].
+/// A compute device. `cuda:N` needs the `cuda` feature (on by default) and, at run time, a CUDA driver,
+/// NVRTC and cuBLAS; where any is missing, asking for it is a clear [`KernelError::Unavailable`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
@@ -17,6 +17,9 @@ impl Device {
     pub fn ensure_available(self) -> crate::Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::gpu(i).map(|_| ()),
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(KernelError::Unavailable(
                 self,
                 "this build of tessera has no CUDA backend; use --device cpu".into(),

@@ -16,6 +16,10 @@ pub enum KernelError {
     BadDevice(String),
     #[error("device {0} is not available: {1}")]
     Unavailable(Device, String),
+    #[error("CUDA kernel module {module}.cu failed to compile:\n{log}")]
+    Compile { module: String, log: String },
+    #[error("{device}: {detail}")]
+    Cuda { device: Device, detail: String },
 }
 
 impl KernelError {

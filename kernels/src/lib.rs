@@ -9,6 +9,8 @@
 //! - [`cpu`]: the CPU implementations on plain slices, multi-threaded with rayon where it pays.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

@@ -1,10 +1,26 @@
 //! The ops of the forward pass on [`Tensor`]s: every op checks shapes, dtypes and devices and returns a
 //! [`KernelError`] instead of panicking, then dispatches to the device's implementation.
 //!
-//! Activations are f32 on the CPU. Adding a device means adding an arm to each `match` below; callers do
-//! not change.
+//! Activations are f32 on the CPU and bf16 on CUDA (weights too, with f32 accumulation). Every tensor of
+//! one call must be on the same device; the CUDA arm of each op is in [`crate::cuda`].
 
 use crate::{DType, Device, KernelError, Result, Tensor, cpu};
+
+#[cfg(feature = "cuda")]
+use crate::cuda::ops as gpu;
+
+/// The CUDA buffers of tensors that must all live on the same GPU, or `None` when they are all on the CPU.
+#[cfg(feature = "cuda")]
+fn cuda_all<'a, const N: usize>(op: &'static str, ts: [&'a Tensor; N]) -> Result<Option<[&'a crate::cuda::Buffer; N]>> {
+    let dev = ts[0].device();
+    if let Some(t) = ts.iter().find(|t| t.device() != dev) {
+        return Err(KernelError::shape(op, format!("tensors on {dev} and {}", t.device())));
+    }
+    if dev == Device::Cpu {
+        return Ok(None);
+    }
+    Ok(Some(ts.map(|t| t.cuda_buffer().expect("device is cuda"))))
+}
 
 pub use crate::cpu::attention::{AttentionSeq, AttentionShape};
 
@@ -30,6 +46,11 @@ fn expect_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<
 
 /// `x[m, k] · w[n, k]ᵀ + bias[n]` → `[m, n]`. Weights are laid out as in Hugging Face checkpoints.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_to(x, w, bias, x.dtype())
+}
+
+/// [`linear`] with the output in `out` (CUDA computes bf16 inputs into bf16 or f32; the CPU is f32).
+pub fn linear_to(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> Result<Tensor> {
     const OP: &str = "linear";
     expect_rank(OP, "x", x, 2)?;
     expect_rank(OP, "w", w, 2)?;
@@ -41,6 +62,14 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         && b.shape() != [n]
     {
         return Err(KernelError::shape(OP, format!("bias {:?} for {n} outputs", b.shape())));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some([xb, wb]) = cuda_all(OP, [x, w])? {
+        let bb = bias.map(|b| cuda_all(OP, [x, b])).transpose()?.flatten().map(|[_, b]| b);
+        return Ok(Tensor::from_cuda(gpu::linear(xb, wb, bb, out, m, k, n)?, &[m, n]));
+    }
+    if out != DType::F32 {
+        return Err(KernelError::DType { op: OP, expected: DType::F32, got: out });
     }
     let mut out = vec![0f32; m * n];
     let b = bias.map(|b| f32s(OP, b)).transpose()?;
@@ -69,22 +98,57 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if x.shape().last() != Some(&weight.dim(0)) {
         return Err(KernelError::shape(OP, format!("x {:?} with weight {:?}", x.shape(), weight.shape())));
     }
+    #[cfg(feature = "cuda")]
+    if let Some([xb, wb]) = cuda_all(OP, [x, weight])? {
+        let h = weight.dim(0);
+        return Ok(Tensor::from_cuda(gpu::rms_norm(xb, wb, eps, x.numel() / h.max(1), h)?, x.shape()));
+    }
     let mut out = vec![0f32; x.numel()];
     cpu::norm::rms_norm(f32s(OP, x)?, f32s(OP, weight)?, eps, &mut out);
     Tensor::from_f32(out, x.shape())
 }
 
+/// The residual connection and the next norm in one pass: `resid += delta`, then returns
+/// `rms_norm(resid, weight)`.
+pub fn add_rms_norm(resid: &mut Tensor, delta: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "add_rms_norm";
+    expect_rank(OP, "weight", weight, 1)?;
+    if resid.shape() != delta.shape() || resid.shape().last() != Some(&weight.dim(0)) {
+        return Err(KernelError::shape(
+            OP,
+            format!("residual {:?} + {:?} with weight {:?}", resid.shape(), delta.shape(), weight.shape()),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    if cuda_all(OP, [&*resid, delta, weight])?.is_some() {
+        let h = weight.dim(0);
+        let rows = resid.numel() / h.max(1);
+        let (d, w) = (delta.cuda_buffer().expect("checked"), weight.cuda_buffer().expect("checked"));
+        let shape = resid.shape().to_vec();
+        let r = resid.cuda_buffer_mut().expect("checked");
+        return Ok(Tensor::from_cuda(gpu::add_rms_norm(r, d, w, eps, rows, h)?, &shape));
+    }
+    add_inplace(resid, delta)?;
+    rms_norm(resid, weight, eps)
+}
+
 /// Rotates `x` (`[tokens, heads, head_dim]`) in place: token `t` by `positions[t]` with the given inverse
-/// frequencies (see [`crate::rope::Rope::inv_freq`]).
+/// frequencies (see [`crate::rope::Rope::inv_freq`]): `head_dim / 2` of them shared by every token, or
+/// that many per token (dynamic scaling, where each sequence has its own).
 pub fn rope_inplace(x: &mut Tensor, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
     const OP: &str = "rope";
     expect_rank(OP, "x", x, 3)?;
     let (t, h, d) = (x.dim(0), x.dim(1), x.dim(2));
-    if positions.len() != t || d % 2 != 0 || inv_freq.len() != d / 2 {
+    let freq_ok = inv_freq.len() == d / 2 || (t > 1 && inv_freq.len() == t * (d / 2));
+    if positions.len() != t || d % 2 != 0 || !freq_ok {
         return Err(KernelError::shape(
             OP,
             format!("x {:?}, {} positions, {} frequencies", x.shape(), positions.len(), inv_freq.len()),
         ));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(b) = x.cuda_buffer_mut() {
+        return gpu::rope(b, positions, inv_freq, h, d);
     }
     cpu::rope::rope_inplace(f32s_mut(OP, x)?, positions, h, d, inv_freq);
     Ok(())
@@ -95,6 +159,10 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     const OP: &str = "silu_mul";
     if gate.shape() != up.shape() {
         return Err(KernelError::shape(OP, format!("gate {:?} vs up {:?}", gate.shape(), up.shape())));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some([g, u]) = cuda_all(OP, [gate, up])? {
+        return Ok(Tensor::from_cuda(gpu::silu_mul(g, u, gate.numel())?, gate.shape()));
     }
     let mut out = vec![0f32; gate.numel()];
     cpu::elementwise::silu_mul(f32s(OP, gate)?, f32s(OP, up)?, &mut out);
@@ -118,6 +186,12 @@ pub fn add_inplace(x: &mut Tensor, y: &Tensor) -> Result<()> {
     if x.shape() != y.shape() {
         return Err(KernelError::shape(OP, format!("{:?} += {:?}", x.shape(), y.shape())));
     }
+    #[cfg(feature = "cuda")]
+    if cuda_all(OP, [&*x, y])?.is_some() {
+        let n = x.numel();
+        let yb = y.cuda_buffer().expect("checked");
+        return gpu::add_inplace(x.cuda_buffer_mut().expect("checked"), yb, n);
+    }
     let y = f32s(OP, y)?;
     cpu::elementwise::add_inplace(f32s_mut(OP, x)?, y);
     Ok(())
@@ -131,9 +205,112 @@ pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(KernelError::index(OP, format!("token id {bad} outside vocabulary of {vocab}")));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(b) = table.cuda_buffer() {
+        return Ok(Tensor::from_cuda(gpu::embedding(ids, b, h)?, &[ids.len(), h]));
+    }
     let mut out = vec![0f32; ids.len() * h];
     cpu::elementwise::embedding(ids, f32s(OP, table)?, h, &mut out);
     Tensor::from_f32(out, &[ids.len(), h])
+}
+
+/// Rows `rows[i]` of a rank-2 `x`, in that order → `[rows.len(), width]`.
+pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    const OP: &str = "gather_rows";
+    expect_rank(OP, "x", x, 2)?;
+    let (n, w) = (x.dim(0), x.dim(1));
+    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+        return Err(KernelError::index(OP, format!("row {bad} of {n}")));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(b) = x.cuda_buffer() {
+        return Ok(Tensor::from_cuda(gpu::gather_rows(b, rows, w)?, &[rows.len(), w]));
+    }
+    let xs = f32s(OP, x)?;
+    let out: Vec<f32> = rows.iter().flat_map(|&r| &xs[r as usize * w..(r as usize + 1) * w]).copied().collect();
+    Tensor::from_f32(out, &[rows.len(), w])
+}
+
+/// Index of the largest value of each row of f32 logits `[rows, vocab]` (the first on ties).
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    const OP: &str = "argmax_rows";
+    expect_rank(OP, "logits", logits, 2)?;
+    let (rows, vocab) = (logits.dim(0), logits.dim(1));
+    if vocab == 0 {
+        return Err(KernelError::shape(OP, "empty vocabulary"));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(b) = logits.cuda_buffer() {
+        return gpu::argmax(b, rows, vocab);
+    }
+    Ok(f32s(OP, logits)?.chunks_exact(vocab).map(cpu::sampling::argmax).collect())
+}
+
+/// Per-row parameters of [`sample_rows`].
+#[derive(Clone, Copy, Debug)]
+pub struct RowSampling {
+    /// Above zero.
+    pub temperature: f32,
+    /// 0 for no limit.
+    pub top_k: u32,
+    /// In (0, 1]; 1 for no limit.
+    pub top_p: f32,
+    /// The row's uniform number in [0, 1), drawn by the caller from the request's seeded generator.
+    pub uniform: f32,
+}
+
+/// One token per row of f32 logits: temperature, top-k, top-p, then a draw with the row's uniform number
+/// (see [`cpu::sampling::sample`] for the exact definition both devices follow).
+pub fn sample_rows(logits: &Tensor, params: &[RowSampling]) -> Result<Vec<u32>> {
+    const OP: &str = "sample_rows";
+    expect_rank(OP, "logits", logits, 2)?;
+    let (rows, vocab) = (logits.dim(0), logits.dim(1));
+    if rows != params.len() || vocab == 0 {
+        return Err(KernelError::shape(OP, format!("{rows} rows of {vocab} logits, {} parameter sets", params.len())));
+    }
+    if let Some((i, p)) = params
+        .iter()
+        .enumerate()
+        .find(|(_, p)| !(p.temperature > 0.0 && p.top_p > 0.0 && p.top_p <= 1.0 && (0.0..1.0).contains(&p.uniform)))
+    {
+        return Err(KernelError::index(OP, format!("row {i}: parameters out of range: {p:?}")));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(b) = logits.cuda_buffer() {
+        let t: Vec<f32> = params.iter().map(|p| p.temperature).collect();
+        let k: Vec<u32> = params.iter().map(|p| p.top_k).collect();
+        let tp: Vec<f32> = params.iter().map(|p| p.top_p).collect();
+        let u: Vec<f32> = params.iter().map(|p| p.uniform).collect();
+        return gpu::sample(b, vocab, &t, &k, &tp, &u);
+    }
+    Ok(f32s(OP, logits)?
+        .chunks_exact(vocab)
+        .zip(params)
+        .map(|(row, p)| cpu::sampling::sample(row, p.temperature, p.top_k, p.top_p, p.uniform))
+        .collect())
+}
+
+/// Overwrites every element with NaN: tests poison output buffers so that an element a kernel failed to
+/// write shows up (see [`count_nonfinite`]).
+pub fn poison(t: &mut Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(b) = t.cuda_buffer_mut() {
+        let bits = if b.dtype() == DType::BF16 { 0x7fc0 } else { 0x7fc0_0000 };
+        return crate::cuda::ops::fill_bits(b, bits);
+    }
+    let dtype = t.dtype();
+    let shape = t.shape().to_vec();
+    *t = Tensor::from_f32(vec![f32::NAN; t.numel()], &shape)?.to_dtype(dtype)?;
+    Ok(())
+}
+
+/// Number of NaN or infinite elements.
+pub fn count_nonfinite(t: &Tensor) -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    if let Some(b) = t.cuda_buffer() {
+        return Ok(crate::cuda::ops::count_nonfinite(b, t.numel())? as usize);
+    }
+    Ok(t.to_vec_f32()?.iter().filter(|v| !v.is_finite()).count())
 }
 
 /// Stores `k`, `v` (`[tokens, num_kv_heads, head_dim]`) into one layer's paged caches
@@ -161,6 +338,14 @@ pub fn write_kv_cache(
     let capacity = k_cache.dim(0) * k_cache.dim(1);
     if let Some(&bad) = slots.iter().find(|&&s| s >= capacity) {
         return Err(KernelError::index(OP, format!("slot {bad} beyond cache of {capacity}")));
+    }
+    #[cfg(feature = "cuda")]
+    if cuda_all(OP, [k, v, &*k_cache, &*v_cache])?.is_some() {
+        let slots: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+        let (kb, vb) = (k.cuda_buffer().expect("checked"), v.cuda_buffer().expect("checked"));
+        let kcb = k_cache.cuda_buffer_mut().expect("checked");
+        let vcb = v_cache.cuda_buffer_mut().expect("checked");
+        return gpu::write_kv(kb, vb, kcb, vcb, &slots, row);
     }
     let (k, v) = (f32s(OP, k)?, f32s(OP, v)?);
     let kc = f32s_mut(OP, k_cache)?;
@@ -218,6 +403,10 @@ pub fn paged_attention(
     }
     if next_row != q.dim(0) {
         return Err(KernelError::shape(OP, format!("sequences cover {next_row} rows, q has {}", q.dim(0))));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some([qb, kb, vb]) = cuda_all(OP, [q, k_cache, v_cache])? {
+        return Ok(Tensor::from_cuda(gpu::paged_attention(qb, kb, vb, seqs, s, q.dim(0))?, q.shape()));
     }
     let mut out = vec![0f32; q.numel()];
     cpu::attention::paged_attention(f32s(OP, q)?, f32s(OP, k_cache)?, f32s(OP, v_cache)?, seqs, s, &mut out);

@@ -4,16 +4,32 @@
 //! out of the type keeps each kernel (CPU or CUDA) to one indexing scheme. Reshape is free; anything that
 //! would need a strided view is an explicit copy.
 
+use std::borrow::Cow;
+
 use half::{bf16, f16};
 
 use crate::{DType, Device, KernelError, Result};
 
-/// Backing memory of a tensor. A CUDA buffer becomes another variant; ops dispatch on it.
+/// Backing memory of a tensor; ops dispatch on it.
 #[derive(Clone, Debug)]
 pub(crate) enum Storage {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::Buffer),
+}
+
+/// The value [`Tensor::uniform`] puts at flat index `i`: splitmix64 of the seed and index, mapped to
+/// `[-scale, scale)` and rounded to bf16, exactly as the CUDA fill kernel computes it, so a random model
+/// is the same on every device.
+fn uniform_at(seed: u64, i: u64, scale: f32) -> f32 {
+    let mut z = seed.wrapping_add(0x9e3779b97f4a7c15u64.wrapping_mul(i + 1));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+    bf16::from_f32((2.0 * u - 1.0) * scale).to_f32()
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +61,11 @@ impl Tensor {
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
         device.ensure_available()?;
         let n = shape.iter().product();
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(i) = device {
+            let buf = crate::cuda::ops::zeros(&crate::cuda::gpu(i)?, n, dtype)?;
+            return Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cuda(buf) });
+        }
         let storage = match dtype {
             DType::F32 => Storage::F32(vec![0.0; n]),
             DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
@@ -70,16 +91,60 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// A tensor of values uniform in `[-scale, scale)` from `seed` (see [`uniform_at`]): identical on every
+    /// device, so a random model built on the GPU equals the one built on the CPU.
+    pub fn uniform(shape: &[usize], dtype: DType, device: Device, seed: u64, scale: f32) -> Result<Self> {
+        device.ensure_available()?;
+        let n: usize = shape.iter().product();
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(i) = device {
+            let t = Tensor {
+                shape: shape.to_vec(),
+                storage: Storage::Cuda(crate::cuda::ops::uniform(&crate::cuda::gpu(i)?, n, seed, scale)?),
+            };
+            return t.to_dtype(dtype);
+        }
+        let v: Vec<f32> = (0..n as u64).map(|i| uniform_at(seed, i, scale)).collect();
+        Tensor::from_f32(v, shape)?.to_dtype(dtype)
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_cuda(buf: crate::cuda::Buffer, shape: &[usize]) -> Tensor {
+        Tensor { shape: shape.to_vec(), storage: Storage::Cuda(buf) }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_buffer(&self) -> Option<&crate::cuda::Buffer> {
+        match &self.storage {
+            Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_buffer_mut(&mut self) -> Option<&mut crate::cuda::Buffer> {
+        match &mut self.storage {
+            Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
+
     pub fn dtype(&self) -> DType {
-        match self.storage {
+        match &self.storage {
             Storage::F32(_) => DType::F32,
             Storage::BF16(_) => DType::BF16,
             Storage::F16(_) => DType::F16,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.dtype(),
         }
     }
 
     pub fn device(&self) -> Device {
-        Device::Cpu
+        match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.gpu.ordinal),
+            _ => Device::Cpu,
+        }
     }
 
     /// Bytes of element data.
@@ -94,26 +159,72 @@ impl Tensor {
         Ok(self)
     }
 
-    /// Converts to another dtype (a copy; a no-op move when the dtype already matches).
-    pub fn to_dtype(self, dtype: DType) -> Tensor {
+    /// Converts to another dtype (a copy; a no-op move when the dtype already matches), on the same device.
+    pub fn to_dtype(self, dtype: DType) -> Result<Tensor> {
         if self.dtype() == dtype {
-            return self;
+            return Ok(self);
         }
-        let f = self.to_vec_f32();
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(b) = &self.storage {
+            let out = crate::cuda::ops::cast(b, self.numel(), dtype)?;
+            return Ok(Tensor { shape: self.shape, storage: Storage::Cuda(out) });
+        }
+        let f = self.to_vec_f32()?;
         let storage = match dtype {
             DType::F32 => Storage::F32(f),
             DType::BF16 => Storage::BF16(f.into_iter().map(bf16::from_f32).collect()),
             DType::F16 => Storage::F16(f.into_iter().map(f16::from_f32).collect()),
         };
-        Tensor { shape: self.shape, storage }
+        Ok(Tensor { shape: self.shape, storage })
     }
 
-    /// Copies the elements out as f32, whatever the dtype.
-    pub fn to_vec_f32(&self) -> Vec<f32> {
-        match &self.storage {
+    /// Copies the elements out to the host as f32, whatever the dtype and device.
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        Ok(match &self.storage {
             Storage::F32(v) => v.clone(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => crate::cuda::ops::to_host_f32(b)?,
+        })
+    }
+
+    /// The elements as host f32: borrowed for a CPU f32 tensor, copied otherwise.
+    pub fn host_f32(&self) -> Result<Cow<'_, [f32]>> {
+        match &self.storage {
+            Storage::F32(v) => Ok(Cow::Borrowed(v)),
+            _ => Ok(Cow::Owned(self.to_vec_f32()?)),
+        }
+    }
+
+    /// A copy on `device` with the same dtype and shape (a shared clone when it is there already).
+    /// The CUDA device holds f32 and bf16 tensors.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        device.ensure_available()?;
+        match device {
+            Device::Cpu => {
+                let v = self.to_vec_f32()?;
+                Tensor::from_f32(v, &self.shape)?.to_dtype(self.dtype())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let gpu = crate::cuda::gpu(i)?;
+                let host = match &self.storage {
+                    Storage::Cuda(_) => self.to_device(Device::Cpu)?,
+                    _ => self.clone(),
+                };
+                let buf = match &host.storage {
+                    Storage::F32(v) => crate::cuda::ops::upload_f32(&gpu, v)?,
+                    Storage::BF16(v) => crate::cuda::ops::upload_bf16(&gpu, v)?,
+                    _ => return Err(KernelError::Device { op: "Tensor::to_device (f16)", device }),
+                };
+                Ok(Tensor { shape: self.shape.clone(), storage: Storage::Cuda(buf) })
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(KernelError::Device { op: "Tensor::to_device", device }),
         }
     }
 
@@ -147,6 +258,8 @@ impl Tensor {
             Storage::F32(v) => Storage::F32(v[start * row..end * row].to_vec()),
             Storage::BF16(v) => Storage::BF16(v[start * row..end * row].to_vec()),
             Storage::F16(v) => Storage::F16(v[start * row..end * row].to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Storage::Cuda(crate::cuda::ops::copy_range(b, start * row, end * row)?),
         };
         Ok(Tensor { shape, storage })
     }
@@ -167,15 +280,28 @@ mod tests {
     #[test]
     fn dtype_round_trip_and_errors() {
         let t = Tensor::from_f32(vec![1.0, -2.5, 3.25, 0.5, 8.0, -1.0], &[2, 3]).unwrap();
-        let b = t.clone().to_dtype(DType::BF16);
+        let b = t.clone().to_dtype(DType::BF16).unwrap();
         assert_eq!(b.dtype(), DType::BF16);
         assert_eq!(b.size_in_bytes(), 12);
-        assert_eq!(b.to_vec_f32(), t.to_vec_f32());
+        assert_eq!(b.to_vec_f32().unwrap(), t.to_vec_f32().unwrap());
         assert!(b.as_f32().is_err());
         assert_eq!(t.narrow_rows(1, 2).unwrap().as_f32().unwrap(), &[0.5, 8.0, -1.0]);
         assert!(t.narrow_rows(1, 3).is_err());
         assert!(Tensor::from_f32(vec![1.0; 5], &[2, 3]).is_err());
         assert!(t.clone().reshape(&[3, 2]).is_ok());
         assert!(t.reshape(&[4, 2]).is_err());
+    }
+
+    #[test]
+    fn uniform_is_seeded_bounded_and_bf16_exact() {
+        let a = Tensor::uniform(&[1000], DType::F32, Device::Cpu, 7, 0.5).unwrap().to_vec_f32().unwrap();
+        let b = Tensor::uniform(&[1000], DType::F32, Device::Cpu, 7, 0.5).unwrap().to_vec_f32().unwrap();
+        let c = Tensor::uniform(&[1000], DType::F32, Device::Cpu, 8, 0.5).unwrap().to_vec_f32().unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.iter().all(|v| (-0.5..=0.5).contains(v) && bf16::from_f32(*v).to_f32() == *v));
+        let mean = a.iter().sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.05, "mean {mean}");
+        assert!(a.iter().any(|v| *v > 0.4) && a.iter().any(|v| *v < -0.4));
     }
 }

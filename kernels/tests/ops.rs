@@ -61,7 +61,7 @@ fn linear_rejects_mismatched_shapes() {
     let x = t(vec![1.0; 6], &[2, 3]);
     assert!(ops::linear(&x, &t(vec![1.0; 8], &[2, 4]), None).is_err());
     assert!(ops::linear(&x, &t(vec![1.0; 6], &[2, 3]), Some(&t(vec![1.0; 3], &[3]))).is_err());
-    let bf = t(vec![1.0; 6], &[2, 3]).to_dtype(tessera_kernels::DType::BF16);
+    let bf = t(vec![1.0; 6], &[2, 3]).to_dtype(tessera_kernels::DType::BF16).unwrap();
     assert!(ops::linear(&x, &bf, None).unwrap_err().to_string().contains("bf16"));
 }
 
