@@ -21,7 +21,7 @@ pub struct WorkerArgs {
     /// Address for TCP collective peers (default: the --listen IP, any free port).
     #[arg(long, value_name = "ADDR")]
     pub collective_listen: Option<SocketAddr>,
-    /// Compute device. Only `cpu` exists in this build.
+    /// Compute device: `cpu` or `cuda:N` (CUDA's driver, NVRTC and cuBLAS are loaded at start).
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
     /// Compute threads (default: all cores).
@@ -62,6 +62,7 @@ async fn serve(a: WorkerArgs) -> Result<()> {
     let coll = TcpListener::bind(coll_addr).await.with_context(|| format!("binding {coll_addr}"))?;
     let (grpc_addr, coll_addr) = (grpc.local_addr()?, coll.local_addr()?);
     let config = WorkerConfig {
+        device: a.device.parse()?,
         kv_cache_bytes: a.kv_cache_mib << 20,
         collective_timeout: Duration::from_secs(a.collective_timeout.max(1)),
     };

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tessera_kernels::Tensor;
+use tessera_kernels::{Device, Tensor, ops};
 
 use crate::{
     collective::Collective,
@@ -180,15 +180,55 @@ impl Engine {
         if self.comm.rank() != 0 {
             return Ok((Vec::new(), None));
         }
+        let sampling: Vec<(&StepSeq<'_>, &SamplingParams)> =
+            batch.iter().filter_map(|s| s.sample.map(|p| (s, p))).collect();
+        if logits.device() != Device::Cpu && sampling.iter().all(|(_, p)| p.device_samplable()) {
+            let out = self.sample_on_device(&logits, &sampling)?;
+            return Ok((out, Some(logits)));
+        }
         let vocab = self.model.config.vocab_size;
-        let rows = logits.as_f32().map_err(StepError::Kernel)?;
+        let rows = logits.host_f32().map_err(StepError::Kernel)?;
         let mut out = Vec::new();
-        for (s, row) in batch.iter().filter(|s| s.sample.is_some()).zip(rows.chunks_exact(vocab)) {
-            let p = s.sample.expect("filtered");
+        for ((s, p), row) in sampling.iter().zip(rows.chunks_exact(vocab)) {
             let sampler = self.seqs.get_mut(&s.id).and_then(|st| st.sampler.as_mut()).expect("created above");
             out.push(SeqSampled { id: s.id, sampled: sampler.sample(row, p) });
         }
+        drop(rows);
         Ok((out, Some(logits)))
+    }
+
+    /// Picks tokens where the logits are (a GPU), copying back one id per row instead of the logits: argmax
+    /// for greedy rows, the device's top-k/top-p draw with a uniform from the sequence's own seeded
+    /// generator for the others.
+    fn sample_on_device(
+        &mut self,
+        logits: &Tensor,
+        sampling: &[(&StepSeq<'_>, &SamplingParams)],
+    ) -> Result<Vec<SeqSampled>, StepError> {
+        let greedy = ops::argmax_rows(logits)?;
+        let mut params = Vec::with_capacity(sampling.len());
+        for (s, p) in sampling {
+            let sampler = self.seqs.get_mut(&s.id).and_then(|st| st.sampler.as_mut()).expect("created above");
+            params.push(ops::RowSampling {
+                temperature: if p.is_greedy() { 1.0 } else { p.temperature },
+                top_k: p.top_k.min(u32::MAX as usize) as u32,
+                top_p: p.top_p,
+                uniform: sampler.next_uniform(),
+            });
+        }
+        let drawn = if sampling.iter().any(|(_, p)| !p.is_greedy()) {
+            ops::sample_rows(logits, &params)?
+        } else {
+            greedy.clone()
+        };
+        let mut out = Vec::with_capacity(sampling.len());
+        for (i, (s, p)) in sampling.iter().enumerate() {
+            let token = if p.is_greedy() { greedy[i] } else { drawn[i] };
+            let sampler = self.seqs.get_mut(&s.id).and_then(|st| st.sampler.as_mut()).expect("created above");
+            sampler.observe_output(token);
+            out.push(SeqSampled { id: s.id, sampled: Sampled { token, logprob: None, top_logprobs: Vec::new() } });
+        }
+        Ok(out)
     }
 
     /// Runs the forward pass only (no sampling, no per-sequence bookkeeping) and returns the logits rows of

@@ -1,5 +1,5 @@
 //! The KV cache pool of one worker: per layer, a key and a value tensor of fixed-size blocks,
-//! `[num_blocks, block_size, local_kv_heads, head_dim]`.
+//! `[num_blocks, block_size, local_kv_heads, head_dim]`, on the model's device.
 //!
 //! The pool does not know which sequence owns which block: block tables come with every step from the
 //! coordinator's block manager, and this side only bounds-checks them.
@@ -22,10 +22,15 @@ impl KvCache {
     /// Bytes one block takes across all layers (keys and values) for `model`'s shard.
     pub fn bytes_per_block(model: &Model, block_size: usize) -> usize {
         let c = &model.config;
-        2 * c.num_layers * block_size * model.local_kv_heads() * c.head_dim * DType::F32.size()
+        2 * c.num_layers * block_size * model.local_kv_heads() * c.head_dim * Self::dtype(model).size()
     }
 
-    /// A pool of `num_blocks` blocks for `model`'s shard.
+    /// f32 on the CPU, bf16 on CUDA (as the activations are).
+    fn dtype(model: &Model) -> DType {
+        if model.device == Device::Cpu { DType::F32 } else { DType::BF16 }
+    }
+
+    /// A pool of `num_blocks` blocks for `model`'s shard, on the model's device.
     pub fn new(model: &Model, num_blocks: usize, block_size: usize) -> Result<Self, ModelError> {
         if block_size == 0 || num_blocks == 0 {
             return Err(ModelError::Sharding(format!(
@@ -34,7 +39,7 @@ impl KvCache {
         }
         let shape = [num_blocks, block_size, model.local_kv_heads(), model.config.head_dim];
         let layers = model.config.num_layers;
-        let mk = || Tensor::zeros(&shape, DType::F32, Device::Cpu);
+        let mk = || Tensor::zeros(&shape, Self::dtype(model), model.device);
         Ok(KvCache {
             block_size,
             num_blocks,

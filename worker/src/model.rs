@@ -8,7 +8,7 @@
 use std::{ops::Range, path::Path};
 
 use tessera_kernels::{
-    Tensor,
+    DType, Device, Tensor,
     ops::{self, AttentionSeq, AttentionShape},
 };
 
@@ -117,6 +117,8 @@ pub struct Model {
     pub config: ModelConfig,
     pub shard: Shard,
     pub layout: ShardLayout,
+    /// Where the weights and the KV cache live: f32 on the CPU, bf16 on CUDA.
+    pub device: Device,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -127,17 +129,81 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads the shard `shard` of the model in `dir`.
+    /// Loads the shard `shard` of the model in `dir` on the CPU.
     pub fn load(dir: &Path, shard: Shard) -> Result<Self, ModelError> {
+        Self::load_on(dir, shard, Device::Cpu)
+    }
+
+    /// Loads the shard `shard` of the model in `dir` onto `device`.
+    pub fn load_on(dir: &Path, shard: Shard, device: Device) -> Result<Self, ModelError> {
         if !dir.is_dir() {
             return Err(ModelError::NoDirectory(dir.to_path_buf()));
         }
+        device.ensure_available()?;
         let config = ModelConfig::load(dir)?;
         let files = WeightFiles::open(dir)?;
-        Self::from_weights(config, &files, shard)
+        Self::from_weights(config, &files, shard, device)
     }
 
-    pub fn from_weights(config: ModelConfig, w: &WeightFiles, shard: Shard) -> Result<Self, ModelError> {
+    pub fn from_weights(
+        config: ModelConfig,
+        w: &WeightFiles,
+        shard: Shard,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let dtype = Self::weight_dtype(device);
+        Self::build(config, shard, device, &|name, shape, slice| {
+            let t = w.load(name, shape, slice)?;
+            if device == Device::Cpu { Ok(t) } else { Ok(t.to_dtype(dtype)?.to_device(device)?) }
+        })
+    }
+
+    /// A model of `config`'s shape with random weights made on `device` itself (uniform, scaled by each
+    /// matrix's fan-in; norms one): benchmarks use it where no checkpoint of that size exists. The same
+    /// seed gives the same weights on every device.
+    pub fn random(config: ModelConfig, shard: Shard, device: Device, seed: u64) -> Result<Self, ModelError> {
+        device.ensure_available()?;
+        let dtype = Self::weight_dtype(device);
+        Self::build(config, shard, device, &|name, shape, slice| {
+            let full = shape.to_vec();
+            let local: Vec<usize> = match (&slice, shape) {
+                (Slice::Full, _) => full.clone(),
+                (Slice::Rows(r), [_]) => vec![r.len()],
+                (Slice::Rows(r), [_, c]) => vec![r.len(), *c],
+                (Slice::Cols(c), [r, _]) => vec![*r, c.len()],
+                _ => return Err(ModelError::Sharding(format!("{name}: slice {slice:?} of {shape:?}"))),
+            };
+            if name.ends_with("norm.weight") {
+                let ones = Tensor::from_f32(vec![1.0; local.iter().product()], &local)?;
+                return Ok(ones.to_dtype(dtype)?.to_device(device)?);
+            }
+            let fan_in = *full.last().unwrap_or(&1) as f32;
+            let mut h = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(&(name, seed), &mut h);
+            let s = std::hash::Hasher::finish(&h);
+            Ok(Tensor::uniform(&local, dtype, device, s, 1.0 / fan_in.sqrt())?)
+        })
+    }
+
+    fn weight_dtype(device: Device) -> DType {
+        if device == Device::Cpu { DType::F32 } else { DType::BF16 }
+    }
+
+    /// Builds the shard from a source of weights: `get(name, full_shape, slice)` returns this rank's slice,
+    /// already on `device`.
+    fn build(
+        config: ModelConfig,
+        shard: Shard,
+        device: Device,
+        get: &dyn Fn(&str, &[usize], Slice) -> Result<Tensor, ModelError>,
+    ) -> Result<Self, ModelError> {
+        struct Src<'a>(&'a dyn Fn(&str, &[usize], Slice) -> Result<Tensor, ModelError>);
+        impl Src<'_> {
+            fn load(&self, name: &str, shape: &[usize], s: Slice) -> Result<Tensor, ModelError> {
+                (self.0)(name, shape, s)
+            }
+        }
+        let w = Src(get);
         let c = &config;
         let layout = ShardLayout::new(c, shard)?;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
@@ -202,7 +268,7 @@ impl Model {
         };
         let norm = w.load("model.norm.weight", &[h], Slice::Full)?;
         let inv_freq = c.rope.inv_freq(c.max_position_embeddings);
-        Ok(Model { config, shard, layout, embed, layers, norm, lm_head, inv_freq })
+        Ok(Model { config, shard, layout, device, embed, layers, norm, lm_head, inv_freq })
     }
 
     /// KV heads held by this rank.
@@ -274,73 +340,70 @@ impl Model {
         if t == 0 {
             return Ok(None);
         }
-        // Dynamic RoPE rescales by each sequence's own length, as transformers does per forward call.
-        let per_seq_freq: Option<Vec<Vec<f32>>> = c
-            .rope
-            .depends_on_length()
-            .then(|| seqs.iter().map(|s| c.rope.inv_freq(s.start_pos + s.tokens.len())).collect());
+        // Dynamic RoPE rescales by each sequence's own length, as transformers does per forward call: then
+        // every token carries its sequence's frequencies.
+        let freqs: Vec<f32> = if c.rope.depends_on_length() {
+            let mut f = Vec::with_capacity(t * hd / 2);
+            for s in seqs {
+                let table = c.rope.inv_freq(s.start_pos + s.tokens.len());
+                for _ in 0..s.tokens.len() {
+                    f.extend_from_slice(&table);
+                }
+            }
+            f
+        } else {
+            self.inv_freq.clone()
+        };
+        let eps = c.rms_norm_eps;
 
         let mut x = ops::embedding(&ids, &self.embed)?;
+        // Each layer's input norm is fused with the residual add that ends the layer before it.
+        let mut h = match self.layers.first() {
+            Some(l) => ops::rms_norm(&x, &l.input_norm, eps)?,
+            None => x.clone(),
+        };
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let mut q = ops::linear(&h, &layer.q, layer.q_bias.as_ref())?.reshape(&[t, nh, hd])?;
             let mut k = ops::linear(&h, &layer.k, layer.k_bias.as_ref())?.reshape(&[t, nkv, hd])?;
             let v = ops::linear(&h, &layer.v, layer.v_bias.as_ref())?.reshape(&[t, nkv, hd])?;
-            match &per_seq_freq {
-                None => {
-                    ops::rope_inplace(&mut q, &positions, &self.inv_freq)?;
-                    ops::rope_inplace(&mut k, &positions, &self.inv_freq)?;
-                }
-                Some(freqs) => {
-                    let (mut qs, mut ks) = (Vec::new(), Vec::new());
-                    for (a, f) in attn_seqs.iter().zip(freqs) {
-                        let r = a.q_start..a.q_start + a.q_len;
-                        let mut qi = q.narrow_rows(r.start, r.end)?;
-                        let mut ki = k.narrow_rows(r.start, r.end)?;
-                        ops::rope_inplace(&mut qi, &positions[r.clone()], f)?;
-                        ops::rope_inplace(&mut ki, &positions[r], f)?;
-                        qs.extend_from_slice(qi.as_f32()?);
-                        ks.extend_from_slice(ki.as_f32()?);
-                    }
-                    q = Tensor::from_f32(qs, &[t, nh, hd])?;
-                    k = Tensor::from_f32(ks, &[t, nkv, hd])?;
-                }
-            }
+            ops::rope_inplace(&mut q, &positions, &freqs)?;
+            ops::rope_inplace(&mut k, &positions, &freqs)?;
             let (kc, vc) = cache.layer_mut(li);
             ops::write_kv_cache(&k, &v, kc, vc, &slots)?;
             let (kc, vc) = cache.layer(li);
             let attn = ops::paged_attention(&q, kc, vc, &attn_seqs, &shape)?.reshape(&[t, nh * hd])?;
             let mut o = ops::linear(&attn, &layer.o, layer.o_bias.as_ref())?;
-            comm.all_reduce_sum(o.as_f32_mut()?)?;
-            ops::add_inplace(&mut x, &o)?;
+            all_reduce(comm, &mut o)?;
+            h = ops::add_rms_norm(&mut x, &o, &layer.post_norm, eps)?;
 
-            let h = ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
             let gate = ops::linear(&h, &layer.gate, layer.gate_bias.as_ref())?;
             let up = ops::linear(&h, &layer.up, layer.up_bias.as_ref())?;
             let act = ops::silu_mul(&gate, &up)?;
             let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
-            comm.all_reduce_sum(down.as_f32_mut()?)?;
-            ops::add_inplace(&mut x, &down)?;
+            all_reduce(comm, &mut down)?;
+            match self.layers.get(li + 1) {
+                Some(next) => h = ops::add_rms_norm(&mut x, &down, &next.input_norm, eps)?,
+                None => ops::add_inplace(&mut x, &down)?,
+            }
         }
 
         // Only the last token of sequences that sample needs the (expensive) vocabulary projection.
-        let hsz = c.hidden_size;
-        let xs = x.as_f32()?;
-        let mut last = Vec::new();
-        for a in attn_seqs.iter().zip(seqs).filter(|(_, s)| s.logits).map(|(a, _)| a) {
-            let row = a.q_start + a.q_len - 1;
-            last.extend_from_slice(&xs[row * hsz..(row + 1) * hsz]);
-        }
-        let n = last.len() / hsz;
+        let rows: Vec<u32> = attn_seqs
+            .iter()
+            .zip(seqs)
+            .filter(|(_, s)| s.logits)
+            .map(|(a, _)| (a.q_start + a.q_len - 1) as u32)
+            .collect();
+        let n = rows.len();
         if n == 0 {
             return Ok(None);
         }
-        let last = ops::rms_norm(&Tensor::from_f32(last, &[n, hsz])?, &self.norm, c.rms_norm_eps)?;
-        let local = ops::linear(&last, &self.lm_head, None)?;
+        let last = ops::rms_norm(&ops::gather_rows(&x, &rows)?, &self.norm, eps)?;
+        let local = ops::linear_to(&last, &self.lm_head, None, DType::F32)?;
         if comm.world_size() == 1 {
             return Ok(Some(local));
         }
-        let parts = comm.all_gather(local.as_f32()?)?;
+        let parts = comm.all_gather(&local.host_f32()?)?;
         // Each part is [n, local_vocab]; interleave rows back into [n, vocab].
         let mut full = Vec::with_capacity(n * c.vocab_size);
         for r in 0..n {
@@ -351,4 +414,19 @@ impl Model {
         }
         Ok(Some(Tensor::from_f32(full, &[n, c.vocab_size])?))
     }
+}
+
+/// Sums a row-parallel partial result over the group. Collectives exchange host f32 (the TCP ring), so a
+/// CUDA tensor makes a round trip through the host; a group of one skips it all.
+fn all_reduce(comm: &dyn Collective, t: &mut Tensor) -> Result<(), ModelError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    if t.device() == Device::Cpu {
+        return Ok(comm.all_reduce_sum(t.as_f32_mut()?)?);
+    }
+    let mut host = t.to_vec_f32()?;
+    comm.all_reduce_sum(&mut host)?;
+    *t = Tensor::from_f32(host, t.shape())?.to_dtype(t.dtype())?.to_device(t.device())?;
+    Ok(())
 }

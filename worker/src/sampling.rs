@@ -52,6 +52,22 @@ impl SamplingParams {
         SamplingParams { temperature: 0.0, ..Default::default() }
     }
 
+    /// Sampling with temperature 0 (below [`GREEDY_BELOW`]) picks the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_BELOW
+    }
+
+    /// Whether a device can pick the token alone: no penalties (they need the sequence's history), no
+    /// min-p and no logprobs (they need the whole distribution on the host).
+    pub fn device_samplable(&self) -> bool {
+        self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.min_p == 0.0
+            && !self.logprobs
+            && self.top_logprobs == 0
+    }
+
     /// Checks ranges; the message names the parameter as the OpenAI API spells it.
     pub fn validate(&self) -> Result<(), String> {
         let finite = |v: f32| v.is_finite();
@@ -103,6 +119,11 @@ impl Sampler {
             None => ChaCha8Rng::from_os_rng(),
         };
         Sampler { rng, seen: HashSet::new(), output_counts: HashMap::new() }
+    }
+
+    /// The next number in [0, 1) of this sequence's generator (for a draw made elsewhere, on a GPU).
+    pub fn next_uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
     }
 
     /// Records prompt tokens (they count for the repetition penalty only).

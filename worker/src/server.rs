@@ -27,6 +27,8 @@ use crate::{
 /// Settings of a worker process.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
+    /// Where models are loaded (weights, KV cache, forward pass).
+    pub device: tessera_kernels::Device,
     /// Default KV cache budget when LoadModel does not give one.
     pub kv_cache_bytes: usize,
     /// Bound on the collective rendezvous and on every collective read/write after it.
@@ -35,7 +37,11 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { kv_cache_bytes: 256 << 20, collective_timeout: Duration::from_secs(30) }
+        WorkerConfig {
+            device: tessera_kernels::Device::Cpu,
+            kv_cache_bytes: 256 << 20,
+            collective_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -110,7 +116,7 @@ impl Worker for WorkerService {
         let mut reply = InfoReply {
             protocol: tessera_proto::PROTOCOL_VERSION.into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            device: "cpu".into(),
+            device: self.config.device.to_string(),
             memory_bytes: available_memory(),
             collective_address: self.collective_address.clone(),
             ..Default::default()
@@ -170,8 +176,9 @@ impl Worker for WorkerService {
         let path = PathBuf::from(&r.model_path);
         let kv_bytes = if r.kv_cache_bytes > 0 { r.kv_cache_bytes as usize } else { self.config.kv_cache_bytes };
         let block_size = if r.block_size > 0 { r.block_size as usize } else { DEFAULT_BLOCK_SIZE };
+        let device = self.config.device;
         let engine = tokio::task::spawn_blocking(move || -> Result<Engine, crate::ModelError> {
-            let model = Model::load(&path, Shard { rank, world })?;
+            let model = Model::load_on(&path, Shard { rank, world }, device)?;
             let cache = KvCache::with_budget(&model, kv_bytes, block_size)?;
             Ok(Engine::new(model, cache, comm))
         })
