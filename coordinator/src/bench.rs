@@ -54,6 +54,9 @@ pub enum BenchCommand {
     Cluster(crate::bench_cluster::ClusterBenchArgs),
     /// Load-test a running server: throughput and TTFT / inter-token / end-to-end latency percentiles.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// A random model of a large shape (Llama 3 8B by default) built on a device: decode and prefill
+    /// throughput against the measured copy bandwidth and GEMM rate.
+    Gpu(crate::bench_gpu::GpuBenchArgs),
 }
 
 #[derive(Serialize, Debug)]
@@ -124,113 +127,152 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 fn bench_model(name: &str, dir: &std::path::Path, a: &BenchArgs, bandwidth: f64) -> Result<ModelReport> {
     let model = Model::load(dir, Shard::WHOLE).with_context(|| format!("loading {}", dir.display()))?;
     let c = model.config.clone();
-    let context = a.context.min(c.max_position_embeddings - a.steps - 1);
-    let prefill = a.prefill.min(c.max_position_embeddings);
-    let max_batch = a.batch.iter().copied().max().unwrap_or(1);
-    let bs = tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE;
-    let per_seq = (context + a.steps + 1).max(prefill).div_ceil(bs);
-    let cache = KvCache::new(&model, per_seq * max_batch.max(1), bs)?;
+    let plan = Plan::new(&c, &a.batch, a.context, a.steps, a.prefill)?;
+    let cache = KvCache::new(&model, plan.blocks(), plan.block_size)?;
     let bytes = model.weight_bytes_per_token();
     let mut engine = Engine::new(model, cache, Box::new(Single));
-    let greedy = SamplingParams::greedy();
-    let tables: Vec<Vec<u32>> =
-        (0..max_batch).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
-
-    let mut decode = Vec::new();
-    for &b in &a.batch {
-        if b == 0 {
-            bail!("--batch sizes must be at least 1");
-        }
-        let mut seqs: Vec<Vec<u32>> = (0..b).map(|i| random_ids(context, c.vocab_size, i as u64)).collect();
-        // Untimed prefill of every sequence's context, then two warm-up steps.
-        // The token each prefill samples is appended, so a decode step feeds the newest token at the next
-        // free position.
-        for (i, s) in seqs.iter_mut().enumerate() {
-            let out = engine.step(&[StepSeq {
-                id: i as u64,
-                tokens: s,
-                start_pos: 0,
-                block_table: &tables[i],
-                sample: Some(&greedy),
-                penalty_context: &[],
-                output_context: &[],
-                starts: false,
-            }])?;
-            s.push(out[0].sampled.token);
-        }
-        let step = |seqs: &mut Vec<Vec<u32>>, engine: &mut Engine| -> Result<()> {
-            let batch: Vec<StepSeq> = seqs
-                .iter()
-                .enumerate()
-                .map(|(i, s)| StepSeq {
-                    id: i as u64,
-                    tokens: &s[s.len() - 1..],
-                    start_pos: s.len() - 1,
-                    block_table: &tables[i],
-                    sample: Some(&greedy),
-                    penalty_context: &[],
-                    output_context: &[],
-                    starts: false,
-                })
-                .collect();
-            let out = engine.step(&batch)?;
-            for o in out {
-                seqs[o.id as usize].push(o.sampled.token);
-            }
-            Ok(())
-        };
-        step(&mut seqs, &mut engine)?;
-        step(&mut seqs, &mut engine)?;
-        let timed = a.steps.saturating_sub(2).max(1);
-        let t = Instant::now();
-        for _ in 0..timed {
-            step(&mut seqs, &mut engine)?;
-        }
-        let dt = t.elapsed().as_secs_f64();
-        for i in 0..b {
-            engine.release(i as u64);
-        }
-        let steps_per_s = timed as f64 / dt;
-        decode.push(DecodeReport {
-            batch: b,
-            tokens_per_s: steps_per_s * b as f64,
-            ms_per_step: dt / timed as f64 * 1e3,
-            roofline_fraction: bytes as f64 * steps_per_s / (bandwidth * 1e9),
-        });
-    }
-
-    let prompt = random_ids(prefill, c.vocab_size, 99);
-    let mut best = f64::MAX;
-    for rep in 0..3 {
-        let id = 1_000 + rep;
-        let t = Instant::now();
-        engine.step(&[StepSeq {
-            id,
-            tokens: &prompt,
-            start_pos: 0,
-            block_table: &tables[0],
-            sample: Some(&greedy),
-            penalty_context: &[],
-            output_context: &[],
-            starts: false,
-        }])?;
-        best = best.min(t.elapsed().as_secs_f64());
-        engine.release(id);
-    }
+    let (steps, prefill_tokens_per_s) = plan.run(&mut engine)?;
+    let decode = steps
+        .into_iter()
+        .map(|(batch, seconds_per_step)| DecodeReport {
+            batch,
+            tokens_per_s: batch as f64 / seconds_per_step,
+            ms_per_step: seconds_per_step * 1e3,
+            roofline_fraction: bytes as f64 / seconds_per_step / (bandwidth * 1e9),
+        })
+        .collect();
     Ok(ModelReport {
         model: name.to_string(),
         parameters: c.num_parameters(),
         weight_bytes_per_token: bytes,
         decode,
-        prefill_tokens: prefill,
-        prefill_tokens_per_s: prefill as f64 / best,
+        prefill_tokens: plan.prefill,
+        prefill_tokens_per_s,
     })
+}
+
+/// What one benchmark run measures: greedy decode steps at each batch size after `context` tokens of
+/// prefill per sequence, and one prefill of `prefill` tokens. Shared by the CPU and GPU benchmarks.
+pub(crate) struct Plan {
+    pub batches: Vec<usize>,
+    pub context: usize,
+    pub steps: usize,
+    pub prefill: usize,
+    pub block_size: usize,
+    per_seq: usize,
+    vocab: usize,
+}
+
+impl Plan {
+    pub fn new(
+        c: &tessera_worker::ModelConfig,
+        batches: &[usize],
+        context: usize,
+        steps: usize,
+        prefill: usize,
+    ) -> Result<Plan> {
+        if batches.contains(&0) {
+            bail!("--batch sizes must be at least 1");
+        }
+        let context = context.min(c.max_position_embeddings.saturating_sub(steps + 1)).max(1);
+        let prefill = prefill.clamp(1, c.max_position_embeddings);
+        let block_size = tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE;
+        let per_seq = (context + steps + 1).max(prefill).div_ceil(block_size);
+        Ok(Plan { batches: batches.to_vec(), context, steps, prefill, block_size, per_seq, vocab: c.vocab_size })
+    }
+
+    /// KV blocks the run needs.
+    pub fn blocks(&self) -> usize {
+        self.per_seq * self.batches.iter().copied().max().unwrap_or(1)
+    }
+
+    /// Seconds per decode step for each batch size, and prefill tokens per second (best of three).
+    /// Every step ends with its sampled ids on the host, so wall-clock time covers the device's work.
+    pub fn run(&self, engine: &mut Engine) -> Result<(Vec<(usize, f64)>, f64)> {
+        let greedy = SamplingParams::greedy();
+        let max_batch = self.batches.iter().copied().max().unwrap_or(1);
+        let tables: Vec<Vec<u32>> =
+            (0..max_batch).map(|i| ((i * self.per_seq) as u32..((i + 1) * self.per_seq) as u32).collect()).collect();
+        let mut decode = Vec::new();
+        for &b in &self.batches {
+            let mut seqs: Vec<Vec<u32>> = (0..b).map(|i| random_ids(self.context, self.vocab, i as u64)).collect();
+            // Untimed prefill of every sequence's context, then two warm-up steps. The token each prefill
+            // samples is appended, so a decode step feeds the newest token at the next free position.
+            for (i, s) in seqs.iter_mut().enumerate() {
+                let out = engine.step(&[StepSeq {
+                    id: i as u64,
+                    tokens: s,
+                    start_pos: 0,
+                    block_table: &tables[i],
+                    sample: Some(&greedy),
+                    penalty_context: &[],
+                    output_context: &[],
+                    starts: false,
+                }])?;
+                s.push(out[0].sampled.token);
+            }
+            let step = |seqs: &mut Vec<Vec<u32>>, engine: &mut Engine| -> Result<()> {
+                let batch: Vec<StepSeq> = seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| StepSeq {
+                        id: i as u64,
+                        tokens: &s[s.len() - 1..],
+                        start_pos: s.len() - 1,
+                        block_table: &tables[i],
+                        sample: Some(&greedy),
+                        penalty_context: &[],
+                        output_context: &[],
+                        starts: false,
+                    })
+                    .collect();
+                let out = engine.step(&batch)?;
+                for o in out {
+                    seqs[o.id as usize].push(o.sampled.token);
+                }
+                Ok(())
+            };
+            step(&mut seqs, engine)?;
+            step(&mut seqs, engine)?;
+            let timed = self.steps.saturating_sub(2).max(1);
+            let t = Instant::now();
+            for _ in 0..timed {
+                step(&mut seqs, engine)?;
+            }
+            let dt = t.elapsed().as_secs_f64();
+            for i in 0..b {
+                engine.release(i as u64);
+            }
+            decode.push((b, dt / timed as f64));
+        }
+
+        let prompt = random_ids(self.prefill, self.vocab, 99);
+        let mut best = f64::MAX;
+        for rep in 0..3 {
+            let id = 1_000 + rep;
+            let t = Instant::now();
+            engine.step(&[StepSeq {
+                id,
+                tokens: &prompt,
+                start_pos: 0,
+                block_table: &tables[0],
+                sample: Some(&greedy),
+                penalty_context: &[],
+                output_context: &[],
+                starts: false,
+            }])?;
+            best = best.min(t.elapsed().as_secs_f64());
+            engine.release(id);
+        }
+        Ok((decode, self.prefill as f64 / best))
+    }
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
         Some(BenchCommand::Cluster(c)) => return crate::bench_cluster::run(c),
         Some(BenchCommand::Serve(c)) => return crate::bench_serve::run(c),
+        Some(BenchCommand::Gpu(c)) => return crate::bench_gpu::run(c),
         None => {}
     }
     if let Some(n) = a.threads {

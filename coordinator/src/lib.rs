@@ -5,6 +5,7 @@ pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_gpu;
 pub mod bench_serve;
 pub mod blocks;
 pub mod cli;

@@ -24,6 +24,10 @@ pub struct Shape {
 pub const BENCH_SHAPE: Shape =
     Shape { hidden: 768, intermediate: 2048, layers: 12, heads: 12, kv_heads: 4, vocab: 32000, context: 2048 };
 
+/// Llama 3 8B: 8.03B parameters, 16 GB of bf16 weights (the GPU benchmark shape).
+pub const LLAMA3_8B: Shape =
+    Shape { hidden: 4096, intermediate: 14336, layers: 32, heads: 32, kv_heads: 8, vocab: 128_256, context: 8192 };
+
 /// A small, fast generator (SplitMix64): weights only need to be reproducible and non-degenerate.
 struct Rng(u64);
 
@@ -38,12 +42,12 @@ impl Rng {
     }
 }
 
-/// Writes `config.json` and `model.safetensors` (f32) for a random Llama of `shape` into `dir`.
-pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// The Hugging Face `config.json` of a Llama of `shape`.
+pub fn config_json(shape: Shape) -> serde_json::Value {
     let s = shape;
     let hd = s.hidden / s.heads;
-    let config = json!({
+    let theta = if s.vocab > 100_000 { 500_000.0 } else { 10_000.0 };
+    json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": s.hidden,
@@ -55,7 +59,7 @@ pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
         "vocab_size": s.vocab,
         "max_position_embeddings": s.context,
         "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rope_theta": theta,
         "hidden_act": "silu",
         "tie_word_embeddings": false,
         "attention_bias": false,
@@ -63,7 +67,15 @@ pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": "float32",
-    });
+    })
+}
+
+/// Writes `config.json` and `model.safetensors` (f32) for a random Llama of `shape` into `dir`.
+pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let s = shape;
+    let hd = s.hidden / s.heads;
+    let config = config_json(shape);
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
 
     let mut rng = Rng(seed);

@@ -23,5 +23,26 @@ pub use dtype::DType;
 pub use error::KernelError;
 pub use tensor::Tensor;
 
+/// Waits until all work queued on `device` is done (a no-op on the CPU, whose ops are synchronous), and
+/// reports any error a kernel raised meanwhile. Benchmarks time with it.
+pub fn synchronize(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::gpu(i)?.synchronize(),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => device.ensure_available(),
+    }
+}
+
+/// A human-readable name of the device (the GPU's marketing name, or "cpu").
+pub fn device_name(device: Device) -> String {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::gpu(i).map_or_else(|e| e.to_string(), |g| format!("{device} {}", g.name)),
+        _ => device.to_string(),
+    }
+}
+
 /// Result type of every fallible operation in this crate.
 pub type Result<T> = std::result::Result<T, KernelError>;

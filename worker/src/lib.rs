@@ -22,6 +22,7 @@ pub mod tcp_collective;
 pub mod weights;
 
 pub use collective::Collective;
+pub use config::ModelConfig;
 pub use engine::{Engine, SeqSampled, StepSeq};
 pub use error::{ModelError, StepError};
 pub use model::{Model, Shard};

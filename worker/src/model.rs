@@ -20,6 +20,9 @@ use crate::{
     weights::{Slice, WeightFiles},
 };
 
+/// Where a model's weights come from: `(name, full shape, this rank's slice)` → the slice, on the device.
+type WeightSource<'a> = dyn Fn(&str, &[usize], Slice) -> Result<Tensor, ModelError> + 'a;
+
 /// This process's place in its tensor-parallel group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -191,13 +194,8 @@ impl Model {
 
     /// Builds the shard from a source of weights: `get(name, full_shape, slice)` returns this rank's slice,
     /// already on `device`.
-    fn build(
-        config: ModelConfig,
-        shard: Shard,
-        device: Device,
-        get: &dyn Fn(&str, &[usize], Slice) -> Result<Tensor, ModelError>,
-    ) -> Result<Self, ModelError> {
-        struct Src<'a>(&'a dyn Fn(&str, &[usize], Slice) -> Result<Tensor, ModelError>);
+    fn build(config: ModelConfig, shard: Shard, device: Device, get: &WeightSource<'_>) -> Result<Self, ModelError> {
+        struct Src<'a>(&'a WeightSource<'a>);
         impl Src<'_> {
             fn load(&self, name: &str, shape: &[usize], s: Slice) -> Result<Tensor, ModelError> {
                 (self.0)(name, shape, s)

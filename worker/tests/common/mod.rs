@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use serde_json::Value;
 use tessera_worker::{Engine, Model, SamplingParams, Shard, StepSeq, collective::Single, kv_cache::KvCache};
 
+/// The repository root: `TESSERA_REPO` when set (test binaries carried to another machine), else where
+/// this crate was built.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("TESSERA_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."), PathBuf::from)
 }
 
 /// Every model with a golden file: the default model and the test models.
@@ -46,7 +48,11 @@ pub const BLOCK: usize = 16;
 pub const BLOCKS_PER_SEQ: usize = 8;
 
 pub fn engine(dir: &std::path::Path, max_seqs: usize) -> Engine {
-    let model = Model::load(dir, Shard::WHOLE).unwrap();
+    engine_on(dir, max_seqs, tessera_kernels::Device::Cpu)
+}
+
+pub fn engine_on(dir: &std::path::Path, max_seqs: usize, device: tessera_kernels::Device) -> Engine {
+    let model = Model::load_on(dir, Shard::WHOLE, device).unwrap();
     let cache = KvCache::new(&model, max_seqs * BLOCKS_PER_SEQ, BLOCK).unwrap();
     Engine::new(model, cache, Box::new(Single))
 }
@@ -119,7 +125,7 @@ pub fn run_batch(
             for (row, s) in sampled.iter().enumerate() {
                 let i = (s.id - base) as usize;
                 if out[i].is_empty() {
-                    first_logits[i] = l.as_f32().unwrap()[row * vocab..(row + 1) * vocab].to_vec();
+                    first_logits[i] = l.host_f32().unwrap()[row * vocab..(row + 1) * vocab].to_vec();
                 }
             }
         }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU checks, run on the device machine from binaries built elsewhere (nothing heavy is built here):
+#   scripts/build-gpu-bin.sh   (on the build machine: release `tessera` and the CUDA test binaries -> gpu-bin/)
+#   scripts/gpu-check.sh       (on the GPU machine, from the repository root)
+# Runs the CUDA op tests, the golden models on cuda:0, `tessera bench gpu` and transformers on the same
+# shapes, then prints a short table. Logs and JSON go to $OUT (default /tmp/tessera-gpu).
+set -uo pipefail
+OUT=${OUT:-/tmp/tessera-gpu}
+BIN=${BIN:-gpu-bin}
+mkdir -p "$OUT"
+export TESSERA_REPO=$PWD TESSERA_CACHE_DIR=/tmp/tessera-cache RUST_BACKTRACE=1
+
+# cudarc dlopens libcuda.so.1, libnvrtc.so.{13,12} and libcublas.so.{13,12} by name: put every directory
+# that holds them on the search path (the CUDA toolkit's and the pip wheels' of the PyTorch install).
+dirs=$(find /usr/local/nvidia /usr/local/cuda* /usr/lib/x86_64-linux-gnu /opt /usr/local/lib/python3* \
+    \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcuda.so*' \) 2>/dev/null |
+    xargs -r -n1 dirname | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:-}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >"$OUT/env.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+declare -a results
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    results+=("$(printf '%-13s %-6s %4ss' "$name" "$([ $rc = 0 ] && echo ok || echo "rc=$rc")" $((SECONDS - t0)))")
+    echo "== $name (rc=$rc)"
+    tail -n 25 "$OUT/$name.log"
+}
+
+step kernels 240 "$BIN/cuda_ops" --ignored --test-threads 1 --nocapture
+step golden 240 "$BIN/cuda_golden" --ignored --test-threads 1 --nocapture
+step tessera 300 "$BIN/tessera" bench gpu --json "$OUT/tessera.json"
+step transformers 300 python3 scripts/bench_transformers_gpu.py --json "$OUT/transformers.json"
+
+echo
+echo "== summary"
+printf '%s\n' "${results[@]}"
+python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(n):
+    try:
+        return json.load(open(os.path.join(out, n)))
+    except Exception:
+        return None
+t, h = load("tessera.json"), load("transformers.json")
+if t:
+    print(f"{t['device']}: copy {t['copy_gb_per_s']:.0f} GB/s, bf16 GEMM {t['gemm_tflop_per_s']:.0f} TFLOP/s")
+    hd = {d["batch"]: d for d in (h or {}).get("decode", [])}
+    print(f"{'batch':>6} {'tessera tok/s':>14} {'roofline':>9} {'transformers':>13} {'ratio':>6}")
+    for d in t["decode"]:
+        o = hd.get(d["batch"])
+        ratio = f"{d['tokens_per_s'] / o['tokens_per_s']:.2f}x" if o else "-"
+        hf = f"{o['tokens_per_s']:.1f}" if o else "-"
+        print(f"{d['batch']:>6} {d['tokens_per_s']:>14.1f} {d['roofline_fraction'] * 100:>8.1f}% {hf:>13} {ratio:>6}")
+    hp = h.get("prefill_tokens_per_s") if h else None
+    print(f"prefill {t['prefill_tokens']}: {t['prefill_tokens_per_s']:.0f} tok/s = "
+          f"{t['prefill_fraction_of_gemm'] * 100:.1f}% of GEMM rate; transformers "
+          + (f"{hp:.0f} tok/s ({t['prefill_tokens_per_s'] / hp:.2f}x)" if hp else "-"))
+PY
