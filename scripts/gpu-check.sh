@@ -10,12 +10,16 @@ BIN=${BIN:-gpu-bin}
 mkdir -p "$OUT"
 export TESSERA_REPO=$PWD TESSERA_CACHE_DIR=/tmp/tessera-cache RUST_BACKTRACE=1
 
-# cudarc dlopens libcuda.so.1, libnvrtc.so.{13,12} and libcublas.so.{13,12} by name: put every directory
-# that holds them on the search path (the CUDA toolkit's and the pip wheels' of the PyTorch install).
-dirs=$(find /usr/local/nvidia /usr/local/cuda* /usr/lib/x86_64-linux-gnu /opt /usr/local/lib/python3* \
-    \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcuda.so*' \) 2>/dev/null |
-    xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:-}"
+# cudarc dlopens libcuda.so.1 (the driver's own, found by the loader), libnvrtc.so.{13,12} and
+# libcublas.so.{13,12} by name: put the directories holding the last two on the search path. Never the
+# toolkit's compat/ or stubs/ libcuda: loading either instead of the driver's fails with error 803.
+dirs=$(find /usr/local/cuda* /opt /usr/local/lib/python3* \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) \
+    2>/dev/null | grep -v -e /compat/ -e /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+# cudarc looks NCCL up as libnccl.so; the pip wheel ships only libnccl.so.2: link it under that name.
+mkdir -p /tmp/tessera-nccl
+nccl=$(find /opt /usr/local /usr/lib -name 'libnccl.so.2*' 2>/dev/null | head -n 1)
+[ -n "$nccl" ] && ln -sf "$nccl" /tmp/tessera-nccl/libnccl.so
+export LD_LIBRARY_PATH="${dirs}/tmp/tessera-nccl:${LD_LIBRARY_PATH:-}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >"$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
@@ -33,6 +37,12 @@ step() {
 
 step kernels 240 "$BIN/cuda_ops" --ignored --test-threads 1 --nocapture
 step golden 240 "$BIN/cuda_golden" --ignored --test-threads 1 --nocapture
+step cli 180 bash -c '
+    g() { "$0" generate --prompt "Once upon a time" --max-tokens 27 --temperature 0 "$@"; }
+    cpu=$(g) && gpu=$(g --device cuda:0) && tp2=$(g --device cuda:0 --tp 2 2>"$1/tp2.err") || exit 1
+    printf "cpu: %s\ngpu: %s\ntp2: %s\n" "$cpu" "$gpu" "$tp2"
+    grep "NCCL refuses" "$1/tp2.err" || { echo "no fallback warning"; exit 1; }
+    [ "$cpu" = "$gpu" ] && [ "$gpu" = "$tp2" ]' "$BIN/tessera" "$OUT"
 step tessera 300 "$BIN/tessera" bench gpu --json "$OUT/tessera.json"
 step transformers 300 python3 scripts/bench_transformers_gpu.py --json "$OUT/transformers.json"
 

@@ -122,7 +122,13 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
     let mut configs: Vec<(String, usize)> = vec![("in-process".into(), 0)];
     configs.extend(a.tp.iter().map(|&tp| (format!("workers tp={tp}"), tp)));
     for (label, tp) in &configs {
-        let args = ModelArgs { model: Some(dir.clone()), kv_cache_mib: kv_mib, tp: (*tp).max(1), worker_args: vec![] };
+        let args = ModelArgs {
+            model: Some(dir.clone()),
+            kv_cache_mib: kv_mib,
+            tp: (*tp).max(1),
+            device: "cpu".into(),
+            worker_args: vec![],
+        };
         let mut runner = if *tp == 0 { Runner::in_process(&dir, kv_mib)? } else { Runner::start_workers(&args, &dir)? };
         for &b in &a.batch {
             let dt = time_decode(runner.backend.as_mut(), b, a.steps).with_context(|| format!("{label}, batch {b}"))?;

@@ -97,6 +97,10 @@ pub struct ModelArgs {
     /// across them.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub tp: usize,
+    /// Compute device: `cpu`, or `cuda:N` (bf16 on the GPU; with --tp every worker uses this GPU, so the
+    /// group falls back to TCP collectives).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
     /// Arguments every local worker gets (log format, OTLP export), from the global options.
     #[arg(skip)]
     pub worker_args: Vec<String>,
@@ -230,9 +234,10 @@ fn init_telemetry(
     Ok((t, Some(rt)))
 }
 
-/// Loads a model directory into an in-process engine with `kv_cache_mib` of KV cache.
-pub fn load_local(dir: &Path, kv_cache_mib: usize) -> Result<LocalBackend> {
-    let model = Model::load(dir, Shard::WHOLE).with_context(|| format!("loading model {}", dir.display()))?;
+/// Loads a model directory into an in-process engine on `device` with `kv_cache_mib` of KV cache.
+pub fn load_local(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<LocalBackend> {
+    let model =
+        Model::load_on(dir, Shard::WHOLE, device).with_context(|| format!("loading model {}", dir.display()))?;
     let cache = KvCache::with_budget(&model, kv_cache_mib << 20, tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE)?;
     Ok(LocalBackend { engine: Engine::new(model, cache, Box::new(Single)), last: Default::default() })
 }
@@ -252,12 +257,21 @@ impl Runner {
 
     /// In this process for tp = 1, else on a local cluster of worker processes.
     pub fn start(args: &ModelArgs, dir: &Path) -> Result<Self> {
-        if args.tp == 1 { Self::in_process(dir, args.kv_cache_mib) } else { Self::start_workers(args, dir) }
+        if args.tp == 1 {
+            Self::in_process_on(dir, args.kv_cache_mib, args.device.parse()?)
+        } else {
+            Self::start_workers(args, dir)
+        }
     }
 
-    /// An engine in this process.
+    /// An engine in this process, on the CPU.
     pub fn in_process(dir: &Path, kv_cache_mib: usize) -> Result<Self> {
-        Ok(Runner { backend: Box::new(load_local(dir, kv_cache_mib)?), _cluster: None })
+        Self::in_process_on(dir, kv_cache_mib, tessera_kernels::Device::Cpu)
+    }
+
+    /// An engine in this process on `device`.
+    pub fn in_process_on(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<Self> {
+        Ok(Runner { backend: Box::new(load_local(dir, kv_cache_mib, device)?), _cluster: None })
     }
 
     /// `args.tp` worker processes on loopback, even for tp = 1.
@@ -269,7 +283,11 @@ impl Runner {
         let config = tessera_worker::config::ModelConfig::load(dir)?;
         tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &args.worker_args)?;
+        let device: tessera_kernels::Device = args.device.parse()?;
+        device.ensure_available()?;
+        let mut extra = args.worker_args.clone();
+        extra.extend(["--device".to_string(), device.to_string()]);
+        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &extra)?;
         let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
         let group = GroupClient::connect(
             &cluster.addrs,

@@ -108,6 +108,7 @@ impl GroupClient {
         }
         let mut ranks = Vec::new();
         let mut peers = Vec::new();
+        let mut devices = Vec::new();
         for (r, addr) in addrs.iter().enumerate() {
             let channel = Channel::from_shared(format!("http://{addr}"))
                 .with_context(|| format!("worker address {addr:?}"))?
@@ -118,7 +119,7 @@ impl GroupClient {
                 .with_context(|| format!("connecting to worker rank {r} at {addr}"))?;
             let mut client =
                 WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
-            let info = tokio::time::timeout(timeouts.connect, client.info(InfoRequest {}))
+            let info = tokio::time::timeout(timeouts.connect, client.info(InfoRequest { create_nccl_id: false }))
                 .await
                 .map_err(|_| anyhow!("worker rank {r} at {addr} did not answer Info within {:?}", timeouts.connect))?
                 .map_err(|s| anyhow!("worker rank {r} at {addr}: {}", describe(&s)))?
@@ -131,9 +132,11 @@ impl GroupClient {
                 );
             }
             peers.push(info.collective_address);
+            devices.push(info.device);
             ranks.push(Rank { addr: addr.clone(), client });
         }
         let world = ranks.len() as u32;
+        let kind = choose_rendezvous(&mut ranks, &devices, peers, timeouts).await?;
         let loads = ranks.iter().enumerate().map(|(r, rank)| {
             let mut client = rank.client.clone();
             let req = LoadModelRequest {
@@ -141,7 +144,7 @@ impl GroupClient {
                 dtype: String::new(),
                 rank: r as u32,
                 world_size: world,
-                rendezvous: Some(Rendezvous { kind: Some(Kind::Tcp(TcpRendezvous { peers: peers.clone() })) }),
+                rendezvous: Some(Rendezvous { kind: Some(kind.clone()) }),
                 kv_cache_bytes,
                 block_size,
                 group_id: group_id.to_string(),
@@ -296,4 +299,41 @@ impl Backend for GroupClient {
     fn last_timings(&self) -> Vec<WorkerTiming> {
         self.last.clone()
     }
+}
+
+/// How a group's ranks meet: NCCL when every rank is on its own GPU and rank 0 can make an NCCL id, the
+/// TCP ring otherwise (with a warning when GPUs are involved, since TCP is far slower there).
+async fn choose_rendezvous(
+    ranks: &mut [Rank],
+    devices: &[String],
+    peers: Vec<String>,
+    timeouts: GroupTimeouts,
+) -> Result<Kind> {
+    let tcp = Kind::Tcp(TcpRendezvous { peers });
+    if ranks.len() < 2 || !devices.iter().all(|d| d.starts_with("cuda:")) {
+        return Ok(tcp);
+    }
+    let host = |r: &Rank| r.addr.rsplit_once(':').map_or(r.addr.clone(), |(h, _)| h.to_string());
+    for a in 0..ranks.len() {
+        for b in a + 1..ranks.len() {
+            if host(&ranks[a]) == host(&ranks[b]) && devices[a] == devices[b] {
+                tracing::warn!(
+                    "ranks {a} and {b} share {} on {}: NCCL refuses two ranks on one GPU, using TCP collectives",
+                    devices[a],
+                    host(&ranks[a])
+                );
+                return Ok(tcp);
+            }
+        }
+    }
+    let info = tokio::time::timeout(timeouts.connect, ranks[0].client.info(InfoRequest { create_nccl_id: true }))
+        .await
+        .map_err(|_| anyhow!("worker rank 0 at {} did not answer Info within {:?}", ranks[0].addr, timeouts.connect))?
+        .map_err(|s| anyhow!("worker rank 0 at {}: {}", ranks[0].addr, describe(&s)))?
+        .into_inner();
+    if info.nccl_unique_id.is_empty() {
+        tracing::warn!("rank 0 could not create an NCCL id (see its log): using TCP collectives between GPUs");
+        return Ok(tcp);
+    }
+    Ok(Kind::NcclUniqueId(info.nccl_unique_id))
 }

@@ -244,9 +244,24 @@ fn malformed_steps_get_invalid_argument_and_the_worker_keeps_serving() {
     let dir = repo().join("models/stories260K");
     rt.block_on(async {
         let mut c = WorkerClient::connect(format!("http://{}", cluster.addrs[0])).await.unwrap();
-        let info = c.info(InfoRequest {}).await.unwrap().into_inner();
+        let info = c.info(InfoRequest::default()).await.unwrap().into_inner();
         assert_eq!(info.protocol, "tessera.v1");
         assert!(info.model.is_empty());
+        assert_eq!(info.device, "cpu");
+        // A CPU worker makes no NCCL id; a coordinator then keeps the group on TCP collectives.
+        let info = c.info(InfoRequest { create_nccl_id: true }).await.unwrap().into_inner();
+        assert!(info.nccl_unique_id.is_empty());
+        let nccl = LoadModelRequest {
+            model_path: dir.to_string_lossy().into(),
+            world_size: 2,
+            rendezvous: Some(tessera_proto::v1::Rendezvous {
+                kind: Some(tessera_proto::v1::rendezvous::Kind::NcclUniqueId(vec![0; 128])),
+            }),
+            ..Default::default()
+        };
+        let e = c.load_model(nccl).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("NCCL rendezvous on a CPU worker"), "{}", e.message());
         let step = |seq: SequenceStep| StepRequest { sequences: vec![seq], ..Default::default() };
         // Before LoadModel: no model.
         let e = c
@@ -324,7 +339,7 @@ fn malformed_steps_get_invalid_argument_and_the_worker_keeps_serving() {
         };
         let r = c.step(step(good)).await.unwrap().into_inner();
         assert_eq!(r.tokens[0].token_id, 432);
-        let info = c.info(InfoRequest {}).await.unwrap().into_inner();
+        let info = c.info(InfoRequest::default()).await.unwrap().into_inner();
         assert_eq!(info.num_kv_blocks, blocks);
     });
 }

@@ -16,8 +16,22 @@ __device__ __forceinline__ u32 first_visible(u32 pos, int window) {
 }
 
 // Decode: one block per (query row, head), for rows that are a sequence's only new token. Threads share
-// the keys to score a chunk, then each thread owns output dimensions and sums the values of the chunk.
-// Shared memory (dynamic): head_dim floats of q, DEC_CHUNK scores, DEC_CHUNK slots.
+// the keys of a chunk to score them (16-byte loads of each key row when head_dim allows), then warp w sums
+// the values of keys w, w + warps, ... with lane owning dimensions lane, lane + 32, ... (head_dim <= 256);
+// the warps' partial sums are added at the end.
+// Shared memory (dynamic): head_dim floats of q, DEC_CHUNK scores (reused for the final sum), DEC_CHUNK
+// slots.
+struct alignas(16) u32x4 {
+    u32 x, y, z, w;
+};
+
+__device__ __forceinline__ float dot8(const float* q, u32x4 k) {
+    return q[0] * __uint_as_float(k.x << 16) + q[1] * __uint_as_float(k.x & 0xffff0000u) +
+           q[2] * __uint_as_float(k.y << 16) + q[3] * __uint_as_float(k.y & 0xffff0000u) +
+           q[4] * __uint_as_float(k.z << 16) + q[5] * __uint_as_float(k.z & 0xffff0000u) +
+           q[6] * __uint_as_float(k.w << 16) + q[7] * __uint_as_float(k.w & 0xffff0000u);
+}
+
 extern "C" __global__ void attention_decode_bf16(const bf16* q, const bf16* kc, const bf16* vc, bf16* out,
                                                  const u32* rows, const u32* row_pos, const u32* row_seq,
                                                  const u32* seq_bt, const u32* block_tables, int nh, int nkv,
@@ -29,6 +43,7 @@ extern "C" __global__ void attention_decode_bf16(const bf16* q, const bf16* kc, 
     u32* slots = (u32*)(sc + DEC_CHUNK);
     const u32 r = rows[blockIdx.x];
     const int h = blockIdx.y, kvh = h / (nh / nkv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     const u32 pos = row_pos[r];
     const u32* bt = block_tables + seq_bt[row_seq[r]];
     const u32 first = first_visible(pos, window);
@@ -36,7 +51,9 @@ extern "C" __global__ void attention_decode_bf16(const bf16* q, const bf16* kc, 
     for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = bf2f(qr[i]);
     __syncthreads();
 
-    float acc[2] = {0.0f, 0.0f};  // dims threadIdx.x and threadIdx.x + blockDim.x (head_dim <= 2 * blockDim)
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0.0f;
     float m = NEG_INF, l = 0.0f;
     for (u32 c0 = first; c0 <= pos; c0 += DEC_CHUNK) {
         const u32 n = min((u32)DEC_CHUNK, pos + 1 - c0);
@@ -47,7 +64,12 @@ extern "C" __global__ void attention_decode_bf16(const bf16* q, const bf16* kc, 
             slots[j] = slot;
             const bf16* kr = kc + ((size_t)slot * nkv + kvh) * hd;
             float s = 0.0f;
-            for (int x = 0; x < hd; x++) s += qs[x] * bf2f(kr[x]);
+            if ((hd & 7) == 0) {
+                const u32x4* k8 = (const u32x4*)kr;
+                for (int x = 0; x < hd / 8; x++) s += dot8(qs + 8 * x, k8[x]);
+            } else {
+                for (int x = 0; x < hd; x++) s += qs[x] * bf2f(kr[x]);
+            }
             s *= scale;
             sc[j] = s;
             lmax = fmaxf(lmax, s);
@@ -63,22 +85,30 @@ extern "C" __global__ void attention_decode_bf16(const bf16* q, const bf16* kc, 
         l = l * corr + block_sum(lsum, scratch);  // barrier: weights visible
         m = mnew;
 #pragma unroll
-        for (int k = 0; k < 2; k++) {
-            const int d = threadIdx.x + k * blockDim.x;
-            if (d < hd) {
-                float a = acc[k] * corr;
-#pragma unroll 8
-                for (u32 j = 0; j < n; j++) a += sc[j] * bf2f(vc[((size_t)slots[j] * nkv + kvh) * hd + d]);
-                acc[k] = a;
+        for (int i = 0; i < 8; i++) acc[i] *= corr;
+        for (u32 j = warp; j < n; j += nwarps) {
+            const float p = sc[j];
+            const bf16* vr = vc + ((size_t)slots[j] * nkv + kvh) * hd;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int d = lane + 32 * i;
+                if (d < hd) acc[i] += p * bf2f(vr[d]);
             }
         }
-        __syncthreads();  // the next chunk overwrites scores and slots
+        __syncthreads();  // the next chunk (or the final sum) overwrites scores and slots
     }
-    bf16* o = out + ((size_t)r * nh + h) * hd;
+    // Sum the warps' partial outputs through shared memory (nwarps * head_dim <= DEC_CHUNK floats).
 #pragma unroll
-    for (int k = 0; k < 2; k++) {
-        const int d = threadIdx.x + k * blockDim.x;
-        if (d < hd) o[d] = f2bf(acc[k] / l);
+    for (int i = 0; i < 8; i++) {
+        const int d = lane + 32 * i;
+        if (d < hd) sc[warp * hd + d] = acc[i];
+    }
+    __syncthreads();
+    bf16* o = out + ((size_t)r * nh + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float t = 0.0f;
+        for (int w = 0; w < nwarps; w++) t += sc[w * hd + d];
+        o[d] = f2bf(t / l);
     }
 }
 
@@ -169,5 +199,32 @@ extern "C" __global__ void attention_prefill_bf16(const bf16* q, const bf16* kc,
             const int x = lane + 32 * i;
             if (x < hd) o[x] = f2bf(acc[i] / l);
         }
+    }
+}
+
+// The softmax of the dense prefill path (scores from cuBLAS): row r of `scores` ([heads * q_len, keys], f32,
+// unscaled q·k) is query r % q_len of head r / q_len at position pos0 + r % q_len. Keys it may not see get
+// probability 0. Probabilities are written in bf16 for the second GEMM, as PyTorch's bf16 attention does.
+extern "C" __global__ void causal_softmax_bf16(const float* scores, bf16* probs, int q_len, int keys, u32 pos0,
+                                               float scale, int window) {
+    __shared__ float scratch[32];
+    const size_t r = blockIdx.x;
+    const u32 qpos = pos0 + (u32)(r % q_len);
+    const u32 first = first_visible(qpos, window);
+    const float* s = scores + r * keys;
+    bf16* p = probs + r * keys;
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+        if ((u32)j >= first && (u32)j <= qpos) mx = fmaxf(mx, s[j] * scale);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+        if ((u32)j >= first && (u32)j <= qpos) sum += expf(s[j] * scale - mx);
+    }
+    const float inv = 1.0f / block_sum(sum, scratch);
+    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+        const bool seen = (u32)j >= first && (u32)j <= qpos;
+        p[j] = f2bf(seen ? expf(s[j] * scale - mx) * inv : 0.0f);
     }
 }

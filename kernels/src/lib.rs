@@ -35,6 +35,15 @@ pub fn synchronize(device: Device) -> Result<()> {
     }
 }
 
+/// Free and total memory of `device` in bytes (`None` for the CPU, where the worker reads /proc/meminfo).
+pub fn memory_info(device: Device) -> Result<Option<(usize, usize)>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => Ok(Some(cuda::gpu(i)?.memory()?)),
+        _ => Ok(None),
+    }
+}
+
 /// A human-readable name of the device (the GPU's marketing name, or "cpu").
 pub fn device_name(device: Device) -> String {
     match device {

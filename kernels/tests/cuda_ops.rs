@@ -298,3 +298,25 @@ fn argmax_and_sampling_match_the_cpu_definition() {
         }
     }
 }
+
+/// NCCL loads, makes an id and runs its collectives in a group of one (one GPU cannot host two ranks:
+/// NCCL refuses that, which is why the coordinator falls back to TCP there).
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn nccl_group_of_one_reduces_and_gathers() {
+    use tessera_kernels::cuda::nccl::{ID_BYTES, NcclComm, nccl_available, new_unique_id};
+    assert!(nccl_available(), "libnccl.so cannot be loaded (LD_LIBRARY_PATH)");
+    let mut r = rng("nccl");
+    let id = new_unique_id(GPU).unwrap();
+    assert_eq!(id.len(), ID_BYTES);
+    let comm = NcclComm::new(GPU, 0, 1, &id).unwrap();
+    let x = randn(&mut r, 4096, 2.0);
+    let mut t = gpu(&x, &[64, 64]);
+    comm.all_reduce_sum(&mut t).unwrap();
+    assert_eq!(t.to_vec_f32().unwrap(), x, "a sum over one rank is the input");
+    let mut f = cpu(&x, &[4096]).to_device(GPU).unwrap();
+    comm.all_reduce_sum(&mut f).unwrap();
+    assert_eq!(f.to_vec_f32().unwrap(), x);
+    assert_eq!(comm.all_gather(&x[..100]).unwrap(), x[..100]);
+    assert!(NcclComm::new(GPU, 0, 1, &id[..10]).is_err(), "a short id is an error, not a panic");
+}

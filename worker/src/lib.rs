@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
+pub mod nccl_collective;
 pub mod sampling;
 pub mod server;
 pub mod tcp_collective;

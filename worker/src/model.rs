@@ -371,14 +371,14 @@ impl Model {
             let (kc, vc) = cache.layer(li);
             let attn = ops::paged_attention(&q, kc, vc, &attn_seqs, &shape)?.reshape(&[t, nh * hd])?;
             let mut o = ops::linear(&attn, &layer.o, layer.o_bias.as_ref())?;
-            all_reduce(comm, &mut o)?;
+            comm.all_reduce_tensor(&mut o)?;
             h = ops::add_rms_norm(&mut x, &o, &layer.post_norm, eps)?;
 
             let gate = ops::linear(&h, &layer.gate, layer.gate_bias.as_ref())?;
             let up = ops::linear(&h, &layer.up, layer.up_bias.as_ref())?;
             let act = ops::silu_mul(&gate, &up)?;
             let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
-            all_reduce(comm, &mut down)?;
+            comm.all_reduce_tensor(&mut down)?;
             match self.layers.get(li + 1) {
                 Some(next) => h = ops::add_rms_norm(&mut x, &down, &next.input_norm, eps)?,
                 None => ops::add_inplace(&mut x, &down)?,
@@ -412,19 +412,4 @@ impl Model {
         }
         Ok(Some(Tensor::from_f32(full, &[n, c.vocab_size])?))
     }
-}
-
-/// Sums a row-parallel partial result over the group. Collectives exchange host f32 (the TCP ring), so a
-/// CUDA tensor makes a round trip through the host; a group of one skips it all.
-fn all_reduce(comm: &dyn Collective, t: &mut Tensor) -> Result<(), ModelError> {
-    if comm.world_size() == 1 {
-        return Ok(());
-    }
-    if t.device() == Device::Cpu {
-        return Ok(comm.all_reduce_sum(t.as_f32_mut()?)?);
-    }
-    let mut host = t.to_vec_f32()?;
-    comm.all_reduce_sum(&mut host)?;
-    *t = Tensor::from_f32(host, t.shape())?.to_dtype(t.dtype())?.to_device(t.device())?;
-    Ok(())
 }

@@ -17,10 +17,13 @@ use tessera_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use tessera_kernels::Device;
+
 use crate::{
     Engine, Model, SamplingParams, Shard, StepError, StepSeq,
     collective::{Collective, Single},
     kv_cache::{DEFAULT_BLOCK_SIZE, KvCache},
+    nccl_collective::NcclCollective,
     tcp_collective,
 };
 
@@ -72,6 +75,23 @@ impl WorkerService {
         }
     }
 
+    /// Memory for weights and KV cache on this worker's device: free GPU memory, or the host's available.
+    fn memory_bytes(&self) -> u64 {
+        match tessera_kernels::memory_info(self.config.device) {
+            Ok(Some((free, _))) => free as u64,
+            _ => available_memory(),
+        }
+    }
+
+    /// A fresh NCCL unique id when this worker is on a GPU and NCCL loads; empty otherwise.
+    fn nccl_id(&self) -> Vec<u8> {
+        let Device::Cuda(_) = self.config.device else { return Vec::new() };
+        tessera_kernels::cuda::nccl::new_unique_id(self.config.device).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no NCCL unique id: the group will use TCP collectives");
+            Vec::new()
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves the engine in an unknown state: treat it as failed.
         self.state.lock().unwrap_or_else(|p| {
@@ -81,6 +101,9 @@ impl WorkerService {
         })
     }
 }
+
+/// Device memory a GPU worker keeps free of KV cache for activations and attention scratch.
+const GPU_HEADROOM: usize = 3 << 30;
 
 fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -112,15 +135,18 @@ fn to_params(p: Option<&pb::SamplingParams>) -> SamplingParams {
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
-    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
+    async fn info(&self, req: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
         let mut reply = InfoReply {
             protocol: tessera_proto::PROTOCOL_VERSION.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             device: self.config.device.to_string(),
-            memory_bytes: available_memory(),
+            memory_bytes: self.memory_bytes(),
             collective_address: self.collective_address.clone(),
             ..Default::default()
         };
+        if req.get_ref().create_nccl_id {
+            reply.nccl_unique_id = self.nccl_id();
+        }
         if let State::Serving { engine, model, rank, world, .. } = &*self.lock() {
             reply.model = model.clone();
             reply.rank = *rank;
@@ -134,51 +160,72 @@ impl Worker for WorkerService {
     async fn load_model(&self, req: Request<LoadModelRequest>) -> Result<Response<LoadModelReply>, Status> {
         let _one_at_a_time = self.loading.lock().await;
         let started = Instant::now();
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let (rank, world) = (r.rank as usize, r.world_size as usize);
         if world == 0 || rank >= world {
             return Err(Status::invalid_argument(format!("rank {rank} is not in a group of {world}")));
         }
-        if !(r.dtype.is_empty() || r.dtype == "f32") {
-            return Err(Status::invalid_argument(format!("dtype {:?} is not supported on the CPU; use f32", r.dtype)));
+        let device = self.config.device;
+        let native = if device == Device::Cpu { "f32" } else { "bf16" };
+        if !(r.dtype.is_empty() || r.dtype == native) {
+            return Err(Status::invalid_argument(format!(
+                "dtype {:?} is not supported on {device}; use {native}",
+                r.dtype
+            )));
         }
         // Drop any previous model first: its memory and its collective connections.
         *self.lock() = State::Idle;
         let comm: Box<dyn Collective> = if world == 1 {
             Box::new(Single)
         } else {
-            let peers = match r.rendezvous.and_then(|z| z.kind) {
-                Some(Kind::Tcp(t)) if t.peers.len() == world => t.peers,
+            match r.rendezvous.take().and_then(|z| z.kind) {
+                Some(Kind::Tcp(t)) if t.peers.len() == world => Box::new(
+                    tcp_collective::rendezvous(
+                        &self.collective_listener,
+                        rank,
+                        &t.peers,
+                        &r.group_id,
+                        self.config.collective_timeout,
+                    )
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?,
+                ),
                 Some(Kind::Tcp(t)) => {
                     return Err(Status::invalid_argument(format!(
                         "{} peer addresses for a group of {world}",
                         t.peers.len()
                     )));
                 }
-                Some(Kind::NcclUniqueId(_)) => {
+                Some(Kind::NcclUniqueId(_)) if device == Device::Cpu => {
                     return Err(Status::invalid_argument(
                         "NCCL rendezvous on a CPU worker; this worker uses TCP collectives",
                     ));
                 }
+                Some(Kind::NcclUniqueId(id)) => {
+                    // Blocks until every rank has joined; the coordinator's load timeout bounds the wait.
+                    let c = tokio::task::spawn_blocking(move || NcclCollective::new(device, rank, world, &id))
+                        .await
+                        .map_err(|e| Status::internal(format!("joining the NCCL group panicked: {e}")))?
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                    tracing::info!(rank, world, %device, "joined the NCCL group");
+                    Box::new(c)
+                }
                 None => return Err(Status::invalid_argument("a group of more than one rank needs a rendezvous")),
-            };
-            let c = tcp_collective::rendezvous(
-                &self.collective_listener,
-                rank,
-                &peers,
-                &r.group_id,
-                self.config.collective_timeout,
-            )
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-            Box::new(c)
+            }
         };
         let path = PathBuf::from(&r.model_path);
-        let kv_bytes = if r.kv_cache_bytes > 0 { r.kv_cache_bytes as usize } else { self.config.kv_cache_bytes };
+        let asked = r.kv_cache_bytes as usize;
+        let default_bytes = self.config.kv_cache_bytes;
         let block_size = if r.block_size > 0 { r.block_size as usize } else { DEFAULT_BLOCK_SIZE };
-        let device = self.config.device;
         let engine = tokio::task::spawn_blocking(move || -> Result<Engine, crate::ModelError> {
             let model = Model::load_on(&path, Shard { rank, world }, device)?;
+            let kv_bytes = match tessera_kernels::memory_info(device)? {
+                _ if asked > 0 => asked,
+                // On a GPU, 0 means: what the weights left, less room for activations and the dense
+                // prefill's score matrices.
+                Some((free, _)) if asked == 0 => (free as f64 * 0.9) as usize - GPU_HEADROOM.min(free / 2),
+                _ => default_bytes,
+            };
             let cache = KvCache::with_budget(&model, kv_bytes, block_size)?;
             Ok(Engine::new(model, cache, comm))
         })

@@ -9,6 +9,7 @@
 //! All work of one GPU goes to one stream, in order, so no kernel needs cross-stream events; cudarc's
 //! per-buffer event tracking is switched off for that reason (it costs two event records per launch).
 
+pub mod nccl;
 pub(crate) mod ops;
 
 use std::{
@@ -127,6 +128,7 @@ fn nvrtc_version() -> (i32, i32) {
 
 /// An index array as uploaded: the host copy it was made from, and the device copy.
 type Upload = (Vec<u32>, Arc<CudaSlice<u32>>);
+type UploadF32 = (Vec<f32>, Arc<CudaSlice<f32>>);
 
 /// One GPU in use by this process.
 pub struct Gpu {
@@ -141,6 +143,7 @@ pub struct Gpu {
     /// Small index arrays (positions, slots, attention metadata) uploaded for one op and reused by the next
     /// call with the same contents: every layer of a forward pass passes the same ones.
     uploads: Mutex<HashMap<&'static str, Upload>>,
+    uploads_f32: Mutex<HashMap<&'static str, UploadF32>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -194,6 +197,23 @@ impl Gpu {
         // SAFETY: all of this GPU's work goes to one stream, so no cross-stream tracking is needed; nothing
         // has been allocated yet.
         unsafe { ctx.disable_event_tracking() };
+        // Keep freed memory in the stream-ordered pool across synchronisations: by default it is returned to
+        // the driver at every sync, so each decode step (which ends by copying tokens back) would map its
+        // activation buffers afresh.
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: plain driver calls on this context's device with valid out-pointers.
+        unsafe {
+            use cudarc::driver::sys;
+            let dev = ctx.cu_device();
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, dev) == sys::CUresult::CUDA_SUCCESS {
+                let mut keep = u64::MAX;
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut keep) as *mut u64 as *mut std::ffi::c_void,
+                );
+            }
+        }
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| unavailable(ordinal, format!("cuBLAS: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
@@ -209,7 +229,17 @@ impl Gpu {
             }
         }
         tracing::info!(device = ordinal, name = %name, capability = ?capability, "CUDA device ready");
-        Ok(Gpu { ordinal, name, capability, ctx, stream, blas, kernels, uploads: Mutex::new(HashMap::new()) })
+        Ok(Gpu {
+            ordinal,
+            name,
+            capability,
+            ctx,
+            stream,
+            blas,
+            kernels,
+            uploads: Mutex::new(HashMap::new()),
+            uploads_f32: Mutex::new(HashMap::new()),
+        })
     }
 
     pub(crate) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
@@ -247,6 +277,19 @@ impl Gpu {
             return Ok(dev.clone());
         }
         let dev = Arc::new(self.upload_u32(data)?);
+        up.insert(key, (data.to_vec(), dev.clone()));
+        Ok(dev)
+    }
+
+    /// [`Gpu::upload_cached`] for f32 data (RoPE frequency tables).
+    pub(crate) fn upload_cached_f32(&self, key: &'static str, data: &[f32]) -> Result<Arc<CudaSlice<f32>>> {
+        let mut up = self.uploads_f32.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((host, dev)) = up.get(key)
+            && host.as_slice() == data
+        {
+            return Ok(dev.clone());
+        }
+        let dev = Arc::new(self.stream.clone_htod(data).map_err(|e| self.err("copy to device", e))?);
         up.insert(key, (data.to_vec(), dev.clone()));
         Ok(dev)
     }

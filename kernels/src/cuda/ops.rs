@@ -25,6 +25,10 @@ const PREFILL_KEYS: usize = 32;
 /// Keys scored per pass of the decode kernel (`DEC_CHUNK`).
 const DECODE_CHUNK: usize = 1024;
 const DECODE_THREADS: u32 = 128;
+/// Prefill chunks at least this long go through the dense path (two cuBLAS GEMMs around a softmax)...
+const DENSE_MIN_ROWS: usize = 32;
+/// ...unless their score matrix (heads × rows × keys) is larger than this many elements (6 bytes each).
+const DENSE_MAX_SCORES: usize = 1 << 27;
 
 fn alloc_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>> {
     // SAFETY: every caller launches a kernel that writes all `n` elements before anything reads them.
@@ -345,14 +349,22 @@ pub(crate) fn rope(x: &mut Buffer, positions: &[u32], inv_freq: &[f32], heads: u
         return Ok(());
     }
     let pos = g.upload_cached("rope.positions", positions)?;
-    let freq = g.stream.clone_htod(inv_freq).map_err(|e| g.err("copy", e))?;
+    let freq = g.upload_cached_f32("rope.freq", inv_freq)?;
     let stride = if inv_freq.len() == hd / 2 { 0i32 } else { (hd / 2) as i32 };
     let (hi, hdi) = (heads as i32, hd as i32);
     let f = g.kernel("rope_bf16")?;
     let xs = x.bf16_mut(OP)?;
     // SAFETY: one block per token of heads·hd elements; positions and frequencies sized by `ops::rope`.
     unsafe {
-        g.stream.launch_builder(f).arg(xs).arg(&*pos).arg(&freq).arg(&stride).arg(&hi).arg(&hdi).launch(row_cfg(t, 128))
+        g.stream
+            .launch_builder(f)
+            .arg(xs)
+            .arg(&*pos)
+            .arg(&*freq)
+            .arg(&stride)
+            .arg(&hi)
+            .arg(&hdi)
+            .launch(row_cfg(t, 128))
     }
     .map_err(|e| g.err(OP, e))?;
     Ok(())
@@ -516,6 +528,7 @@ pub(crate) fn paged_attention(
     let mut tables = Vec::new();
     let mut decode_rows = Vec::new();
     let mut tiles = Vec::new();
+    let mut dense = Vec::new();
     for (i, seq) in seqs.iter().enumerate() {
         seq_bt.push(tables.len() as u32);
         tables.extend_from_slice(seq.block_table);
@@ -525,6 +538,8 @@ pub(crate) fn paged_attention(
         }
         if seq.q_len == 1 {
             decode_rows.push(seq.q_start as u32);
+        } else if seq.q_len >= DENSE_MIN_ROWS && s.num_heads * seq.q_len * (seq.pos0 + seq.q_len) <= DENSE_MAX_SCORES {
+            dense.push(*seq);
         } else {
             for r0 in (0..seq.q_len).step_by(PREFILL_ROWS) {
                 tiles.push((seq.q_start + r0) as u32);
@@ -603,7 +618,154 @@ pub(crate) fn paged_attention(
         }
         .map_err(|e| g.err("attention_prefill", e))?;
     }
+    for seq in &dense {
+        dense_prefill(g, qs, ks, vs, &mut out, seq, s)?;
+    }
     Ok(Buffer::new(g.clone(), DeviceData::BF16(out)))
+}
+
+/// One strided-batched GEMM on raw device pointers (bf16 inputs, f32 accumulation), column-major as cuBLAS
+/// sees it: `C[m, n] = op(A)[m, k] · op(B)[k, n]` for `batch` matrices `stride_*` elements apart.
+#[allow(clippy::too_many_arguments)]
+fn gemm_batched(
+    g: &Gpu,
+    trans_a: bool,
+    (m, n, k): (usize, usize, usize),
+    (a, lda, stride_a): (u64, usize, usize),
+    (b, ldb, stride_b): (u64, usize, usize),
+    (c, c_f32, ldc, stride_c): (u64, bool, usize, usize),
+    batch: usize,
+) -> Result<()> {
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let op_a = if trans_a { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    let c_type = if c_f32 { cudaDataType_t::CUDA_R_32F } else { cudaDataType_t::CUDA_R_16BF };
+    let i = |v: usize| v as i32;
+    // SAFETY: the caller passes pointers to buffers that hold every element the dimensions, leading
+    // dimensions and strides address.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *g.blas.handle(),
+            op_a,
+            cublasOperation_t::CUBLAS_OP_N,
+            i(m),
+            i(n),
+            i(k),
+            (&alpha) as *const f32 as *const _,
+            a as *const _,
+            cudaDataType_t::CUDA_R_16BF,
+            i(lda),
+            stride_a as i64,
+            b as *const _,
+            cudaDataType_t::CUDA_R_16BF,
+            i(ldb),
+            stride_b as i64,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            c_type,
+            i(ldc),
+            stride_c as i64,
+            i(batch),
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| g.err("cublasGemmStridedBatchedEx", e))
+}
+
+/// Attention of one long prefill chunk on the tensor cores: the sequence's keys and values are gathered
+/// from the paged cache into contiguous rows, scores come from one batched GEMM per query head of each KV
+/// group, a softmax kernel applies the causal (and window) mask, and a second GEMM writes the output rows
+/// in place.
+fn dense_prefill(
+    g: &Gpu,
+    q: &CudaSlice<bf16>,
+    kc: &CudaSlice<bf16>,
+    vc: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+    seq: &AttentionSeq<'_>,
+    s: &AttentionShape,
+) -> Result<()> {
+    let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+    let group = nh / nkv;
+    let (rows, keys) = (seq.q_len, seq.pos0 + seq.q_len);
+    let slots: Vec<u32> = (0..keys)
+        .map(|p| (seq.block_table[p / s.block_size] as usize * s.block_size + p % s.block_size) as u32)
+        .collect();
+    let dev_slots = g.upload_u32(&slots)?;
+    let row = nkv * hd;
+    let gather = g.kernel("gather_rows_bf16")?;
+    let (mut k, mut v) = (alloc_bf16(g, keys * row)?, alloc_bf16(g, keys * row)?);
+    let (n64, w64) = (keys as u64, row as u64);
+    for (src, dst) in [(kc, &mut k), (vc, &mut v)] {
+        // SAFETY: slots address rows of the cache (validated block tables); `dst` holds keys × row.
+        unsafe {
+            g.stream
+                .launch_builder(gather)
+                .arg(src)
+                .arg(&dev_slots)
+                .arg(dst)
+                .arg(&n64)
+                .arg(&w64)
+                .launch(Gpu::elementwise_cfg(keys * row))
+        }
+        .map_err(|e| g.err("gather_rows", e))?;
+    }
+    let scores_n = nh * rows * keys;
+    let mut scores = alloc_f32(g, scores_n)?;
+    let mut probs = alloc_bf16(g, scores_n)?;
+    g.ctx.bind_to_thread().map_err(|e| g.err("bind", e))?;
+    {
+        let (kp, _k) = k.device_ptr(&g.stream);
+        let (qp, _q) = q.device_ptr(&g.stream);
+        let (sp, _s) = scores.device_ptr_mut(&g.stream);
+        let q0 = qp + (seq.q_start * nh * hd * 2) as u64;
+        for gi in 0..group {
+            // Heads h = kvh * group + gi for kvh in 0..nkv: S_hᵀ[keys, rows] = K_kvh · Q_hᵀ.
+            gemm_batched(
+                g,
+                true,
+                (keys, rows, hd),
+                (kp, row, hd),
+                (q0 + (gi * hd * 2) as u64, nh * hd, group * hd),
+                (sp + (gi * rows * keys * 4) as u64, true, keys, group * rows * keys),
+                nkv,
+            )?;
+        }
+    }
+    let softmax = g.kernel("causal_softmax_bf16")?;
+    let (qi, ki, p0) = (rows as i32, keys as i32, seq.pos0 as u32);
+    let window = s.sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+    // SAFETY: one block per score row of `keys` elements.
+    unsafe {
+        g.stream
+            .launch_builder(softmax)
+            .arg(&scores)
+            .arg(&mut probs)
+            .arg(&qi)
+            .arg(&ki)
+            .arg(&p0)
+            .arg(&s.scale)
+            .arg(&window)
+            .launch(row_cfg(nh * rows, 256))
+    }
+    .map_err(|e| g.err("causal_softmax", e))?;
+    let (vp, _v) = v.device_ptr(&g.stream);
+    let (pp, _p) = probs.device_ptr(&g.stream);
+    let (op, _o) = out.device_ptr_mut(&g.stream);
+    let o0 = op + (seq.q_start * nh * hd * 2) as u64;
+    for gi in 0..group {
+        // O_hᵀ[hd, rows] = V_kvhᵀ · P_hᵀ, written into the output rows of head h.
+        gemm_batched(
+            g,
+            false,
+            (hd, rows, keys),
+            (vp, row, hd),
+            (pp + (gi * rows * keys * 2) as u64, keys, group * rows * keys),
+            (o0 + (gi * hd * 2) as u64, false, nh * hd, group * hd),
+            nkv,
+        )?;
+    }
+    Ok(())
 }
 
 /// The index of the largest logit of each row (f32 logits `[rows, vocab]`).
