@@ -181,6 +181,11 @@ impl Plan {
         Ok(Plan { batches: batches.to_vec(), context, steps, prefill, block_size, per_seq, vocab: c.vocab_size })
     }
 
+    /// KV blocks one sequence of the run may use.
+    pub fn blocks_per_seq(&self) -> usize {
+        self.per_seq
+    }
+
     /// KV blocks the run needs.
     pub fn blocks(&self) -> usize {
         self.per_seq * self.batches.iter().copied().max().unwrap_or(1)

@@ -69,6 +69,12 @@ pub struct GpuReport {
     /// Useful prefill FLOPs per second (projections and attention) in TFLOP/s.
     pub prefill_tflop_per_s: f64,
     pub prefill_fraction_of_gemm: f64,
+    /// One batch-1 forward pass: milliseconds until the host has queued every kernel, and until the device
+    /// has run them. When the two are close, the step is bound by launching, not by the GPU.
+    pub decode_host_ms: f64,
+    pub decode_device_ms: f64,
+    /// A single-token projection (1 × 4096 × 14336, bf16) alone: weight bytes over its time, in GB/s.
+    pub gemv_gb_per_s: f64,
 }
 
 fn shape(name: &str) -> Result<synth::Shape> {
@@ -94,6 +100,58 @@ fn copy_bandwidth(device: Device, bytes: usize) -> Result<f64> {
     }
     tessera_kernels::synchronize(device)?;
     Ok((2 * n * 2 * reps) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Bytes per second of reading an `[n, k]` bf16 weight in a one-row projection (median of 20).
+fn gemv_bandwidth(device: Device, k: usize, n: usize) -> Result<f64> {
+    let dtype = if device == Device::Cpu { DType::F32 } else { DType::BF16 };
+    let x = Tensor::uniform(&[1, k], dtype, device, 4, 1.0)?;
+    let w = Tensor::uniform(&[n, k], dtype, device, 5, 1.0)?;
+    let mut times = Vec::new();
+    for i in 0..22 {
+        tessera_kernels::synchronize(device)?;
+        let t = Instant::now();
+        drop(ops::linear(&x, &w, None)?);
+        tessera_kernels::synchronize(device)?;
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(w.size_in_bytes() as f64 / times[times.len() / 2])
+}
+
+/// Median (host-submit, device-done) seconds of a batch-1 decode forward pass after `context` tokens.
+fn host_and_device_time(engine: &mut Engine, plan: &Plan, device: Device, vocab: usize) -> Result<(f64, f64)> {
+    let table: Vec<u32> = (0..plan.blocks_per_seq() as u32).collect();
+    let prompt: Vec<u32> = (0..plan.context as u32).map(|i| (i * 7919) % vocab as u32).collect();
+    let greedy = tessera_worker::SamplingParams::greedy();
+    let seq = |tokens, start_pos| tessera_worker::StepSeq {
+        id: 77_777,
+        tokens,
+        start_pos,
+        block_table: &table,
+        sample: Some(&greedy),
+        penalty_context: &[],
+        output_context: &[],
+        starts: false,
+    };
+    engine.step(&[seq(&prompt, 0)])?;
+    let next = [1u32];
+    let (mut host, mut total) = (Vec::new(), Vec::new());
+    for _ in 0..12 {
+        tessera_kernels::synchronize(device)?;
+        let t = Instant::now();
+        let logits = engine.forward(&[seq(&next, plan.context)])?;
+        host.push(t.elapsed().as_secs_f64());
+        tessera_kernels::synchronize(device)?;
+        total.push(t.elapsed().as_secs_f64());
+        drop(logits);
+    }
+    engine.release(77_777);
+    host.sort_by(f64::total_cmp);
+    total.sort_by(f64::total_cmp);
+    Ok((host[host.len() / 2], total[total.len() / 2]))
 }
 
 /// FLOP/s of an `n × n × n` GEMM through `ops::linear` (bf16 on CUDA, f32 on the CPU), median of 10.
@@ -124,6 +182,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     let copy = copy_bandwidth(device, if on_cpu { 256 << 20 } else { 4 << 30 })?;
     let gemm_n = if on_cpu { 1024 } else { 8192 };
     let gemm = gemm_rate(device, gemm_n)?;
+    let gemv = gemv_bandwidth(device, 4096, if on_cpu { 2048 } else { 14336 })?;
     eprintln!("{device}: copy {:.0} GB/s, GEMM {:.1} TFLOP/s", copy / 1e9, gemm / 1e12);
 
     let config = ModelConfig::parse(&synth::config_json(s).to_string(), std::path::Path::new("<bench shape>"))?;
@@ -141,6 +200,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     let kv_per_token = KvCache::bytes_per_block(&model, 1);
     let mut engine = Engine::new(model, cache, Box::new(Single));
     let (steps, prefill_tps) = plan.run(&mut engine)?;
+    let (host, device_time) = host_and_device_time(&mut engine, &plan, device, config.vocab_size)?;
     let decode = steps
         .into_iter()
         .map(|(batch, secs)| {
@@ -173,6 +233,9 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         prefill_tokens_per_s: prefill_tps,
         prefill_tflop_per_s: prefill_flops / 1e12,
         prefill_fraction_of_gemm: prefill_flops / gemm,
+        decode_host_ms: host * 1e3,
+        decode_device_ms: device_time * 1e3,
+        gemv_gb_per_s: gemv / 1e9,
     };
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
@@ -199,6 +262,10 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         report.prefill_tokens_per_s,
         report.prefill_tflop_per_s,
         report.prefill_fraction_of_gemm * 100.0
+    );
+    println!(
+        "  batch-1 forward: {:.2} ms to queue, {:.2} ms to finish; one-row projection reads {:.0} GB/s",
+        report.decode_host_ms, report.decode_device_ms, report.gemv_gb_per_s
     );
     Ok(())
 }

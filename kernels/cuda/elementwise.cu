@@ -92,3 +92,20 @@ extern "C" __global__ void count_nonfinite_f32(const float* x, size_t n, u32* co
         if ((__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u) atomicAdd(count, 1u);
     }
 }
+
+// dst[r, c] = src[r, col0 + c] for c < width: one column block of a row-major [rows, src_cols] matrix (the
+// q, k and v parts of a fused projection).
+extern "C" __global__ void copy_cols_bf16(const bf16* src, bf16* dst, size_t rows, size_t src_cols, size_t col0,
+                                          size_t width) {
+    GRID_STRIDE(i, rows * width) { dst[i] = src[(i / width) * src_cols + col0 + i % width]; }
+}
+
+// out[r, c] = silu(gu[r, c]) * gu[r, inter + c]: the gate and up halves of a fused projection.
+extern "C" __global__ void silu_mul_packed_bf16(const bf16* gu, bf16* out, size_t rows, size_t inter) {
+    GRID_STRIDE(i, rows * inter) {
+        const size_t r = i / inter, c = i % inter;
+        float g = bf2f(gu[r * 2 * inter + c]);
+        float s = bf2f(f2bf(g / (1.0f + expf(-g))));
+        out[i] = f2bf(s * bf2f(gu[r * 2 * inter + inter + c]));
+    }
+}

@@ -169,6 +169,55 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Tensor::from_f32(out, gate.shape())
 }
 
+/// `silu(x[:, :i]) * x[:, i:]` of a `[t, 2i]` tensor holding the gate and up projections side by side
+/// (one fused GEMM) → `[t, i]`.
+pub fn silu_mul_packed(gate_up: &Tensor) -> Result<Tensor> {
+    const OP: &str = "silu_mul_packed";
+    expect_rank(OP, "gate_up", gate_up, 2)?;
+    let (t, w) = (gate_up.dim(0), gate_up.dim(1));
+    if w % 2 != 0 {
+        return Err(KernelError::shape(OP, format!("{w} columns do not split into gate and up halves")));
+    }
+    let inter = w / 2;
+    #[cfg(feature = "cuda")]
+    if let Some(b) = gate_up.cuda_buffer() {
+        return Ok(Tensor::from_cuda(gpu::silu_mul_packed(b, t, inter)?, &[t, inter]));
+    }
+    let x = f32s(OP, gate_up)?;
+    let mut out = vec![0f32; t * inter];
+    for (o, row) in out.chunks_exact_mut(inter.max(1)).zip(x.chunks_exact(w.max(1))) {
+        let (g, u) = row.split_at(inter);
+        cpu::elementwise::silu_mul(g, u, o);
+    }
+    Tensor::from_f32(out, &[t, inter])
+}
+
+/// Splits the columns of a rank-2 tensor into consecutive blocks of the given widths (the q, k and v
+/// parts of a fused projection).
+pub fn split_cols(x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    const OP: &str = "split_cols";
+    expect_rank(OP, "x", x, 2)?;
+    let (rows, cols) = (x.dim(0), x.dim(1));
+    if widths.iter().sum::<usize>() != cols {
+        return Err(KernelError::shape(OP, format!("widths {widths:?} do not add up to {cols} columns")));
+    }
+    let mut out = Vec::with_capacity(widths.len());
+    let mut col0 = 0;
+    for &w in widths {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = x.cuda_buffer() {
+            out.push(Tensor::from_cuda(gpu::copy_cols(b, rows, cols, col0, w)?, &[rows, w]));
+            col0 += w;
+            continue;
+        }
+        let xs = f32s(OP, x)?;
+        let part: Vec<f32> = (0..rows).flat_map(|r| &xs[r * cols + col0..r * cols + col0 + w]).copied().collect();
+        out.push(Tensor::from_f32(part, &[rows, w])?);
+        col0 += w;
+    }
+    Ok(out)
+}
+
 /// Softmax over the last dimension, in place.
 pub fn softmax_inplace(x: &mut Tensor) -> Result<()> {
     const OP: &str = "softmax";

@@ -245,6 +245,49 @@ impl Tensor {
         }
     }
 
+    /// The tensors stacked along the first dimension (same dtype, device and trailing dimensions).
+    pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+        const OP: &str = "concat_rows";
+        let first = parts.first().ok_or_else(|| KernelError::shape(OP, "nothing to concatenate"))?;
+        let tail = first.shape.get(1..).unwrap_or(&[]).to_vec();
+        if first.rank() == 0 {
+            return Err(KernelError::shape(OP, "rank-0 tensor"));
+        }
+        for p in parts {
+            if p.shape[1..] != tail[..] || p.dtype() != first.dtype() || p.device() != first.device() {
+                return Err(KernelError::shape(
+                    OP,
+                    format!(
+                        "{:?} {} on {} with {:?} {} on {}",
+                        p.shape,
+                        p.dtype(),
+                        p.device(),
+                        first.shape,
+                        first.dtype(),
+                        first.device()
+                    ),
+                ));
+            }
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+        #[cfg(feature = "cuda")]
+        if first.device() != Device::Cpu {
+            let bufs: Vec<&crate::cuda::Buffer> = parts.iter().map(|p| p.cuda_buffer().expect("on cuda")).collect();
+            return Ok(Tensor { shape, storage: Storage::Cuda(crate::cuda::ops::concat(&bufs)?) });
+        }
+        let storage = match first.dtype() {
+            DType::F32 => Storage::F32(
+                parts.iter().map(|p| p.as_f32().map(<[f32]>::to_vec)).collect::<Result<Vec<_>>>()?.concat(),
+            ),
+            _ => {
+                let v: Vec<f32> = parts.iter().map(|p| p.to_vec_f32()).collect::<Result<Vec<_>>>()?.concat();
+                return Tensor::from_f32(v, &shape)?.to_dtype(first.dtype());
+            }
+        };
+        Ok(Tensor { shape, storage })
+    }
+
     /// Rows `[start, end)` along the first dimension, copied into a new tensor.
     pub fn narrow_rows(&self, start: usize, end: usize) -> Result<Tensor> {
         let rows = *self.shape.first().ok_or_else(|| KernelError::shape("narrow_rows", "rank-0 tensor"))?;

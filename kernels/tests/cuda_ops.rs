@@ -175,6 +175,22 @@ fn elementwise_and_gathers_match_cpu() {
     check("embedding", &got, &ops::embedding(&ids, &cpu(&table, &[vocab, h])).unwrap());
     assert!(ops::embedding(&[vocab as u32], &gpu(&table, &[vocab, h])).is_err());
 
+    // The fused-projection helpers: column split, packed SiLU-and-multiply, row concatenation.
+    let (t, a, b) = (9, 4096, 1024);
+    let x = randn(&mut r, t * (a + 2 * b), 2.0);
+    let want = ops::split_cols(&cpu(&x, &[t, a + 2 * b]), &[a, b, b]).unwrap();
+    let got = ops::split_cols(&gpu(&x, &[t, a + 2 * b]), &[a, b, b]).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_vec_f32().unwrap(), w.to_vec_f32().unwrap(), "split_cols part {i}");
+    }
+    let gu = randn(&mut r, t * 2 * a, 4.0);
+    poison_next(t * a, DType::BF16);
+    let got = ops::silu_mul_packed(&gpu(&gu, &[t, 2 * a])).unwrap();
+    check("silu_mul_packed", &got, &ops::silu_mul_packed(&cpu(&gu, &[t, 2 * a])).unwrap());
+    let (p, q) = (randn(&mut r, 3 * a, 1.0), randn(&mut r, 5 * a, 1.0));
+    let stacked = Tensor::concat_rows(&[&gpu(&p, &[3, a]), &gpu(&q, &[5, a])]).unwrap();
+    assert_eq!(stacked.to_vec_f32().unwrap(), [p, q].concat(), "concat_rows");
+
     let rows: Vec<u32> = vec![36, 0, 5, 5, 20];
     let x = randn(&mut r, 37 * h, 1.0);
     let got = ops::gather_rows(&gpu(&x, &[37, h]), &rows).unwrap();

@@ -323,3 +323,36 @@ fn kv_write_then_attention_round_trips_and_rejects_bad_tables() {
     let ok = [AttentionSeq { q_start: 0, q_len: 1, pos0: 5, block_table: &table }];
     assert!(ops::paged_attention(&q, &kc, &vc, &ok, &shape).is_ok());
 }
+
+#[test]
+fn fused_projection_helpers_match_their_unfused_forms() {
+    let mut r = rng(11);
+    let (t, a, b, c) = (5, 6, 3, 4);
+    let x = randn(&mut r, t * (a + b + c));
+    let parts = ops::split_cols(&t_(x.clone(), &[t, a + b + c]), &[a, b, c]).unwrap();
+    for (p, (c0, w)) in parts.iter().zip([(0, a), (a, b), (a + b, c)]) {
+        let want: Vec<f32> =
+            (0..t).flat_map(|row| x[row * (a + b + c) + c0..row * (a + b + c) + c0 + w].to_vec()).collect();
+        assert_eq!(p.shape(), [t, w]);
+        assert_eq!(p.as_f32().unwrap(), &want[..]);
+    }
+    assert!(ops::split_cols(&t_(x.clone(), &[t, a + b + c]), &[a, b]).is_err());
+
+    let (g, u) = (randn(&mut r, t * a), randn(&mut r, t * a));
+    let packed: Vec<f32> =
+        (0..t).flat_map(|row| [&g[row * a..(row + 1) * a], &u[row * a..(row + 1) * a]].concat()).collect();
+    let got = ops::silu_mul_packed(&t_(packed, &[t, 2 * a])).unwrap();
+    let want = ops::silu_mul(&t_(g, &[t, a]), &t_(u, &[t, a])).unwrap();
+    assert_eq!(got.as_f32().unwrap(), want.as_f32().unwrap());
+    assert!(ops::silu_mul_packed(&t_(vec![1.0; 3], &[1, 3])).is_err());
+
+    let (p, q) = (t_(randn(&mut r, 2 * a), &[2, a]), t_(randn(&mut r, 3 * a), &[3, a]));
+    let s = Tensor::concat_rows(&[&p, &q]).unwrap();
+    assert_eq!(s.shape(), [5, a]);
+    assert_eq!(s.as_f32().unwrap(), [p.as_f32().unwrap(), q.as_f32().unwrap()].concat());
+    assert!(Tensor::concat_rows(&[&p, &t_(vec![0.5; 4], &[2, 2])]).is_err());
+}
+
+fn t_(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    t(data, shape)
+}

@@ -84,23 +84,27 @@ impl ShardLayout {
     }
 }
 
+/// One decoder layer. q, k and v are stacked into one projection, and so are gate and up: one GEMM (one
+/// launch, one pass over the activations) instead of three and two.
 struct Layer {
     input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_bias: Option<Tensor>,
-    k_bias: Option<Tensor>,
-    v_bias: Option<Tensor>,
+    qkv: Tensor,
+    qkv_bias: Option<Tensor>,
     o: Tensor,
     o_bias: Option<Tensor>,
     post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    gate_up: Tensor,
+    gate_up_bias: Option<Tensor>,
     down: Tensor,
-    gate_bias: Option<Tensor>,
-    up_bias: Option<Tensor>,
     down_bias: Option<Tensor>,
+}
+
+fn stack(parts: [Tensor; 3]) -> Result<Tensor, ModelError> {
+    Ok(Tensor::concat_rows(&[&parts[0], &parts[1], &parts[2]])?)
+}
+
+fn stack2(a: Tensor, b: Tensor) -> Result<Tensor, ModelError> {
+    Ok(Tensor::concat_rows(&[&a, &b])?)
 }
 
 /// One sequence's part of a forward pass.
@@ -215,44 +219,41 @@ impl Model {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+            let q = w.load(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], Slice::Rows(q_rows.clone()))?;
+            let k = w.load(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?;
+            let v = w.load(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?;
+            let qkv_bias = match (
+                opt(c.qkv_bias, format!("{p}.self_attn.q_proj.bias"), &[qd], Slice::Rows(q_rows.clone()))?,
+                opt(c.qkv_bias, format!("{p}.self_attn.k_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
+                opt(c.qkv_bias, format!("{p}.self_attn.v_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
+            ) {
+                (Some(a), Some(b), Some(c)) => Some(stack([a, b, c])?),
+                _ => None,
+            };
+            let inter_rows = Slice::Rows(layout.intermediate.clone());
+            let gate = w.load(&format!("{p}.mlp.gate_proj.weight"), &[inter, h], inter_rows.clone())?;
+            let up = w.load(&format!("{p}.mlp.up_proj.weight"), &[inter, h], inter_rows.clone())?;
+            let gate_up_bias = match (
+                opt(c.mlp_bias, format!("{p}.mlp.gate_proj.bias"), &[inter], inter_rows.clone())?,
+                opt(c.mlp_bias, format!("{p}.mlp.up_proj.bias"), &[inter], inter_rows.clone())?,
+            ) {
+                (Some(a), Some(b)) => Some(stack2(a, b)?),
+                _ => None,
+            };
             layers.push(Layer {
                 input_norm: w.load(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
-                q: w.load(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], Slice::Rows(q_rows.clone()))?,
-                k: w.load(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?,
-                v: w.load(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?,
-                q_bias: opt(c.qkv_bias, format!("{p}.self_attn.q_proj.bias"), &[qd], Slice::Rows(q_rows.clone()))?,
-                k_bias: opt(c.qkv_bias, format!("{p}.self_attn.k_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
-                v_bias: opt(c.qkv_bias, format!("{p}.self_attn.v_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
+                qkv: stack([q, k, v])?,
+                qkv_bias,
                 o: w.load(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], Slice::Cols(q_rows.clone()))?,
                 // Row-parallel biases are added once, by rank 0, before the all-reduce sums the partials.
                 o_bias: opt(c.o_bias && first, format!("{p}.self_attn.o_proj.bias"), &[h], Slice::Full)?,
                 post_norm: w.load(&format!("{p}.post_attention_layernorm.weight"), &[h], Slice::Full)?,
-                gate: w.load(
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    &[inter, h],
-                    Slice::Rows(layout.intermediate.clone()),
-                )?,
-                up: w.load(
-                    &format!("{p}.mlp.up_proj.weight"),
-                    &[inter, h],
-                    Slice::Rows(layout.intermediate.clone()),
-                )?,
+                gate_up: stack2(gate, up)?,
+                gate_up_bias,
                 down: w.load(
                     &format!("{p}.mlp.down_proj.weight"),
                     &[h, inter],
                     Slice::Cols(layout.intermediate.clone()),
-                )?,
-                gate_bias: opt(
-                    c.mlp_bias,
-                    format!("{p}.mlp.gate_proj.bias"),
-                    &[inter],
-                    Slice::Rows(layout.intermediate.clone()),
-                )?,
-                up_bias: opt(
-                    c.mlp_bias,
-                    format!("{p}.mlp.up_proj.bias"),
-                    &[inter],
-                    Slice::Rows(layout.intermediate.clone()),
                 )?,
                 down_bias: opt(c.mlp_bias && first, format!("{p}.mlp.down_proj.bias"), &[h], Slice::Full)?,
             });
@@ -281,7 +282,7 @@ impl Model {
             .layers
             .iter()
             .map(|l| {
-                [&l.input_norm, &l.q, &l.k, &l.v, &l.o, &l.post_norm, &l.gate, &l.up, &l.down]
+                [&l.input_norm, &l.qkv, &l.o, &l.post_norm, &l.gate_up, &l.down]
                     .iter()
                     .map(|t| t.size_in_bytes())
                     .sum::<usize>()
@@ -361,9 +362,14 @@ impl Model {
             None => x.clone(),
         };
         for (li, layer) in self.layers.iter().enumerate() {
-            let mut q = ops::linear(&h, &layer.q, layer.q_bias.as_ref())?.reshape(&[t, nh, hd])?;
-            let mut k = ops::linear(&h, &layer.k, layer.k_bias.as_ref())?.reshape(&[t, nkv, hd])?;
-            let v = ops::linear(&h, &layer.v, layer.v_bias.as_ref())?.reshape(&[t, nkv, hd])?;
+            let qkv = ops::linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
+            let [q, k, v]: [Tensor; 3] = ops::split_cols(&qkv, &[nh * hd, nkv * hd, nkv * hd])?
+                .try_into()
+                .map_err(|_| ModelError::Sharding("split of the fused qkv projection".into()))?;
+            drop(qkv);
+            let mut q = q.reshape(&[t, nh, hd])?;
+            let mut k = k.reshape(&[t, nkv, hd])?;
+            let v = v.reshape(&[t, nkv, hd])?;
             ops::rope_inplace(&mut q, &positions, &freqs)?;
             ops::rope_inplace(&mut k, &positions, &freqs)?;
             let (kc, vc) = cache.layer_mut(li);
@@ -374,9 +380,7 @@ impl Model {
             comm.all_reduce_tensor(&mut o)?;
             h = ops::add_rms_norm(&mut x, &o, &layer.post_norm, eps)?;
 
-            let gate = ops::linear(&h, &layer.gate, layer.gate_bias.as_ref())?;
-            let up = ops::linear(&h, &layer.up, layer.up_bias.as_ref())?;
-            let act = ops::silu_mul(&gate, &up)?;
+            let act = ops::silu_mul_packed(&ops::linear(&h, &layer.gate_up, layer.gate_up_bias.as_ref())?)?;
             let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
             comm.all_reduce_tensor(&mut down)?;
             match self.layers.get(li + 1) {

@@ -392,6 +392,75 @@ pub(crate) fn silu_mul(gate: &Buffer, up: &Buffer, n: usize) -> Result<Buffer> {
     Ok(Buffer::new(g.clone(), DeviceData::BF16(out)))
 }
 
+/// Columns `[col0, col0 + width)` of a row-major `[rows, cols]` bf16 matrix.
+pub(crate) fn copy_cols(x: &Buffer, rows: usize, cols: usize, col0: usize, width: usize) -> Result<Buffer> {
+    let g = &x.gpu;
+    let n = rows * width;
+    let mut out = alloc_bf16(g, n)?;
+    if n > 0 {
+        let f = g.kernel("copy_cols_bf16")?;
+        let (r, c, c0, w) = (rows as u64, cols as u64, col0 as u64, width as u64);
+        // SAFETY: reads inside [rows, cols] (col0 + width <= cols, checked by `ops::split_cols`).
+        unsafe {
+            g.stream
+                .launch_builder(f)
+                .arg(x.bf16("split_cols")?)
+                .arg(&mut out)
+                .arg(&r)
+                .arg(&c)
+                .arg(&c0)
+                .arg(&w)
+                .launch(Gpu::elementwise_cfg(n))
+        }
+        .map_err(|e| g.err("split_cols", e))?;
+    }
+    Ok(Buffer::new(g.clone(), DeviceData::BF16(out)))
+}
+
+pub(crate) fn silu_mul_packed(gu: &Buffer, rows: usize, inter: usize) -> Result<Buffer> {
+    let g = &gu.gpu;
+    let n = rows * inter;
+    let mut out = alloc_bf16(g, n)?;
+    if n > 0 {
+        let f = g.kernel("silu_mul_packed_bf16")?;
+        let (r, i) = (rows as u64, inter as u64);
+        // SAFETY: reads rows × 2·inter, writes rows × inter.
+        unsafe {
+            g.stream
+                .launch_builder(f)
+                .arg(gu.bf16("silu_mul_packed")?)
+                .arg(&mut out)
+                .arg(&r)
+                .arg(&i)
+                .launch(Gpu::elementwise_cfg(n))
+        }
+        .map_err(|e| g.err("silu_mul_packed", e))?;
+    }
+    Ok(Buffer::new(g.clone(), DeviceData::BF16(out)))
+}
+
+/// The buffers' elements one after another (same dtype, same GPU).
+pub(crate) fn concat(parts: &[&Buffer]) -> Result<Buffer> {
+    let g = &parts[0].gpu;
+    let total: usize = parts.iter().map(|p| len(p)).sum();
+    let mut data = match *parts[0].data {
+        DeviceData::BF16(_) => DeviceData::BF16(alloc_bf16(g, total)?),
+        DeviceData::F32(_) => DeviceData::F32(alloc_f32(g, total)?),
+    };
+    let mut at = 0;
+    for p in parts {
+        let n = len(p);
+        match (&*p.data, &mut data) {
+            (DeviceData::BF16(s), DeviceData::BF16(d)) => g.stream.memcpy_dtod(s, &mut d.slice_mut(at..at + n)),
+            (DeviceData::F32(s), DeviceData::F32(d)) => g.stream.memcpy_dtod(s, &mut d.slice_mut(at..at + n)),
+            _ => return Err(KernelError::DType { op: "concat_rows", expected: parts[0].dtype(), got: p.dtype() }),
+        }
+        .map_err(|e| g.err("copy", e))?;
+        at += n;
+    }
+    Ok(Buffer::new(g.clone(), data))
+}
+
 pub(crate) fn add_inplace(x: &mut Buffer, y: &Buffer, n: usize) -> Result<()> {
     const OP: &str = "add";
     let g = x.gpu.clone();
