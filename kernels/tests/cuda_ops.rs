@@ -84,7 +84,18 @@ fn device_reports_itself_and_round_trips_tensors() {
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
 fn linear_matches_cpu_in_bf16_and_f32_out() {
     let mut r = rng("linear");
-    for (m, k, n) in [(1, 64, 96), (3, 200, 130), (17, 512, 1000), (64, 4096, 512), (300, 128, 257)] {
+    // m <= 16 with k % 8 == 0 goes to the GEMV kernel (ragged n included), the rest to cuBLAS.
+    for (m, k, n) in [
+        (1, 64, 96),
+        (3, 200, 130),
+        (16, 4096, 6144),
+        (8, 136, 77),
+        (1, 14336, 4096),
+        (2, 100, 50),
+        (17, 512, 1000),
+        (64, 4096, 512),
+        (300, 128, 257),
+    ] {
         let (x, w, b) = (randn(&mut r, m * k, 1.0), randn(&mut r, n * k, 0.1), randn(&mut r, n, 1.0));
         let want = ops::linear(&cpu(&x, &[m, k]), &cpu(&w, &[n, k]), Some(&cpu(&b, &[n]))).unwrap();
         for out in [DType::BF16, DType::F32] {

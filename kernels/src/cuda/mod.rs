@@ -34,6 +34,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../../cuda/elementwise.cu")),
     ("attention", include_str!("../../cuda/attention.cu")),
     ("sampling", include_str!("../../cuda/sampling.cu")),
+    ("gemv", include_str!("../../cuda/gemv.cu")),
 ];
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
