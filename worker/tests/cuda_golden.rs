@@ -27,7 +27,22 @@ fn every_model_follows_its_golden_file_on_cuda() {
             let agree = ids[0].iter().zip(&c.greedy_ids).take_while(|(a, b)| a == b).count();
             println!("{name}: logits rel err {:.2e}, greedy ids agree for {agree}/{n_new}", diff / norm);
             assert!(diff / norm < 3e-2, "{name}: last-prompt logits rel err {}", diff / norm);
-            assert!(agree >= 1, "{name}: first greedy token {:?} vs golden {:?}", ids[0], c.greedy_ids);
+            if name == "stories260K" {
+                // A trained model has clear margins: bf16 must not change its greedy text.
+                assert_eq!(agree, n_new, "{name}: greedy ids {:?} vs golden {:?}", ids[0], c.greedy_ids);
+            } else {
+                // The random test models have near-ties everywhere: the first pick must be the golden top
+                // token, or one within four RMS logit errors of it (a tie under bf16 noise).
+                let rms = diff / (c.logits.len() as f32).sqrt();
+                let top = c.logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let picked = c.logits[ids[0][0] as usize];
+                assert!(
+                    top - picked <= 4.0 * rms,
+                    "{name}: first token {} is {} below the top logit (rms {rms})",
+                    ids[0][0],
+                    top - picked
+                );
+            }
         }
     }
 }

@@ -26,9 +26,9 @@ const PREFILL_KEYS: usize = 32;
 const DECODE_CHUNK: usize = 1024;
 const DECODE_THREADS: u32 = 128;
 /// Projections of at most this many rows use the GEMV kernel (`GEMV_MAX_M` in gemv.cu)...
-const GEMV_MAX_M: usize = 16;
-/// ...in blocks of `GEMV_WARPS` warps of `GEMV_RPW` output columns each.
-const GEMV_COLS_PER_BLOCK: usize = 8 * 4;
+const GEMV_MAX_M: usize = 4;
+/// ...in blocks of `GEMV_WARPS` warps, one output column each.
+const GEMV_COLS_PER_BLOCK: usize = 4;
 /// Prefill chunks at least this long go through the dense path (two cuBLAS GEMMs around a softmax)...
 const DENSE_MIN_ROWS: usize = 32;
 /// ...unless their score matrix (heads × rows × keys) is larger than this many elements (6 bytes each).
@@ -321,7 +321,7 @@ fn gemv(
     let (mi, ki, ni) = (m as i32, k as i32, n as i32);
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(GEMV_COLS_PER_BLOCK) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (32 * GEMV_COLS_PER_BLOCK as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: x is m×k, w is n×k, y is m×n (f32 or bf16 as the flag says), bias n or null; k % 8 == 0 and
