@@ -75,6 +75,9 @@ pub struct GpuReport {
     pub decode_device_ms: f64,
     /// A single-token projection (1 × 4096 × 14336, bf16) alone: weight bytes over its time, in GB/s.
     pub gemv_gb_per_s: f64,
+    /// Device milliseconds per op kind in one batch-1 forward pass (measured with a synchronisation after
+    /// every op, so the sum exceeds `decode_device_ms` by the launch gaps).
+    pub decode_ops_ms: Vec<(String, f64)>,
 }
 
 fn shape(name: &str) -> Result<synth::Shape> {
@@ -102,23 +105,24 @@ fn copy_bandwidth(device: Device, bytes: usize) -> Result<f64> {
     Ok((2 * n * 2 * reps) as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Bytes per second of reading an `[n, k]` bf16 weight in a one-row projection (median of 20).
+/// Bytes per second of reading an `[n, k]` bf16 weight in a one-row projection.
 fn gemv_bandwidth(device: Device, k: usize, n: usize) -> Result<f64> {
     let dtype = if device == Device::Cpu { DType::F32 } else { DType::BF16 };
     let x = Tensor::uniform(&[1, k], dtype, device, 4, 1.0)?;
     let w = Tensor::uniform(&[n, k], dtype, device, 5, 1.0)?;
-    let mut times = Vec::new();
-    for i in 0..22 {
-        tessera_kernels::synchronize(device)?;
-        let t = Instant::now();
+    // Back-to-back launches, as in a forward pass: one projection takes tens of microseconds, so a
+    // synchronisation around each would be timed too.
+    for _ in 0..3 {
         drop(ops::linear(&x, &w, None)?);
-        tessera_kernels::synchronize(device)?;
-        if i >= 2 {
-            times.push(t.elapsed().as_secs_f64());
-        }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(w.size_in_bytes() as f64 / times[times.len() / 2])
+    tessera_kernels::synchronize(device)?;
+    let reps = 50;
+    let t = Instant::now();
+    for _ in 0..reps {
+        drop(ops::linear(&x, &w, None)?);
+    }
+    tessera_kernels::synchronize(device)?;
+    Ok((w.size_in_bytes() * reps) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Median (host-submit, device-done) seconds of a batch-1 decode forward pass after `context` tokens.
@@ -148,6 +152,9 @@ fn host_and_device_time(engine: &mut Engine, plan: &Plan, device: Device, vocab:
         total.push(t.elapsed().as_secs_f64());
         drop(logits);
     }
+    engine.model.profile_ops(true);
+    engine.forward(&[seq(&next, plan.context)])?;
+    engine.model.profile_ops(false);
     engine.release(77_777);
     host.sort_by(f64::total_cmp);
     total.sort_by(f64::total_cmp);
@@ -201,6 +208,8 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     let mut engine = Engine::new(model, cache, Box::new(Single));
     let (steps, prefill_tps) = plan.run(&mut engine)?;
     let (host, device_time) = host_and_device_time(&mut engine, &plan, device, config.vocab_size)?;
+    let ops_ms: Vec<(String, f64)> =
+        engine.model.take_op_profile().into_iter().map(|(n, s, _)| (n.to_string(), s * 1e3)).collect();
     let decode = steps
         .into_iter()
         .map(|(batch, secs)| {
@@ -236,6 +245,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         decode_host_ms: host * 1e3,
         decode_device_ms: device_time * 1e3,
         gemv_gb_per_s: gemv / 1e9,
+        decode_ops_ms: ops_ms,
     };
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
@@ -267,5 +277,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "  batch-1 forward: {:.2} ms to queue, {:.2} ms to finish; one-row projection reads {:.0} GB/s",
         report.decode_host_ms, report.decode_device_ms, report.gemv_gb_per_s
     );
+    let ops: Vec<String> = report.decode_ops_ms.iter().map(|(n, ms)| format!("{n} {ms:.2}")).collect();
+    println!("  batch-1 ms per op (synchronised): {}", ops.join(", "));
     Ok(())
 }

@@ -133,6 +133,36 @@ pub struct Model {
     lm_head: Tensor,
     /// RoPE inverse frequencies when they do not depend on the sequence length.
     inv_freq: Vec<f32>,
+    /// Per-op device time, collected only while [`Model::profile_ops`] is on (benchmarks).
+    profile: OpProfile,
+}
+
+/// Device time per op of the forward pass. Enabling it synchronises after every op, so it is for finding
+/// where a step's time goes, not for timing steps.
+#[derive(Default)]
+struct OpProfile {
+    on: std::sync::atomic::AtomicBool,
+    times: std::sync::Mutex<Vec<(&'static str, f64, usize)>>,
+}
+
+impl OpProfile {
+    fn lap(&self, device: Device, name: &'static str, since: &mut std::time::Instant) -> Result<(), ModelError> {
+        if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        tessera_kernels::synchronize(device)?;
+        let dt = since.elapsed().as_secs_f64();
+        *since = std::time::Instant::now();
+        let mut times = self.times.lock().unwrap_or_else(|p| p.into_inner());
+        match times.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => times.push((name, dt, 1)),
+        }
+        Ok(())
+    }
 }
 
 impl Model {
@@ -267,7 +297,28 @@ impl Model {
         };
         let norm = w.load("model.norm.weight", &[h], Slice::Full)?;
         let inv_freq = c.rope.inv_freq(c.max_position_embeddings);
-        Ok(Model { config, shard, layout, device, embed, layers, norm, lm_head, inv_freq })
+        Ok(Model {
+            config,
+            shard,
+            layout,
+            device,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            profile: OpProfile::default(),
+        })
+    }
+
+    /// Starts (or stops) recording the device time of each op of the forward pass.
+    pub fn profile_ops(&self, on: bool) {
+        self.profile.on.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The recorded (op, seconds, calls), in first-seen order, and clears them.
+    pub fn take_op_profile(&self) -> Vec<(&'static str, f64, usize)> {
+        std::mem::take(&mut *self.profile.times.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// KV heads held by this rank.
@@ -355,14 +406,18 @@ impl Model {
         };
         let eps = c.rms_norm_eps;
 
+        let (dev, prof) = (self.device, &self.profile);
+        let mut at = std::time::Instant::now();
         let mut x = ops::embedding(&ids, &self.embed)?;
         // Each layer's input norm is fused with the residual add that ends the layer before it.
         let mut h = match self.layers.first() {
             Some(l) => ops::rms_norm(&x, &l.input_norm, eps)?,
             None => x.clone(),
         };
+        prof.lap(dev, "embedding + norm", &mut at)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let qkv = ops::linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
+            prof.lap(dev, "qkv projection", &mut at)?;
             let [q, k, v]: [Tensor; 3] = ops::split_cols(&qkv, &[nh * hd, nkv * hd, nkv * hd])?
                 .try_into()
                 .map_err(|_| ModelError::Sharding("split of the fused qkv projection".into()))?;
@@ -370,23 +425,37 @@ impl Model {
             let mut q = q.reshape(&[t, nh, hd])?;
             let mut k = k.reshape(&[t, nkv, hd])?;
             let v = v.reshape(&[t, nkv, hd])?;
+            prof.lap(dev, "qkv split", &mut at)?;
             ops::rope_inplace(&mut q, &positions, &freqs)?;
             ops::rope_inplace(&mut k, &positions, &freqs)?;
+            prof.lap(dev, "rope", &mut at)?;
             let (kc, vc) = cache.layer_mut(li);
             ops::write_kv_cache(&k, &v, kc, vc, &slots)?;
+            prof.lap(dev, "kv cache write", &mut at)?;
             let (kc, vc) = cache.layer(li);
             let attn = ops::paged_attention(&q, kc, vc, &attn_seqs, &shape)?.reshape(&[t, nh * hd])?;
+            prof.lap(dev, "attention", &mut at)?;
             let mut o = ops::linear(&attn, &layer.o, layer.o_bias.as_ref())?;
+            prof.lap(dev, "o projection", &mut at)?;
             comm.all_reduce_tensor(&mut o)?;
+            prof.lap(dev, "all-reduce", &mut at)?;
             h = ops::add_rms_norm(&mut x, &o, &layer.post_norm, eps)?;
+            prof.lap(dev, "add + norm", &mut at)?;
 
-            let act = ops::silu_mul_packed(&ops::linear(&h, &layer.gate_up, layer.gate_up_bias.as_ref())?)?;
+            let gate_up = ops::linear(&h, &layer.gate_up, layer.gate_up_bias.as_ref())?;
+            prof.lap(dev, "gate/up projection", &mut at)?;
+            let act = ops::silu_mul_packed(&gate_up)?;
+            drop(gate_up);
+            prof.lap(dev, "silu * up", &mut at)?;
             let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
+            prof.lap(dev, "down projection", &mut at)?;
             comm.all_reduce_tensor(&mut down)?;
+            prof.lap(dev, "all-reduce", &mut at)?;
             match self.layers.get(li + 1) {
                 Some(next) => h = ops::add_rms_norm(&mut x, &down, &next.input_norm, eps)?,
                 None => ops::add_inplace(&mut x, &down)?,
             }
+            prof.lap(dev, "add + norm", &mut at)?;
         }
 
         // Only the last token of sequences that sample needs the (expensive) vocabulary projection.
@@ -402,6 +471,7 @@ impl Model {
         }
         let last = ops::rms_norm(&ops::gather_rows(&x, &rows)?, &self.norm, eps)?;
         let local = ops::linear_to(&last, &self.lm_head, None, DType::F32)?;
+        prof.lap(dev, "final norm + lm_head", &mut at)?;
         if comm.world_size() == 1 {
             return Ok(Some(local));
         }
