@@ -209,7 +209,7 @@ fn elementwise_and_gathers_match_cpu() {
     check("gather_rows", &got, &ops::gather_rows(&cpu(&x, &[37, h]), &rows).unwrap());
 }
 
-/// A mixed batch: decodes with long contexts (over the decode kernel's 1024-key chunk), prefill chunks
+/// A mixed batch: decodes with long contexts (over the decode kernel's 2048-key chunk), prefill chunks
 /// that start mid-sequence and fresh prompts, with GQA and shuffled block tables; with and without a
 /// sliding window.
 #[test]
@@ -219,7 +219,7 @@ fn paged_attention_matches_cpu_on_mixed_batches() {
     for (nh, nkv, hd, window) in [(32, 8, 128, None), (8, 8, 64, Some(100)), (12, 4, 16, None), (4, 1, 256, Some(7))] {
         let bs = 16;
         // (cached positions before this step, new tokens)
-        let shapes = [(1500usize, 1usize), (0, 40), (77, 1), (300, 19), (0, 1), (2100, 1), (5, 64)];
+        let shapes = [(1500usize, 1usize), (0, 40), (77, 1), (300, 19), (0, 1), (4500, 1), (5, 64)];
         let blocks_per: Vec<usize> = shapes.iter().map(|(p, q)| (p + q).div_ceil(bs)).collect();
         let total_blocks: usize = blocks_per.iter().sum::<usize>() + 3;
         let mut ids: Vec<u32> = (0..total_blocks as u32).collect();

@@ -23,8 +23,9 @@ const PREFILL_ROWS: usize = 8;
 /// Keys per shared-memory tile of the prefill kernel (`PF_KEYS`).
 const PREFILL_KEYS: usize = 32;
 /// Keys scored per pass of the decode kernel (`DEC_CHUNK`).
-const DECODE_CHUNK: usize = 1024;
-const DECODE_THREADS: u32 = 128;
+const DECODE_CHUNK: usize = 2048;
+/// Eight warps: their partial sums (8 × head_dim ≤ 2048 floats) fit in the score buffer.
+const DECODE_THREADS: u32 = 256;
 /// Projections of at most this many rows use the GEMV kernel (`GEMV_MAX_M` in gemv.cu)...
 const GEMV_MAX_M: usize = 4;
 /// ...in blocks of `GEMV_WARPS` warps, one output column each.
