@@ -56,6 +56,8 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Usage totals from a ledger (`tessera serve --usage-db FILE`), by key, tenant, model or day.
+    Usage(crate::usage::UsageArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +202,7 @@ pub fn main() -> ExitCode {
         Command::Worker(a) => crate::worker_cmd::run(a),
         Command::Serve(a) => crate::serve::run(crate::serve::ServeArgs { log_json, ..a }),
         Command::Keys(KeysCommand::Create { tenant, id, models }) => keys_create(&tenant, id.as_deref(), models),
+        Command::Usage(a) => crate::usage::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,8 @@ use serde_json::Value;
 #[derive(Clone)]
 pub struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// Sent as `Authorization: Bearer ...` with every request.
+    bearer: Option<String>,
 }
 
 pub struct HttpResponse {
@@ -58,16 +60,28 @@ impl HttpClient {
     fn with_pool(idle_per_host: usize) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        HttpClient { client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(idle_per_host).build(http) }
+        HttpClient {
+            client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(idle_per_host).build(http),
+            bearer: None,
+        }
+    }
+
+    /// The same client, sending `key` as its API key.
+    pub fn with_key(&self, key: &str) -> Self {
+        HttpClient { client: self.client.clone(), bearer: Some(key.to_string()) }
+    }
+
+    fn request(&self, method: &str, url: &str) -> hyper::http::request::Builder {
+        let b = Request::builder().method(method).uri(url).header(header::CONTENT_TYPE, "application/json");
+        match &self.bearer {
+            Some(k) => b.header(header::AUTHORIZATION, format!("Bearer {k}")),
+            None => b,
+        }
     }
 
     /// Sends a request with a raw body.
     pub async fn send(&self, method: &str, url: &str, body: impl Into<Bytes>) -> Result<HttpResponse> {
-        let req = Request::builder()
-            .method(method)
-            .uri(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body.into()))?;
+        let req = self.request(method, url).body(Full::new(body.into()))?;
         let resp = self.client.request(req).await.with_context(|| format!("{method} {url}"))?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
@@ -90,11 +104,7 @@ impl HttpClient {
         body: &Value,
         mut on_event: impl FnMut(SseEvent) -> bool,
     ) -> Result<StatusCode> {
-        let req = Request::builder()
-            .method("POST")
-            .uri(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
+        let req = self.request("POST", url).body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
         let resp = self.client.request(req).await.with_context(|| format!("POST {url}"))?;
         let status = resp.status();
         if !status.is_success() {

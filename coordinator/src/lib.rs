@@ -21,4 +21,5 @@ pub mod serve;
 pub mod synth;
 pub mod telemetry;
 pub mod tokenizer;
+pub mod usage;
 pub mod worker_cmd;

@@ -53,7 +53,14 @@ pub struct Metrics {
     pub worker_collective_seconds: RankHistograms,
     /// Per rank: KV cache blocks the worker holds.
     pub worker_kv_cache_blocks: Family<RankLabels, Gauge>,
+    /// Per API key id (never the secret): requests by status, and tokens billed by kind.
+    pub key_requests: Family<KeyLabels, Counter>,
+    pub key_tokens: Family<KeyLabels, Counter>,
 }
+
+/// `key_id` plus `status` (completed, cancelled, error) or `kind` (prompt, cached, completion). Key ids come
+/// from the operator's key file, so their number is bounded by it.
+pub type KeyLabels = Vec<(&'static str, String)>;
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
     // 0.5 ms … ~65 s.
@@ -83,6 +90,8 @@ impl Metrics {
             worker_step_seconds: Family::new_with_constructor(worker_buckets),
             worker_collective_seconds: Family::new_with_constructor(worker_buckets),
             worker_kv_cache_blocks: Family::default(),
+            key_requests: Family::default(),
+            key_tokens: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -145,6 +154,16 @@ impl Metrics {
             "tessera:worker_kv_cache_blocks",
             "KV cache blocks each worker holds, by rank",
             m.worker_kv_cache_blocks.clone(),
+        );
+        r.register(
+            "tessera:key_requests",
+            "Requests per API key id, by status (completed, cancelled, error)",
+            m.key_requests.clone(),
+        );
+        r.register(
+            "tessera:key_tokens",
+            "Tokens billed per API key id, by kind (prompt, cached, completion)",
+            m.key_tokens.clone(),
         );
         for reason in ["stop", "length", "abort"] {
             let _ = m.request_success.get_or_create(&vec![("finished_reason", reason)]);

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// reach it.
     #[arg(long, value_name = "FILE")]
     pub api_keys: Option<std::path::PathBuf>,
+    /// SQLite file of per-request usage (created if missing): one row per request, written when it ends.
+    /// `tessera usage --db FILE` and `GET /v1/usage` (admin keys) read it.
+    #[arg(long, value_name = "FILE")]
+    pub usage_db: Option<std::path::PathBuf>,
     /// Set from the global --log-format.
     #[arg(skip)]
     pub log_json: bool,
@@ -63,6 +67,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
     };
     let keys = a.api_keys.as_deref().map(crate::api::auth::KeyStore::open).transpose()?;
+    let ledger = a.usage_db.as_deref().map(crate::usage::Ledger::open).transpose()?;
     let tokenizer = Tokenizer::load(&dir)?;
     let chat_template =
         ChatTemplate::from_config(&tokenizer.config, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())
@@ -90,8 +95,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_waiting: a.max_waiting,
         max_body_bytes: a.max_body_bytes,
         started: api::unix_now(),
+        instance: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
         keys: keys.clone(),
         limiter: Default::default(),
+        ledger: ledger.clone(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -103,6 +110,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 k.clone().watch(std::time::Duration::from_secs(1));
             }
             None => tracing::warn!("no --api-keys: the API is open to anyone who can reach this address"),
+        }
+        if let Some(l) = &ledger {
+            tracing::info!(path = %l.path.display(), "usage ledger: one row per request");
         }
         // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
         // delayed-ACK period (40 ms), which shows up directly as inter-token latency.

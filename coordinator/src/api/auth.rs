@@ -42,6 +42,9 @@ pub struct KeyEntry {
     /// Rate and size limits; absent means none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<KeyLimits>,
+    /// May read everyone's usage (`GET /v1/usage`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 impl KeyEntry {
@@ -268,7 +271,14 @@ pub fn create(tenant: &str, id: Option<&str>, models: Option<Vec<String>>) -> (S
     rng.fill_bytes(&mut bytes);
     let secret: String = format!("tsk-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
     let id = id.map(str::to_string).unwrap_or_else(|| format!("key-{}", &sha256_hex(&secret)[..8]));
-    let entry = KeyEntry { id, tenant: tenant.to_string(), secret_sha256: sha256_hex(&secret), models, limits: None };
+    let entry = KeyEntry {
+        id,
+        tenant: tenant.to_string(),
+        secret_sha256: sha256_hex(&secret),
+        models,
+        limits: None,
+        admin: false,
+    };
     (secret, entry)
 }
 

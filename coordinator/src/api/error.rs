@@ -111,6 +111,30 @@ impl ApiError {
         }
     }
 
+    /// 403: the caller is known but may not do this.
+    pub fn permission(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: message.into(),
+            kind: "permission_error",
+            param: None,
+            code: Some("insufficient_permissions"),
+            retry_after: None,
+        }
+    }
+
+    /// 404 for something this server does not have, with a message saying what.
+    pub fn not_found_message(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("not_found"),
+            retry_after: None,
+        }
+    }
+
     pub fn not_found(path: &str) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,

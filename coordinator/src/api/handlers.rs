@@ -314,7 +314,7 @@ async fn run(
         s: s.clone(),
         kind,
         id,
-        name: format!("{}-{:x}{:06x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, s.started, id),
+        name: format!("{}-{:x}{:06x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, s.instance, id),
         created: unix_now(),
         prompt_tokens: prompt.len(),
         choices: (0..opts.n).map(|_| ChoiceText::new(&prompt)).collect(),
@@ -326,6 +326,9 @@ async fn run(
         span,
         queue: Some(queue),
         slot,
+        key: caller.key.clone(),
+        started_at: crate::usage::unix_seconds(),
+        billed: false,
     };
     let mut r = if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await };
     if let Some(snap) = snapshot {
@@ -355,9 +358,72 @@ struct Reply {
     /// The key's hold on its limits: unused reserved tokens go back, and the concurrency slot frees, when
     /// the reply ends.
     slot: Option<crate::api::limits::Slot>,
+    /// Who is billed (`None` without keys).
+    key: Option<Arc<crate::api::auth::KeyEntry>>,
+    /// Unix seconds at admission.
+    started_at: f64,
+    /// The request's usage has been counted (ledger row and per-key metrics): it happens once, when the
+    /// reply completes, or else when it is dropped.
+    billed: bool,
 }
 
 impl Reply {
+    fn finish_reasons(&self) -> Vec<&'static str> {
+        self.choices
+            .iter()
+            .map(|c| match c.finish {
+                Some(FinishReason::Stop) => "stop",
+                Some(FinishReason::Length) => "length",
+                None => "abort",
+            })
+            .collect()
+    }
+
+    /// The request's usage as billed: what was produced, whatever the outcome. Counted in the per-key
+    /// metrics here; the ledger row is returned for the caller to write.
+    fn bill(&mut self, status: &'static str) -> Option<crate::usage::UsageRecord> {
+        if std::mem::replace(&mut self.billed, true) {
+            return None;
+        }
+        let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
+        if let Some(k) = &self.key {
+            let m = &self.s.engine.metrics;
+            m.key_requests.get_or_create(&vec![("key_id", k.id.clone()), ("status", status.to_string())]).inc();
+            for (kind, n) in
+                [("prompt", self.prompt_tokens), ("cached", self.cached_tokens), ("completion", completion)]
+            {
+                m.key_tokens
+                    .get_or_create(&vec![("key_id", k.id.clone()), ("kind", kind.to_string())])
+                    .inc_by(n as u64);
+            }
+        }
+        self.s.ledger.as_ref()?;
+        Some(crate::usage::UsageRecord {
+            request_id: self.name.clone(),
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            tenant: self.key.as_ref().map(|k| k.tenant.clone()),
+            model: self.s.model_name.clone(),
+            prompt_tokens: self.prompt_tokens as u64,
+            cached_tokens: self.cached_tokens as u64,
+            completion_tokens: completion as u64,
+            status,
+            finish_reason: self.finish_reasons().join(","),
+            started_at: self.started_at,
+            ended_at: crate::usage::unix_seconds(),
+        })
+    }
+
+    /// Bills a completed request and waits for its ledger row to be committed, so that a response the
+    /// client receives in full is always on the ledger. A ledger that cannot be written is logged; the
+    /// response still goes out.
+    async fn bill_completed(&mut self) {
+        if let (Some(row), Some(ledger)) = (self.bill("completed"), self.s.ledger.clone())
+            && let Err(e) = ledger.record_durably(row).await
+        {
+            tracing::error!(error = %e, request = %self.name, "usage row not written");
+        }
+    }
+
     fn all_finished(&self) -> bool {
         self.choices.iter().all(|c| c.finish.is_some())
     }
@@ -453,15 +519,12 @@ impl Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
-        let reasons: Vec<&str> = self
-            .choices
-            .iter()
-            .map(|c| match c.finish {
-                Some(FinishReason::Stop) => "stop",
-                Some(FinishReason::Length) => "length",
-                None => "abort",
-            })
-            .collect();
+        let reasons = self.finish_reasons();
+        // Not billed yet: the client went away, or the replica failed. Bill what was produced.
+        let status = if self.all_finished() { "error" } else { "cancelled" };
+        if let (Some(row), Some(ledger)) = (self.bill(status), self.s.ledger.as_ref()) {
+            ledger.record(row);
+        }
         if let Some(slot) = self.slot.as_mut() {
             slot.settle(self.prompt_tokens + completion);
         }
@@ -492,6 +555,7 @@ async fn whole_reply(mut r: Reply) -> Response {
             return backend_error(&m).into_response();
         }
     }
+    r.bill_completed().await;
     let choices: Vec<Value> = r
         .choices
         .iter()
@@ -549,6 +613,7 @@ fn stream_reply(mut r: Reply) -> Response {
             return Some((stream::iter(out), r));
         }
         if r.all_finished() {
+            r.bill_completed().await;
             if r.opts.include_usage {
                 let mut u = json!({
                     "id": r.name,

@@ -41,10 +41,14 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Unix time the server started (`created` of the model).
     pub started: u64,
+    /// Nanoseconds since the epoch at start: makes response ids (the ledger's keys) unique across restarts.
+    pub instance: u64,
     /// API keys; `None` serves everyone.
     pub keys: Option<Arc<auth::KeyStore>>,
     /// Per-key limit state.
     pub limiter: Arc<limits::Limiter>,
+    /// Where usage rows go (`--usage-db`).
+    pub ledger: Option<crate::usage::Ledger>,
 }
 
 pub fn unix_now() -> u64 {
@@ -59,6 +63,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
+        .route("/v1/usage", get(usage))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.keys.clone(), state.limiter.clone()),
             auth::require_key,
@@ -107,6 +112,57 @@ async fn ready(State(s): State<Arc<AppState>>) -> Response {
         axum::Json(serde_json::json!({ "status": "ready" })).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "unavailable" }))).into_response()
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    since: Option<String>,
+    by: Option<crate::usage::By>,
+}
+
+/// `GET /v1/usage?since=24h&by=tenant`: the ledger's totals, for admin keys (anyone when the server runs
+/// without keys, as every endpoint then is).
+async fn usage(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if s.keys.is_some() && !caller.key.as_ref().is_some_and(|k| k.admin) {
+        return ApiError::permission("Reading usage needs an admin key.").into_response();
+    }
+    let Some(ledger) = &s.ledger else {
+        return ApiError::not_found_message("This server keeps no usage ledger (start it with --usage-db).")
+            .into_response();
+    };
+    let q = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => {
+            return ApiError::param(
+                "by",
+                format!("Invalid query: {}. Use since=TIME and by=key|tenant|model|day.", e.body_text()),
+            )
+            .into_response();
+        }
+    };
+    let since = match q.since.as_deref().map(|t| crate::usage::parse_since(t, crate::usage::unix_seconds())) {
+        None => 0.0,
+        Some(Ok(t)) => t,
+        Some(Err(m)) => return ApiError::param("since", m).into_response(),
+    };
+    let by = q.by.unwrap_or(crate::usage::By::Key);
+    let path = ledger.path.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        crate::usage::open_read(&path).and_then(|c| crate::usage::summarize(&c, since, by))
+    })
+    .await;
+    match rows {
+        Ok(Ok(data)) => {
+            axum::Json(serde_json::json!({ "object": "list", "by": by, "since": since, "data": data })).into_response()
+        }
+        Ok(Err(e)) => ApiError::internal(format!("Reading the usage ledger failed: {e}")).into_response(),
+        Err(_) => ApiError::internal("Reading the usage ledger failed.").into_response(),
     }
 }
 
