@@ -44,6 +44,9 @@ pub struct ServeBenchArgs {
     /// Vocabulary to draw prompt ids from (ids 3..vocab).
     #[arg(long, default_value_t = 500)]
     pub vocab: u32,
+    /// API key, sent as `Authorization: Bearer`.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -155,7 +158,10 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
     if a.concurrency == 0 || a.requests == 0 || a.prompt_len == 0 || a.max_tokens == 0 {
         bail!("--concurrency, --requests, --prompt-len and --max-tokens must be at least 1");
     }
-    let client = HttpClient::new();
+    let client = match &a.api_key {
+        Some(k) => HttpClient::new().with_key(k),
+        None => HttpClient::new(),
+    };
     let base = a.url.trim_end_matches('/').to_string();
     let model = match &a.model {
         Some(m) => m.clone(),

@@ -45,13 +45,16 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub ignore_eos: bool,
     pub n: usize,
+    /// Fair-share flow (API key id) and weight.
+    pub flow: Option<String>,
+    pub weight: f64,
     pub events: UnboundedSender<Event>,
     /// The request's span: steps it takes part in are its children or linked to it.
     pub span: tracing::Span,
 }
 
 enum Command {
-    Submit(GenRequest, Instant),
+    Submit(Box<GenRequest>, Instant),
     /// Stop a choice: the handler saw a stop string (`Some(Stop)`) or gave up on it (`None`).
     Abort {
         seq: u64,
@@ -79,7 +82,7 @@ impl EngineHandle {
     /// Queues a request; false if the loop has stopped.
     pub fn submit(&self, req: GenRequest) -> bool {
         self.queued.fetch_add(req.n, Ordering::Relaxed);
-        self.tx.send(Command::Submit(req, Instant::now())).is_ok()
+        self.tx.send(Command::Submit(Box::new(req), Instant::now())).is_ok()
     }
 
     pub fn abort(&self, request: u64, choice: usize, reason: Option<FinishReason>) {
@@ -187,7 +190,8 @@ impl Loop {
                     let mut params = r.params.clone();
                     // Distinct but reproducible streams for the choices of a seeded request.
                     params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
-                    let mut seq = Sequence::new(id, r.prompt.clone(), params, r.max_tokens, r.ignore_eos);
+                    let mut seq = Sequence::new(id, r.prompt.clone(), params, r.max_tokens, r.ignore_eos)
+                        .in_flow(r.flow.clone(), r.weight);
                     seq.arrival = arrival;
                     self.sched.add(seq);
                     self.tracks.insert(

@@ -4,14 +4,26 @@
 //! is tested directly. Each step, within a token budget:
 //! 1. every running sequence that only needs its next token (a decode) gets one;
 //! 2. running sequences still prefilling get a chunk of their prompt (chunked prefill);
-//! 3. waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and the pool allow,
-//!    first mapping whatever prefix of them the prefix cache holds.
+//! 3. waiting sequences are admitted while the budget, `max_num_seqs` and the pool allow, first mapping
+//!    whatever prefix of them the prefix cache holds.
+//!
+//! Admission order is weighted fair queuing across flows (API keys; requests without a key share one
+//! flow): start-time fair queuing, where a request's tag is where its flow's previous request ends in
+//! virtual time, or the current virtual time if that is later, plus its cost (prompt + `max_tokens`)
+//! divided by its flow's weight. The queue is kept in tag order, so a flow with one request waiting goes
+//! ahead of another flow's backlog. When every slot is taken and the head of the queue belongs to a flow
+//! with nothing running while another flow runs two or more, the newest sequence of the flow running the
+//! most is preempted (recomputed later, behind its flow's share), so one tenant's flood cannot hold all
+//! the slots against another's single request. With one flow this is plain arrival order.
 //!
 //! A decode that needs a new block when none is free preempts the most recently admitted sequence: its
 //! blocks are released and it goes back to the front of the queue to be recomputed (prompt plus what it
 //! generated so far) when there is room.
 
-use std::{collections::VecDeque, time::Instant};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Instant,
+};
 
 use tessera_worker::{Sampled, SamplingParams, SeqSampled, StepSeq};
 
@@ -50,6 +62,12 @@ pub struct Sequence {
     last_hash: u64,
     /// Admitted (or re-admitted) and not yet stepped: the next step begins it on the workers.
     fresh: bool,
+    /// Fair-share flow (the API key id; `None`: the flow of requests without a key) and its weight.
+    pub flow: Option<String>,
+    pub weight: f64,
+    /// Virtual start and finish tags of the current wait in the queue.
+    start_tag: f64,
+    finish_tag: f64,
 }
 
 impl Sequence {
@@ -69,7 +87,18 @@ impl Sequence {
             num_hashed: 0,
             last_hash: 0,
             fresh: true,
+            flow: None,
+            weight: 1.0,
+            start_tag: 0.0,
+            finish_tag: 0.0,
         }
+    }
+
+    /// Puts the sequence in fair-share flow `flow` with `weight` (> 0; larger gets more).
+    pub fn in_flow(mut self, flow: Option<String>, weight: f64) -> Self {
+        self.flow = flow;
+        self.weight = if weight.is_finite() && weight > 0.0 { weight } else { 1.0 };
+        self
     }
 
     pub fn generated(&self) -> &[u32] {
@@ -115,15 +144,63 @@ pub struct Scheduler {
     /// In admission order: preemption takes from the back.
     running: Vec<Sequence>,
     pub preemptions: u64,
+    /// Virtual time of fair queuing: the start tag of the last sequence admitted.
+    vtime: f64,
+    /// Each flow's last finish tag.
+    flow_finish: HashMap<Option<String>, f64>,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
-        Scheduler { cfg, blocks, waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
+        Scheduler {
+            cfg,
+            blocks,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+            vtime: 0.0,
+            flow_finish: HashMap::new(),
+        }
     }
 
-    pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq);
+    pub fn add(&mut self, mut seq: Sequence) {
+        self.enqueue_fair(&mut seq);
+        let at = self.waiting.iter().position(|w| w.finish_tag > seq.finish_tag).unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+    }
+
+    /// Tags `seq` as its flow's next request.
+    fn enqueue_fair(&mut self, seq: &mut Sequence) {
+        let last = self.flow_finish.get(&seq.flow).copied().unwrap_or(0.0);
+        seq.start_tag = last.max(self.vtime);
+        let cost = (seq.prompt_len + seq.max_tokens).max(1) as f64;
+        seq.finish_tag = seq.start_tag + cost / seq.weight;
+        self.flow_finish.insert(seq.flow.clone(), seq.finish_tag);
+    }
+
+    /// Makes room for the head of the queue when its flow has nothing running and another flow holds two
+    /// or more slots: that flow's newest sequence is preempted and queued again as its flow's next request.
+    fn preempt_for_fairness(&mut self) -> bool {
+        let Some(head) = self.waiting.front() else { return false };
+        if self.running.iter().any(|s| s.flow == head.flow) {
+            return false;
+        }
+        let mut counts: HashMap<&Option<String>, usize> = HashMap::new();
+        for s in &self.running {
+            *counts.entry(&s.flow).or_default() += 1;
+        }
+        let Some((flow, n)) = counts.into_iter().max_by_key(|(_, n)| *n) else { return false };
+        if n < 2 {
+            return false;
+        }
+        let flow = flow.clone();
+        let Some(i) = self.running.iter().rposition(|s| s.flow == flow) else { return false };
+        let mut seq = self.running.remove(i);
+        self.blocks.release(&seq.blocks);
+        seq.reset();
+        self.preemptions += 1;
+        self.add(seq);
+        true
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -191,6 +268,10 @@ impl Scheduler {
         let mut plan = Vec::new();
         let mut budget = self.cfg.max_batched_tokens;
         let now = Instant::now();
+        // 0. A flow with nothing running waits behind full slots only while no other flow holds several.
+        if self.running.len() >= self.cfg.max_num_seqs {
+            self.preempt_for_fairness();
+        }
 
         // 1. Decodes, in admission order; preempt from the back when blocks run out.
         let mut i = 0;
@@ -231,7 +312,7 @@ impl Scheduler {
             budget -= end - start;
         }
 
-        // 3. Admit waiting sequences.
+        // 3. Admit waiting sequences, in fair-queuing order.
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(mut seq) = self.waiting.pop_front() else { break };
             let bs = self.blocks.block_size();
@@ -261,6 +342,7 @@ impl Scheduler {
                 }
             }
             seq.first_scheduled.get_or_insert(now);
+            self.vtime = self.vtime.max(seq.start_tag);
             plan.push(Planned { id: seq.id, start, end, sample: end == seq.tokens.len() });
             budget -= end - start;
             self.running.push(seq);
@@ -492,5 +574,48 @@ mod tests {
         assert!(s.abort(2).is_some(), "waiting sequences abort too");
         assert!(s.abort(2).is_none());
         assert!(s.is_idle());
+    }
+
+    fn flow_seq(id: u64, flow: &str, weight: f64) -> Sequence {
+        seq(id, 4, 4).in_flow(Some(flow.to_string()), weight)
+    }
+
+    #[test]
+    fn a_flow_with_one_request_goes_ahead_of_another_flows_backlog() {
+        let mut s = sched(256, 4, 1000, 2);
+        for id in 1..=6 {
+            s.add(flow_seq(id, "a", 1.0));
+        }
+        // Two slots, both a's.
+        let p = s.schedule();
+        assert_eq!(p.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 2]);
+        step(&mut s, &p);
+        // b's one request arrives behind a's backlog in time, but goes ahead of it in the queue.
+        s.add(flow_seq(100, "b", 1.0));
+        assert_eq!(s.waiting.front().map(|q| q.id), Some(100));
+        // Both slots are a's and b has nothing running: the newest of a's is preempted for b.
+        let p = s.schedule();
+        assert!(p.iter().any(|p| p.id == 100), "b was not admitted: {p:?}");
+        assert_eq!(s.preemptions, 1);
+        assert_eq!(s.running.iter().filter(|q| q.flow.as_deref() == Some("a")).count(), 1);
+        // a's preempted sequence waits as a's next request, not ahead of the rest of a's queue.
+        assert_eq!(s.waiting.iter().map(|q| q.id).collect::<Vec<_>>(), [3, 4, 5, 6, 2]);
+    }
+
+    #[test]
+    fn weights_share_admissions_in_proportion_and_one_flow_keeps_arrival_order() {
+        let mut s = sched(1024, 4, 1000, 1000);
+        for id in 0..30 {
+            s.add(flow_seq(id, "heavy", 1.0));
+            s.add(flow_seq(1000 + id, "light", 2.0));
+        }
+        // Of the first 30 in queue order, the weight-2 flow has about two thirds.
+        let light = s.waiting.iter().take(30).filter(|q| q.flow.as_deref() == Some("light")).count();
+        assert!((19..=21).contains(&light), "light got {light} of 30");
+        let mut one = sched(1024, 4, 1000, 1000);
+        for id in [5, 3, 9, 1] {
+            one.add(seq(id, 6, 2));
+        }
+        assert_eq!(one.waiting.iter().map(|q| q.id).collect::<Vec<_>>(), [5, 3, 9, 1], "one flow is FIFO");
     }
 }

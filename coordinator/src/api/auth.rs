@@ -42,6 +42,9 @@ pub struct KeyEntry {
     /// Rate and size limits; absent means none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<KeyLimits>,
+    /// Share of the server under contention relative to other keys (fair queuing); default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
     /// May read everyone's usage (`GET /v1/usage`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
@@ -101,6 +104,11 @@ impl Keys {
                     path.display(),
                     k.id
                 );
+            }
+            if let Some(w) = k.weight
+                && !(w.is_finite() && w > 0.0)
+            {
+                bail!("{}: keys[{i}].weight: must be a positive number (the key {:?}), got {w}", path.display(), k.id);
             }
             if by_hash.insert(k.secret_sha256.clone(), Arc::new(k.clone())).is_some() {
                 bail!("{}: keys[{i}].secret_sha256: two keys share a secret ({:?})", path.display(), k.id);
@@ -277,6 +285,7 @@ pub fn create(tenant: &str, id: Option<&str>, models: Option<Vec<String>>) -> (S
         secret_sha256: sha256_hex(&secret),
         models,
         limits: None,
+        weight: None,
         admin: false,
     };
     (secret, entry)
@@ -301,6 +310,10 @@ mod tests {
             (r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "xyz"}]}"#, "secret_sha256"),
             (r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "00"}], "x": 1}"#, "not a valid key file"),
             (r#"{"keys": [{"id": "", "tenant": "t", "secret_sha256": "00"}]}"#, "id"),
+            (
+                r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000", "weight": 0}]}"#,
+                "weight",
+            ),
         ] {
             let e = Keys::parse(bad, Path::new("keys.json")).unwrap_err().to_string();
             assert!(e.contains("keys.json") && e.contains(msg), "{e}");

@@ -304,6 +304,8 @@ async fn run(
         max_tokens,
         ignore_eos: opts.ignore_eos,
         n: opts.n,
+        flow: caller.key.as_ref().map(|k| k.id.clone()),
+        weight: caller.key.as_ref().and_then(|k| k.weight).unwrap_or(1.0),
         events: tx,
         span: span.clone(),
     };

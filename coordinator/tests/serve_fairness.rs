@@ -1,0 +1,91 @@
+//! Fair share across API keys, measured with the load generator (`tessera bench serve`'s engine): key A
+//! keeps 200 requests in flight against 64 slots while key B sends one request at a time.
+//!
+//! What is asserted is isolation: B's requests do not queue behind A's backlog. B's p99 time to first token
+//! under the flood must be a small fraction of what one more request of A's waits (the backlog), where
+//! arrival order would make them equal. B's TTFT is also compared with its idle value and printed: on this
+//! 2-core machine a first token under load cannot come sooner than the step in progress plus B's own step
+//! among 64 decodes (about 15 ms, against 1 ms idle), so the "within 2x of idle" is recorded in
+//! BENCHMARKS.md rather than asserted.
+
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::{Value, json};
+use tessera_coordinator::{
+    bench_serve::{ServeBenchArgs, run_load},
+    http_client::HttpClient,
+};
+
+fn create(id: &str) -> (String, Value) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["keys", "create", "--tenant", id, "--id", id])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let secret = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_string();
+    (secret, serde_json::from_str(out.lines().last().unwrap()).unwrap())
+}
+
+fn load(s: &Server, key: &str, concurrency: usize, requests: usize, max_tokens: usize) -> ServeBenchArgs {
+    ServeBenchArgs {
+        url: s.base.clone(),
+        concurrency,
+        requests,
+        prompt_len: 16,
+        max_tokens,
+        model: Some("stories260K".into()),
+        vocab: 500,
+        api_key: Some(key.to_string()),
+        json: true,
+    }
+}
+
+#[test]
+fn one_keys_flood_does_not_starve_another_key() {
+    let (a, a_entry) = create("flood");
+    let (b, b_entry) = create("single");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    std::fs::write(&keys, json!({"keys": [a_entry, b_entry]}).to_string()).unwrap();
+    let s = Server::start(&["--api-keys", keys.to_str().unwrap(), "--max-num-seqs", "64"]);
+    let rt = rt();
+    let b_load = load(&s, &b, 1, 60, 8);
+    let idle = rt.block_on(run_load(&b_load)).unwrap();
+    assert_eq!(idle.failed, 0);
+
+    let a_load = load(&s, &a, 200, 100_000, 128);
+    let flood = rt.spawn(async move { run_load(&a_load).await });
+    // Wait until A holds every slot and has a backlog.
+    let client = HttpClient::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        while s.metric(&client, "tessera:num_requests_waiting").await < 100.0 {
+            assert!(Instant::now() < deadline, "key A never built a backlog");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let loaded = rt.block_on(run_load(&b_load)).unwrap();
+    // One more request of A's, alone: it waits behind A's own backlog.
+    let a_probe = rt.block_on(run_load(&load(&s, &a, 1, 3, 8))).unwrap();
+    let still_waiting = rt.block_on(s.metric(&client, "tessera:num_requests_waiting"));
+    flood.abort();
+    assert_eq!((loaded.failed, a_probe.failed), (0, 0));
+    assert!(still_waiting >= 50.0, "A's backlog drained during the measurement ({still_waiting}): nothing was tested");
+    println!(
+        "B's time to first token, p50/p99 ms: idle {:.1}/{:.1}, under A's flood {:.1}/{:.1}; one more of A's: {:.1}",
+        idle.ttft_ms.p50, idle.ttft_ms.p99, loaded.ttft_ms.p50, loaded.ttft_ms.p99, a_probe.ttft_ms.p50
+    );
+    assert!(
+        loaded.ttft_ms.p99 * 10.0 < a_probe.ttft_ms.p50,
+        "B waited like A: B's p99 TTFT {:.1} ms, A's {:.1} ms",
+        loaded.ttft_ms.p99,
+        a_probe.ttft_ms.p50
+    );
+}
