@@ -273,7 +273,8 @@ impl Tensor {
         shape[0] = parts.iter().map(|p| p.shape[0]).sum();
         #[cfg(feature = "cuda")]
         if first.device() != Device::Cpu {
-            let bufs: Vec<&crate::cuda::Buffer> = parts.iter().map(|p| p.cuda_buffer().expect("on cuda")).collect();
+            let bufs: Vec<(&crate::cuda::Buffer, usize)> =
+                parts.iter().map(|p| (p.cuda_buffer().expect("on cuda"), p.numel())).collect();
             return Ok(Tensor { shape, storage: Storage::Cuda(crate::cuda::ops::concat(&bufs)?) });
         }
         let storage = match first.dtype() {

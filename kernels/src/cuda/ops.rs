@@ -496,21 +496,27 @@ pub(crate) fn silu_mul_packed(gu: &Buffer, rows: usize, inter: usize) -> Result<
     Ok(Buffer::new(g.clone(), DeviceData::BF16(out)))
 }
 
-/// The buffers' elements one after another (same dtype, same GPU).
-pub(crate) fn concat(parts: &[&Buffer]) -> Result<Buffer> {
-    let g = &parts[0].gpu;
-    let total: usize = parts.iter().map(|p| len(p)).sum();
-    let mut data = match *parts[0].data {
+/// The first `n` elements of each buffer, one after another (same dtype, same GPU).
+pub(crate) fn concat(parts: &[(&Buffer, usize)]) -> Result<Buffer> {
+    let g = &parts[0].0.gpu;
+    let total: usize = parts.iter().map(|(_, n)| n).sum();
+    let mut data = match *parts[0].0.data {
         DeviceData::BF16(_) => DeviceData::BF16(alloc_bf16(g, total)?),
         DeviceData::F32(_) => DeviceData::F32(alloc_f32(g, total)?),
     };
     let mut at = 0;
-    for p in parts {
-        let n = len(p);
+    for &(p, n) in parts {
+        if n == 0 {
+            continue;
+        }
         match (&*p.data, &mut data) {
-            (DeviceData::BF16(s), DeviceData::BF16(d)) => g.stream.memcpy_dtod(s, &mut d.slice_mut(at..at + n)),
-            (DeviceData::F32(s), DeviceData::F32(d)) => g.stream.memcpy_dtod(s, &mut d.slice_mut(at..at + n)),
-            _ => return Err(KernelError::DType { op: "concat_rows", expected: parts[0].dtype(), got: p.dtype() }),
+            (DeviceData::BF16(s), DeviceData::BF16(d)) => {
+                g.stream.memcpy_dtod(&s.slice(0..n), &mut d.slice_mut(at..at + n))
+            }
+            (DeviceData::F32(s), DeviceData::F32(d)) => {
+                g.stream.memcpy_dtod(&s.slice(0..n), &mut d.slice_mut(at..at + n))
+            }
+            _ => return Err(KernelError::DType { op: "concat_rows", expected: parts[0].0.dtype(), got: p.dtype() }),
         }
         .map_err(|e| g.err("copy", e))?;
         at += n;
