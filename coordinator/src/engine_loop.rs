@@ -277,6 +277,14 @@ impl Loop {
         let on_workers = t.elapsed();
         drop(inputs);
         let cpu_after = thread_cpu_time();
+        // Step timings before any event goes out, like the other metrics: a client whose response completes
+        // must find the step that completed it counted.
+        self.metrics.step_seconds.observe(on_workers.as_secs_f64());
+        for (rank, t) in self.backend.last_timings().iter().enumerate() {
+            let label = vec![("rank", rank.to_string())];
+            self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);
+            self.metrics.worker_collective_seconds.get_or_create(&label).observe(t.collective_seconds);
+        }
         match result {
             Ok(sampled) => {
                 let outcomes = self.sched.apply(&plan, sampled, &self.eos);
@@ -289,12 +297,6 @@ impl Loop {
                 }
             }
             Err(e) => self.fail_all(&format!("{e:#}")),
-        }
-        self.metrics.step_seconds.observe(on_workers.as_secs_f64());
-        for (rank, t) in self.backend.last_timings().iter().enumerate() {
-            let label = vec![("rank", rank.to_string())];
-            self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);
-            self.metrics.worker_collective_seconds.get_or_create(&label).observe(t.collective_seconds);
         }
         // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled, and that
         // is not the scheduler's cost. (With an in-process backend the forward pass runs on rayon threads.)

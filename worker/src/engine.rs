@@ -205,21 +205,24 @@ impl Engine {
         logits: &Tensor,
         sampling: &[(&StepSeq<'_>, &SamplingParams)],
     ) -> Result<Vec<SeqSampled>, StepError> {
-        let greedy = ops::argmax_rows(logits)?;
-        let mut params = Vec::with_capacity(sampling.len());
-        for (s, p) in sampling {
-            let sampler = self.seqs.get_mut(&s.id).and_then(|st| st.sampler.as_mut()).expect("created above");
-            params.push(ops::RowSampling {
-                temperature: if p.is_greedy() { 1.0 } else { p.temperature },
-                top_k: p.top_k.min(u32::MAX as usize) as u32,
-                top_p: p.top_p,
-                uniform: sampler.next_uniform(),
-            });
-        }
-        let drawn = if sampling.iter().any(|(_, p)| !p.is_greedy()) {
-            ops::sample_rows(logits, &params)?
+        let any_greedy = sampling.iter().any(|(_, p)| p.is_greedy());
+        let greedy = if any_greedy { ops::argmax_rows(logits)? } else { Vec::new() };
+        let drawn = if sampling.iter().all(|(_, p)| p.is_greedy()) {
+            Vec::new()
         } else {
-            greedy.clone()
+            // Every row gets parameters (the kernel takes all rows); greedy rows' draws are ignored and take
+            // no number from their generator.
+            let mut params = Vec::with_capacity(sampling.len());
+            for (s, p) in sampling {
+                let sampler = self.seqs.get_mut(&s.id).and_then(|st| st.sampler.as_mut()).expect("created above");
+                params.push(ops::RowSampling {
+                    temperature: if p.is_greedy() { 1.0 } else { p.temperature },
+                    top_k: p.top_k.min(u32::MAX as usize) as u32,
+                    top_p: p.top_p,
+                    uniform: if p.is_greedy() { 0.0 } else { sampler.next_uniform() },
+                });
+            }
+            ops::sample_rows(logits, &params)?
         };
         let mut out = Vec::with_capacity(sampling.len());
         for (i, (s, p)) in sampling.iter().enumerate() {

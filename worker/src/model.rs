@@ -99,12 +99,9 @@ struct Layer {
     down_bias: Option<Tensor>,
 }
 
-fn stack(parts: [Tensor; 3]) -> Result<Tensor, ModelError> {
-    Ok(Tensor::concat_rows(&[&parts[0], &parts[1], &parts[2]])?)
-}
-
-fn stack2(a: Tensor, b: Tensor) -> Result<Tensor, ModelError> {
-    Ok(Tensor::concat_rows(&[&a, &b])?)
+/// The projections' weights (or biases) one above the other: one fused projection.
+fn stack(parts: &[&Tensor]) -> Result<Tensor, ModelError> {
+    Ok(Tensor::concat_rows(parts)?)
 }
 
 /// One sequence's part of a forward pass.
@@ -229,13 +226,6 @@ impl Model {
     /// Builds the shard from a source of weights: `get(name, full_shape, slice)` returns this rank's slice,
     /// already on `device`.
     fn build(config: ModelConfig, shard: Shard, device: Device, get: &WeightSource<'_>) -> Result<Self, ModelError> {
-        struct Src<'a>(&'a WeightSource<'a>);
-        impl Src<'_> {
-            fn load(&self, name: &str, shape: &[usize], s: Slice) -> Result<Tensor, ModelError> {
-                (self.0)(name, shape, s)
-            }
-        }
-        let w = Src(get);
         let c = &config;
         let layout = ShardLayout::new(c, shard)?;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
@@ -243,59 +233,55 @@ impl Model {
         let kv_rows = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
         let first = shard.rank == 0;
         let opt = |present: bool, name: String, shape: &[usize], s: Slice| -> Result<Option<Tensor>, ModelError> {
-            if present { w.load(&name, shape, s).map(Some) } else { Ok(None) }
+            if present { get(&name, shape, s).map(Some) } else { Ok(None) }
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-            let q = w.load(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], Slice::Rows(q_rows.clone()))?;
-            let k = w.load(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?;
-            let v = w.load(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?;
+            let q = get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], Slice::Rows(q_rows.clone()))?;
+            let k = get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?;
+            let v = get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], Slice::Rows(kv_rows.clone()))?;
             let qkv_bias = match (
                 opt(c.qkv_bias, format!("{p}.self_attn.q_proj.bias"), &[qd], Slice::Rows(q_rows.clone()))?,
                 opt(c.qkv_bias, format!("{p}.self_attn.k_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
                 opt(c.qkv_bias, format!("{p}.self_attn.v_proj.bias"), &[kvd], Slice::Rows(kv_rows.clone()))?,
             ) {
-                (Some(a), Some(b), Some(c)) => Some(stack([a, b, c])?),
+                (Some(a), Some(b), Some(c)) => Some(stack(&[&a, &b, &c])?),
                 _ => None,
             };
             let inter_rows = Slice::Rows(layout.intermediate.clone());
-            let gate = w.load(&format!("{p}.mlp.gate_proj.weight"), &[inter, h], inter_rows.clone())?;
-            let up = w.load(&format!("{p}.mlp.up_proj.weight"), &[inter, h], inter_rows.clone())?;
+            let gate = get(&format!("{p}.mlp.gate_proj.weight"), &[inter, h], inter_rows.clone())?;
+            let up = get(&format!("{p}.mlp.up_proj.weight"), &[inter, h], inter_rows.clone())?;
             let gate_up_bias = match (
                 opt(c.mlp_bias, format!("{p}.mlp.gate_proj.bias"), &[inter], inter_rows.clone())?,
                 opt(c.mlp_bias, format!("{p}.mlp.up_proj.bias"), &[inter], inter_rows.clone())?,
             ) {
-                (Some(a), Some(b)) => Some(stack2(a, b)?),
+                (Some(a), Some(b)) => Some(stack(&[&a, &b])?),
                 _ => None,
             };
             layers.push(Layer {
-                input_norm: w.load(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
-                qkv: stack([q, k, v])?,
+                input_norm: get(&format!("{p}.input_layernorm.weight"), &[h], Slice::Full)?,
+                qkv: stack(&[&q, &k, &v])?,
                 qkv_bias,
-                o: w.load(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], Slice::Cols(q_rows.clone()))?,
+                o: get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], Slice::Cols(q_rows.clone()))?,
                 // Row-parallel biases are added once, by rank 0, before the all-reduce sums the partials.
                 o_bias: opt(c.o_bias && first, format!("{p}.self_attn.o_proj.bias"), &[h], Slice::Full)?,
-                post_norm: w.load(&format!("{p}.post_attention_layernorm.weight"), &[h], Slice::Full)?,
-                gate_up: stack2(gate, up)?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h], Slice::Full)?,
+                gate_up: stack(&[&gate, &up])?,
                 gate_up_bias,
-                down: w.load(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    &[h, inter],
-                    Slice::Cols(layout.intermediate.clone()),
-                )?,
+                down: get(&format!("{p}.mlp.down_proj.weight"), &[h, inter], Slice::Cols(layout.intermediate.clone()))?,
                 down_bias: opt(c.mlp_bias && first, format!("{p}.mlp.down_proj.bias"), &[h], Slice::Full)?,
             });
         }
-        let embed = w.load("model.embed_tokens.weight", &[c.vocab_size, h], Slice::Full)?;
+        let embed = get("model.embed_tokens.weight", &[c.vocab_size, h], Slice::Full)?;
         let head_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let lm_head = if shard.world == 1 && c.tie_word_embeddings {
             embed.clone()
         } else {
-            w.load(head_name, &[c.vocab_size, h], Slice::Rows(layout.vocab.clone()))?
+            get(head_name, &[c.vocab_size, h], Slice::Rows(layout.vocab.clone()))?
         };
-        let norm = w.load("model.norm.weight", &[h], Slice::Full)?;
+        let norm = get("model.norm.weight", &[h], Slice::Full)?;
         let inv_freq = c.rope.inv_freq(c.max_position_embeddings);
         Ok(Model {
             config,

@@ -11,13 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tessera_kernels::Device;
 use tessera_proto::v1::{
     self as pb, HealthReply, HealthRequest, InfoReply, InfoRequest, LoadModelReply, LoadModelRequest, StepReply,
     StepRequest, health_reply::Status as HealthStatus, rendezvous::Kind, worker_server::Worker,
 };
 use tonic::{Request, Response, Status};
-
-use tessera_kernels::Device;
 
 use crate::{
     Engine, Model, SamplingParams, Shard, StepError, StepSeq,
@@ -31,7 +30,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     /// Where models are loaded (weights, KV cache, forward pass).
-    pub device: tessera_kernels::Device,
+    pub device: Device,
     /// Default KV cache budget when LoadModel does not give one.
     pub kv_cache_bytes: usize,
     /// Bound on the collective rendezvous and on every collective read/write after it.
@@ -40,11 +39,7 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig {
-            device: tessera_kernels::Device::Cpu,
-            kv_cache_bytes: 256 << 20,
-            collective_timeout: Duration::from_secs(30),
-        }
+        WorkerConfig { device: Device::Cpu, kv_cache_bytes: 256 << 20, collective_timeout: Duration::from_secs(30) }
     }
 }
 
