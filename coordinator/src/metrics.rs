@@ -157,7 +157,7 @@ impl Metrics {
         );
         r.register(
             "tessera:key_requests",
-            "Requests per API key id, by status (completed, cancelled, error)",
+            "Requests per API key id, by status (completed, cancelled, error, limited)",
             m.key_requests.clone(),
         );
         r.register(
@@ -169,6 +169,11 @@ impl Metrics {
             let _ = m.request_success.get_or_create(&vec![("finished_reason", reason)]);
         }
         Metrics { registry, ..m }
+    }
+
+    /// A request of key `key_id` refused by one of its limits (429).
+    pub fn key_limited(&self, key_id: &str) {
+        self.key_requests.get_or_create(&vec![("key_id", key_id.to_string()), ("status", "limited".into())]).inc();
     }
 
     /// The exposition, in the OpenMetrics text format.

@@ -219,5 +219,21 @@ fn per_key_limits_answer_429_with_openai_headers() {
             assert!(Instant::now() < deadline, "slot not freed after the stream ended");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+
+        // Every refusal is counted against its key id: the admission's (requests, concurrency) and the
+        // handler's (tokens).
+        let metrics = HttpClient::new().get(&s.url("/metrics")).await.unwrap();
+        let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+        for id in ["limited", "tight", "single"] {
+            let line = text
+                .lines()
+                .find(|l| {
+                    l.starts_with("tessera:key_requests_total{")
+                        && l.contains(&format!("key_id=\"{id}\""))
+                        && l.contains("status=\"limited\"")
+                })
+                .unwrap_or_else(|| panic!("no refusal counted for {id}"));
+            assert!(line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= 1.0, "{line}");
+        }
     });
 }

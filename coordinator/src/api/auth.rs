@@ -211,13 +211,13 @@ fn unauthorized(message: &str, code: Option<&'static str>) -> Response {
     e.into_response()
 }
 
+/// What the key middleware needs: the keys (none: open server), the limit state, and the metrics it counts
+/// refusals in.
+pub type KeyGate = (Option<Arc<KeyStore>>, Arc<Limiter>, Arc<crate::metrics::Metrics>);
+
 /// Middleware for `/v1/*`: with a key store, a known `Authorization: Bearer` key is required; the caller is
 /// attached to the request for the handlers' per-model check.
-pub async fn require_key(
-    State((store, limiter)): State<(Option<Arc<KeyStore>>, Arc<Limiter>)>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub async fn require_key(State((store, limiter, metrics)): State<KeyGate>, mut req: Request, next: Next) -> Response {
     let key = match &store {
         None => None,
         Some(store) => {
@@ -239,6 +239,7 @@ pub async fn require_key(
         (Some(k), Some(l)) => match limiter.admit(&k.id, l) {
             Ok((slot, snap)) => (Some(Arc::new(std::sync::Mutex::new(Some(slot)))), Some(snap)),
             Err(refused) => {
+                metrics.key_limited(&k.id);
                 let (e, snap) = *refused;
                 let mut r = e.into_response();
                 snap.write(r.headers_mut());

@@ -276,6 +276,9 @@ async fn run(
         match sl.reserve(&l, prompt.len(), max_tokens * opts.n) {
             Ok(snap) => snapshot = Some(snap),
             Err(refused) => {
+                if let Some(k) = &caller.key {
+                    s.engine.metrics.key_limited(&k.id);
+                }
                 let (e, snap) = *refused;
                 let mut r = e.into_response();
                 r.extensions_mut().insert(snap);

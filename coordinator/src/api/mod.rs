@@ -65,7 +65,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{model}", get(model))
         .route("/v1/usage", get(usage))
         .route_layer(axum::middleware::from_fn_with_state(
-            (state.keys.clone(), state.limiter.clone()),
+            (state.keys.clone(), state.limiter.clone(), state.engine.metrics.clone()),
             auth::require_key,
         ));
     Router::new()
