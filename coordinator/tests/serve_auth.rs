@@ -11,21 +11,6 @@ use common::*;
 use serde_json::{Value, json};
 use tessera_coordinator::http_client::HttpClient;
 
-/// `tessera keys create`: (secret, file entry).
-fn create(tenant: &str, id: &str, models: Option<&str>) -> (String, Value) {
-    let mut args = vec!["keys", "create", "--tenant", tenant, "--id", id];
-    if let Some(m) = models {
-        args.extend(["--models", m]);
-    }
-    let o = Command::new(env!("CARGO_BIN_EXE_tessera")).args(&args).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8(o.stdout).unwrap();
-    let secret = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_string();
-    let entry: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert!(!out.lines().last().unwrap().contains(&secret), "the entry holds the hash, not the secret");
-    (secret, entry)
-}
-
 async fn call(s: &Server, key: Option<&str>, path: &str) -> (u16, Value) {
     let mut req =
         hyper::Request::builder().method(if path.ends_with("models") { "GET" } else { "POST" }).uri(s.url(path));
@@ -43,8 +28,8 @@ async fn call(s: &Server, key: Option<&str>, path: &str) -> (u16, Value) {
 
 #[test]
 fn keys_guard_the_api_and_reload_without_dropping_requests() {
-    let (alice, alice_entry) = create("acme", "alice", None);
-    let (bob, bob_entry) = create("globex", "bob", Some("other-model"));
+    let (alice, alice_entry) = create_key("acme", "alice", None);
+    let (bob, bob_entry) = create_key("globex", "bob", Some("other-model"));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys.json");
     std::fs::write(&file, json!({"keys": [alice_entry.clone(), bob_entry.clone()]}).to_string()).unwrap();
@@ -149,11 +134,11 @@ fn a_bad_key_file_stops_the_server_at_start_with_the_reason() {
 
 #[test]
 fn per_key_limits_answer_429_with_openai_headers() {
-    let (limited, mut limited_entry) = create("acme", "limited", None);
+    let (limited, mut limited_entry) = create_key("acme", "limited", None);
     limited_entry["limits"] = json!({"requests_per_minute": 3, "tokens_per_minute": 200, "max_tokens_per_request": 50});
-    let (single, mut single_entry) = create("acme", "single", None);
+    let (single, mut single_entry) = create_key("acme", "single", None);
     single_entry["limits"] = json!({"concurrent_requests": 1});
-    let (tight, mut tight_entry) = create("acme", "tight", None);
+    let (tight, mut tight_entry) = create_key("acme", "tight", None);
     tight_entry["limits"] = json!({"tokens_per_minute": 40});
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys.json");

@@ -10,28 +10,14 @@
 
 mod common;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use tessera_coordinator::{
     bench_serve::{ServeBenchArgs, run_load},
     http_client::HttpClient,
 };
-
-fn create(id: &str) -> (String, Value) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["keys", "create", "--tenant", id, "--id", id])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8(o.stdout).unwrap();
-    let secret = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_string();
-    (secret, serde_json::from_str(out.lines().last().unwrap()).unwrap())
-}
 
 fn load(s: &Server, key: &str, concurrency: usize, requests: usize, max_tokens: usize) -> ServeBenchArgs {
     ServeBenchArgs {
@@ -49,8 +35,8 @@ fn load(s: &Server, key: &str, concurrency: usize, requests: usize, max_tokens: 
 
 #[test]
 fn one_keys_flood_does_not_starve_another_key() {
-    let (a, a_entry) = create("flood");
-    let (b, b_entry) = create("single");
+    let (a, a_entry) = create_key("flood", "flood", None);
+    let (b, b_entry) = create_key("single", "single", None);
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.json");
     std::fs::write(&keys, json!({"keys": [a_entry, b_entry]}).to_string()).unwrap();

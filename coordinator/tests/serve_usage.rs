@@ -15,18 +15,6 @@ use common::*;
 use serde_json::{Value, json};
 use tessera_coordinator::http_client::HttpClient;
 
-/// `tessera keys create`: (secret, file entry).
-fn create(tenant: &str, id: &str) -> (String, Value) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["keys", "create", "--tenant", tenant, "--id", id])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8(o.stdout).unwrap();
-    let secret = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_string();
-    (secret, serde_json::from_str(out.lines().last().unwrap()).unwrap())
-}
-
 /// Every row of a ledger, by request id: (key_id, status, finish_reason, prompt, cached, completion).
 type Row = (Option<String>, String, String, u64, u64, u64);
 
@@ -48,42 +36,57 @@ fn rows(db: &std::path::Path) -> HashMap<String, Row> {
     .collect()
 }
 
-/// A streamed completion read to the end or until `hang_up_after` events: (response id, usage, got [DONE]).
-async fn stream(
-    client: &HttpClient,
-    s: &Server,
-    max_tokens: usize,
-    hang_up_after: Option<usize>,
-) -> (String, Option<Value>, bool) {
-    let body = json!({"model": "stories260K", "prompt": "Once upon a time", "max_tokens": max_tokens,
-        "temperature": 0, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
-    let (mut id, mut usage, mut done, mut seen) = (String::new(), None, false, 0);
+/// What a client has read of a streamed completion: the response id, the usage chunk, whether `[DONE]`
+/// came, and how many events.
+#[derive(Default)]
+struct Streamed {
+    id: String,
+    usage: Option<Value>,
+    done: bool,
+    events: usize,
+}
+
+impl Streamed {
+    /// Takes one `data:` payload; false once the stream is over.
+    fn see(&mut self, data: &str) -> bool {
+        self.events += 1;
+        if data == "[DONE]" {
+            self.done = true;
+            return false;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if self.id.is_empty() {
+            self.id = v["id"].as_str().unwrap().to_string();
+        }
+        if !v["usage"].is_null() {
+            self.usage = Some(v["usage"].clone());
+        }
+        true
+    }
+}
+
+fn stream_body(prompt: &str, max_tokens: usize) -> Value {
+    json!({"model": "stories260K", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}})
+}
+
+/// A streamed completion read to the end or until `hang_up_after` events.
+async fn stream(client: &HttpClient, s: &Server, max_tokens: usize, hang_up_after: Option<usize>) -> Streamed {
+    let mut st = Streamed::default();
     let status = client
-        .post_stream(&s.url("/v1/completions"), &body, |ev| {
-            seen += 1;
-            if ev.data == "[DONE]" {
-                done = true;
-                return false;
-            }
-            let v: Value = serde_json::from_str(&ev.data).unwrap();
-            if id.is_empty() {
-                id = v["id"].as_str().unwrap().to_string();
-            }
-            if !v["usage"].is_null() {
-                usage = Some(v["usage"].clone());
-            }
-            hang_up_after.is_none_or(|n| seen < n)
+        .post_stream(&s.url("/v1/completions"), &stream_body("Once upon a time", max_tokens), |ev| {
+            st.see(&ev.data) && hang_up_after.is_none_or(|n| st.events < n)
         })
         .await
         .unwrap();
     assert_eq!(status, 200);
-    (id, usage, done)
+    st
 }
 
 #[test]
 fn usage_is_billed_per_request_and_readable_by_admins_only() {
-    let (alice, alice_entry) = create("acme", "alice");
-    let (ops, mut ops_entry) = create("operator", "ops");
+    let (alice, alice_entry) = create_key("acme", "alice", None);
+    let (ops, mut ops_entry) = create_key("operator", "ops", None);
     ops_entry["admin"] = json!(true);
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.json");
@@ -95,10 +98,10 @@ fn usage_is_billed_per_request_and_readable_by_admins_only() {
     rt().block_on(async {
         let body = json!({"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0});
         let whole = as_alice.post_json(&s.url("/v1/completions"), &body).await.unwrap().json().unwrap();
-        let (streamed_id, streamed_usage, done) = stream(&as_alice, &s, 7, None).await;
+        let Streamed { id: streamed_id, usage: streamed_usage, done, .. } = stream(&as_alice, &s, 7, None).await;
         assert!(done);
         // Hung up after three events: billed for what was produced, marked cancelled.
-        let (cut_id, _, cut_done) = stream(&as_alice, &s, 400, Some(3)).await;
+        let Streamed { id: cut_id, done: cut_done, .. } = stream(&as_alice, &s, 400, Some(3)).await;
         assert!(!cut_done);
         let body_ops = json!({"model": "stories260K", "prompt": "Once", "max_tokens": 2, "temperature": 0});
         let by_ops = as_ops.post_json(&s.url("/v1/completions"), &body_ops).await.unwrap().json().unwrap();
@@ -204,30 +207,19 @@ fn a_killed_server_leaves_one_intact_row_per_finished_response() {
             // Half finish quickly, half would run for hundreds of tokens.
             let max_tokens = if i < short { 4 + i % 13 } else { 480 };
             tasks.push(tokio::spawn(async move {
-                let body = json!({"model": "stories260K", "prompt": format!("Once upon a time {i}"),
-                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true,
-                    "stream_options": {"include_usage": true}});
-                let (mut id, mut usage, mut counted) = (String::new(), None, false);
+                let mut st = Streamed::default();
                 let r = client
-                    .post_stream(&url, &body, |ev| {
-                        if !counted {
-                            counted = true;
+                    .post_stream(&url, &stream_body(&format!("Once upon a time {i}"), max_tokens), |ev| {
+                        if st.events == 0 {
                             streaming.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
-                        if ev.data == "[DONE]" {
-                            if let Some(u) = usage.take() {
-                                finished.lock().unwrap().push((id.clone(), u));
-                            }
-                            return false;
+                        let more = st.see(&ev.data);
+                        if st.done
+                            && let Some(u) = st.usage.take()
+                        {
+                            finished.lock().unwrap().push((st.id.clone(), u));
                         }
-                        let v: Value = serde_json::from_str(&ev.data).unwrap();
-                        if id.is_empty() {
-                            id = v["id"].as_str().unwrap().to_string();
-                        }
-                        if !v["usage"].is_null() {
-                            usage = Some(v["usage"].clone());
-                        }
-                        true
+                        more
                     })
                     .await;
                 // The long ones end with a broken connection when the server dies.

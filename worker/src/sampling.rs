@@ -10,6 +10,9 @@ use std::collections::{HashMap, HashSet};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+/// Index of the largest value (the first one on ties), as `torch.argmax` picks: the kernels' definition,
+/// which the GPU's argmax kernel follows too.
+pub use tessera_kernels::cpu::sampling::argmax;
 
 /// Below this temperature sampling is greedy.
 const GREEDY_BELOW: f32 = 1e-5;
@@ -218,17 +221,6 @@ impl Sampler {
         }
         *cand.last().expect("at least one candidate")
     }
-}
-
-/// Index of the largest value (the first one on ties), as `torch.argmax` picks.
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn log_sum_exp(v: &[f32]) -> f32 {

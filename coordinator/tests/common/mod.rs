@@ -111,3 +111,18 @@ pub async fn complete(client: &HttpClient, s: &Server, prompt: &str, max_tokens:
     let v: Value = r.json().unwrap();
     v["choices"][0]["text"].as_str().unwrap().to_string()
 }
+
+/// `tessera keys create --tenant TENANT --id ID [--models M]`: (the secret, printed once; the file entry).
+pub fn create_key(tenant: &str, id: &str, models: Option<&str>) -> (String, Value) {
+    let mut args = vec!["keys", "create", "--tenant", tenant, "--id", id];
+    if let Some(m) = models {
+        args.extend(["--models", m]);
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tessera")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let secret = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_string();
+    let entry: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(!out.lines().last().unwrap().contains(&secret), "the entry holds the hash, not the secret");
+    (secret, entry)
+}
