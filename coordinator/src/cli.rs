@@ -53,6 +53,8 @@ pub enum Command {
     Worker(crate::worker_cmd::WorkerArgs),
     /// Serve the OpenAI-compatible HTTP API on a model (in process, or on --tp N local worker processes).
     Serve(crate::serve::ServeArgs),
+    /// Serve the OpenAI-compatible HTTP API over the replicas formed from workers registered in etcd.
+    Coordinator(crate::coordinator_cmd::CoordinatorArgs),
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -200,7 +202,14 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => crate::bench::run(a),
         Command::Worker(a) => crate::worker_cmd::run(a),
-        Command::Serve(a) => crate::serve::run(crate::serve::ServeArgs { log_json, ..a }),
+        Command::Coordinator(mut a) => {
+            a.http.log_json = log_json;
+            crate::coordinator_cmd::run(a)
+        }
+        Command::Serve(mut a) => {
+            a.http.log_json = log_json;
+            crate::serve::run(a)
+        }
         Command::Keys(KeysCommand::Create { tenant, id, models }) => keys_create(&tenant, id.as_deref(), models),
         Command::Usage(a) => crate::usage::run(a),
     };

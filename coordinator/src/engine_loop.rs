@@ -1,18 +1,19 @@
 //! The engine loop: one thread that owns a replica's [`Backend`] and its [`Scheduler`], and turns submitted
 //! requests into steps.
 //!
-//! HTTP handlers submit a [`GenRequest`] (one sequence per choice) with a channel for [`Event`]s and get
-//! tokens back as they are sampled. A handler that goes away (the client disconnected) closes its channel:
-//! the loop notices before the next step and aborts the sequence, freeing its blocks at once. Detokenizing
-//! and stop strings belong to the handler, so this thread does only scheduling and bookkeeping.
+//! HTTP handlers submit a [`GenRequest`] (one sequence per choice) through [`Replicas`] with a channel for
+//! [`Event`]s and get tokens back as they are sampled. A handler that goes away (the client disconnected)
+//! closes its channel: the loop notices before the next step and aborts the sequence, freeing its blocks at
+//! once. Detokenizing and stop strings belong to the handler, so this thread does only scheduling and
+//! bookkeeping.
+//!
+//! A step that fails ends the replica: the loop takes itself out of routing, collects every sequence it
+//! held (and every request still in its channel) as [`Migrant`]s, hands them to [`Replicas::adopt`] to
+//! continue elsewhere, and exits, dropping its backend and whatever it kept alive.
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        mpsc,
-    },
+    sync::{Arc, atomic::Ordering, mpsc},
     time::Instant,
 };
 
@@ -20,10 +21,11 @@ use tessera_worker::SamplingParams;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
-    backend::{Backend, ModelInfo},
+    backend::Backend,
     blocks::BlockManager,
     generate::FinishReason,
     metrics::Metrics,
+    replicas::{ReplicaStats, Replicas},
     scheduler::{Scheduler, SchedulerConfig, Sequence},
 };
 
@@ -53,41 +55,69 @@ pub struct GenRequest {
     pub span: tracing::Span,
 }
 
-enum Command {
+pub enum Command {
     Submit(Box<GenRequest>, Instant),
     /// Stop a choice: the handler saw a stop string (`Some(Stop)`) or gave up on it (`None`).
     Abort {
         seq: u64,
         reason: Option<FinishReason>,
     },
+    /// Continue a sequence another replica was running when it failed.
+    Adopt(Box<Migrant>),
+    /// The replica is lost (its group lost a worker): hand everything over and stop.
+    Fail(String),
 }
 
-/// The handlers' side of the loop.
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    next_id: AtomicU64,
-    /// Sequences submitted and not yet scheduled (a soft bound for admission control).
-    pub queued: Arc<AtomicUsize>,
-    /// A replica is loaded and its last step did not fail.
-    pub ready: Arc<AtomicBool>,
-    pub info: ModelInfo,
-    pub metrics: Arc<Metrics>,
+/// A sequence on its way from a failed replica to another: what it was asked, what it produced so far, and
+/// the handler waiting for the rest.
+pub struct Migrant {
+    id: u64,
+    /// Prompt followed by the tokens already sent to the client.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    params: SamplingParams,
+    max_tokens: usize,
+    ignore_eos: bool,
+    flow: Option<String>,
+    weight: f64,
+    track: Track,
 }
 
-impl EngineHandle {
-    pub fn next_request_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+impl Migrant {
+    pub fn events_closed(&self) -> bool {
+        self.track.events.is_closed()
     }
 
-    /// Queues a request; false if the loop has stopped.
-    pub fn submit(&self, req: GenRequest) -> bool {
-        self.queued.fetch_add(req.n, Ordering::Relaxed);
-        self.tx.send(Command::Submit(Box::new(req), Instant::now())).is_ok()
+    /// Tokens it adds to a replica's load.
+    pub fn charge(&self) -> i64 {
+        self.track.charge
     }
 
-    pub fn abort(&self, request: u64, choice: usize, reason: Option<FinishReason>) {
-        let _ = self.tx.send(Command::Abort { seq: seq_id(request, choice), reason });
+    /// Nowhere to go: the handler hears why.
+    pub fn fail(self, message: &str) {
+        let _ = self.track.events.send(Event::Error { choice: self.track.choice, message: message.to_string() });
     }
+
+    fn sequence(&self) -> Sequence {
+        let mut seq = Sequence::new(
+            self.id,
+            self.tokens[..self.prompt_len].to_vec(),
+            self.params.clone(),
+            self.max_tokens,
+            self.ignore_eos,
+        )
+        .in_flow(self.flow.clone(), self.weight);
+        seq.tokens = self.tokens.clone();
+        seq.arrival = self.track.arrival;
+        seq
+    }
+}
+
+/// What a loop needs from the server around it: where to publish its numbers and hand over its work.
+pub struct Hub {
+    pub replica: u64,
+    pub stats: Arc<ReplicaStats>,
+    pub replicas: Arc<Replicas>,
 }
 
 pub fn seq_id(request: u64, choice: usize) -> u64 {
@@ -113,33 +143,28 @@ struct Track {
     arrival: Instant,
     last_token: Option<Instant>,
     prompt_tokens: usize,
+    /// What it adds to the replica's outstanding tokens (prompt + max_tokens).
+    charge: i64,
 }
 
-/// Starts the loop on its own thread. `backend` runs the steps; `eos` are the end-of-sequence ids.
+/// Starts a replica's loop on its own thread. `backend` runs the steps; `eos` are the end-of-sequence ids;
+/// `keep_alive` (worker processes) lives as long as the loop. Returns the loop's command channel.
 pub fn spawn(
     backend: Box<dyn Backend>,
     cfg: SchedulerConfig,
     eos: Vec<u32>,
     metrics: Arc<Metrics>,
     keep_alive: Box<dyn Send>,
-) -> EngineHandle {
+    hub: Hub,
+) -> mpsc::Sender<Command> {
     let info = backend.info();
     for rank in 0..info.world_size {
         metrics.worker_kv_cache_blocks.get_or_create(&vec![("rank", rank.to_string())]).set(info.num_blocks as i64);
     }
     let (tx, rx) = mpsc::channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let ready = Arc::new(AtomicBool::new(true));
     let sched = Scheduler::new(cfg, BlockManager::new(info.num_blocks, info.block_size));
-    let mut lp = Loop {
-        backend,
-        sched,
-        eos,
-        metrics: metrics.clone(),
-        tracks: HashMap::new(),
-        queued: queued.clone(),
-        ready: ready.clone(),
-    };
+    let mut lp =
+        Loop { backend, sched, eos, metrics, tracks: HashMap::new(), hub, published: Default::default(), failed: None };
     std::thread::Builder::new()
         .name("tessera-engine".into())
         .spawn(move || {
@@ -147,7 +172,7 @@ pub fn spawn(
             lp.run(rx)
         })
         .expect("spawning the engine thread");
-    EngineHandle { tx, next_id: AtomicU64::new(1), queued, ready, info, metrics }
+    tx
 }
 
 struct Loop {
@@ -156,8 +181,11 @@ struct Loop {
     eos: Vec<u32>,
     metrics: Arc<Metrics>,
     tracks: HashMap<u64, Track>,
-    queued: Arc<AtomicUsize>,
-    ready: Arc<AtomicBool>,
+    hub: Hub,
+    /// Counter values already added to the shared metrics (preemptions, prefix cache queries and hits).
+    published: [u64; 3],
+    /// Set when the replica is lost: the loop hands its work over and ends.
+    failed: Option<String>,
 }
 
 impl Loop {
@@ -176,9 +204,15 @@ impl Loop {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            self.drop_abandoned();
-            self.step();
-            self.publish();
+            if self.failed.is_none() {
+                self.drop_abandoned();
+                self.step();
+                self.publish();
+            }
+            if let Some(reason) = self.failed.take() {
+                self.hand_over(&reason, rx);
+                return;
+            }
         }
     }
 
@@ -203,11 +237,67 @@ impl Loop {
                             arrival,
                             last_token: None,
                             prompt_tokens: r.prompt.len(),
+                            charge: (r.prompt.len() + r.max_tokens) as i64,
                         },
                     );
                 }
             }
+            Command::Adopt(m) => {
+                self.sched.add(m.sequence());
+                self.tracks.insert(m.id, m.track);
+            }
             Command::Abort { seq, reason } => self.finish_abort(seq, reason),
+            Command::Fail(reason) => {
+                self.failed.get_or_insert(reason);
+            }
+        }
+    }
+
+    /// Forgets a sequence's bookkeeping; its tokens no longer count against this replica.
+    fn untrack(&mut self, id: u64) -> Option<Track> {
+        let t = self.tracks.remove(&id)?;
+        self.hub.stats.outstanding_tokens.fetch_sub(t.charge, Ordering::Relaxed);
+        Some(t)
+    }
+
+    /// The replica is lost: out of routing first (nothing new can arrive), then every sequence, and every
+    /// request still in the channel, goes to [`Replicas::adopt`].
+    fn hand_over(&mut self, reason: &str, rx: mpsc::Receiver<Command>) {
+        self.hub.replicas.remove_failed(self.hub.replica, reason);
+        let mut migrants = Vec::new();
+        self.take_all(&mut migrants);
+        // Requests routed here before the replica left routing, not yet taken in.
+        while let Ok(c) = rx.try_recv() {
+            match c {
+                Command::Submit(..) | Command::Adopt(_) => {
+                    self.handle(c);
+                    self.take_all(&mut migrants);
+                }
+                Command::Abort { seq, .. } => migrants.retain(|m| m.id != seq),
+                Command::Fail(_) => {}
+            }
+        }
+        drop(rx);
+        self.publish();
+        self.hub.replicas.adopt(migrants, reason);
+    }
+
+    /// Takes every sequence out of the scheduler, with its bookkeeping, as migrants.
+    fn take_all(&mut self, into: &mut Vec<Migrant>) {
+        let ids: Vec<u64> = self.sched.ids().collect();
+        for id in ids {
+            let (Some(seq), Some(track)) = (self.sched.abort(id), self.untrack(id)) else { continue };
+            into.push(Migrant {
+                id,
+                tokens: seq.tokens,
+                prompt_len: seq.prompt_len,
+                params: seq.params,
+                max_tokens: seq.max_tokens,
+                ignore_eos: seq.ignore_eos,
+                flow: seq.flow,
+                weight: seq.weight,
+                track,
+            });
         }
     }
 
@@ -215,7 +305,7 @@ impl Loop {
         if self.sched.abort(seq).is_some() {
             self.backend.release(&[seq]);
         }
-        if let Some(t) = self.tracks.remove(&seq) {
+        if let Some(t) = self.untrack(seq) {
             let label = match reason {
                 Some(FinishReason::Stop) => "stop",
                 Some(FinishReason::Length) => "length",
@@ -296,7 +386,8 @@ impl Loop {
                     self.emit(o, now);
                 }
             }
-            Err(e) => self.fail_all(&format!("{e:#}")),
+            // The replica is lost; `run` hands its sequences over.
+            Err(e) => self.failed = Some(format!("{e:#}")),
         }
         // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled, and that
         // is not the scheduler's cost. (With an in-process backend the forward pass runs on rayon threads.)
@@ -321,7 +412,7 @@ impl Loop {
             top_logprobs: o.sampled.top_logprobs,
         });
         if let Some(reason) = o.finished {
-            let t = self.tracks.remove(&o.id).expect("tracked");
+            let t = self.untrack(o.id).expect("tracked");
             self.backend.release(&[o.id]);
             let label = if reason == FinishReason::Stop { "stop" } else { "length" };
             self.metrics.request_success.get_or_create(&vec![("finished_reason", label)]).inc();
@@ -335,20 +426,6 @@ impl Loop {
         }
     }
 
-    /// The step failed: every running and waiting sequence ends with the error.
-    fn fail_all(&mut self, message: &str) {
-        tracing::error!("step failed: {message}");
-        self.ready.store(false, Ordering::Relaxed);
-        let ids: Vec<u64> = self.sched.ids().collect();
-        for id in ids {
-            self.sched.abort(id);
-            if let Some(t) = self.tracks.remove(&id) {
-                let _ = t.events.send(Event::Error { choice: t.choice, message: message.to_string() });
-                self.metrics.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
-            }
-        }
-    }
-
     /// Nothing could be scheduled although sequences are there: prefills are waiting for blocks other
     /// prefills hold. The scheduler makes room by preempting, or fails a sequence that can never fit
     /// (requests are validated against the pool, so that is a safety net).
@@ -357,7 +434,7 @@ impl Loop {
             return;
         }
         if let Some(id) = self.sched.unstick() {
-            if let Some(t) = self.tracks.remove(&id) {
+            if let Some(t) = self.untrack(id) {
                 let _ = t
                     .events
                     .send(Event::Error { choice: t.choice, message: "the request does not fit the KV cache".into() });
@@ -367,14 +444,19 @@ impl Loop {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let st = &self.hub.stats;
+        st.running.store(self.sched.num_running(), Ordering::Relaxed);
+        st.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
+        st.blocks_used.store(self.sched.blocks.num_used(), Ordering::Relaxed);
+        // Counters grow by what this replica added since it last published, so replicas add up and a
+        // replica that fails takes nothing back.
+        let now = [self.sched.preemptions, self.sched.blocks.stats.queries, self.sched.blocks.stats.hits];
         let m = &self.metrics;
-        m.num_requests_running.set(self.sched.num_running() as i64);
-        m.num_requests_waiting.set(self.sched.num_waiting() as i64);
-        m.kv_cache_usage_perc.set(self.sched.blocks.usage());
-        m.num_preemptions.inner().store(self.sched.preemptions, Ordering::Relaxed);
-        m.prefix_cache_queries.inner().store(self.sched.blocks.stats.queries, Ordering::Relaxed);
-        m.prefix_cache_hits.inner().store(self.sched.blocks.stats.hits, Ordering::Relaxed);
-        self.queued.store(self.sched.num_waiting(), Ordering::Relaxed);
+        for (i, c) in [&m.num_preemptions, &m.prefix_cache_queries, &m.prefix_cache_hits].into_iter().enumerate() {
+            c.inc_by(now[i] - self.published[i]);
+        }
+        self.published = now;
+        self.hub.replicas.refresh_gauges();
     }
 }

@@ -56,6 +56,18 @@ pub struct Metrics {
     /// Per API key id (never the secret): requests by status, and tokens billed by kind.
     pub key_requests: Family<KeyLabels, Counter>,
     pub key_tokens: Family<KeyLabels, Counter>,
+    /// Cluster mode: registered workers by state (free, forming, serving, ignored).
+    pub cluster_workers: Family<Labels, Gauge>,
+    /// Replicas taking requests.
+    pub replicas_serving: Gauge,
+    /// Per replica (its group id): tokens routed to it and not yet finished (prompt + max_tokens), and
+    /// requests routed to it.
+    pub replica_outstanding_tokens: Family<KeyLabels, Gauge>,
+    pub replica_requests: Family<KeyLabels, Counter>,
+    /// Replicas that failed (a worker died, a step failed or timed out, a lease expired).
+    pub replica_failures: Counter,
+    /// Sequences moved from a failed replica to a healthy one mid-request.
+    pub migrated_sequences: Counter,
 }
 
 /// `key_id` plus `status` (completed, cancelled, error) or `kind` (prompt, cached, completion). Key ids come
@@ -92,6 +104,12 @@ impl Metrics {
             worker_kv_cache_blocks: Family::default(),
             key_requests: Family::default(),
             key_tokens: Family::default(),
+            cluster_workers: Family::default(),
+            replicas_serving: Gauge::default(),
+            replica_outstanding_tokens: Family::default(),
+            replica_requests: Family::default(),
+            replica_failures: Counter::default(),
+            migrated_sequences: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -164,6 +182,28 @@ impl Metrics {
             "tessera:key_tokens",
             "Tokens billed per API key id, by kind (prompt, cached, completion)",
             m.key_tokens.clone(),
+        );
+        r.register(
+            "tessera:cluster_workers",
+            "Registered workers by state (free, forming, serving, ignored)",
+            m.cluster_workers.clone(),
+        );
+        r.register("tessera:replicas_serving", "Model replicas taking requests", m.replicas_serving.clone());
+        r.register(
+            "tessera:replica_outstanding_tokens",
+            "Per replica: tokens routed and not yet finished (prompt + max_tokens)",
+            m.replica_outstanding_tokens.clone(),
+        );
+        r.register("tessera:replica_requests", "Per replica: requests routed to it", m.replica_requests.clone());
+        r.register(
+            "tessera:replica_failures",
+            "Replicas failed (worker lost, step error or timeout, lease expired)",
+            m.replica_failures.clone(),
+        );
+        r.register(
+            "tessera:migrated_sequences",
+            "Sequences moved from a failed replica to a healthy one mid-request",
+            m.migrated_sequences.clone(),
         );
         for reason in ["stop", "length", "abort"] {
             let _ = m.request_success.get_or_create(&vec![("finished_reason", reason)]);

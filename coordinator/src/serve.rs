@@ -9,8 +9,8 @@ use clap::Args;
 use crate::{
     api::{self, AppState, chat_template::ChatTemplate},
     cli::{ModelArgs, Runner},
-    engine_loop,
     metrics::Metrics,
+    replicas::Replicas,
     scheduler::SchedulerConfig,
     tokenizer::Tokenizer,
 };
@@ -19,6 +19,13 @@ use crate::{
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// The HTTP side, the same for `tessera serve` and `tessera coordinator`.
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
     /// Address to listen on (0.0.0.0 to accept connections from other machines).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -28,7 +35,7 @@ pub struct ServeArgs {
     /// The model name clients send in `model` (default: the model directory's name).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Most sequences decoding at once.
+    /// Most sequences decoding at once (per replica).
     #[arg(long, default_value_t = 128)]
     pub max_num_seqs: usize,
     /// Most tokens computed in one step; prompts longer than this are prefilled in chunks.
@@ -53,81 +60,131 @@ pub struct ServeArgs {
     pub log_json: bool,
 }
 
+/// Everything the HTTP server needs before there is a replica: checked arguments, tokenizer, template,
+/// keys, ledger, and the bound port (bound first, so a port conflict is reported at once).
+pub struct Frontend {
+    pub http: HttpArgs,
+    pub name: String,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub keys: Option<Arc<crate::api::auth::KeyStore>>,
+    pub ledger: Option<crate::usage::Ledger>,
+    listener: std::net::TcpListener,
+}
+
+impl Frontend {
+    /// `dir` is the model directory; `default_model` says it is the built-in one (named after it).
+    pub fn prepare(http: HttpArgs, dir: &std::path::Path, default_model: bool) -> Result<Self> {
+        if http.max_num_seqs == 0 || http.max_num_batched_tokens == 0 {
+            bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
+        }
+        if !dir.is_dir() {
+            return Err(tessera_worker::ModelError::NoDirectory(dir.to_path_buf()).into());
+        }
+        let name = match &http.served_model_name {
+            Some(n) => n.clone(),
+            None if default_model => crate::default_model::NAME.to_string(),
+            None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        };
+        let keys = http.api_keys.as_deref().map(crate::api::auth::KeyStore::open).transpose()?;
+        let ledger = http.usage_db.as_deref().map(crate::usage::Ledger::open).transpose()?;
+        let tokenizer = Tokenizer::load(dir)?;
+        let chat_template = ChatTemplate::from_config(
+            &tokenizer.config,
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let addr: SocketAddr = format!("{}:{}", http.host, http.port)
+            .parse()
+            .with_context(|| format!("--host {} --port {}", http.host, http.port))?;
+        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(Frontend { http, name, tokenizer, chat_template, keys, ledger, listener })
+    }
+
+    /// The scheduler settings of every replica of a model with a context of `max_model_len`.
+    pub fn scheduler_config(&self, max_model_len: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_seqs: self.http.max_num_seqs,
+            max_batched_tokens: self.http.max_num_batched_tokens,
+            max_model_len,
+        }
+    }
+
+    /// Serves the API over `replicas` until SIGINT or SIGTERM, on a runtime of its own; `background` is
+    /// spawned on it first (cluster membership). `banner` is printed with the URL once listening.
+    pub fn run(
+        self,
+        replicas: Arc<Replicas>,
+        cluster: Option<Arc<dyn crate::api::ClusterStatus>>,
+        banner: &str,
+        background: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    ) -> Result<()> {
+        let Frontend { http, name, tokenizer, chat_template, keys, ledger, listener } = self;
+        let state = Arc::new(AppState {
+            engine: replicas,
+            tokenizer: Arc::new(tokenizer),
+            chat_template,
+            model_name: name.clone(),
+            max_waiting: http.max_waiting,
+            max_body_bytes: http.max_body_bytes,
+            started: api::unix_now(),
+            instance: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            keys: keys.clone(),
+            limiter: Default::default(),
+            ledger: ledger.clone(),
+            cluster,
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async move {
+            if let Some(b) = background {
+                tokio::spawn(b);
+            }
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let local = listener.local_addr()?;
+            match &keys {
+                Some(k) => {
+                    tracing::info!(keys = k.current().len(), "API keys required (reloaded on change or SIGHUP)");
+                    k.clone().watch(std::time::Duration::from_secs(1));
+                }
+                None => tracing::warn!("no --api-keys: the API is open to anyone who can reach this address"),
+            }
+            if let Some(l) = &ledger {
+                tracing::info!(path = %l.path.display(), "usage ledger: one row per request");
+            }
+            // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
+            // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let url = format!("http://{local}/v1");
+            let banner = format!("{banner} on {url}");
+            if http.log_json {
+                tracing::info!(model = %name, url = %url, "{banner}");
+            } else {
+                eprintln!("{banner}");
+            }
+            axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(crate::worker_cmd::shutdown_signal())
+                .await
+                .context("serving HTTP")
+        })
+    }
+}
+
 pub fn run(a: ServeArgs) -> Result<()> {
-    if a.max_num_seqs == 0 || a.max_num_batched_tokens == 0 {
-        bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
-    }
     let dir = a.model.dir()?;
-    if !dir.is_dir() {
-        return Err(tessera_worker::ModelError::NoDirectory(dir).into());
-    }
-    let name = match &a.served_model_name {
-        Some(n) => n.clone(),
-        None if a.model.model.is_none() => crate::default_model::NAME.to_string(),
-        None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
-    };
-    let keys = a.api_keys.as_deref().map(crate::api::auth::KeyStore::open).transpose()?;
-    let ledger = a.usage_db.as_deref().map(crate::usage::Ledger::open).transpose()?;
-    let tokenizer = Tokenizer::load(&dir)?;
-    let chat_template =
-        ChatTemplate::from_config(&tokenizer.config, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())
-            .map_err(anyhow::Error::msg)?;
-    let addr: SocketAddr =
-        format!("{}:{}", a.host, a.port).parse().with_context(|| format!("--host {} --port {}", a.host, a.port))?;
-    // Bind before loading so that a port conflict is reported at once.
-    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-    listener.set_nonblocking(true)?;
+    let front = Frontend::prepare(a.http, &dir, a.model.model.is_none())?;
     let (backend, cluster) = Runner::start(&a.model, &dir)?.into_parts();
     let info = backend.info();
-    let cfg = SchedulerConfig {
-        max_num_seqs: a.max_num_seqs,
-        max_batched_tokens: a.max_num_batched_tokens,
-        max_model_len: info.max_position_embeddings,
-    };
-    let metrics = Arc::new(Metrics::new(&name));
-    let eos = tokenizer.eos_token_ids.clone();
-    let engine = engine_loop::spawn(backend, cfg, eos, metrics, Box::new(cluster));
-    let state = Arc::new(AppState {
-        engine,
-        tokenizer: Arc::new(tokenizer),
-        chat_template,
-        model_name: name.clone(),
-        max_waiting: a.max_waiting,
-        max_body_bytes: a.max_body_bytes,
-        started: api::unix_now(),
-        instance: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
-        keys: keys.clone(),
-        limiter: Default::default(),
-        ledger: ledger.clone(),
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let local = listener.local_addr()?;
-        match &keys {
-            Some(k) => {
-                tracing::info!(keys = k.current().len(), "API keys required (reloaded on change or SIGHUP)");
-                k.clone().watch(std::time::Duration::from_secs(1));
-            }
-            None => tracing::warn!("no --api-keys: the API is open to anyone who can reach this address"),
-        }
-        if let Some(l) = &ledger {
-            tracing::info!(path = %l.path.display(), "usage ledger: one row per request");
-        }
-        // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
-        // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let banner = format!("tessera serving {name} (tp = {}) on http://{local}/v1", a.model.tp);
-        if a.log_json {
-            tracing::info!(model = %name, tp = a.model.tp, url = %format!("http://{local}/v1"), "{banner}");
-        } else {
-            eprintln!("{banner}");
-        }
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(crate::worker_cmd::shutdown_signal())
-            .await
-            .context("serving HTTP")
-    })
+    let cfg = front.scheduler_config(info.max_position_embeddings);
+    let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
+    let eos = front.tokenizer.eos_token_ids.clone();
+    let workers = cluster.as_ref().map(|c| c.addrs.clone()).unwrap_or_default();
+    replicas.add(backend, cfg, eos, "local", workers, Box::new(cluster));
+    let banner = format!("tessera serving {} (tp = {})", front.name, a.model.tp);
+    front.run(replicas, None, &banner, None)
 }

@@ -12,6 +12,7 @@ use clap::Args;
 use tessera_proto::v1::worker_server::WorkerServer;
 use tessera_worker::server::{WorkerConfig, WorkerService};
 use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
@@ -33,6 +34,22 @@ pub struct WorkerArgs {
     /// Seconds a collective may wait on a peer before the group is declared failed.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub collective_timeout: u64,
+    /// etcd endpoints (comma-separated): register this worker for a `tessera coordinator` to find.
+    #[arg(long, value_name = "URL")]
+    pub etcd: Option<String>,
+    /// Cluster name to register under (/tessera/NAME/workers/ID).
+    #[arg(long, default_value = "default", value_name = "NAME", requires = "etcd")]
+    pub cluster: String,
+    /// Worker id in the cluster (default: the advertised address).
+    #[arg(long, value_name = "ID", requires = "etcd")]
+    pub id: Option<String>,
+    /// Address the coordinator and peers reach this worker at (host:port of --listen; required when
+    /// --listen is a wildcard like 0.0.0.0). Collective peers use the same host.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Seconds the registration outlives this worker if it dies without deregistering.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", requires = "etcd")]
+    pub lease_ttl: u64,
     /// Exit when standard input closes (used by `--tp N` local clusters).
     #[arg(long, hide = true)]
     pub exit_with_parent: bool,
@@ -61,31 +78,94 @@ async fn serve(a: WorkerArgs) -> Result<()> {
     let coll_addr = a.collective_listen.unwrap_or_else(|| SocketAddr::new(a.listen.ip(), 0));
     let coll = TcpListener::bind(coll_addr).await.with_context(|| format!("binding {coll_addr}"))?;
     let (grpc_addr, coll_addr) = (grpc.local_addr()?, coll.local_addr()?);
+    let advertise = match &a.advertise {
+        Some(x) => x.clone(),
+        None if grpc_addr.ip().is_unspecified() => {
+            anyhow::bail!("--listen {grpc_addr} is a wildcard address: give --advertise HOST:PORT")
+        }
+        None => grpc_addr.to_string(),
+    };
+    let host = advertise.rsplit_once(':').map(|(h, _)| h.to_string()).context("--advertise must be HOST:PORT")?;
+    let coll_advertise = match (&a.advertise, coll_addr.ip().is_unspecified()) {
+        (Some(_), _) | (None, true) => format!("{host}:{}", coll_addr.port()),
+        (None, false) => coll_addr.to_string(),
+    };
+    let device: tessera_kernels::Device = a.device.parse()?;
     let config = WorkerConfig {
-        device: a.device.parse()?,
+        device,
         kv_cache_bytes: a.kv_cache_mib << 20,
         collective_timeout: Duration::from_secs(a.collective_timeout.max(1)),
+        builtin_models: vec![(BUILTIN, || crate::default_model::path().map_err(|e| format!("{e:#}")))],
     };
-    let service = WorkerService::new(config, coll, coll_addr.to_string());
+    let service = WorkerService::new(config, coll, coll_advertise.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let registration = match &a.etcd {
+        Some(etcd) => {
+            let id = a.id.clone().unwrap_or_else(|| advertise.clone());
+            crate::cluster::record::check_name("worker id", &id).map_err(anyhow::Error::msg)?;
+            crate::cluster::record::check_name("--cluster", &a.cluster).map_err(anyhow::Error::msg)?;
+            let endpoints = crate::cluster::endpoints(etcd);
+            if endpoints.is_empty() {
+                anyhow::bail!("--etcd needs at least one endpoint");
+            }
+            let rec = crate::cluster::record::WorkerRecord {
+                id: id.clone(),
+                address: advertise.clone(),
+                device: device.to_string(),
+                memory_bytes: service.memory_bytes(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol: tessera_proto::PROTOCOL_VERSION.into(),
+            };
+            let reg = crate::cluster::registration::Registration {
+                endpoints,
+                key: crate::cluster::record::key(&a.cluster, &id),
+                value: serde_json::to_string(&rec)?,
+                ttl: Duration::from_secs(a.lease_ttl.max(1)),
+            };
+            Some(tokio::spawn(crate::cluster::registration::run(reg, stop_rx)))
+        }
+        None => None,
+    };
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "tessera worker listening on {grpc_addr} collectives on {coll_addr}")?;
         out.flush()?;
     }
     tracing::info!(%grpc_addr, %coll_addr, "worker serving");
-    tonic::transport::Server::builder()
+    // On SIGINT/SIGTERM: leave the cluster first (the coordinator moves this worker's requests at once
+    // instead of a step later), then stop serving. Graceful shutdown would wait for the coordinator to
+    // close its connection, which it never does: give in-flight calls a moment, then go.
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let leave = async move {
+        shutdown_signal().await;
+        if let Some(r) = registration {
+            let _ = stop_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(3), r).await;
+        }
+        let _ = signalled_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .layer(crate::telemetry::TraceContextLayer)
         .add_service(
             WorkerServer::new(service).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20),
         )
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            shutdown_signal(),
-        )
-        .await
-        .context("serving gRPC")?;
+        .serve_with_incoming_shutdown(TcpIncoming::from(grpc).with_nodelay(Some(true)), leave);
+    let grace = async {
+        if signalled_rx.await.is_ok() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = server => r.context("serving gRPC")?,
+        _ = grace => tracing::info!("stopped"),
+    }
     Ok(())
 }
+
+/// The name under which a coordinator asks for the built-in model (`LoadModel.model_path`).
+pub const BUILTIN: &str = "builtin:stories260K";
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

@@ -168,6 +168,13 @@ impl Engine {
                 let mut sampler = Sampler::new(p.seed);
                 let (prompt, output) = std::mem::take(&mut st.pending);
                 sampler.observe_prompt(&prompt);
+                // A sequence recomputed after preemption or moved from a failed replica has drawn once per
+                // token it produced: a seeded one continues its stream where it was, not from the start.
+                if !p.is_greedy() {
+                    for _ in 0..output.len() {
+                        sampler.next_uniform();
+                    }
+                }
                 for t in output {
                     sampler.observe_output(t);
                 }

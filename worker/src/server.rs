@@ -26,6 +26,9 @@ use crate::{
     tcp_collective,
 };
 
+/// Finds (writing it first if need be) the directory of a model built into the binary.
+pub type LocateModel = fn() -> Result<PathBuf, String>;
+
 /// Settings of a worker process.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -35,11 +38,19 @@ pub struct WorkerConfig {
     pub kv_cache_bytes: usize,
     /// Bound on the collective rendezvous and on every collective read/write after it.
     pub collective_timeout: Duration,
+    /// Model names LoadModel accepts in place of a path (`builtin:stories260K`), and how to get the
+    /// directory: a model compiled into the binary needs no shared volume.
+    pub builtin_models: Vec<(&'static str, LocateModel)>,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { device: Device::Cpu, kv_cache_bytes: 256 << 20, collective_timeout: Duration::from_secs(30) }
+        WorkerConfig {
+            device: Device::Cpu,
+            kv_cache_bytes: 256 << 20,
+            collective_timeout: Duration::from_secs(30),
+            builtin_models: Vec::new(),
+        }
     }
 }
 
@@ -71,7 +82,7 @@ impl WorkerService {
     }
 
     /// Memory for weights and KV cache on this worker's device: free GPU memory, or the host's available.
-    fn memory_bytes(&self) -> u64 {
+    pub fn memory_bytes(&self) -> u64 {
         match tessera_kernels::memory_info(self.config.device) {
             Ok(Some((free, _))) => free as u64,
             _ => available_memory(),
@@ -208,7 +219,10 @@ impl Worker for WorkerService {
                 None => return Err(Status::invalid_argument("a group of more than one rank needs a rendezvous")),
             }
         };
-        let path = PathBuf::from(&r.model_path);
+        let path = match self.config.builtin_models.iter().find(|(name, _)| *name == r.model_path) {
+            Some((_, locate)) => locate().map_err(|e| Status::internal(format!("{}: {e}", r.model_path)))?,
+            None => PathBuf::from(&r.model_path),
+        };
         let asked = r.kv_cache_bytes as usize;
         let default_bytes = self.config.kv_cache_bytes;
         let block_size = if r.block_size > 0 { r.block_size as usize } else { DEFAULT_BLOCK_SIZE };

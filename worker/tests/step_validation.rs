@@ -51,3 +51,46 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
     let wrong = seq(7, &[432], 6, t);
     assert!(e.step(&[wrong]).unwrap_err().to_string().contains("cache holds 5"));
 }
+
+/// A seeded sequence recomputed from scratch (preempted, or moved to another replica) with its output so
+/// far continues the same random stream: the tokens after the restart are those of an undisturbed run.
+#[test]
+fn a_restarted_seeded_sequence_continues_its_stream() {
+    let dir = common::repo().join("models/stories260K");
+    let p = SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(11), ..SamplingParams::greedy() };
+    let prompt = vec![1u32, 403, 407, 261, 378];
+    let table = common::table(0);
+    let run = |restart_after: Option<usize>| -> Vec<u32> {
+        let mut e = common::engine(&dir, 2);
+        let mut tokens = prompt.clone();
+        let mut computed = 0;
+        let mut restart = false;
+        while tokens.len() < prompt.len() + 12 {
+            let generated = tokens[prompt.len()..].to_vec();
+            let s = StepSeq {
+                id: 1,
+                tokens: &tokens[computed..],
+                start_pos: computed,
+                block_table: &table,
+                sample: Some(&p),
+                penalty_context: &prompt,
+                output_context: if restart { &generated } else { &[] },
+                starts: restart,
+            };
+            let next = e.step(&[s]).unwrap()[0].sampled.token;
+            restart = false;
+            computed = tokens.len();
+            tokens.push(next);
+            if restart_after == Some(tokens.len() - prompt.len()) {
+                // Start over: a fresh engine holds nothing; recompute the prompt and the output so far.
+                e = common::engine(&dir, 2);
+                computed = 0;
+                restart = true;
+            }
+        }
+        tokens[prompt.len()..].to_vec()
+    };
+    let undisturbed = run(None);
+    assert!(undisturbed.iter().collect::<std::collections::HashSet<_>>().len() > 3, "{undisturbed:?}");
+    assert_eq!(run(Some(5)), undisturbed);
+}

@@ -51,7 +51,7 @@ fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
 }
 
 fn token_ids(s: &AppState, ids: Vec<i64>) -> Result<Vec<u32>, ApiError> {
-    let vocab = s.engine.info.vocab_size as i64;
+    let vocab = s.engine.info().vocab_size as i64;
     ids.into_iter()
         .map(|t| {
             if (0..vocab).contains(&t) {
@@ -221,7 +221,7 @@ fn prepare_chat(
     ) {
         (Some(m), _) | (None, Some(m)) => m,
         // Without a limit, a chat answer may run to the end of the context.
-        (None, None) => s.engine.info.max_position_embeddings.saturating_sub(prompt.len()).max(1),
+        (None, None) => s.engine.info().max_position_embeddings.saturating_sub(prompt.len()).max(1),
     };
     let opts = request::options(r.common(), logprobs)?;
     Ok((prompt, max, opts))
@@ -236,7 +236,7 @@ async fn run(
     max_tokens: usize,
     opts: Options,
 ) -> Response {
-    let info = s.engine.info;
+    let info = s.engine.info();
     let ctx = info.max_position_embeddings;
     let what = if kind == Kind::Chat { "messages" } else { "prompt" };
     if prompt.len() + max_tokens > ctx {
@@ -251,6 +251,9 @@ async fn run(
         .with_code("context_length_exceeded")
         .into_response();
     }
+    if !s.engine.is_ready() {
+        return ApiError::unavailable("No model replica is ready to serve.").into_response();
+    }
     let blocks = (prompt.len() + max_tokens).div_ceil(info.block_size);
     if blocks > info.num_blocks {
         return ApiError::param(
@@ -262,10 +265,7 @@ async fn run(
         )
         .into_response();
     }
-    if !s.engine.ready.load(std::sync::atomic::Ordering::Relaxed) {
-        return ApiError::unavailable("No model replica is ready to serve.").into_response();
-    }
-    let waiting = s.engine.queued.load(std::sync::atomic::Ordering::Relaxed);
+    let waiting = s.engine.queued();
     if waiting >= s.max_waiting {
         return ApiError::overloaded(waiting).into_response();
     }
@@ -328,6 +328,7 @@ async fn run(
         rx,
         sent_role: vec![false; 0],
         done: false,
+        pending: None,
         span,
         queue: Some(queue),
         slot,
@@ -335,7 +336,7 @@ async fn run(
         started_at: crate::usage::unix_seconds(),
         billed: false,
     };
-    let mut r = if reply.opts.stream { stream_reply(reply) } else { whole_reply(reply).await };
+    let mut r = if reply.opts.stream { first_event_then_stream(reply).await } else { whole_reply(reply).await };
     if let Some(snap) = snapshot {
         r.extensions_mut().insert(snap);
     }
@@ -356,6 +357,8 @@ struct Reply {
     rx: UnboundedReceiver<Event>,
     sent_role: Vec<bool>,
     done: bool,
+    /// An event received before the stream began, to be sent first.
+    pending: Option<Event>,
     /// The request's span; its token counts and finish reason are recorded when it ends.
     span: tracing::Span,
     /// Open from submission to the first token.
@@ -602,6 +605,19 @@ fn sse(v: &Value) -> Result<SseEvent, Infallible> {
     Ok(SseEvent::default().data(v.to_string()))
 }
 
+/// Waits for the request's first event before the stream begins: a request that no replica could serve
+/// (they all failed before its first token) gets a plain 503, not a stream that carries an error.
+async fn first_event_then_stream(mut r: Reply) -> Response {
+    match r.rx.recv().await {
+        None => ApiError::internal("The engine stopped before the request finished.").into_response(),
+        Some(Event::Error { message, .. }) => backend_error(&message).into_response(),
+        Some(ev) => {
+            r.pending = Some(ev);
+            stream_reply(r)
+        }
+    }
+}
+
 fn stream_reply(mut r: Reply) -> Response {
     r.sent_role = vec![false; r.choices.len()];
     let events = stream::unfold(r, |mut r| async move {
@@ -637,7 +653,11 @@ fn stream_reply(mut r: Reply) -> Response {
             r.done = true;
             return Some((stream::iter(out), r));
         }
-        match r.rx.recv().await {
+        let next = match r.pending.take() {
+            Some(ev) => Some(ev),
+            None => r.rx.recv().await,
+        };
+        match next {
             None => {
                 out.push(sse(&ApiError::internal("The engine stopped before the request finished.").body_json()));
                 out.push(Ok(SseEvent::default().data("[DONE]")));

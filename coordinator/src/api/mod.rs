@@ -14,7 +14,7 @@ pub mod output;
 pub mod request;
 
 use std::{
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -26,12 +26,13 @@ use axum::{
     routing::{get, post},
 };
 
-use crate::{engine_loop::EngineHandle, metrics, tokenizer::Tokenizer};
+use crate::{metrics, replicas::Replicas, tokenizer::Tokenizer};
 use chat_template::ChatTemplate;
 use error::ApiError;
 
 pub struct AppState {
-    pub engine: EngineHandle,
+    /// The model replicas requests are routed over.
+    pub engine: Arc<Replicas>,
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     /// The name clients use in `model`.
@@ -49,6 +50,13 @@ pub struct AppState {
     pub limiter: Arc<limits::Limiter>,
     /// Where usage rows go (`--usage-db`).
     pub ledger: Option<crate::usage::Ledger>,
+    /// Cluster mode: the membership and groups behind the replicas (`GET /v1/cluster`).
+    pub cluster: Option<Arc<dyn ClusterStatus>>,
+}
+
+/// What `GET /v1/cluster` shows beyond the replicas: workers and groups, as the cluster manager sees them.
+pub trait ClusterStatus: Send + Sync {
+    fn status(&self) -> serde_json::Value;
 }
 
 pub fn unix_now() -> u64 {
@@ -64,6 +72,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
         .route("/v1/usage", get(usage))
+        .route("/v1/cluster", get(cluster))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.keys.clone(), state.limiter.clone(), state.engine.metrics.clone()),
             auth::require_key,
@@ -86,7 +95,7 @@ fn model_card(s: &AppState) -> serde_json::Value {
         "object": "model",
         "created": s.started,
         "owned_by": "tessera",
-        "max_model_len": s.engine.info.max_position_embeddings,
+        "max_model_len": s.engine.info().max_position_embeddings,
     })
 }
 
@@ -108,7 +117,7 @@ async fn health() -> Response {
 
 /// Readiness: a replica is loaded and serving.
 async fn ready(State(s): State<Arc<AppState>>) -> Response {
-    if s.engine.ready.load(Ordering::Relaxed) {
+    if s.engine.is_ready() {
         axum::Json(serde_json::json!({ "status": "ready" })).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "unavailable" }))).into_response()
@@ -164,6 +173,24 @@ async fn usage(
         Ok(Err(e)) => ApiError::internal(format!("Reading the usage ledger failed: {e}")).into_response(),
         Err(_) => ApiError::internal("Reading the usage ledger failed.").into_response(),
     }
+}
+
+/// `GET /v1/cluster`: replicas with their load, and in cluster mode the registered workers and groups. For
+/// admin keys (anyone when the server runs without keys).
+async fn cluster(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> Response {
+    if s.keys.is_some() && !caller.key.as_ref().is_some_and(|k| k.admin) {
+        return ApiError::permission("Reading the cluster state needs an admin key.").into_response();
+    }
+    let mut body = serde_json::json!({
+        "object": "cluster",
+        "mode": if s.cluster.is_some() { "etcd" } else { "single" },
+        "ready": s.engine.is_ready(),
+        "replicas": s.engine.view(),
+    });
+    if let Some(c) = &s.cluster {
+        body.as_object_mut().expect("an object").extend(c.status().as_object().cloned().unwrap_or_default());
+    }
+    axum::Json(body).into_response()
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {

@@ -1,6 +1,9 @@
-//! A `tessera serve` process for tests: started on a free port, stopped when dropped.
+//! A `tessera serve` (or `tessera coordinator`) process for tests: started on a free port, stopped when
+//! dropped. `etcd`: an etcd server and cluster workers for the cluster-mode tests.
 
 #![allow(dead_code)]
+
+pub mod etcd;
 
 use std::{
     io::{BufRead, BufReader},
@@ -33,8 +36,21 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut all = vec!["serve", "--port", "0"];
+        all.extend_from_slice(args);
+        Self::launch(&all, "tessera serving", env)
+    }
+
+    /// `tessera coordinator --port 0 ARGS...`, waiting until it listens (not until a replica is ready).
+    pub fn coordinator(args: &[&str]) -> Server {
+        let mut all = vec!["coordinator", "--port", "0"];
+        all.extend_from_slice(args);
+        Self::launch(&all, "tessera coordinator", &[])
+    }
+
+    /// `tessera ARGS...`, waiting for the stderr line with `marker` and then ` on URL`.
+    pub fn launch(args: &[&str], marker: &'static str, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["serve", "--port", "0"])
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -50,7 +66,7 @@ impl Server {
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
                 // The startup banner, plain or inside a JSON log event.
-                if let Some(rest) = line.split("tessera serving").nth(1)
+                if let Some(rest) = line.split(marker).nth(1)
                     && let Some(url) = rest.split(" on ").nth(1)
                 {
                     let url: String = url.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
@@ -59,17 +75,28 @@ impl Server {
                 }
                 sink.lock().unwrap().push(line);
             }
-            let _ = tx.send(Err("tessera serve exited before it was serving".to_string()));
+            let _ = tx.send(Err(format!("tessera exited before it printed {marker:?}")));
             for line in lines.map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
         });
-        let base = rx.recv_timeout(Duration::from_secs(60)).expect("tessera serve did not start in 60 s").unwrap();
+        let base = rx.recv_timeout(Duration::from_secs(60)).expect("tessera did not start in 60 s").unwrap();
         Server { child, base, log }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether some line it logged contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,408 @@
+//! The replicas a server routes requests over, and what happens when one fails.
+//!
+//! Each replica is a model copy (one process, or a tensor-parallel group of workers) with its own engine
+//! loop. `tessera serve` has one; `tessera coordinator` adds and removes them as groups form and fail.
+//! A request goes to the replica with the fewest outstanding tokens (prompt + `max_tokens` of everything
+//! routed to it and not finished), unless a replica recently served the same prompt prefix and is not
+//! much busier: then it goes there, where the prefix is likely still in the KV cache.
+//!
+//! When a replica's step fails (a worker died, a collective broke, the step deadline passed) or the cluster
+//! manager fails it (a lease expired), its loop hands every sequence it held back here as a [`Migrant`]:
+//! prompt, tokens produced so far, and the handler's channel. Each goes to a healthy replica, which
+//! recomputes the prompt and those tokens and carries on producing into the same stream, so the client
+//! sees no token lost or repeated. With no healthy replica, each ends with an error. The failed replica is
+//! out of routing before its loop collects its sequences, so nothing can be sent to it in between.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+};
+
+use crate::{
+    backend::{Backend, ModelInfo},
+    blocks::block_hash,
+    engine_loop::{self, Command, GenRequest, Migrant},
+    generate::FinishReason,
+    metrics::Metrics,
+    scheduler::SchedulerConfig,
+};
+
+/// A replica with this many times (plus one step's budget) the least busy one's outstanding tokens is
+/// "much busier": prefix affinity gives way to load.
+const AFFINITY_SLACK: i64 = 2;
+/// Prompt blocks remembered for affinity (oldest forgotten first).
+const AFFINITY_CAPACITY: usize = 65_536;
+/// Blocks of a prompt's prefix considered for affinity.
+const AFFINITY_BLOCKS: usize = 16;
+
+/// What a replica's loop publishes about itself; read when routing and when metrics are scraped.
+#[derive(Default, Debug)]
+pub struct ReplicaStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub blocks_used: AtomicUsize,
+    pub blocks_total: AtomicUsize,
+    /// Prompt + max_tokens of sequences routed here and not finished.
+    pub outstanding_tokens: AtomicI64,
+    pub requests: AtomicU64,
+}
+
+struct Replica {
+    id: u64,
+    /// Group id (or "local"), shown in metrics and `/v1/cluster`.
+    name: String,
+    workers: Vec<String>,
+    tx: mpsc::Sender<Command>,
+    stats: Arc<ReplicaStats>,
+    info: ModelInfo,
+}
+
+/// A replica as `/v1/cluster` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaView {
+    pub id: u64,
+    pub group: String,
+    pub workers: Vec<String>,
+    pub running: usize,
+    pub waiting: usize,
+    pub outstanding_tokens: i64,
+    pub requests: u64,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+}
+
+/// Told when a replica fails, so that its workers can go back to the free pool.
+pub type FailureHook = Box<dyn Fn(u64, &str) + Send + Sync>;
+
+pub struct Replicas {
+    live: Mutex<Vec<Replica>>,
+    affinity: Mutex<Affinity>,
+    next_request: AtomicU64,
+    next_replica: AtomicU64,
+    pub metrics: Arc<Metrics>,
+    /// The model's shape; `num_blocks` comes from the live replicas.
+    model: ModelInfo,
+    on_failure: Mutex<Option<FailureHook>>,
+}
+
+impl Replicas {
+    /// No replica yet; `model` gives the vocabulary, context and block size every replica will have.
+    pub fn new(model: ModelInfo, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Replicas {
+            live: Mutex::new(Vec::new()),
+            affinity: Mutex::new(Affinity::default()),
+            next_request: AtomicU64::new(1),
+            next_replica: AtomicU64::new(1),
+            metrics,
+            model,
+            on_failure: Mutex::new(None),
+        })
+    }
+
+    pub fn set_failure_hook(&self, hook: FailureHook) {
+        *self.on_failure.lock().expect("hook lock") = Some(hook);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Replica>> {
+        // The routing table is plain data and every update leaves it consistent: a panic elsewhere while
+        // holding the lock does not make it unusable.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts an engine loop on `backend` and routes requests to it; returns the replica's id.
+    pub fn add(
+        self: &Arc<Self>,
+        backend: Box<dyn Backend>,
+        cfg: SchedulerConfig,
+        eos: Vec<u32>,
+        name: &str,
+        workers: Vec<String>,
+        keep_alive: Box<dyn Send>,
+    ) -> u64 {
+        let id = self.next_replica.fetch_add(1, Ordering::Relaxed);
+        let info = backend.info();
+        let stats = Arc::new(ReplicaStats::default());
+        stats.blocks_total.store(info.num_blocks, Ordering::Relaxed);
+        let tx = engine_loop::spawn(
+            backend,
+            cfg,
+            eos,
+            self.metrics.clone(),
+            keep_alive,
+            engine_loop::Hub { replica: id, stats: stats.clone(), replicas: self.clone() },
+        );
+        self.lock().push(Replica { id, name: name.to_string(), workers, tx, stats, info });
+        tracing::info!(replica = id, group = name, "replica serving");
+        self.refresh_gauges();
+        id
+    }
+
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The model's shape; `num_blocks` is the smallest pool of the live replicas (0 with none).
+    pub fn info(&self) -> ModelInfo {
+        let live = self.lock();
+        let mut info = self.model;
+        info.num_blocks = live.iter().map(|r| r.info.num_blocks).min().unwrap_or(0);
+        if let Some(r) = live.first() {
+            info.world_size = r.info.world_size;
+        }
+        info
+    }
+
+    /// Some replica is taking requests.
+    pub fn is_ready(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    /// Sequences waiting for a slot, over every replica.
+    pub fn queued(&self) -> usize {
+        self.lock().iter().map(|r| r.stats.waiting.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn view(&self) -> Vec<ReplicaView> {
+        self.lock()
+            .iter()
+            .map(|r| ReplicaView {
+                id: r.id,
+                group: r.name.clone(),
+                workers: r.workers.clone(),
+                running: r.stats.running.load(Ordering::Relaxed),
+                waiting: r.stats.waiting.load(Ordering::Relaxed),
+                outstanding_tokens: r.stats.outstanding_tokens.load(Ordering::Relaxed),
+                requests: r.stats.requests.load(Ordering::Relaxed),
+                kv_blocks_used: r.stats.blocks_used.load(Ordering::Relaxed),
+                kv_blocks_total: r.stats.blocks_total.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Queues a request on a replica; false if none takes it.
+    pub fn submit(&self, req: GenRequest) -> bool {
+        let charge = ((req.prompt.len() + req.max_tokens) * req.n) as i64;
+        let hashes = prefix_hashes(&req.prompt, self.model.block_size);
+        let mut live = self.lock();
+        let mut cmd = engine_loop::Command::Submit(Box::new(req), std::time::Instant::now());
+        loop {
+            let Some(i) = self.choose(&live, &hashes) else { return false };
+            let r = &live[i];
+            r.stats.outstanding_tokens.fetch_add(charge, Ordering::Relaxed);
+            r.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let n = match &cmd {
+                Command::Submit(q, _) => q.n,
+                _ => 1,
+            };
+            r.stats.waiting.fetch_add(n, Ordering::Relaxed);
+            match r.tx.send(cmd) {
+                Ok(()) => {
+                    self.metrics.replica_requests.get_or_create(&vec![("replica", r.name.clone())]).inc();
+                    self.affinity.lock().unwrap_or_else(|p| p.into_inner()).record(&hashes, r.id);
+                    return true;
+                }
+                // The loop is gone (it failed and is handing its work over): try another.
+                Err(mpsc::SendError(c)) => {
+                    cmd = c;
+                    live.remove(i);
+                }
+            }
+        }
+    }
+
+    /// The replica for a request: least outstanding tokens, or the one that served its prefix unless that
+    /// one is much busier.
+    fn choose(&self, live: &[Replica], hashes: &[u64]) -> Option<usize> {
+        let load = |r: &Replica| r.stats.outstanding_tokens.load(Ordering::Relaxed);
+        // Ties (idle replicas) go to the one that has had fewest requests, so sequential requests spread too.
+        let least = (0..live.len())
+            .min_by_key(|&i| (load(&live[i]), live[i].stats.requests.load(Ordering::Relaxed), live[i].id))?;
+        if live.len() == 1 || hashes.is_empty() {
+            return Some(least);
+        }
+        let preferred = self.affinity.lock().unwrap_or_else(|p| p.into_inner()).lookup(hashes);
+        if let Some(p) = preferred.and_then(|id| live.iter().position(|r| r.id == id)) {
+            let slack = AFFINITY_SLACK * load(&live[least]) + self.model.block_size as i64 * 128;
+            if load(&live[p]) <= slack {
+                return Some(p);
+            }
+        }
+        Some(least)
+    }
+
+    /// Stops a choice wherever it runs (the handler saw a stop string, or gave up on it).
+    pub fn abort(&self, request: u64, choice: usize, reason: Option<FinishReason>) {
+        let seq = engine_loop::seq_id(request, choice);
+        for r in self.lock().iter() {
+            let _ = r.tx.send(Command::Abort { seq, reason });
+        }
+    }
+
+    /// Fails a replica from outside (its group lost a worker): its loop hands its sequences over.
+    pub fn fail(&self, replica: u64, reason: &str) {
+        if let Some(r) = self.lock().iter().find(|r| r.id == replica) {
+            let _ = r.tx.send(Command::Fail(reason.to_string()));
+        }
+    }
+
+    /// Ids of the live replicas.
+    pub fn ids(&self) -> Vec<u64> {
+        self.lock().iter().map(|r| r.id).collect()
+    }
+
+    /// Called by a failing replica's loop before it collects its sequences: from here on nothing is routed
+    /// to it.
+    pub(crate) fn remove_failed(&self, replica: u64, reason: &str) {
+        let name = {
+            let mut live = self.lock();
+            let Some(i) = live.iter().position(|r| r.id == replica) else { return };
+            live.remove(i).name
+        };
+        tracing::error!(replica, group = %name, "replica failed: {reason}");
+        self.metrics.replica_failures.inc();
+        self.metrics.replica_outstanding_tokens.remove(&vec![("replica", name)]);
+        self.refresh_gauges();
+        if let Some(hook) = &*self.on_failure.lock().unwrap_or_else(|p| p.into_inner()) {
+            hook(replica, reason);
+        }
+    }
+
+    /// Sequences of a failed replica: each continues on a healthy replica, or ends with an error.
+    pub(crate) fn adopt(&self, migrants: Vec<Migrant>, reason: &str) {
+        let mut live = self.lock();
+        for m in migrants {
+            if m.events_closed() {
+                continue;
+            }
+            let charge = m.charge();
+            let mut cmd = Command::Adopt(Box::new(m));
+            loop {
+                let least = (0..live.len())
+                    .min_by_key(|&i| (live[i].stats.outstanding_tokens.load(Ordering::Relaxed), live[i].id));
+                let Some(i) = least else {
+                    if let Command::Adopt(m) = cmd {
+                        self.metrics.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
+                        m.fail(&format!("no healthy replica is left ({reason})"));
+                    }
+                    break;
+                };
+                let r = &live[i];
+                r.stats.outstanding_tokens.fetch_add(charge, Ordering::Relaxed);
+                r.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                match r.tx.send(cmd) {
+                    Ok(()) => {
+                        self.metrics.migrated_sequences.inc();
+                        break;
+                    }
+                    Err(mpsc::SendError(c)) => {
+                        cmd = c;
+                        live.remove(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets the summed gauges from every live replica's stats. Loops call it after publishing their own,
+    /// before sending the step's events, so a client that sees its response complete also sees it counted.
+    pub(crate) fn refresh_gauges(&self) {
+        let live = self.lock();
+        let m = &self.metrics;
+        let sum = |f: fn(&ReplicaStats) -> usize| live.iter().map(|r| f(&r.stats)).sum::<usize>();
+        m.num_requests_running.set(sum(|s| s.running.load(Ordering::Relaxed)) as i64);
+        m.num_requests_waiting.set(sum(|s| s.waiting.load(Ordering::Relaxed)) as i64);
+        let total = sum(|s| s.blocks_total.load(Ordering::Relaxed));
+        let used = sum(|s| s.blocks_used.load(Ordering::Relaxed));
+        m.kv_cache_usage_perc.set(if total == 0 { 0.0 } else { used as f64 / total as f64 });
+        m.replicas_serving.set(live.len() as i64);
+        for r in live.iter() {
+            m.replica_outstanding_tokens
+                .get_or_create(&vec![("replica", r.name.clone())])
+                .set(r.stats.outstanding_tokens.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Chained hashes of a prompt's first full blocks (the prefix cache's own keys).
+fn prefix_hashes(prompt: &[u32], block_size: usize) -> Vec<u64> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let mut prev = 0;
+    prompt
+        .chunks_exact(block_size)
+        .take(AFFINITY_BLOCKS)
+        .map(|b| {
+            prev = block_hash(prev, b);
+            prev
+        })
+        .collect()
+}
+
+/// Which replica last served each prompt prefix block.
+#[derive(Default)]
+struct Affinity {
+    owner: HashMap<u64, (u64, u64)>,
+    clock: u64,
+}
+
+impl Affinity {
+    /// The replica that served the longest of these prefixes.
+    fn lookup(&self, hashes: &[u64]) -> Option<u64> {
+        hashes.iter().rev().find_map(|h| self.owner.get(h).map(|&(r, _)| r))
+    }
+
+    fn record(&mut self, hashes: &[u64], replica: u64) {
+        self.clock += 1;
+        for &h in hashes {
+            self.owner.insert(h, (replica, self.clock));
+        }
+        if self.owner.len() > AFFINITY_CAPACITY {
+            // Forget the older half at once: amortised O(1) per insert.
+            let mut ages: Vec<u64> = self.owner.values().map(|&(_, t)| t).collect();
+            let mid = ages.len() / 2;
+            let (_, &mut cut, _) = ages.select_nth_unstable(mid);
+            self.owner.retain(|_, &mut (_, t)| t > cut);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_finds_the_longest_served_prefix() {
+        let mut a = Affinity::default();
+        let p: Vec<u32> = (0..64).collect();
+        let h = prefix_hashes(&p, 16);
+        assert_eq!(h.len(), 4);
+        a.record(&h[..2], 7);
+        a.record(&h, 9);
+        assert_eq!(a.lookup(&h), Some(9));
+        let mut other = p.clone();
+        other[40] = 1000;
+        let h2 = prefix_hashes(&other, 16);
+        assert_eq!(h2[..2], h[..2]);
+        assert_ne!(h2[2], h[2]);
+        // Shares two blocks with a prompt replica 9 served last.
+        assert_eq!(a.lookup(&h2), Some(9));
+        assert_eq!(a.lookup(&prefix_hashes(&[5; 32], 16)), None);
+        assert!(prefix_hashes(&p[..15], 16).is_empty());
+    }
+
+    #[test]
+    fn affinity_forgets_the_oldest_when_full() {
+        let mut a = Affinity::default();
+        for i in 0..(AFFINITY_CAPACITY as u64 + 1) {
+            a.record(&[i], i);
+        }
+        assert!(a.owner.len() <= AFFINITY_CAPACITY / 2 + 1);
+        assert_eq!(a.lookup(&[AFFINITY_CAPACITY as u64]), Some(AFFINITY_CAPACITY as u64));
+        assert_eq!(a.lookup(&[0]), None);
+    }
+}
