@@ -306,3 +306,37 @@ fn a_restarted_coordinator_rebuilds_its_groups_and_workers_deregister_on_shutdow
         assert_eq!(complete(&client, &second, "Once upon a time", 24).await.unwrap(), want);
     });
 }
+
+#[test]
+fn with_no_replica_left_requests_end_with_a_clear_error() {
+    rt().block_on(async {
+        let client = HttpClient::new();
+        let etcd = Etcd::start();
+        let mut workers: Vec<Worker> = (1..=2).map(|i| Worker::start(&etcd, "c5", &format!("w{i}"))).collect();
+        let coord = Server::coordinator(&["--etcd", &etcd.endpoint, "--cluster", "c5", "--tp", "2"]);
+        etcd::wait_for(&client, &coord, Duration::from_secs(60), "a replica", |v| etcd::replicas(v) == 1).await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let run = stream(&client, &coord, "Once upon a time", 400, |i| {
+            if i == 3
+                && let Some(tx) = tx.lock().unwrap().take()
+            {
+                let _ = tx.send(());
+            }
+        });
+        let kill = async {
+            rx.await.unwrap();
+            workers[0].kill();
+        };
+        let (r, ()) = tokio::join!(run, kill);
+        let e = r.expect_err("the stream ends with an error event");
+        assert!(e.contains("no healthy replica"), "{e}");
+        // Nothing serves now: /ready says so, and a new request gets a 503 with Retry-After.
+        assert_eq!(client.get(&coord.url("/ready")).await.unwrap().status, 503);
+        let body = json!({"model": "stories260K", "prompt": "Once", "max_tokens": 4});
+        let r = client.post_json(&coord.url("/v1/completions"), &body).await.unwrap();
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(r.headers.contains_key("retry-after"));
+        assert_eq!(r.json().unwrap()["error"]["type"], "service_unavailable");
+    });
+}
