@@ -21,7 +21,7 @@ use crate::{
     group::GroupTimeouts,
     metrics::Metrics,
     replicas::Replicas,
-    serve::{Frontend, HttpArgs},
+    serve::{Background, Frontend, HttpArgs},
 };
 
 #[derive(Args, Debug, Clone)]
@@ -45,6 +45,9 @@ pub struct CoordinatorArgs {
     /// Seconds a step may take before its group is declared failed and its requests move elsewhere.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub step_timeout: u64,
+    /// Seconds this coordinator's claims on its workers outlive it if it dies without releasing them.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub lease_ttl: u64,
     /// Seconds a group may take to load the model.
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub load_timeout: u64,
@@ -107,13 +110,24 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         instance,
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let prefix = record::prefix(&a.cluster);
+    let (claim_tx, claim_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let session = cluster::claims::Session {
+        endpoints: endpoints.clone(),
+        cluster: a.cluster.clone(),
+        me: cfg.instance.clone(),
+        ttl: Duration::from_secs(a.lease_ttl.max(1)),
+    };
+    // Workers and claims: one watch over the cluster's whole prefix.
+    let root = format!("/tessera/{}/", a.cluster);
     let replicas2 = replicas.clone();
     let board2 = board.clone();
-    let background = Box::pin(async move {
-        let manager = Manager::new(cfg, replicas2, tx.clone(), board2);
+    let run = Box::pin(async move {
+        let manager = Manager::new(cfg, replicas2, tx.clone(), claim_tx, board2);
+        tokio::spawn(cluster::claims::run(session, claim_rx, tx.clone(), stop_rx, done_tx));
         let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(cluster::membership::watch(endpoints, prefix, ctx, connected));
+        tokio::spawn(cluster::membership::watch(endpoints, root, ctx, connected));
         tokio::spawn(async move {
             while let Some(c) = crx.recv().await {
                 if tx.send(Msg::Membership(c)).is_err() {
@@ -123,6 +137,11 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         });
         manager.run(rx).await;
     });
+    // Stopping: give the workers back at once (the lease is revoked) rather than a TTL later.
+    let on_shutdown = Box::pin(async move {
+        let _ = stop_tx.send(true);
+        let _ = done_rx.await;
+    });
     let banner = format!("tessera coordinator for cluster {:?} serving {} (tp = {})", a.cluster, front.name, a.tp);
-    front.run(replicas, Some(board), &banner, Some(background))
+    front.run(replicas, Some(board), &banner, Some(Background { run, on_shutdown }))
 }

@@ -113,13 +113,14 @@ impl Frontend {
     }
 
     /// Serves the API over `replicas` until SIGINT or SIGTERM, on a runtime of its own; `background` is
-    /// spawned on it first (cluster membership). `banner` is printed with the URL once listening.
+    /// spawned on it first (cluster membership) and its `on_shutdown` awaited (3 s at most) after the HTTP
+    /// server stops. `banner` is printed with the URL once listening.
     pub fn run(
         self,
         replicas: Arc<Replicas>,
         cluster: Option<Arc<dyn crate::api::ClusterStatus>>,
         banner: &str,
-        background: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+        background: Option<Background>,
     ) -> Result<()> {
         let Frontend { http, name, tokenizer, chat_template, keys, ledger, listener } = self;
         let state = Arc::new(AppState {
@@ -140,9 +141,10 @@ impl Frontend {
         });
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         rt.block_on(async move {
-            if let Some(b) = background {
-                tokio::spawn(b);
-            }
+            let on_shutdown = background.map(|b| {
+                tokio::spawn(b.run);
+                b.on_shutdown
+            });
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let local = listener.local_addr()?;
             match &keys {
@@ -167,12 +169,24 @@ impl Frontend {
             } else {
                 eprintln!("{banner}");
             }
-            axum::serve(listener, api::router(state))
+            let served = axum::serve(listener, api::router(state))
                 .with_graceful_shutdown(crate::worker_cmd::shutdown_signal())
                 .await
-                .context("serving HTTP")
+                .context("serving HTTP");
+            if let Some(f) = on_shutdown {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(3), f).await;
+            }
+            served
         })
     }
+}
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Work that runs beside the HTTP server, and what to do once it has stopped.
+pub struct Background {
+    pub run: BoxFuture,
+    pub on_shutdown: BoxFuture,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {

@@ -340,3 +340,51 @@ fn with_no_replica_left_requests_end_with_a_clear_error() {
         assert_eq!(r.json().unwrap()["error"]["type"], "service_unavailable");
     });
 }
+
+#[test]
+fn two_coordinators_split_the_workers_and_hand_them_over_on_shutdown() {
+    rt().block_on(async {
+        let client = HttpClient::new();
+        let etcd = Etcd::start();
+        let mut workers: Vec<Worker> = (1..=2).map(|i| Worker::start(&etcd, "c6", &format!("w{i}"))).collect();
+        let args = ["--etcd", etcd.endpoint.as_str(), "--cluster", "c6"];
+        let mut a = Server::coordinator(&args);
+        etcd::wait_for(&client, &a, Duration::from_secs(30), "two replicas", |v| etcd::replicas(v) == 2).await;
+        // B finds every worker taken; a third worker goes to whichever claims it first.
+        let b = Server::coordinator(&args);
+        workers.push(Worker::start(&etcd, "c6", "w3"));
+        let workers_of = |v: &Value| -> Vec<String> {
+            v["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| r["workers"].as_array().unwrap().clone())
+                .map(|w| w.as_str().unwrap().to_string())
+                .collect()
+        };
+        let elsewhere =
+            |v: &Value| v["workers"].as_array().unwrap().iter().filter(|w| w["state"] == "elsewhere").count();
+        // Settled: every worker serves one of them, and each sees the other's as taken (claims arrive by
+        // the watch, a moment after the other coordinator made them).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (va, vb) = loop {
+            let (va, vb) = (etcd::cluster(&client, &a).await, etcd::cluster(&client, &b).await);
+            let (wa, wb) = (workers_of(&va), workers_of(&vb));
+            if wa.len() + wb.len() == 3 && elsewhere(&va) == wb.len() && elsewhere(&vb) == wa.len() {
+                break (va, vb);
+            }
+            assert!(Instant::now() < deadline, "the workers did not settle: {va:#} {vb:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (wa, wb) = (workers_of(&va), workers_of(&vb));
+        assert!(wa.iter().all(|w| !wb.contains(w)), "a worker serves two coordinators: {wa:?} {wb:?}");
+        assert!(wa.len() >= 2, "the first coordinator kept its workers: {va:#}");
+
+        // A stops cleanly: its workers are B's within moments, not a lease TTL later.
+        a.terminate();
+        let (_, took) =
+            etcd::wait_for(&client, &b, Duration::from_secs(5), "all three replicas", |v| etcd::replicas(v) == 3).await;
+        eprintln!("a stopped coordinator's workers served the other {took:?} later");
+        complete(&client, &b, "Once upon a time", 8).await.unwrap();
+    });
+}

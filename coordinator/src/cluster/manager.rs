@@ -23,6 +23,7 @@ use tessera_proto::v1::{InfoRequest, worker_client::WorkerClient};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::{
+    claims,
     membership::Change,
     record::{self, WorkerRecord},
 };
@@ -34,6 +35,8 @@ use crate::{
 
 /// How long a suspect worker waits between probes.
 const PROBE_EVERY: Duration = Duration::from_secs(3);
+/// How long formation waits after a claim could not be made.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
 /// How long a probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -67,6 +70,17 @@ pub enum Msg {
         id: String,
         address: String,
         alive: bool,
+    },
+    /// The answer to a claim for a forming group: all its workers are ours, or none (`conflict`: another
+    /// coordinator holds one; otherwise etcd could not be asked).
+    Claimed {
+        group: String,
+        ok: bool,
+        conflict: bool,
+    },
+    /// A claim could not be renewed after the lease was lost: another coordinator has the worker now.
+    ClaimLost {
+        worker: String,
     },
     Tick,
 }
@@ -131,6 +145,12 @@ impl crate::api::ClusterStatus for Board {
 pub struct Manager {
     cfg: ManagerConfig,
     prefix: String,
+    claims_prefix: String,
+    /// Worker id → the coordinator instance that claimed it (as etcd says).
+    claims: HashMap<String, String>,
+    claimer: UnboundedSender<claims::Request>,
+    /// No groups are formed before this (a claim just failed).
+    hold_until: Option<Instant>,
     replicas: Arc<Replicas>,
     workers: BTreeMap<String, Worker>,
     groups: HashMap<String, Group>,
@@ -142,13 +162,23 @@ pub struct Manager {
 impl Manager {
     /// A manager adding replicas to `replicas`; `tx` is the sending side of the channel [`Manager::run`]
     /// reads (membership changes arrive on it, and the manager's own threads report on it).
-    pub fn new(cfg: ManagerConfig, replicas: Arc<Replicas>, tx: UnboundedSender<Msg>, board: Arc<Board>) -> Self {
+    pub fn new(
+        cfg: ManagerConfig,
+        replicas: Arc<Replicas>,
+        tx: UnboundedSender<Msg>,
+        claimer: UnboundedSender<claims::Request>,
+        board: Arc<Board>,
+    ) -> Self {
         let hook_tx = tx.clone();
         replicas.set_failure_hook(Box::new(move |replica, reason| {
             let _ = hook_tx.send(Msg::Failed { replica, reason: reason.to_string() });
         }));
         Manager {
             prefix: record::prefix(&cfg.cluster),
+            claims_prefix: claims::prefix(&cfg.cluster),
+            claims: HashMap::new(),
+            claimer,
+            hold_until: None,
             cfg,
             replicas,
             workers: BTreeMap::new(),
@@ -171,6 +201,15 @@ impl Manager {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Membership(Change::Snapshot(kvs)) => {
+                let (claims, kvs): (Vec<_>, Vec<_>) =
+                    kvs.into_iter().partition(|(k, _)| k.starts_with(self.claims_prefix.as_bytes()));
+                self.claims = claims
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let id = record::id_of(&self.claims_prefix, &k)?.to_string();
+                        Some((id, String::from_utf8_lossy(&v).into_owned()))
+                    })
+                    .collect();
                 let present: Vec<String> =
                     kvs.iter().filter_map(|(k, _)| record::id_of(&self.prefix, k).map(str::to_string)).collect();
                 let gone: Vec<String> = self.workers.keys().filter(|id| !present.contains(id)).cloned().collect();
@@ -181,10 +220,24 @@ impl Manager {
                     self.upsert(&k, &v);
                 }
             }
-            Msg::Membership(Change::Put(k, v)) => self.upsert(&k, &v),
+            Msg::Membership(Change::Put(k, v)) => {
+                if let Some(id) = record::id_of(&self.claims_prefix, &k) {
+                    self.claims.insert(id.to_string(), String::from_utf8_lossy(&v).into_owned());
+                } else {
+                    self.upsert(&k, &v)
+                }
+            }
             Msg::Membership(Change::Delete(k)) => {
-                if let Some(id) = record::id_of(&self.prefix, &k).map(str::to_string) {
+                if let Some(id) = record::id_of(&self.claims_prefix, &k) {
+                    self.claims.remove(id);
+                } else if let Some(id) = record::id_of(&self.prefix, &k).map(str::to_string) {
                     self.remove(&id, "left (its lease expired or it deregistered)");
+                }
+            }
+            Msg::Claimed { group, ok, conflict } => self.claimed(&group, ok, conflict),
+            Msg::ClaimLost { worker } => {
+                if let Some(State::Serving(g)) = self.workers.get(&worker).map(|w| w.state.clone()) {
+                    self.fail_group(&g, &format!("worker {worker} was claimed by another coordinator"));
                 }
             }
             Msg::Formed { group, result } => self.formed(&group, result),
@@ -251,6 +304,9 @@ impl Manager {
     /// Forgets a worker; a group it serves in fails.
     fn remove(&mut self, id: &str, why: &str) {
         let Some(w) = self.workers.remove(id) else { return };
+        if self.claims.get(id) == Some(&self.cfg.instance) {
+            let _ = self.claimer.send(claims::Request::Release(vec![id.to_string()]));
+        }
         if w.record.is_some() {
             tracing::info!(worker = %id, "worker {why}");
         }
@@ -273,6 +329,8 @@ impl Manager {
         };
         let g = self.groups.remove(&gid).expect("found above");
         tracing::warn!(group = %gid, served_s = g.formed_at.elapsed().as_secs(), "group failed: {reason}");
+        // Released: the survivors may as well join another coordinator's group.
+        let _ = self.claimer.send(claims::Request::Release(g.workers.clone()));
         for id in g.workers {
             if self.workers.get(&id).is_some_and(|w| w.state == State::Serving(gid.clone())) {
                 self.probe(&id);
@@ -310,11 +368,16 @@ impl Manager {
 
     /// Forms as many groups as the free workers allow.
     fn form_groups(&mut self) {
+        if self.hold_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         loop {
             let free: Vec<String> = self
                 .workers
                 .iter()
-                .filter(|(_, w)| w.state == State::Free)
+                .filter(|(id, w)| {
+                    w.state == State::Free && self.claims.get(*id).is_none_or(|o| *o == self.cfg.instance)
+                })
                 .map(|(id, _)| id.clone())
                 .take(self.cfg.tp)
                 .collect();
@@ -331,28 +394,49 @@ impl Manager {
                 self.workers.get_mut(id).expect("listed").state = State::Forming(gid.clone());
             }
             tracing::info!(group = %gid, workers = ?free, "forming a group");
-            self.groups.insert(
-                gid.clone(),
-                Group { workers: free, addrs: addrs.clone(), replica: None, formed_at: Instant::now() },
-            );
-            let (tx, model, kv, block, timeouts) = (
-                self.tx.clone(),
-                self.cfg.model_path.clone(),
-                self.cfg.kv_cache_bytes,
-                self.cfg.block_size,
-                self.cfg.timeouts,
-            );
-            // Connecting and loading block (GroupClient has a runtime of its own): a plain thread.
-            std::thread::Builder::new()
-                .name("tessera-form".into())
-                .spawn(move || {
-                    let result = GroupClient::connect(&addrs, &model, kv, block, &gid, timeouts)
-                        .map(Box::new)
-                        .map_err(|e| format!("{e:#}"));
-                    let _ = tx.send(Msg::Formed { group: gid, result });
-                })
-                .expect("spawning a thread");
+            let _ = self.claimer.send(claims::Request::Claim { group: gid.clone(), workers: free.clone() });
+            self.groups.insert(gid, Group { workers: free, addrs, replica: None, formed_at: Instant::now() });
         }
+    }
+
+    /// The claims for a forming group are in: connect and load it, or give its workers back.
+    fn claimed(&mut self, gid: &str, ok: bool, conflict: bool) {
+        let Some(g) = self.groups.get(gid) else { return };
+        if !ok {
+            let g = self.groups.remove(gid).expect("found above");
+            for id in g.workers {
+                if let Some(w) = self.workers.get_mut(&id)
+                    && w.state == State::Forming(gid.to_string())
+                {
+                    w.state = State::Free;
+                }
+            }
+            if conflict {
+                tracing::info!(group = %gid, "a worker was claimed by another coordinator first");
+            }
+            // No new claims for a moment (etcd may be away): the tick retries.
+            self.hold_until = Some(Instant::now() + CLAIM_RETRY);
+            self.tick_after(CLAIM_RETRY);
+            return;
+        }
+        let (tx, model, kv, block, timeouts) = (
+            self.tx.clone(),
+            self.cfg.model_path.clone(),
+            self.cfg.kv_cache_bytes,
+            self.cfg.block_size,
+            self.cfg.timeouts,
+        );
+        let (gid, addrs) = (gid.to_string(), g.addrs.clone());
+        // Connecting and loading block (GroupClient has a runtime of its own): a plain thread.
+        std::thread::Builder::new()
+            .name("tessera-form".into())
+            .spawn(move || {
+                let result = GroupClient::connect(&addrs, &model, kv, block, &gid, timeouts)
+                    .map(Box::new)
+                    .map_err(|e| format!("{e:#}"));
+                let _ = tx.send(Msg::Formed { group: gid, result });
+            })
+            .expect("spawning a thread");
     }
 
     fn formed(&mut self, gid: &str, result: Result<Box<GroupClient>, String>) {
@@ -377,6 +461,7 @@ impl Manager {
                     tracing::warn!(group = %gid, "a worker left while the group was forming; dropping it");
                 }
                 let g = self.groups.remove(gid).expect("found above");
+                let _ = self.claimer.send(claims::Request::Release(g.workers.clone()));
                 for id in g.workers {
                     if self.workers.get(&id).is_some_and(|w| w.state == State::Forming(gid.into())) {
                         // Whoever answers is free again; whoever does not was the cause.
@@ -390,16 +475,20 @@ impl Manager {
     fn publish(&self) {
         let m = &self.replicas.metrics;
         let mut counts: HashMap<&'static str, i64> =
-            ["free", "forming", "serving", "suspect", "ignored"].into_iter().map(|s| (s, 0)).collect();
+            ["free", "forming", "serving", "suspect", "ignored", "elsewhere"].into_iter().map(|s| (s, 0)).collect();
         let workers: Vec<serde_json::Value> = self
             .workers
             .iter()
             .map(|(id, w)| {
-                *counts.entry(w.state.label()).or_default() += 1;
+                // A free worker another coordinator claimed serves there.
+                let owner = self.claims.get(id).filter(|o| **o != self.cfg.instance);
+                let label = if w.state == State::Free && owner.is_some() { "elsewhere" } else { w.state.label() };
+                *counts.entry(label).or_default() += 1;
                 let mut v = serde_json::json!({
                     "id": id,
-                    "state": w.state.label(),
+                    "state": label,
                     "group": w.state.group(),
+                    "claimed_by": self.claims.get(id),
                 });
                 if let Some(r) = &w.record {
                     v["address"] = r.address.clone().into();

@@ -5,9 +5,11 @@
 //!   revoked on a clean shutdown.
 //! - [`membership`]: the coordinator's view of the prefix, a snapshot then a watch, re-snapshotted after
 //!   every reconnection; while etcd is away the last membership stands.
+//! - [`claims`]: which coordinator owns which worker, so that several can share a cluster.
 //! - [`manager`]: turns membership into replicas (groups of `tp` free workers, loaded and added to
 //!   routing) and failed replicas back into free workers.
 
+pub mod claims;
 pub mod manager;
 pub mod membership;
 pub mod record;

@@ -94,6 +94,13 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, and waits for it to exit.
+    pub fn terminate(&mut self) {
+        // SAFETY: signalling a child process we own and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
     /// Whether some line it logged contains `text`.
     pub fn logged(&self, text: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(text))

@@ -1,0 +1,215 @@
+//! Claims: which coordinator a worker belongs to, so that several coordinators can share one cluster
+//! (a Deployment scaled out, or the overlap of a rolling update) without two of them loading the same
+//! worker.
+//!
+//! A claim is `/tessera/<cluster>/claims/<worker-id>` → the coordinator's instance id, created only if
+//! absent (an etcd transaction), on the coordinator's lease. A coordinator that dies loses its claims when
+//! its lease expires; one that stops cleanly revokes the lease, so its workers are free for the others at
+//! once. If the lease is lost (etcd away for longer than the TTL), the session takes a new one and claims
+//! again what it held; a worker that another coordinator took meanwhile is reported lost.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tokio::sync::{
+    mpsc::{UnboundedReceiver, UnboundedSender},
+    oneshot, watch,
+};
+
+use super::{Backoff, connect_options, manager::Msg};
+
+/// The claims prefix of `cluster` (with a trailing slash).
+pub fn prefix(cluster: &str) -> String {
+    format!("/tessera/{cluster}/claims/")
+}
+
+pub enum Request {
+    /// Claim every one of `workers` for `group`, or none: the answer is `Msg::Claimed`.
+    Claim { group: String, workers: Vec<String> },
+    /// Give these up (their group is gone).
+    Release(Vec<String>),
+}
+
+pub struct Session {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    /// This coordinator's instance id (the claims' value).
+    pub me: String,
+    pub ttl: Duration,
+}
+
+enum Outcome {
+    Stopped,
+    Lost(etcd_client::Error),
+}
+
+/// Serves claim requests until `stop` turns true, then revokes the lease and says so on `done`.
+pub async fn run(
+    s: Session,
+    mut rx: UnboundedReceiver<Request>,
+    tx: UnboundedSender<Msg>,
+    mut stop: watch::Receiver<bool>,
+    done: oneshot::Sender<()>,
+) {
+    let mut held = BTreeSet::new();
+    let mut backoff = Backoff::default();
+    let mut warned = false;
+    loop {
+        match session(&s, &mut rx, &tx, &mut stop, &mut held, &mut backoff).await {
+            Outcome::Stopped => break,
+            Outcome::Lost(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "etcd unreachable for worker claims: new groups wait until it is back");
+                    warned = true;
+                }
+            }
+        }
+        // Requests that arrive while etcd is away are refused at once, so the manager can retry later.
+        let delay = tokio::time::sleep(backoff.next_delay());
+        tokio::pin!(delay);
+        loop {
+            tokio::select! {
+                _ = &mut delay => break,
+                _ = stop.wait_for(|s| *s) => {
+                    let _ = done.send(());
+                    return;
+                }
+                r = rx.recv() => match r {
+                    Some(Request::Claim { group, .. }) => {
+                        let _ = tx.send(Msg::Claimed { group, ok: false, conflict: false });
+                    }
+                    Some(Request::Release(ws)) => {
+                        for w in ws {
+                            held.remove(&w);
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+    let _ = done.send(());
+}
+
+async fn session(
+    s: &Session,
+    rx: &mut UnboundedReceiver<Request>,
+    tx: &UnboundedSender<Msg>,
+    stop: &mut watch::Receiver<bool>,
+    held: &mut BTreeSet<String>,
+    backoff: &mut Backoff,
+) -> Outcome {
+    let mut client = match Client::connect(&s.endpoints, Some(connect_options())).await {
+        Ok(c) => c,
+        Err(e) => return Outcome::Lost(e),
+    };
+    let ttl = s.ttl.as_secs().max(1) as i64;
+    let lease = match client.lease_grant(ttl, None).await {
+        Ok(l) => l.id(),
+        Err(e) => return Outcome::Lost(e),
+    };
+    // Claims held under an earlier lease: take them again (ours if nobody else took them meanwhile).
+    for w in held.clone() {
+        match claim(&mut client, s, lease, &w).await {
+            Ok(true) => {}
+            Ok(false) => {
+                held.remove(&w);
+                let _ = tx.send(Msg::ClaimLost { worker: w });
+            }
+            Err(e) => return Outcome::Lost(e),
+        }
+    }
+    let (mut keeper, mut answers) = match client.lease_keep_alive(lease).await {
+        Ok(k) => k,
+        Err(e) => return Outcome::Lost(e),
+    };
+    backoff.reset();
+    let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let alive = async {
+                    keeper.keep_alive().await?;
+                    match tokio::time::timeout(every.max(Duration::from_secs(2)), answers.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => Ok(()),
+                        Ok(Err(e)) => Err(e),
+                        _ => Err(etcd_client::Error::LeaseKeepAliveError("the claims' lease is gone".into())),
+                    }
+                };
+                if let Err(e) = alive.await {
+                    return Outcome::Lost(e);
+                }
+            }
+            _ = stopped(stop) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+                tracing::info!("worker claims released");
+                return Outcome::Stopped;
+            }
+            r = rx.recv() => match r {
+                None => return Outcome::Stopped,
+                Some(Request::Claim { group, workers }) => {
+                    let mut got = Vec::new();
+                    let mut conflict = false;
+                    for w in &workers {
+                        match claim(&mut client, s, lease, w).await {
+                            Ok(true) => got.push(w.clone()),
+                            Ok(false) => {
+                                conflict = true;
+                                break;
+                            }
+                            Err(e) => {
+                                release(&mut client, s, &got).await;
+                                let _ = tx.send(Msg::Claimed { group, ok: false, conflict: false });
+                                return Outcome::Lost(e);
+                            }
+                        }
+                    }
+                    if conflict {
+                        release(&mut client, s, &got).await;
+                    } else {
+                        held.extend(got);
+                    }
+                    let _ = tx.send(Msg::Claimed { group, ok: !conflict, conflict });
+                }
+                Some(Request::Release(ws)) => {
+                    for w in &ws {
+                        held.remove(w);
+                    }
+                    release(&mut client, s, &ws).await;
+                }
+            },
+        }
+    }
+}
+
+/// Resolves when `stop` turns true (holding no borrow of it afterwards).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Claims `worker` on `lease` unless another coordinator holds it; true if it is ours now.
+async fn claim(client: &mut Client, s: &Session, lease: i64, worker: &str) -> Result<bool, etcd_client::Error> {
+    let key = format!("{}{worker}", prefix(&s.cluster));
+    let put = TxnOp::put(key.as_str(), s.me.as_str(), Some(PutOptions::new().with_lease(lease)));
+    // Free (never created), or already ours (re-claimed on a new lease).
+    let free = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([put.clone()]);
+    if client.txn(free).await?.succeeded() {
+        return Ok(true);
+    }
+    let ours = Txn::new().when([Compare::value(key.as_str(), CompareOp::Equal, s.me.as_str())]).and_then([put]);
+    Ok(client.txn(ours).await?.succeeded())
+}
+
+/// Deletes the claims on `workers` that are still ours.
+async fn release(client: &mut Client, s: &Session, workers: &[String]) {
+    for w in workers {
+        let key = format!("{}{w}", prefix(&s.cluster));
+        let txn = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, s.me.as_str())])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        if let Err(e) = client.txn(txn).await {
+            tracing::warn!(worker = %w, error = %e, "could not release a claim; it expires with the lease");
+        }
+    }
+}
