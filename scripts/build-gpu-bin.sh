@@ -16,4 +16,6 @@ for l in sys.stdin:
     cp "$exe" "gpu-bin/$t"
 done
 strip gpu-bin/*
+# etcd for the cluster-mode check (Debian's etcd-server; the device machine has no package manager access).
+if command -v etcd >/dev/null; then cp "$(command -v etcd)" gpu-bin/; fi
 ls -la gpu-bin

@@ -43,6 +43,23 @@ step cli 180 bash -c '
     printf "cpu: %s\ngpu: %s\ntp2: %s\n" "$cpu" "$gpu" "$tp2"
     grep "NCCL refuses" "$1/tp2.err" || { echo "no fallback warning"; exit 1; }
     [ "$cpu" = "$gpu" ] && [ "$gpu" = "$tp2" ]' "$BIN/tessera" "$OUT"
+# Cluster mode with a GPU worker: etcd (carried in gpu-bin/), a worker on cuda:0 registered in it, a
+# coordinator that forms the replica; the API must give the CPU's greedy text.
+step cluster 120 bash -c '
+    B=$0 O=$1
+    [ -x "$B/etcd" ] || { echo "no etcd in $B (scripts/build-gpu-bin.sh copies it)"; exit 1; }
+    d=$(mktemp -d) ep=http://127.0.0.1:23790
+    "$B/etcd" --data-dir "$d/etcd" --listen-client-urls $ep --advertise-client-urls $ep \
+        --listen-peer-urls http://127.0.0.1:23800 >"$O/etcd.log" 2>&1 &
+    "$B/tessera" worker --etcd $ep --listen 127.0.0.1:0 --device cuda:0 >"$O/worker.log" 2>&1 &
+    "$B/tessera" coordinator --etcd $ep --port 18000 >"$O/coordinator.log" 2>&1 &
+    trap "kill \$(jobs -p) 2>/dev/null" EXIT
+    for _ in $(seq 200); do curl -sf localhost:18000/ready >/dev/null && break; sleep 0.2; done
+    out=$(curl -s localhost:18000/v1/completions -H "Content-Type: application/json" \
+        -d "{\"model\": \"stories260K\", \"prompt\": \"Once upon a time\", \"max_tokens\": 27, \"temperature\": 0}")
+    echo "$out"
+    curl -s localhost:18000/v1/cluster | tee "$O/cluster.json" | grep -o "\"device\":\"cuda:0\"" || exit 1
+    echo "$out" | grep -q "little girl named Lily. She loved to play outside in the park."' "$BIN" "$OUT"
 step tessera 300 "$BIN/tessera" bench gpu --json "$OUT/tessera.json"
 step transformers 300 python3 scripts/bench_transformers_gpu.py --json "$OUT/transformers.json"
 
