@@ -388,3 +388,55 @@ fn two_coordinators_split_the_workers_and_hand_them_over_on_shutdown() {
         complete(&client, &b, "Once upon a time", 8).await.unwrap();
     });
 }
+
+#[test]
+fn a_hung_worker_fails_its_group_at_the_step_deadline_and_loses_no_token() {
+    rt().block_on(async {
+        let client = HttpClient::new();
+        let etcd = Etcd::start();
+        let workers: Vec<Worker> = (1..=2).map(|i| Worker::start(&etcd, "c7", &format!("w{i}"))).collect();
+        let coord = Server::coordinator(&["--etcd", &etcd.endpoint, "--cluster", "c7", "--step-timeout", "2"]);
+        etcd::wait_for(&client, &coord, Duration::from_secs(60), "two replicas", |v| etcd::replicas(v) == 2).await;
+        let single = Server::start(&[]);
+        let ps = prompts(4);
+        let mut expected = Vec::new();
+        for p in &ps {
+            expected.push(complete(&client, &single, p, 150).await.unwrap());
+        }
+        let started = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let runs = futures_util::future::join_all(ps.iter().map(|p| {
+            let (started, tx) = (started.clone(), &tx);
+            stream(&client, &coord, p, 150, move |i| {
+                if i == 3
+                    && started.fetch_add(1, Ordering::SeqCst) + 1 == 4
+                    && let Some(tx) = tx.lock().unwrap().take()
+                {
+                    let _ = tx.send(());
+                }
+            })
+        }));
+        // The worker stops answering (SIGSTOP) without closing anything: only the deadline can tell.
+        let hang = async {
+            rx.await.unwrap();
+            // SAFETY: signalling a child process the test owns.
+            unsafe { libc::kill(workers[0].pid() as i32, libc::SIGSTOP) };
+            Instant::now()
+        };
+        let (results, hung_at) = tokio::join!(runs, hang);
+        for ((p, r), want) in ps.iter().zip(results).zip(&expected) {
+            let (text, times) = r.unwrap_or_else(|e| panic!("{p:?} failed: {e}"));
+            assert_eq!(&text, want, "{p:?}");
+            if let Some(gap) = times.windows(2).map(|w| w[1] - w[0]).max() {
+                assert!(gap < Duration::from_secs(10), "{p:?} stalled {gap:?}");
+            }
+        }
+        eprintln!("streams done {:?} after the worker hung", hung_at.elapsed());
+        assert_eq!(coord.metric(&client, "tessera:replica_failures_total").await, 1.0);
+        let v = etcd::cluster(&client, &coord).await;
+        assert_eq!(etcd::replicas(&v), 1, "{v:#}");
+        // SAFETY: as above; the worker is killed when dropped.
+        unsafe { libc::kill(workers[0].pid() as i32, libc::SIGCONT) };
+    });
+}
