@@ -189,8 +189,9 @@ impl Replicas {
         let hashes = prefix_hashes(&req.prompt, self.model.block_size);
         let mut live = self.lock();
         let mut cmd = engine_loop::Command::Submit(Box::new(req), std::time::Instant::now());
-        loop {
-            let Some(i) = self.choose(&live, &hashes) else { return false };
+        let mut dead = Vec::new();
+        let sent = loop {
+            let Some(i) = self.choose(&live, &hashes) else { break false };
             let r = &live[i];
             r.stats.outstanding_tokens.fetch_add(charge, Ordering::Relaxed);
             r.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -203,14 +204,24 @@ impl Replicas {
                 Ok(()) => {
                     self.metrics.replica_requests.get_or_create(&vec![("replica", r.name.clone())]).inc();
                     self.affinity.lock().unwrap_or_else(|p| p.into_inner()).record(&hashes, r.id);
-                    return true;
+                    break true;
                 }
-                // The loop is gone (it failed and is handing its work over): try another.
+                // A failing loop leaves routing before it lets go of its channel, so a closed channel here
+                // means the loop died (a panic): retire it and try another.
                 Err(mpsc::SendError(c)) => {
                     cmd = c;
-                    live.remove(i);
+                    dead.push(live.remove(i));
                 }
             }
+        };
+        drop(live);
+        self.retire_dead(dead);
+        sent
+    }
+
+    fn retire_dead(&self, dead: Vec<Replica>) {
+        for r in dead {
+            self.retire(r.id, r.name, "its engine loop stopped unexpectedly");
         }
     }
 
@@ -262,6 +273,11 @@ impl Replicas {
             let Some(i) = live.iter().position(|r| r.id == replica) else { return };
             live.remove(i).name
         };
+        self.retire(replica, name, reason);
+    }
+
+    /// What follows a replica's removal from routing: log, metrics, and the failure hook.
+    fn retire(&self, replica: u64, name: String, reason: &str) {
         tracing::error!(replica, group = %name, "replica failed: {reason}");
         self.metrics.replica_failures.inc();
         self.metrics.replica_outstanding_tokens.remove(&vec![("replica", name)]);
@@ -274,6 +290,7 @@ impl Replicas {
     /// Sequences of a failed replica: each continues on a healthy replica, or ends with an error.
     pub(crate) fn adopt(&self, migrants: Vec<Migrant>, reason: &str) {
         let mut live = self.lock();
+        let mut dead = Vec::new();
         for m in migrants {
             if m.events_closed() {
                 continue;
@@ -300,11 +317,13 @@ impl Replicas {
                     }
                     Err(mpsc::SendError(c)) => {
                         cmd = c;
-                        live.remove(i);
+                        dead.push(live.remove(i));
                     }
                 }
             }
         }
+        drop(live);
+        self.retire_dead(dead);
     }
 
     /// Sets the summed gauges from every live replica's stats. Loops call it after publishing their own,
@@ -374,6 +393,62 @@ impl Affinity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::WorkerTiming;
+    use tessera_worker::{SamplingParams, SeqSampled, StepSeq};
+
+    /// A backend whose first step panics, killing its engine loop.
+    struct Panics;
+
+    impl Backend for Panics {
+        fn info(&self) -> ModelInfo {
+            ModelInfo { vocab_size: 32, max_position_embeddings: 64, num_blocks: 8, block_size: 4, world_size: 1 }
+        }
+        fn step(&mut self, _: &[StepSeq<'_>]) -> anyhow::Result<Vec<SeqSampled>> {
+            panic!("a bug in the backend");
+        }
+        fn release(&mut self, _: &[u64]) {}
+        fn last_timings(&self) -> Vec<WorkerTiming> {
+            Vec::new()
+        }
+    }
+
+    fn request(r: &Replicas) -> (GenRequest, tokio::sync::mpsc::UnboundedReceiver<engine_loop::Event>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = GenRequest {
+            id: r.next_request_id(),
+            prompt: vec![1, 2, 3],
+            params: SamplingParams::greedy(),
+            max_tokens: 4,
+            ignore_eos: true,
+            n: 1,
+            flow: None,
+            weight: 1.0,
+            events: tx,
+            span: tracing::Span::none(),
+        };
+        (req, rx)
+    }
+
+    #[test]
+    fn a_replica_whose_loop_died_is_retired_and_reported() {
+        let info = Panics.info();
+        let r = Replicas::new(info, Arc::new(Metrics::new("m")));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let seen = failed.clone();
+        r.set_failure_hook(Box::new(move |id, why| seen.lock().unwrap().push((id, why.to_string()))));
+        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 64 };
+        let id = r.add(Box::new(Panics), cfg, vec![], "g1", vec![], Box::new(()));
+        let (req, mut rx) = request(&r);
+        assert!(r.submit(req));
+        // The loop panics in its first step: the request's channel closes without an event.
+        assert_eq!(rx.blocking_recv(), None);
+        assert!(r.is_ready(), "nothing has noticed yet");
+        let (req, _rx) = request(&r);
+        assert!(!r.submit(req), "no replica is left to take it");
+        assert!(!r.is_ready());
+        assert_eq!(*failed.lock().unwrap(), [(id, "its engine loop stopped unexpectedly".to_string())]);
+        assert_eq!(r.metrics.replica_failures.get(), 1);
+    }
 
     #[test]
     fn affinity_finds_the_longest_served_prefix() {
