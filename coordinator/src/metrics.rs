@@ -58,6 +58,8 @@ pub struct Metrics {
     pub key_tokens: Family<KeyLabels, Counter>,
     /// Cluster mode: registered workers by state (free, forming, serving, ignored).
     pub cluster_workers: Family<Labels, Gauge>,
+    /// Cluster mode: groups by state (forming, serving).
+    pub cluster_groups: Family<Labels, Gauge>,
     /// Replicas taking requests.
     pub replicas_serving: Gauge,
     /// Per replica (its group id): tokens routed to it and not yet finished (prompt + max_tokens), and
@@ -105,6 +107,7 @@ impl Metrics {
             key_requests: Family::default(),
             key_tokens: Family::default(),
             cluster_workers: Family::default(),
+            cluster_groups: Family::default(),
             replicas_serving: Gauge::default(),
             replica_outstanding_tokens: Family::default(),
             replica_requests: Family::default(),
@@ -187,6 +190,11 @@ impl Metrics {
             "tessera:cluster_workers",
             "Registered workers by state (free, forming, serving, ignored)",
             m.cluster_workers.clone(),
+        );
+        r.register(
+            "tessera:cluster_groups",
+            "Tensor-parallel groups by state (forming, serving)",
+            m.cluster_groups.clone(),
         );
         r.register("tessera:replicas_serving", "Model replicas taking requests", m.replicas_serving.clone());
         r.register(

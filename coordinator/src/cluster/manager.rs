@@ -518,6 +518,10 @@ impl Manager {
             })
             .collect();
         groups.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        for state in ["forming", "serving"] {
+            let n = groups.iter().filter(|g| g["state"] == state).count();
+            m.cluster_groups.get_or_create(&vec![("state", state)]).set(n as i64);
+        }
         *self.board.status.lock().unwrap_or_else(|p| p.into_inner()) = serde_json::json!({
             "cluster": self.cfg.cluster,
             "tp": self.cfg.tp,
