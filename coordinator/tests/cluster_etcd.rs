@@ -441,3 +441,42 @@ fn a_hung_worker_fails_its_group_at_the_step_deadline_and_loses_no_token() {
         unsafe { libc::kill(workers[0].pid() as i32, libc::SIGCONT) };
     });
 }
+
+#[test]
+fn a_model_the_workers_cannot_load_is_retried_with_backoff_and_explained() {
+    rt().block_on(async {
+        let client = HttpClient::new();
+        let etcd = Etcd::start();
+        // Everything the coordinator reads (config, tokenizer), but no weights for the workers.
+        let dir = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(common::repo().join("models/stories260K")).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_none_or(|e| e != "safetensors") {
+                std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+            }
+        }
+        let _workers: Vec<Worker> = (1..=2).map(|i| Worker::start(&etcd, "c8", &format!("w{i}"))).collect();
+        let model = dir.path().to_str().unwrap();
+        let coord = Server::coordinator(&["--etcd", &etcd.endpoint, "--cluster", "c8", "--model", model]);
+        let failures = |v: &Value| {
+            v["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["failed_formations"].as_u64().unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        };
+        etcd::wait_for(&client, &coord, Duration::from_secs(20), "a failed formation", |v| failures(v) >= 1).await;
+        let first = Instant::now();
+        let (v, _) =
+            etcd::wait_for(&client, &coord, Duration::from_secs(20), "three failed formations", |v| failures(v) >= 3)
+                .await;
+        // 1 s, then 2 s between attempts: not a loop.
+        assert!(first.elapsed() >= Duration::from_millis(2900), "retried after {:?}: {v:#}", first.elapsed());
+        let w = &v["workers"].as_array().unwrap()[0];
+        assert!(w["last_error"].as_str().unwrap().contains("model.safetensors"), "{v:#}");
+        assert_eq!(etcd::replicas(&v), 0);
+        assert_eq!(client.get(&coord.url("/ready")).await.unwrap().status, 503);
+    });
+}

@@ -119,6 +119,23 @@ impl State {
 struct Worker {
     record: Option<WorkerRecord>,
     state: State,
+    /// Groups with this worker that failed to form in a row, the last error, and when it may be tried
+    /// again: a worker that answers but cannot load (a wrong model path) is retried with backoff, not in
+    /// a loop.
+    failed_formations: u32,
+    last_error: Option<String>,
+    not_before: Option<Instant>,
+}
+
+impl Worker {
+    fn new(record: Option<WorkerRecord>, state: State) -> Self {
+        Worker { record, state, failed_formations: 0, last_error: None, not_before: None }
+    }
+}
+
+/// Wait before a worker joins another group after `n` failed formations in a row: 1 s doubling to 60 s.
+fn formation_backoff(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 struct Group {
@@ -283,7 +300,7 @@ impl Manager {
                 }
                 self.remove(&id, "re-registered with a record that cannot be used");
                 tracing::warn!(worker = %id, "ignoring worker: {e}");
-                self.workers.insert(id, Worker { record: None, state: State::Ignored(e) });
+                self.workers.insert(id, Worker::new(None, State::Ignored(e)));
             }
             Ok(rec) => {
                 if let Some(w) = self.workers.get_mut(&id)
@@ -296,7 +313,7 @@ impl Manager {
                 }
                 self.remove(&id, "re-registered at another address");
                 tracing::info!(worker = %id, address = %rec.address, device = %rec.device, "worker registered");
-                self.workers.insert(id, Worker { record: Some(rec), state: State::Free });
+                self.workers.insert(id, Worker::new(Some(rec), State::Free));
             }
         }
     }
@@ -368,7 +385,8 @@ impl Manager {
 
     /// Forms as many groups as the free workers allow.
     fn form_groups(&mut self) {
-        if self.hold_until.is_some_and(|t| Instant::now() < t) {
+        let now = Instant::now();
+        if self.hold_until.is_some_and(|t| now < t) {
             return;
         }
         loop {
@@ -376,7 +394,9 @@ impl Manager {
                 .workers
                 .iter()
                 .filter(|(id, w)| {
-                    w.state == State::Free && self.claims.get(*id).is_none_or(|o| *o == self.cfg.instance)
+                    w.state == State::Free
+                        && w.not_before.is_none_or(|t| t <= now)
+                        && self.claims.get(*id).is_none_or(|o| *o == self.cfg.instance)
                 })
                 .map(|(id, _)| id.clone())
                 .take(self.cfg.tp)
@@ -451,22 +471,42 @@ impl Manager {
                 tracing::info!(group = %gid, replica = id, load_s = g.formed_at.elapsed().as_secs_f64(), "group serving");
                 g.formed_at = Instant::now();
                 for w in &g.workers {
-                    self.workers.get_mut(w).expect("intact").state = State::Serving(gid.to_string());
+                    let w = self.workers.get_mut(w).expect("intact");
+                    w.state = State::Serving(gid.to_string());
+                    (w.failed_formations, w.last_error, w.not_before) = (0, None, None);
                 }
             }
             other => {
-                if let Err(e) = &other {
-                    tracing::error!(group = %gid, "forming the group failed: {e}");
-                } else {
-                    tracing::warn!(group = %gid, "a worker left while the group was forming; dropping it");
-                }
+                let error = match &other {
+                    Err(e) => {
+                        tracing::error!(group = %gid, "forming the group failed: {e}");
+                        Some(e.clone())
+                    }
+                    Ok(_) => {
+                        tracing::warn!(group = %gid, "a worker left while the group was forming; dropping it");
+                        None
+                    }
+                };
                 let g = self.groups.remove(gid).expect("found above");
                 let _ = self.claimer.send(claims::Request::Release(g.workers.clone()));
+                let mut wait = Duration::ZERO;
                 for id in g.workers {
-                    if self.workers.get(&id).is_some_and(|w| w.state == State::Forming(gid.into())) {
-                        // Whoever answers is free again; whoever does not was the cause.
-                        self.probe(&id);
+                    let Some(w) = self.workers.get_mut(&id) else { continue };
+                    if w.state != State::Forming(gid.into()) {
+                        continue;
                     }
+                    if let Some(e) = &error {
+                        w.failed_formations += 1;
+                        w.last_error = Some(e.clone());
+                        let d = formation_backoff(w.failed_formations);
+                        w.not_before = Some(Instant::now() + d);
+                        wait = wait.max(d);
+                    }
+                    // Whoever answers is free again (after the backoff); whoever does not was the cause.
+                    self.probe(&id);
+                }
+                if !wait.is_zero() {
+                    self.tick_after(wait);
                 }
             }
         }
@@ -499,6 +539,10 @@ impl Manager {
                 if let State::Ignored(why) = &w.state {
                     v["reason"] = why.clone().into();
                 }
+                if let Some(e) = &w.last_error {
+                    v["last_error"] = e.clone().into();
+                    v["failed_formations"] = w.failed_formations.into();
+                }
                 v
             })
             .collect();
@@ -528,5 +572,16 @@ impl Manager {
             "workers": workers,
             "groups": groups,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formation_backoff_doubles_to_a_minute() {
+        let d: Vec<u64> = (1..=9).map(|n| formation_backoff(n).as_secs()).collect();
+        assert_eq!(d, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
 }
