@@ -42,7 +42,7 @@ pub async fn run(reg: Registration, mut stop: watch::Receiver<bool>) {
         if let Err(e) = outcome
             && !outage
         {
-            tracing::warn!(error = %e, "etcd registration lost; serving on, retrying with backoff");
+            tracing::warn!(error = %e, "not registered in etcd (unreachable or refused); serving on, retrying with backoff");
             outage = true;
         }
         let delay = backoff.next_delay();
