@@ -10,16 +10,8 @@ BIN=${BIN:-gpu-bin}
 mkdir -p "$OUT"
 export TESSERA_REPO=$PWD TESSERA_CACHE_DIR=/tmp/tessera-cache RUST_BACKTRACE=1
 
-# cudarc dlopens libcuda.so.1 (the driver's own, found by the loader), libnvrtc.so.{13,12} and
-# libcublas.so.{13,12} by name: put the directories holding the last two on the search path. Never the
-# toolkit's compat/ or stubs/ libcuda: loading either instead of the driver's fails with error 803.
-dirs=$(find /usr/local/cuda* /opt /usr/local/lib/python3* \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) \
-    2>/dev/null | grep -v -e /compat/ -e /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
-# cudarc looks NCCL up as libnccl.so; the pip wheel ships only libnccl.so.2: link it under that name.
-mkdir -p /tmp/tessera-nccl
-nccl=$(find /opt /usr/local /usr/lib -name 'libnccl.so.2*' 2>/dev/null | head -n 1)
-[ -n "$nccl" ] && ln -sf "$nccl" /tmp/tessera-nccl/libnccl.so
-export LD_LIBRARY_PATH="${dirs}/tmp/tessera-nccl:${LD_LIBRARY_PATH:-}"
+# shellcheck source=scripts/gpu-env.sh
+source "$(dirname "$0")/gpu-env.sh"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >"$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
@@ -43,6 +35,19 @@ step cli 180 bash -c '
     printf "cpu: %s\ngpu: %s\ntp2: %s\n" "$cpu" "$gpu" "$tp2"
     grep "NCCL refuses" "$1/tp2.err" || { echo "no fallback warning"; exit 1; }
     [ "$cpu" = "$gpu" ] && [ "$gpu" = "$tp2" ]' "$BIN/tessera" "$OUT"
+# `tessera serve --device cuda:0`: steps run on the engine thread's pool, not the thread that loaded the
+# model; the API must give the CPU's greedy text, twice.
+step serve 120 bash -c '
+    B=$0 O=$1
+    "$B/tessera" serve --device cuda:0 --port 18001 >"$O/serve.log" 2>&1 &
+    trap "kill \$(jobs -p) 2>/dev/null" EXIT
+    for _ in $(seq 200); do curl -sf localhost:18001/ready >/dev/null && break; sleep 0.2; done
+    for i in 1 2; do
+        out=$(curl -s localhost:18001/v1/completions -H "Content-Type: application/json" \
+            -d "{\"model\": \"stories260K\", \"prompt\": \"Once upon a time\", \"max_tokens\": 27, \"temperature\": 0}")
+        echo "$out"
+        echo "$out" | grep -q "little girl named Lily. She loved to play outside in the park." || exit 1
+    done' "$BIN" "$OUT"
 # Cluster mode with a GPU worker: etcd (carried in gpu-bin/), a worker on cuda:0 registered in it, a
 # coordinator that forms the replica; the API must give the CPU's greedy text.
 step cluster 120 bash -c '

@@ -348,3 +348,17 @@ fn nccl_group_of_one_reduces_and_gathers() {
     assert_eq!(comm.all_gather(&x[..100]).unwrap(), x[..100]);
     assert!(NcclComm::new(GPU, 0, 1, &id[..10]).is_err(), "a short id is an error, not a panic");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn a_tensor_dropped_on_another_thread_leaves_the_device_usable() {
+    let mut r = rng("drop_elsewhere");
+    let data = randn(&mut r, 4096, 1.0);
+    let t = gpu(&data, &[64, 64]);
+    // A thread that never touched the device frees the memory (the engine loop dropping the logits a
+    // pool thread computed did exactly this, and the next step failed with an invalid context).
+    std::thread::spawn(move || drop(t)).join().unwrap();
+    let again = gpu(&data, &[64, 64]);
+    assert_eq!(ops::count_nonfinite(&again).unwrap(), 0);
+    assert_eq!(again.to_vec_f32().unwrap(), data, "the values are bf16-exact, so the round trip is too");
+}

@@ -315,6 +315,18 @@ pub(crate) enum DeviceData {
     BF16(CudaSlice<half::bf16>),
 }
 
+impl Drop for Buffer {
+    /// cudarc frees device memory in `CudaSlice`'s drop without making the context current, and a free
+    /// on a thread where it is not (a tensor handed back from the compute pool and dropped by its
+    /// caller) fails, leaving a sticky error that the next operation on the device reports. The last
+    /// holder of the memory binds the context first, whatever thread it is on.
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.data) == 1 {
+            let _ = self.gpu.ctx.bind_to_thread();
+        }
+    }
+}
+
 impl std::fmt::Debug for Buffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Buffer(cuda:{}, {:?})", self.gpu.ordinal, self.dtype())
