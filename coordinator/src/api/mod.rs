@@ -85,6 +85,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(limit, refuse_oversized))
         .layer(axum::middleware::from_fn(access_log::log_requests))
         .with_state(state)
 }
@@ -195,6 +196,34 @@ async fn cluster(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.engine.metrics.render()).into_response()
+}
+
+/// Bodies declared larger than this are refused without being read: past it, reading to be polite costs
+/// more than a client that cannot take an early answer deserves.
+const DRAIN_AT_MOST: u64 = 64 << 20;
+
+/// A body declared larger than the limit gets its 413 at once, but only after what the client is sending
+/// has been read and discarded (up to 64 MiB, 10 s), as a web server's lingering close does: a response
+/// written while the client is still sending, followed by closing the connection, resets it, and the
+/// client sees a broken pipe instead of the 413.
+async fn refuse_oversized(
+    State(limit): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => {
+            if n <= DRAIN_AT_MOST {
+                let mut body = req.into_body().into_data_stream();
+                let drain = async { while let Some(Ok(_)) = futures_util::StreamExt::next(&mut body).await {} };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+            }
+            ApiError::too_large(limit).into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 async fn fallback(uri: Uri) -> Response {
