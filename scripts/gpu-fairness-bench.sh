@@ -14,11 +14,13 @@ b=$("$T" keys create --tenant single --id single) || exit 1
 printf '{"keys": [%s, %s]}\n' "$(echo "$a" | tail -n 1)" "$(echo "$b" | tail -n 1)" >"$d/keys.json"
 ka=$(echo "$a" | head -n 1 | awk '{print $NF}')
 kb=$(echo "$b" | head -n 1 | awk '{print $NF}')
-"$T" serve --device cuda:0 --port 18002 --api-keys "$d/keys.json" --max-num-seqs 64 >"$d/serve.log" 2>&1 &
+"$T" serve --device cuda:0 --port ${PORT:-18002} --api-keys "$d/keys.json" --max-num-seqs 64 >"$d/serve.log" 2>&1 &
 srv=$!
-trap 'kill $srv $flood 2>/dev/null' EXIT
-for _ in $(seq 200); do curl -sf localhost:18002/ready >/dev/null && break; sleep 0.2; done
-url=http://127.0.0.1:18002
+flood=
+# Stop the load first, then the server, and wait for both: a second run must find the port free.
+trap 'kill $flood 2>/dev/null; kill $srv 2>/dev/null; wait 2>/dev/null' EXIT
+for _ in $(seq 200); do curl -sf localhost:${PORT:-18002}/ready >/dev/null && break; sleep 0.2; done
+url=http://127.0.0.1:${PORT:-18002}
 load() { "$T" bench serve --url $url --model stories260K --vocab 500 --prompt-len 16 "$@"; }
 load --api-key "$kb" --concurrency 1 --requests 10 --max-tokens 8 >/dev/null   # compiles the kernels
 echo "=== B alone"

@@ -139,7 +139,10 @@ impl Frontend {
             ledger: ledger.clone(),
             cluster,
         });
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        // HTTP and SSE threads: a few more than two on a large machine, where hundreds of streams each get a
+        // token per step (the engine and the compute pool have threads of their own).
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
         rt.block_on(async move {
             let on_shutdown = background.map(|b| {
                 tokio::spawn(b.run);
