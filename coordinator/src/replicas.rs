@@ -260,11 +260,6 @@ impl Replicas {
         }
     }
 
-    /// Ids of the live replicas.
-    pub fn ids(&self) -> Vec<u64> {
-        self.lock().iter().map(|r| r.id).collect()
-    }
-
     /// Called by a failing replica's loop before it collects its sequences: from here on nothing is routed
     /// to it.
     pub(crate) fn remove_failed(&self, replica: u64, reason: &str) {
