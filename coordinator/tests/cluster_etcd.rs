@@ -77,6 +77,29 @@ async fn stream(
     }
 }
 
+/// Fires its receiver once `n` streams have each reached chunk `at` (the moment to break something).
+struct Latch {
+    left: AtomicUsize,
+    tx: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Latch {
+    fn new(n: usize) -> (Latch, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Latch { left: AtomicUsize::new(n), tx: std::sync::Mutex::new(Some(tx)) }, rx)
+    }
+
+    /// A stream's chunk `i` arrived; it counts when it is chunk `at`.
+    fn arrive_at(&self, i: usize, at: usize) {
+        if i == at
+            && self.left.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(tx) = self.tx.lock().unwrap().take()
+        {
+            let _ = tx.send(());
+        }
+    }
+}
+
 fn requests(v: &Value) -> Vec<u64> {
     v["replicas"].as_array().unwrap().iter().map(|r| r["requests"].as_u64().unwrap()).collect()
 }
@@ -156,20 +179,10 @@ fn a_killed_worker_loses_no_token_and_a_new_one_restores_capacity() {
         drop(single);
 
         // Every stream has had a few tokens when the worker dies.
-        let started = Arc::new(AtomicUsize::new(0));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
-        let ready_tx = std::sync::Mutex::new(Some(ready_tx));
+        let (latch, ready_rx) = Latch::new(16);
         let runs = futures_util::future::join_all(ps.iter().map(|p| {
-            let started = started.clone();
-            let ready_tx = &ready_tx;
-            stream(&client, &coord, p, max_tokens, move |i| {
-                if i == 3
-                    && started.fetch_add(1, Ordering::SeqCst) + 1 == 16
-                    && let Some(tx) = ready_tx.lock().unwrap().take()
-                {
-                    let _ = tx.send(());
-                }
-            })
+            let latch = &latch;
+            stream(&client, &coord, p, max_tokens, move |i| latch.arrive_at(i, 3))
         }));
         let killer = async {
             ready_rx.await.unwrap();
@@ -316,15 +329,8 @@ fn with_no_replica_left_requests_end_with_a_clear_error() {
         let mut workers: Vec<Worker> = (1..=2).map(|i| Worker::start(&etcd, "c5", &format!("w{i}"))).collect();
         let coord = Server::coordinator(&["--etcd", &etcd.endpoint, "--cluster", "c5", "--tp", "2"]);
         etcd::wait_for(&client, &coord, Duration::from_secs(60), "a replica", |v| etcd::replicas(v) == 1).await;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tx = std::sync::Mutex::new(Some(tx));
-        let run = stream(&client, &coord, "Once upon a time", 400, |i| {
-            if i == 3
-                && let Some(tx) = tx.lock().unwrap().take()
-            {
-                let _ = tx.send(());
-            }
-        });
+        let (latch, rx) = Latch::new(1);
+        let run = stream(&client, &coord, "Once upon a time", 400, |i| latch.arrive_at(i, 3));
         let kill = async {
             rx.await.unwrap();
             workers[0].kill();
@@ -404,25 +410,15 @@ fn a_hung_worker_fails_its_group_at_the_step_deadline_and_loses_no_token() {
         for p in &ps {
             expected.push(complete(&client, &single, p, 150).await.unwrap());
         }
-        let started = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tx = std::sync::Mutex::new(Some(tx));
+        let (latch, rx) = Latch::new(4);
         let runs = futures_util::future::join_all(ps.iter().map(|p| {
-            let (started, tx) = (started.clone(), &tx);
-            stream(&client, &coord, p, 150, move |i| {
-                if i == 3
-                    && started.fetch_add(1, Ordering::SeqCst) + 1 == 4
-                    && let Some(tx) = tx.lock().unwrap().take()
-                {
-                    let _ = tx.send(());
-                }
-            })
+            let latch = &latch;
+            stream(&client, &coord, p, 150, move |i| latch.arrive_at(i, 3))
         }));
         // The worker stops answering (SIGSTOP) without closing anything: only the deadline can tell.
         let hang = async {
             rx.await.unwrap();
-            // SAFETY: signalling a child process the test owns.
-            unsafe { libc::kill(workers[0].pid() as i32, libc::SIGSTOP) };
+            workers[0].signal(libc::SIGSTOP);
             Instant::now()
         };
         let (results, hung_at) = tokio::join!(runs, hang);
@@ -437,8 +433,8 @@ fn a_hung_worker_fails_its_group_at_the_step_deadline_and_loses_no_token() {
         assert_eq!(coord.metric(&client, "tessera:replica_failures_total").await, 1.0);
         let v = etcd::cluster(&client, &coord).await;
         assert_eq!(etcd::replicas(&v), 1, "{v:#}");
-        // SAFETY: as above; the worker is killed when dropped.
-        unsafe { libc::kill(workers[0].pid() as i32, libc::SIGCONT) };
+        // The worker is killed when dropped.
+        workers[0].signal(libc::SIGCONT);
     });
 }
 

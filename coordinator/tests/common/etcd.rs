@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -11,14 +11,14 @@ use std::{
 use serde_json::Value;
 use tessera_coordinator::http_client::HttpClient;
 
-use super::Server;
+use super::{Process, Server};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub struct Etcd {
-    child: Option<Child>,
+    process: Option<Process>,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
@@ -30,7 +30,7 @@ impl Etcd {
     pub fn start() -> Etcd {
         let (client_port, peer_port) = (free_port(), free_port());
         let mut e = Etcd {
-            child: None,
+            process: None,
             dir: tempfile::tempdir().unwrap(),
             client_port,
             peer_port,
@@ -67,15 +67,13 @@ impl Etcd {
             }
         });
         rx.recv_timeout(Duration::from_secs(30)).expect("etcd did not become ready in 30 s");
-        self.child = Some(child);
+        self.process = Some(Process::new(child));
     }
 
     /// Stops the server (SIGKILL: an outage, not a shutdown).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // Dropping the process kills and reaps it.
+        self.process = None;
     }
 
     pub fn restart(&mut self) {
@@ -88,15 +86,9 @@ impl Etcd {
     }
 }
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// A `tessera worker` registered in etcd.
 pub struct Worker {
-    child: Child,
+    process: Process,
     pub id: String,
     /// Its gRPC address.
     pub addr: String,
@@ -126,30 +118,20 @@ impl Worker {
             .unwrap_or_else(|| panic!("worker {id} printed {line:?}"))
             .to_string();
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        Worker { child, id: id.to_string(), addr }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL: the worker dies without deregistering.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, and waits for it to exit.
-    pub fn terminate(&mut self) {
-        // SAFETY: signalling a child process we own and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        Worker { process: Process::new(child), id: id.to_string(), addr }
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill();
+impl std::ops::Deref for Worker {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
 

@@ -20,8 +20,45 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A child process the test owns: killed and reaped when dropped.
+pub struct Process(Child);
+
+impl Process {
+    pub fn new(child: Child) -> Self {
+        Process(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM, and waits for it to exit.
+    pub fn terminate(&mut self) {
+        self.signal(libc::SIGTERM);
+        let _ = self.0.wait();
+    }
+
+    /// Sends `sig` (SIGSTOP, SIGCONT, ...) and returns at once.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling a child process we own and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, sig) };
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 pub struct Server {
-    child: Child,
+    process: Process,
     /// `http://127.0.0.1:PORT`
     pub base: String,
     /// Every line the server wrote to stderr so far.
@@ -81,24 +118,7 @@ impl Server {
             }
         });
         let base = rx.recv_timeout(Duration::from_secs(60)).expect("tessera did not start in 60 s").unwrap();
-        Server { child, base, log }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Kills the process at once (SIGKILL) and reaps it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, and waits for it to exit.
-    pub fn terminate(&mut self) {
-        // SAFETY: signalling a child process we own and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        Server { process: Process::new(child), base, log }
     }
 
     /// Whether some line it logged contains `text`.
@@ -121,10 +141,16 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Server {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
 
