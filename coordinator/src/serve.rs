@@ -38,7 +38,8 @@ pub struct HttpArgs {
     /// Most sequences decoding at once (per replica).
     #[arg(long, default_value_t = 128)]
     pub max_num_seqs: usize,
-    /// Most tokens computed in one step; prompts longer than this are prefilled in chunks.
+    /// Most tokens computed in one step; prompts longer than this are prefilled in chunks. At least
+    /// `--max-num-seqs`.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
     /// Requests allowed to wait for a slot; more get 429 with Retry-After.
@@ -77,6 +78,16 @@ impl Frontend {
     pub fn prepare(http: HttpArgs, dir: &std::path::Path, default_model: bool) -> Result<Self> {
         if http.max_num_seqs == 0 || http.max_num_batched_tokens == 0 {
             bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
+        }
+        if http.max_num_batched_tokens < http.max_num_seqs {
+            // Every running sequence's decode must fit one step, or the newest would wait while the oldest
+            // finish.
+            bail!(
+                "--max-num-batched-tokens ({}) must be at least --max-num-seqs ({}): a step holds one decode of \
+                 every running sequence",
+                http.max_num_batched_tokens,
+                http.max_num_seqs
+            );
         }
         if !dir.is_dir() {
             return Err(tessera_worker::ModelError::NoDirectory(dir.to_path_buf()).into());

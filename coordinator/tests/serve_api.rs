@@ -122,7 +122,7 @@ fn concurrent_greedy_requests_return_what_each_returns_alone() {
     assert!(hits > 0.0, "the second round should hit the prefix cache");
     drop(s);
     // Chunked prefill forced down to 4 tokens per step.
-    let small = Server::start(&["--max-num-batched-tokens", "4"]);
+    let small = Server::start(&["--max-num-batched-tokens", "4", "--max-num-seqs", "4"]);
     let chunked = rt.block_on(run_all(&client, &small, &prompts, true));
     assert_eq!(alone, chunked, "with chunked prefill of 4 tokens per step");
 }

@@ -1,5 +1,5 @@
 //! A corpus of malformed requests: each gets the right 4xx and an OpenAI-shaped error, and the server
-//! keeps serving.
+//! keeps serving. Also the scheduler flags that cannot work, refused at start.
 
 mod common;
 
@@ -240,4 +240,24 @@ fn malformed_requests_get_the_right_4xx_and_the_server_keeps_serving() {
             assert_eq!(complete(&client, &s, "Once upon a time", 3).await, ", there was");
         }
     });
+}
+
+#[test]
+fn scheduler_flags_that_cannot_work_stop_the_server_at_start() {
+    for (args, needle) in [
+        (&["--max-num-seqs", "0"][..], "--max-num-seqs and --max-num-batched-tokens must be at least 1"),
+        (
+            &["--max-num-seqs", "128", "--max-num-batched-tokens", "64"][..],
+            "--max-num-batched-tokens (64) must be at least --max-num-seqs (128)",
+        ),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 }
