@@ -370,6 +370,7 @@ impl Loop {
         // Step timings before any event goes out, like the other metrics: a client whose response completes
         // must find the step that completed it counted.
         self.metrics.step_seconds.observe(on_workers.as_secs_f64());
+        self.sched.step_cost.observe(tokens, on_workers.as_secs_f64());
         for (rank, t) in self.backend.last_timings().iter().enumerate() {
             let label = vec![("rank", rank.to_string())];
             self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);

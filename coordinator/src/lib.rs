@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod replicas;
 pub mod scheduler;
 pub mod serve;
+pub mod step_cost;
 pub mod synth;
 pub mod telemetry;
 pub mod tokenizer;

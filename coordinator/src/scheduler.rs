@@ -16,6 +16,11 @@
 //! most is preempted (recomputed later, behind its flow's share), so one tenant's flood cannot hold all
 //! the slots against another's single request. With one flow this is plain arrival order.
 //!
+//! A newcomer (the head of the queue, from a flow with nothing running) can get a step of its own ahead of
+//! the decodes, when the replica's [`StepCost`] says the decodes would delay its first token by more than
+//! the extra step costs them (compute-bound backends); never twice in a row, so decodes advance at least
+//! every other step.
+//!
 //! A decode that needs a new block when none is free preempts the most recently admitted sequence: its
 //! blocks are released and it goes back to the front of the queue to be recomputed (prompt plus what it
 //! generated so far) when there is room.
@@ -27,7 +32,7 @@ use std::{
 
 use tessera_worker::{Sampled, SamplingParams, SeqSampled, StepSeq};
 
-use crate::{blocks::BlockManager, generate::FinishReason};
+use crate::{blocks::BlockManager, generate::FinishReason, step_cost::StepCost};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SchedulerConfig {
@@ -148,6 +153,10 @@ pub struct Scheduler {
     vtime: f64,
     /// Each flow's last finish tag.
     flow_finish: HashMap<Option<String>, f64>,
+    /// What steps cost on this replica (fed by the engine loop).
+    pub step_cost: StepCost,
+    /// The last step planned was a newcomer's own.
+    newcomer_step: bool,
 }
 
 impl Scheduler {
@@ -160,6 +169,8 @@ impl Scheduler {
             preemptions: 0,
             vtime: 0.0,
             flow_finish: HashMap::new(),
+            step_cost: StepCost::default(),
+            newcomer_step: false,
         }
     }
 
@@ -272,6 +283,14 @@ impl Scheduler {
         if self.running.len() >= self.cfg.max_num_seqs {
             self.preempt_for_fairness();
         }
+        if self.newcomer_step_pays() {
+            self.newcomer_step = true;
+            self.admit(&mut plan, budget, now, true);
+            if !plan.is_empty() {
+                return plan;
+            }
+        }
+        self.newcomer_step = false;
 
         // 1. Decodes, in admission order; preempt from the back when blocks run out.
         let mut i = 0;
@@ -313,7 +332,35 @@ impl Scheduler {
         }
 
         // 3. Admit waiting sequences, in fair-queuing order.
+        self.admit(&mut plan, budget, now, false);
+        plan
+    }
+
+    /// Whether the head of the queue is a newcomer worth a step of its own: a slot is free for it, its flow
+    /// has nothing running, the decodes of the others would cost it more than the step costs them, and the
+    /// last step was not already one.
+    fn newcomer_step_pays(&self) -> bool {
+        let Some(head) = self.waiting.front() else { return false };
+        if self.newcomer_step
+            || self.running.len() >= self.cfg.max_num_seqs
+            || self.running.iter().any(|s| s.flow == head.flow)
+        {
+            return false;
+        }
+        let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
+        let prefill = head.tokens.len().min(self.cfg.max_batched_tokens);
+        decodes > 0 && self.step_cost.separate_prefill_pays(decodes, prefill)
+    }
+
+    /// Admits waiting sequences in queue order while the budget, the slots and the pool allow; with
+    /// `newcomers_only`, only while the head's flow has nothing running.
+    fn admit(&mut self, plan: &mut Vec<Planned>, mut budget: usize, now: Instant, newcomers_only: bool) {
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            if newcomers_only
+                && self.waiting.front().is_some_and(|head| self.running.iter().any(|s| s.flow == head.flow))
+            {
+                break;
+            }
             let Some(mut seq) = self.waiting.pop_front() else { break };
             let bs = self.blocks.block_size();
             if seq.blocks.is_empty() {
@@ -347,7 +394,6 @@ impl Scheduler {
             budget -= end - start;
             self.running.push(seq);
         }
-        plan
     }
 
     /// Called when a step could not be planned although sequences are present. With several running,
@@ -600,6 +646,52 @@ mod tests {
         assert_eq!(s.running.iter().filter(|q| q.flow.as_deref() == Some("a")).count(), 1);
         // a's preempted sequence waits as a's next request, not ahead of the rest of a's queue.
         assert_eq!(s.waiting.iter().map(|q| q.id).collect::<Vec<_>>(), [3, 4, 5, 6, 2]);
+    }
+
+    #[test]
+    fn a_newcomer_gets_a_step_of_its_own_only_where_steps_cost_what_they_compute() {
+        let compute_bound = |s: &mut Scheduler| {
+            for t in [1, 2, 4, 8, 16, 32, 64, 128] {
+                s.step_cost.observe(t, 1e-4 + 3e-5 * t as f64);
+            }
+        };
+        let memory_bound = |s: &mut Scheduler| {
+            for t in [1, 2, 4, 8, 16, 32, 64, 128] {
+                s.step_cost.observe(t, 8e-4);
+            }
+        };
+        for (prime, separate) in [(compute_bound as fn(&mut Scheduler), true), (memory_bound, false)] {
+            let mut s = sched(256, 4, 1000, 32);
+            prime(&mut s);
+            for id in 1..=16 {
+                s.add(flow_seq(id, "a", 1.0));
+            }
+            let p = s.schedule();
+            step(&mut s, &p);
+            // a's 16 now decode; b's request and one more of a's arrive.
+            s.add(flow_seq(100, "b", 1.0));
+            s.add(flow_seq(17, "a", 1.0));
+            let p = s.schedule();
+            let ids: Vec<u64> = p.iter().map(|p| p.id).collect();
+            let everyone: Vec<u64> = (1..=16).chain([100, 17]).collect();
+            if separate {
+                assert_eq!(ids, [100], "b's prefill alone, and nothing of a's");
+                step(&mut s, &p);
+                // Never twice in a row: the next step has everyone's decodes (and a's newcomer).
+                let ids: Vec<u64> = s.schedule().iter().map(|p| p.id).collect();
+                assert_eq!(ids, everyone);
+            } else {
+                assert_eq!(ids, everyone, "b rides along with the decodes");
+            }
+        }
+        // One flow: a new request is never a newcomer.
+        let mut s = sched(256, 4, 1000, 8);
+        compute_bound(&mut s);
+        s.add(seq(1, 4, 4));
+        let p = s.schedule();
+        step(&mut s, &p);
+        s.add(seq(2, 4, 4));
+        assert_eq!(s.schedule().iter().map(|p| p.id).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[test]

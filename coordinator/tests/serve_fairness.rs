@@ -4,9 +4,9 @@
 //! What is asserted is isolation: B's requests do not queue behind A's backlog. B's p99 time to first token
 //! under the flood must be a small fraction of what one more request of A's waits (the backlog), where
 //! arrival order would make them equal. B's TTFT is also compared with its idle value and printed: on this
-//! 2-core machine a first token under load cannot come sooner than the step in progress plus B's own step
-//! among 64 decodes (about 15 ms, against 1 ms idle), so the "within 2x of idle" is recorded in
-//! BENCHMARKS.md rather than asserted.
+//! 2-core machine a first token under load cannot come sooner than the step in progress, 64 decodes of A's
+//! (about 2 ms, against 0.5 ms for B's whole request idle; B's own prefill then gets a step of its own),
+//! so the "within 2x of idle" is recorded in BENCHMARKS.md rather than asserted.
 
 mod common;
 
@@ -41,9 +41,12 @@ fn one_keys_flood_does_not_starve_another_key() {
     let keys = dir.path().join("keys.json");
     std::fs::write(&keys, json!({"keys": [a_entry, b_entry]}).to_string()).unwrap();
     let s = Server::start(&["--api-keys", keys.to_str().unwrap(), "--max-num-seqs", "64"]);
+    // A and B are different clients: each has its own runtime, so B's timings are not A's 200 streams'
+    // turn in one task queue.
     let rt = rt();
+    let rt_b = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let b_load = load(&s, &b, 1, 60, 8);
-    let idle = rt.block_on(run_load(&b_load)).unwrap();
+    let idle = rt_b.block_on(run_load(&b_load)).unwrap();
     assert_eq!(idle.failed, 0);
 
     let a_load = load(&s, &a, 200, 100_000, 128);
@@ -57,7 +60,7 @@ fn one_keys_flood_does_not_starve_another_key() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    let loaded = rt.block_on(run_load(&b_load)).unwrap();
+    let loaded = rt_b.block_on(run_load(&b_load)).unwrap();
     // One more request of A's, alone: it waits behind A's own backlog.
     let a_probe = rt.block_on(run_load(&load(&s, &a, 1, 3, 8))).unwrap();
     let still_waiting = rt.block_on(s.metric(&client, "tessera:num_requests_waiting"));
