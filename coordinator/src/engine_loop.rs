@@ -378,10 +378,14 @@ impl Loop {
         }
         match result {
             Ok(sampled) => {
-                let outcomes = self.sched.apply(&plan, sampled, &self.eos);
+                let mut outcomes = self.sched.apply(&plan, sampled, &self.eos);
                 // Metrics first, events second: a client whose response completes must see its own request
                 // counted and no longer running.
                 self.publish();
+                // First tokens go out first: their handlers are then first in the HTTP runtime's queue, ahead
+                // of the streams that already have theirs (a newcomer's time to first token should not
+                // include 64 other streams' writes).
+                outcomes.sort_by_key(|o| self.tracks.get(&o.id).is_some_and(|t| t.last_token.is_some()));
                 let now = Instant::now();
                 for o in outcomes {
                     self.emit(o, now);
@@ -459,5 +463,85 @@ impl Loop {
         }
         self.published = now;
         self.hub.replicas.refresh_gauges();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ModelInfo, WorkerTiming};
+    use tessera_worker::{Sampled, SeqSampled, StepSeq};
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    /// Samples `id % 1000` for every sequence that asks, one step per message on `go`.
+    struct Stepped {
+        go: mpsc::Receiver<()>,
+    }
+
+    impl Backend for Stepped {
+        fn info(&self) -> ModelInfo {
+            ModelInfo { vocab_size: 2000, max_position_embeddings: 64, num_blocks: 16, block_size: 4, world_size: 1 }
+        }
+        fn step(&mut self, batch: &[StepSeq<'_>]) -> anyhow::Result<Vec<SeqSampled>> {
+            self.go.recv()?;
+            Ok(batch
+                .iter()
+                .filter(|s| s.sample.is_some())
+                .map(|s| SeqSampled {
+                    id: s.id,
+                    sampled: Sampled { token: (s.id % 1000) as u32, logprob: None, top_logprobs: vec![] },
+                })
+                .collect())
+        }
+        fn release(&mut self, _: &[u64]) {}
+        fn last_timings(&self) -> Vec<WorkerTiming> {
+            Vec::new()
+        }
+    }
+
+    fn token(rx: &mut UnboundedReceiver<Event>) -> u32 {
+        match rx.blocking_recv() {
+            Some(Event::Token { token, .. }) => token,
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_first_token_goes_out_before_the_tokens_of_streams_already_flowing() {
+        let (go, steps) = mpsc::channel();
+        let backend = Stepped { go: steps };
+        let replicas = Replicas::new(backend.info(), Arc::new(Metrics::new("m")));
+        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 64 };
+        replicas.add(Box::new(backend), cfg, vec![], "g", vec![], Box::new(()));
+        // Both requests report to one channel, so the order of their events is visible.
+        let (events, mut rx) = unbounded_channel();
+        let submit = |max_tokens| {
+            let id = replicas.next_request_id();
+            let req = GenRequest {
+                id,
+                prompt: vec![1, 2, 3],
+                params: SamplingParams::greedy(),
+                max_tokens,
+                ignore_eos: true,
+                n: 1,
+                flow: None,
+                weight: 1.0,
+                events: events.clone(),
+                span: tracing::Span::none(),
+            };
+            assert!(replicas.submit(req));
+            (seq_id(id, 0) % 1000) as u32
+        };
+        let flowing = submit(8);
+        go.send(()).unwrap();
+        assert_eq!(token(&mut rx), flowing, "its prefill");
+        // The loop has planned `flowing`'s next decode and waits: the new request joins the step after.
+        let new = submit(8);
+        go.send(()).unwrap();
+        assert_eq!(token(&mut rx), flowing);
+        go.send(()).unwrap();
+        // One step: `flowing`'s decode is planned first, the newcomer's first token is sent first.
+        assert_eq!([token(&mut rx), token(&mut rx)], [new, flowing]);
+        drop(go);
     }
 }
