@@ -182,8 +182,9 @@ struct Loop {
     metrics: Arc<Metrics>,
     tracks: HashMap<u64, Track>,
     hub: Hub,
-    /// Counter values already added to the shared metrics (preemptions, prefix cache queries and hits).
-    published: [u64; 3],
+    /// Counter values already added to the shared metrics (preemptions, prefix cache queries and hits,
+    /// newcomer steps).
+    published: [u64; 4],
     /// Set when the replica is lost: the loop hands its work over and ends.
     failed: Option<String>,
 }
@@ -370,7 +371,7 @@ impl Loop {
         // Step timings before any event goes out, like the other metrics: a client whose response completes
         // must find the step that completed it counted.
         self.metrics.step_seconds.observe(on_workers.as_secs_f64());
-        self.sched.step_cost.observe(tokens, on_workers.as_secs_f64());
+        self.sched.step_cost.observe(tokens, on_workers.as_secs_f64(), Instant::now());
         for (rank, t) in self.backend.last_timings().iter().enumerate() {
             let label = vec![("rank", rank.to_string())];
             self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);
@@ -456,9 +457,11 @@ impl Loop {
         st.blocks_used.store(self.sched.blocks.num_used(), Ordering::Relaxed);
         // Counters grow by what this replica added since it last published, so replicas add up and a
         // replica that fails takes nothing back.
-        let now = [self.sched.preemptions, self.sched.blocks.stats.queries, self.sched.blocks.stats.hits];
+        let s = &self.sched;
+        let now = [s.preemptions, s.blocks.stats.queries, s.blocks.stats.hits, s.newcomer_steps];
         let m = &self.metrics;
-        for (i, c) in [&m.num_preemptions, &m.prefix_cache_queries, &m.prefix_cache_hits].into_iter().enumerate() {
+        let counters = [&m.num_preemptions, &m.prefix_cache_queries, &m.prefix_cache_hits, &m.newcomer_steps];
+        for (i, c) in counters.into_iter().enumerate() {
             c.inc_by(now[i] - self.published[i]);
         }
         self.published = now;
@@ -473,9 +476,11 @@ mod tests {
     use tessera_worker::{Sampled, SeqSampled, StepSeq};
     use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-    /// Samples `id % 1000` for every sequence that asks, one step per message on `go`.
+    /// Samples `id % 1000` for every sequence that asks, one step per message on `go`; says on `entered`
+    /// when a step has been planned and is waiting for it.
     struct Stepped {
         go: mpsc::Receiver<()>,
+        entered: mpsc::Sender<()>,
     }
 
     impl Backend for Stepped {
@@ -483,6 +488,7 @@ mod tests {
             ModelInfo { vocab_size: 2000, max_position_embeddings: 64, num_blocks: 16, block_size: 4, world_size: 1 }
         }
         fn step(&mut self, batch: &[StepSeq<'_>]) -> anyhow::Result<Vec<SeqSampled>> {
+            let _ = self.entered.send(());
             self.go.recv()?;
             Ok(batch
                 .iter()
@@ -509,7 +515,8 @@ mod tests {
     #[test]
     fn a_first_token_goes_out_before_the_tokens_of_streams_already_flowing() {
         let (go, steps) = mpsc::channel();
-        let backend = Stepped { go: steps };
+        let (entered_tx, entered) = mpsc::channel();
+        let backend = Stepped { go: steps, entered: entered_tx };
         let replicas = Replicas::new(backend.info(), Arc::new(Metrics::new("m")));
         let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 64 };
         replicas.add(Box::new(backend), cfg, vec![], "g", vec![], Box::new(()));
@@ -532,14 +539,19 @@ mod tests {
             assert!(replicas.submit(req));
             (seq_id(id, 0) % 1000) as u32
         };
+        let step = || {
+            entered.recv().unwrap();
+            go.send(()).unwrap();
+        };
         let flowing = submit(8);
-        go.send(()).unwrap();
+        step();
         assert_eq!(token(&mut rx), flowing, "its prefill");
-        // The loop has planned `flowing`'s next decode and waits: the new request joins the step after.
+        // Once the loop has planned `flowing`'s next decode, the new request can only join the step after.
+        entered.recv().unwrap();
         let new = submit(8);
         go.send(()).unwrap();
         assert_eq!(token(&mut rx), flowing);
-        go.send(()).unwrap();
+        step();
         // One step: `flowing`'s decode is planned first, the newcomer's first token is sent first.
         assert_eq!([token(&mut rx), token(&mut rx)], [new, flowing]);
         drop(go);

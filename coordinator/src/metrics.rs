@@ -44,6 +44,8 @@ pub struct Metrics {
     pub prefix_cache_queries: Counter,
     pub prefix_cache_hits: Counter,
     pub num_preemptions: Counter,
+    /// Steps that ran a newcomer's prefill alone, ahead of the decodes (fair share, compute-bound backends).
+    pub newcomer_steps: Counter,
     /// Coordinator CPU time per step, excluding the wait for the workers.
     pub scheduler_step_seconds: Histogram,
     /// Wall time of the step on the workers, as the coordinator sees it.
@@ -99,6 +101,7 @@ impl Metrics {
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
             num_preemptions: Counter::default(),
+            newcomer_steps: Counter::default(),
             scheduler_step_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
             step_seconds: Histogram::new(latency_buckets()),
             worker_step_seconds: Family::new_with_constructor(worker_buckets),
@@ -154,7 +157,16 @@ impl Metrics {
             m.prefix_cache_queries.clone(),
         );
         r.register("tessera:prefix_cache_hits", "Prompt blocks found in the prefix cache", m.prefix_cache_hits.clone());
-        r.register("tessera:num_preemptions", "Sequences preempted for lack of KV blocks", m.num_preemptions.clone());
+        r.register(
+            "tessera:num_preemptions",
+            "Sequences preempted, for lack of KV blocks or for another key's fair share",
+            m.num_preemptions.clone(),
+        );
+        r.register(
+            "tessera:newcomer_steps",
+            "Steps that ran the prefill of a key with nothing running alone, ahead of the decodes",
+            m.newcomer_steps.clone(),
+        );
         r.register(
             "tessera:scheduler_step_seconds",
             "Coordinator CPU time per step, excluding the wait for workers",

@@ -149,6 +149,8 @@ pub struct Scheduler {
     /// In admission order: preemption takes from the back.
     running: Vec<Sequence>,
     pub preemptions: u64,
+    /// Steps planned for newcomers alone.
+    pub newcomer_steps: u64,
     /// Virtual time of fair queuing: the start tag of the last sequence admitted.
     vtime: f64,
     /// Each flow's last finish tag.
@@ -167,6 +169,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            newcomer_steps: 0,
             vtime: 0.0,
             flow_finish: HashMap::new(),
             step_cost: StepCost::default(),
@@ -283,10 +286,11 @@ impl Scheduler {
         if self.running.len() >= self.cfg.max_num_seqs {
             self.preempt_for_fairness();
         }
-        if self.newcomer_step_pays() {
+        if self.newcomer_step_pays(now) {
             self.newcomer_step = true;
             self.admit(&mut plan, budget, now, true);
             if !plan.is_empty() {
+                self.newcomer_steps += 1;
                 return plan;
             }
         }
@@ -337,9 +341,9 @@ impl Scheduler {
     }
 
     /// Whether the head of the queue is a newcomer worth a step of its own: a slot is free for it, its flow
-    /// has nothing running, the decodes of the others would cost it more than the step costs them, and the
-    /// last step was not already one.
-    fn newcomer_step_pays(&self) -> bool {
+    /// has nothing running while others decode, the decodes would cost it more than the step costs them
+    /// (or a step of its size needs measuring: see [`StepCost`]), and the last step was not already one.
+    fn newcomer_step_pays(&self, now: Instant) -> bool {
         let Some(head) = self.waiting.front() else { return false };
         if self.newcomer_step
             || self.running.len() >= self.cfg.max_num_seqs
@@ -347,9 +351,9 @@ impl Scheduler {
         {
             return false;
         }
-        let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
+        let decodes = self.running.iter().any(|s| s.remaining() == 1);
         let prefill = head.tokens.len().min(self.cfg.max_batched_tokens);
-        decodes > 0 && self.step_cost.separate_prefill_pays(decodes, prefill)
+        decodes && self.step_cost.separate_prefill_pays(prefill, now)
     }
 
     /// Admits waiting sequences in queue order while the budget, the slots and the pool allow; with
@@ -650,19 +654,24 @@ mod tests {
 
     #[test]
     fn a_newcomer_gets_a_step_of_its_own_only_where_steps_cost_what_they_compute() {
+        let now = Instant::now();
         let compute_bound = |s: &mut Scheduler| {
-            for t in [1, 2, 4, 8, 16, 32, 64, 128] {
-                s.step_cost.observe(t, 1e-4 + 3e-5 * t as f64);
+            for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
+                s.step_cost.observe(t, 1e-4 + 3e-5 * t as f64, now);
             }
         };
         let memory_bound = |s: &mut Scheduler| {
-            for t in [1, 2, 4, 8, 16, 32, 64, 128] {
-                s.step_cost.observe(t, 8e-4);
+            for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
+                s.step_cost.observe(t, 8e-4, now);
             }
         };
-        for (prime, separate) in [(compute_bound as fn(&mut Scheduler), true), (memory_bound, false)] {
+        for separate in [true, false] {
             let mut s = sched(256, 4, 1000, 32);
-            prime(&mut s);
+            if separate {
+                compute_bound(&mut s);
+            } else {
+                memory_bound(&mut s);
+            }
             for id in 1..=16 {
                 s.add(flow_seq(id, "a", 1.0));
             }
@@ -676,12 +685,14 @@ mod tests {
             let everyone: Vec<u64> = (1..=16).chain([100, 17]).collect();
             if separate {
                 assert_eq!(ids, [100], "b's prefill alone, and nothing of a's");
+                assert_eq!(s.newcomer_steps, 1);
                 step(&mut s, &p);
                 // Never twice in a row: the next step has everyone's decodes (and a's newcomer).
                 let ids: Vec<u64> = s.schedule().iter().map(|p| p.id).collect();
                 assert_eq!(ids, everyone);
             } else {
                 assert_eq!(ids, everyone, "b rides along with the decodes");
+                assert_eq!(s.newcomer_steps, 0);
             }
         }
         // One flow: a new request is never a newcomer.

@@ -1,53 +1,74 @@
-//! What a step costs on a replica, learned from the steps it has run: a moving average of the duration of
-//! steps of each size, sizes grouped by powers of two (1, 2-3, 4-7, ... tokens).
+//! What steps cost on a replica, learned from the steps it runs: the average duration of recent steps,
+//! and of steps of each size, sizes grouped by powers of two (1, 2-3, 4-7, ... tokens).
 //!
 //! The scheduler asks it one question: would running a newcomer's prefill in a step of its own, ahead of
-//! the decodes, get its first token out sooner by more than the extra step costs everyone else? On a
-//! compute-bound backend (the CPU) a step of 64 decodes costs many times a short prefill, and the answer is
-//! yes; on a memory-bound GPU a step costs about the same whatever its size, and the answer is no: there
-//! the newcomer rides along with the decodes at no cost. Steps are timed as they run, so the answer follows
-//! the machine's load (a straight-line fit over recent steps was tried first: under load their sizes vary
-//! too little, and decodes at long contexts cost more per token than short prefills, to extrapolate).
+//! the decodes, get its first token out sooner by more than the extra step costs everyone else? Joining
+//! the decodes, its first token comes after a step like the recent ones plus its own work; alone, after a
+//! step of its size. The difference is the recent step less the fixed cost of a step, and the price is
+//! that fixed cost, once, for the decodes; a step of the newcomer's size costs at least the fixed cost,
+//! so "recent steps take more than twice a step of its size" is a safe test. On a compute-bound backend
+//! (the CPU) a step of 64 decodes costs many times a short prefill: yes. On a memory-bound GPU a step
+//! costs about the same whatever its size: no, the newcomer rides along with the decodes at no cost.
+//!
+//! A size not seen for a while (or never) is worth one separate step to measure it: otherwise an average
+//! taken in a bad moment would decide forever, since a newcomer that joins the decodes never refreshes it.
+//! That costs at most a step's fixed cost per size per [`STALE`].
+//!
+//! (A straight-line fit of time against size over recent steps was tried first: under load the steps'
+//! sizes vary too little, and decodes at long contexts cost more per token than short prefills, to
+//! extrapolate down to a short prefill.)
+
+use std::time::{Duration, Instant};
 
 const BUCKETS: usize = 32;
-/// Weight of the newest step of a size in its average.
+/// Weight of the newest step in the recent average.
 const ALPHA: f64 = 0.25;
+/// Weights of the newest step in a size's average when it is above it and below it. A busy machine only
+/// ever adds time to a step (the thread was descheduled), so a size's cost follows the lower envelope:
+/// one slow step moves it little, a fast one a lot.
+const ALPHA_UP: f64 = 0.1;
+const ALPHA_DOWN: f64 = 0.5;
+/// Age after which a size's average is measured again.
+pub const STALE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepCost {
-    seconds: [Option<f64>; BUCKETS],
+    /// Average duration of steps of each size, and when it was last updated.
+    by_size: [Option<(f64, Instant)>; BUCKETS],
+    /// Average duration of the recent steps, whatever their size.
+    recent: Option<f64>,
 }
 
 fn bucket(tokens: usize) -> usize {
     (tokens.max(1).ilog2() as usize).min(BUCKETS - 1)
 }
 
+fn average(avg: Option<f64>, seconds: f64, up: f64, down: f64) -> f64 {
+    avg.map_or(seconds, |a| a + if seconds > a { up } else { down } * (seconds - a))
+}
+
 impl StepCost {
-    /// Records a step of `tokens` tokens that took `seconds`.
-    pub fn observe(&mut self, tokens: usize, seconds: f64) {
+    /// Records a step of `tokens` tokens that took `seconds`, at `now`.
+    pub fn observe(&mut self, tokens: usize, seconds: f64, now: Instant) {
         if !seconds.is_finite() || seconds < 0.0 {
             return;
         }
-        let s = &mut self.seconds[bucket(tokens)];
-        *s = Some(s.map_or(seconds, |avg| avg + ALPHA * (seconds - avg)));
+        let b = &mut self.by_size[bucket(tokens)];
+        *b = Some((average(b.map(|(a, _)| a), seconds, ALPHA_UP, ALPHA_DOWN), now));
+        self.recent = Some(average(self.recent, seconds, ALPHA, ALPHA));
     }
 
-    /// Expected seconds of a step of `tokens` tokens: the average of its size, or failing that of the
-    /// nearest larger size seen (an overestimate, which makes a separate step look less attractive).
-    pub fn estimate(&self, tokens: usize) -> Option<f64> {
-        self.seconds[bucket(tokens)..].iter().find_map(|s| *s)
+    /// Average seconds of the steps of `tokens`' size, if seen within [`STALE`] of `now`.
+    pub fn estimate(&self, tokens: usize, now: Instant) -> Option<f64> {
+        self.by_size[bucket(tokens)].filter(|&(_, at)| now.saturating_duration_since(at) < STALE).map(|(a, _)| a)
     }
 
-    /// Whether a step of `prefill` tokens of its own, before a step of `decodes` decodes, saves the newcomer
-    /// more (the mixed step's time minus its own) than it costs the decodes (a step's worth of overhead:
-    /// the two steps' time minus the mixed one's). `false` while a size has never been seen.
-    pub fn separate_prefill_pays(&self, decodes: usize, prefill: usize) -> bool {
-        let (Some(mixed), Some(alone), Some(dec)) =
-            (self.estimate(decodes + prefill), self.estimate(prefill), self.estimate(decodes))
-        else {
-            return false;
-        };
-        mixed - alone > alone + dec - mixed
+    /// Whether a newcomer's `prefill` tokens should get a step of their own ahead of the steps like the
+    /// recent ones (see the module doc); also `true` when a step of that size is unknown or stale, to
+    /// measure it. `false` before any step has run.
+    pub fn separate_prefill_pays(&self, prefill: usize, now: Instant) -> bool {
+        let Some(recent) = self.recent else { return false };
+        self.estimate(prefill, now).is_none_or(|alone| recent > 2.0 * alone)
     }
 }
 
@@ -57,44 +78,50 @@ mod tests {
 
     #[test]
     fn compute_bound_steps_make_a_separate_prefill_pay_and_flat_ones_do_not() {
+        let t = Instant::now();
+        // Compute-bound: 0.1 ms fixed + 30 µs per token; then a run of 64-decode steps.
         let mut cpu = StepCost::default();
-        assert!(!cpu.separate_prefill_pays(64, 16), "nothing seen yet");
-        // Compute-bound: 0.1 ms fixed + 30 µs per token, with noise.
-        for i in 0..400 {
-            let t = 1 + i % 130;
-            cpu.observe(t, (1e-4 + 3e-5 * t as f64) * (0.95 + 0.1 * ((i * 7) % 10) as f64 / 10.0));
+        assert!(!cpu.separate_prefill_pays(16, t), "nothing has run");
+        for size in [1, 2, 4, 8, 16, 32] {
+            cpu.observe(size, 1e-4 + 3e-5 * size as f64, t);
         }
-        let e = cpu.estimate(64).unwrap();
-        assert!((2.0e-3..5.0e-3).contains(&e), "{e}");
-        assert!(cpu.separate_prefill_pays(64, 16) && cpu.separate_prefill_pays(64, 1));
-        // A newcomer as large as the decodes gains too little.
-        assert!(!cpu.separate_prefill_pays(64, 70));
+        for _ in 0..20 {
+            cpu.observe(64, 1e-4 + 3e-5 * 64.0, t);
+        }
+        assert!(cpu.separate_prefill_pays(16, t) && cpu.separate_prefill_pays(1, t));
+        assert!(!cpu.separate_prefill_pays(32, t), "a newcomer half the decodes' size gains too little");
 
         // Memory-bound (a GPU): 0.8 ms whatever the size.
         let mut gpu = StepCost::default();
-        for i in 0..400 {
-            gpu.observe(1 + i % 130, 8e-4 + 1e-7 * (i % 130) as f64);
+        for size in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
+            gpu.observe(size, 8e-4 + 1e-7 * size as f64, t);
         }
-        assert!(!gpu.separate_prefill_pays(64, 16) && !gpu.separate_prefill_pays(64, 1));
+        assert!(!gpu.separate_prefill_pays(16, t) && !gpu.separate_prefill_pays(1, t));
     }
 
     #[test]
-    fn averages_follow_the_load_and_unseen_sizes_borrow_from_larger_ones() {
+    fn an_unknown_or_stale_size_is_measured_and_averages_follow_the_load() {
+        let t = Instant::now();
         let mut c = StepCost::default();
-        c.observe(64, 2e-3);
-        assert_eq!(c.estimate(16), Some(2e-3), "the nearest larger size stands in");
-        assert!(!c.separate_prefill_pays(64, 16), "an unseen size never looks cheaper");
-        assert_eq!(c.estimate(200), None);
-        c.observe(16, 0.5e-3);
-        assert!(c.separate_prefill_pays(64, 16));
-        // The machine gets busier: the 64-token average moves toward the new durations, the 16-token one
-        // is kept until it is seen again.
-        for _ in 0..20 {
-            c.observe(64, 4e-3);
+        c.observe(64, 8e-4, t);
+        assert!(c.separate_prefill_pays(16, t), "never seen: measure it");
+        c.observe(16, 8e-4, t);
+        assert!(!c.separate_prefill_pays(16, t));
+        let later = t + STALE;
+        assert_eq!(c.estimate(16, later), None);
+        assert!(c.separate_prefill_pays(16, later), "seen too long ago: measure it again");
+        // The recent average moves toward the new durations; bad values are ignored.
+        for _ in 0..40 {
+            c.observe(64, 4e-3, later);
         }
-        assert!((c.estimate(100).unwrap() - 4e-3).abs() < 1e-5);
-        assert_eq!(c.estimate(16), Some(0.5e-3));
-        c.observe(16, f64::NAN);
-        assert_eq!(c.estimate(16), Some(0.5e-3));
+        c.observe(64, f64::NAN, later);
+        assert!((c.recent.unwrap() - 4e-3).abs() < 1e-5);
+        // A size's average follows the lower envelope: up slowly, down fast.
+        let near = |x: Option<f64>, want: f64| x.is_some_and(|x| (x - want).abs() < 1e-12);
+        c.observe(16, 1.8e-3, later);
+        assert!(near(c.estimate(16, later), 8e-4 + ALPHA_UP * 1e-3));
+        c.observe(16, 0.2e-3, later);
+        assert!(near(c.estimate(16, later), 0.5 * (0.9e-3 + 0.2e-3)));
+        assert!(c.separate_prefill_pays(16, later));
     }
 }

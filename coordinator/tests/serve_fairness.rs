@@ -64,13 +64,17 @@ fn one_keys_flood_does_not_starve_another_key() {
     // One more request of A's, alone: it waits behind A's own backlog.
     let a_probe = rt.block_on(run_load(&load(&s, &a, 1, 3, 8))).unwrap();
     let still_waiting = rt.block_on(s.metric(&client, "tessera:num_requests_waiting"));
+    let newcomer_steps = rt.block_on(s.metric(&client, "tessera:newcomer_steps_total"));
     flood.abort();
     assert_eq!((loaded.failed, a_probe.failed), (0, 0));
     assert!(still_waiting >= 50.0, "A's backlog drained during the measurement ({still_waiting}): nothing was tested");
     println!(
-        "B's time to first token, p50/p99 ms: idle {:.1}/{:.1}, under A's flood {:.1}/{:.1}; one more of A's: {:.1}",
+        "B's time to first token, p50/p99 ms: idle {:.1}/{:.1}, under A's flood {:.1}/{:.1}; one more of A's: {:.1}; \
+         newcomer steps {newcomer_steps}",
         idle.ttft_ms.p50, idle.ttft_ms.p99, loaded.ttft_ms.p50, loaded.ttft_ms.p99, a_probe.ttft_ms.p50
     );
+    // On the CPU a step of 64 decodes costs many times B's prefill: B's prefills ran alone.
+    assert!(newcomer_steps >= 30.0, "B's prefills shared A's steps: {newcomer_steps} newcomer steps for 60 requests");
     assert!(
         loaded.ttft_ms.p99 * 10.0 < a_probe.ttft_ms.p50,
         "B waited like A: B's p99 TTFT {:.1} ms, A's {:.1} ms",
