@@ -37,3 +37,6 @@ load --api-key "$kb" --concurrency 1 --requests 60 --max-tokens 8
 echo "=== one more of A's"
 load --api-key "$ka" --concurrency 1 --requests 3 --max-tokens 8
 echo "A waiting at the end: $(curl -s $url/metrics | awk '/^tessera:num_requests_waiting/ {print $NF}')"
+# On a GPU a step costs about the same whatever its size, so B's prefills should ride along with A's
+# decodes: only the separate steps that measure a size (about one a second) are expected here.
+echo "newcomer steps: $(curl -s $url/metrics | awk '/^tessera:newcomer_steps_total/ {print $NF}') (B sent 60)"
