@@ -283,6 +283,9 @@ mod dashboard_tests {
         m.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
         m.worker_step_seconds.get_or_create(&vec![("rank", "0".to_string())]).observe(0.1);
         m.worker_collective_seconds.get_or_create(&vec![("rank", "0".to_string())]).observe(0.1);
+        m.key_requests.get_or_create(&vec![("key_id", "k".into()), ("status", "completed".into())]).inc();
+        m.key_tokens.get_or_create(&vec![("key_id", "k".into()), ("kind", "prompt".into())]).inc();
+        m.replica_outstanding_tokens.get_or_create(&vec![("replica", "1".into())]).set(1);
         let exported: std::collections::HashSet<String> = m
             .render()
             .lines()
