@@ -4,6 +4,11 @@
 //! [`Engine::step`] is the whole interface, the same one the gRPC `Step` carries: a batch of sequences,
 //! each with its new tokens, start position, block table and (when it samples) its sampling parameters.
 //! A step is validated completely before anything runs, so a bad step is refused with nothing changed.
+//!
+//! A step can also be run pausable ([`Engine::step_pausable`]): it stops between two layers when asked,
+//! other steps may run meanwhile (a newcomer's prefill, so that its first token does not wait for a whole
+//! step of decodes), and [`Engine::resume`] finishes it. Steps run in between are refused if they touch the
+//! paused step's sequences or cache blocks.
 
 use std::collections::{HashMap, HashSet};
 
@@ -13,7 +18,7 @@ use crate::{
     collective::Collective,
     error::{ModelError, StepError},
     kv_cache::KvCache,
-    model::{Model, SeqInput},
+    model::{Forward, ForwardState, Model, SeqInput},
     sampling::{Sampled, Sampler, SamplingParams},
 };
 
@@ -56,16 +61,60 @@ struct SeqState {
     pending: (Vec<u32>, Vec<u32>),
 }
 
+/// Where a pausable step got to.
+#[derive(Debug, PartialEq)]
+pub enum StepProgress {
+    Done(Vec<SeqSampled>),
+    /// Stopped between two layers: [`Engine::resume`] with the same batch finishes it.
+    Paused,
+}
+
+/// A step stopped between two layers.
+struct PausedStep {
+    state: ForwardState,
+    /// Each sequence's id, start position and token count: a resume must bring the same batch.
+    batch: Vec<(u64, usize, usize)>,
+    /// Cache blocks its sequences read, and of those the ones it writes.
+    reads: HashSet<u32>,
+    writes: HashSet<u32>,
+}
+
+impl PausedStep {
+    fn new(state: ForwardState, batch: &[StepSeq<'_>], block_size: usize) -> Self {
+        PausedStep {
+            state,
+            batch: batch.iter().map(|s| (s.id, s.start_pos, s.tokens.len())).collect(),
+            reads: batch.iter().flat_map(|s| s.block_table.iter().copied()).collect(),
+            writes: batch.iter().flat_map(|s| written_blocks(s, block_size)).collect(),
+        }
+    }
+}
+
+/// Runs `f` on a rayon worker thread: each op's parallel loop then starts by work-stealing instead of a
+/// cross-thread handoff from the caller (tens of microseconds a step on small models). The caller's span
+/// follows the work onto the pool thread.
+fn in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let span = tracing::Span::current();
+    rayon::scope(|_| span.in_scope(f))
+}
+
+/// The blocks a sequence's step writes: those holding its new positions.
+fn written_blocks<'a>(s: &'a StepSeq<'_>, block_size: usize) -> impl Iterator<Item = u32> + 'a {
+    let end = s.start_pos + s.tokens.len();
+    s.block_table[s.start_pos / block_size..end.div_ceil(block_size)].iter().copied()
+}
+
 pub struct Engine {
     pub model: Model,
     pub cache: KvCache,
     comm: Box<dyn Collective>,
     seqs: HashMap<u64, SeqState>,
+    paused: Option<PausedStep>,
 }
 
 impl Engine {
     pub fn new(model: Model, cache: KvCache, comm: Box<dyn Collective>) -> Self {
-        Engine { model, cache, comm, seqs: HashMap::new() }
+        Engine { model, cache, comm, seqs: HashMap::new(), paused: None }
     }
 
     /// Seconds spent in collectives since the last call.
@@ -132,6 +181,17 @@ impl Engine {
             if let Some(p) = s.sample {
                 p.validate().map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
             }
+            if let Some(p) = &self.paused {
+                if p.batch.iter().any(|&(id, ..)| id == s.id) {
+                    return bad("is in the paused step".into());
+                }
+                if let Some(b) = written_blocks(s, bs).find(|b| p.reads.contains(b)) {
+                    return bad(format!("writes block {b}, which the paused step uses"));
+                }
+                if let Some(b) = s.block_table.iter().find(|b| p.writes.contains(b)) {
+                    return bad(format!("reads block {b}, which the paused step writes"));
+                }
+            }
         }
         Ok(())
     }
@@ -144,15 +204,72 @@ impl Engine {
 
     /// [`Engine::step`], also returning the logits rows (`[n, vocab]`) of the sequences that sampled.
     pub fn step_with_logits(&mut self, batch: &[StepSeq<'_>]) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
-        // Run the whole step on a rayon worker thread: each op's parallel loop then starts by work-stealing
-        // instead of a cross-thread handoff from the caller (tens of microseconds a step on small models).
-        // The caller's span follows the work onto the pool thread.
-        let span = tracing::Span::current();
-        rayon::scope(|_| span.in_scope(|| self.step_in_pool(batch)))
+        self.validate(batch)?;
+        in_pool(|| {
+            let logits = self.forward_whole(batch)?;
+            self.finish(batch, logits)
+        })
     }
 
-    fn step_in_pool(&mut self, batch: &[StepSeq<'_>]) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
-        let logits = self.forward(batch)?;
+    /// [`Engine::step`] that stops between two layers when `pause()` returns true (it is asked before each
+    /// layer but the first). Paused, the engine takes other steps that leave this one's sequences and
+    /// blocks alone; [`Engine::resume`] finishes it. Only a single rank pauses: in a group the step runs
+    /// whole.
+    pub fn step_pausable(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        pause: &(dyn Fn() -> bool + Sync),
+    ) -> Result<StepProgress, StepError> {
+        if self.paused.is_some() {
+            return Err(StepError::Invalid("a step is already paused: resume it first".into()));
+        }
+        self.validate(batch)?;
+        self.run(batch, None, pause)
+    }
+
+    /// Goes on with the paused step; `batch` must be the one it started with.
+    pub fn resume(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        pause: &(dyn Fn() -> bool + Sync),
+    ) -> Result<StepProgress, StepError> {
+        let Some(p) = self.paused.take() else {
+            return Err(StepError::Invalid("no step is paused".into()));
+        };
+        if !batch.iter().map(|s| (s.id, s.start_pos, s.tokens.len())).eq(p.batch.iter().copied()) {
+            self.paused = Some(p);
+            return Err(StepError::Invalid("resume with a batch other than the paused step's".into()));
+        }
+        self.run(batch, Some(p.state), pause)
+    }
+
+    /// Whether a step is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Runs a validated step from the start or from `resume`.
+    fn run(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        resume: Option<ForwardState>,
+        pause: &(dyn Fn() -> bool + Sync),
+    ) -> Result<StepProgress, StepError> {
+        in_pool(|| match self.forward_from(batch, resume, pause)? {
+            Forward::Done(logits) => Ok(StepProgress::Done(self.finish(batch, logits)?.0)),
+            Forward::Paused(state) => {
+                self.paused = Some(PausedStep::new(state, batch, self.cache.block_size));
+                Ok(StepProgress::Paused)
+            }
+        })
+    }
+
+    /// Per-sequence bookkeeping and sampling once the forward pass is done.
+    fn finish(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        logits: Option<Tensor>,
+    ) -> Result<(Vec<SeqSampled>, Option<Tensor>), StepError> {
         for s in batch {
             let st =
                 self.seqs.entry(s.id).or_insert(SeqState { next_pos: 0, sampler: None, pending: Default::default() });
@@ -245,6 +362,26 @@ impl Engine {
     /// the sequences that sample (`[n, vocab]`). Benchmarks use it to time the model alone.
     pub fn forward(&mut self, batch: &[StepSeq<'_>]) -> Result<Option<Tensor>, StepError> {
         self.validate(batch)?;
+        self.forward_whole(batch)
+    }
+
+    /// The forward pass of a validated batch, never paused.
+    fn forward_whole(&mut self, batch: &[StepSeq<'_>]) -> Result<Option<Tensor>, StepError> {
+        let mut state = None;
+        loop {
+            match self.forward_from(batch, state.take(), &|| false)? {
+                Forward::Done(logits) => return Ok(logits),
+                Forward::Paused(s) => state = Some(s),
+            }
+        }
+    }
+
+    fn forward_from(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        resume: Option<ForwardState>,
+        pause: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Forward, StepError> {
         let inputs: Vec<SeqInput> = batch
             .iter()
             .map(|s| SeqInput {
@@ -255,7 +392,7 @@ impl Engine {
             })
             .collect();
         let _forward = tracing::info_span!(target: "tessera::worker", "forward", tokens = inputs.iter().map(|s| s.tokens.len()).sum::<usize>()).entered();
-        self.model.forward(&inputs, &mut self.cache, self.comm.as_ref()).map_err(|e| match e {
+        self.model.forward_pausable(&inputs, &mut self.cache, self.comm.as_ref(), resume, pause).map_err(|e| match e {
             ModelError::Kernel(k) => StepError::Kernel(k),
             ModelError::Collective(c) => StepError::Collective(c),
             other => StepError::Invalid(other.to_string()),

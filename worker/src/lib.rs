@@ -24,7 +24,7 @@ pub mod weights;
 
 pub use collective::Collective;
 pub use config::ModelConfig;
-pub use engine::{Engine, SeqSampled, StepSeq};
+pub use engine::{Engine, SeqSampled, StepProgress, StepSeq};
 pub use error::{ModelError, StepError};
 pub use model::{Model, Shard};
 pub use sampling::{Sampled, SamplingParams};

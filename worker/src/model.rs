@@ -104,6 +104,24 @@ fn stack(parts: &[&Tensor]) -> Result<Tensor, ModelError> {
     Ok(Tensor::concat_rows(parts)?)
 }
 
+/// A forward pass stopped between two layers: the residual stream, the next layer's normed input, and
+/// the per-token inputs computed when it started.
+pub struct ForwardState {
+    x: Tensor,
+    h: Tensor,
+    next_layer: usize,
+    positions: Vec<u32>,
+    slots: Vec<usize>,
+    freqs: Vec<f32>,
+}
+
+/// What [`Model::forward_pausable`] got to.
+pub enum Forward {
+    /// Finished: the logits of the sequences that asked for them, as [`Model::forward`] returns them.
+    Done(Option<Tensor>),
+    Paused(ForwardState),
+}
+
 /// One sequence's part of a forward pass.
 #[derive(Clone, Copy, Debug)]
 pub struct SeqInput<'a> {
@@ -328,6 +346,49 @@ impl Model {
         l + self.norm.size_in_bytes() + self.lm_head.size_in_bytes()
     }
 
+    /// The per-token inputs of a pass (positions, cache slots, RoPE frequencies) and the first layer's
+    /// input: the embeddings and their norm.
+    fn forward_start(
+        &self,
+        seqs: &[SeqInput<'_>],
+        block_size: usize,
+        at: &mut std::time::Instant,
+    ) -> Result<ForwardState, ModelError> {
+        let c = &self.config;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for s in seqs {
+            ids.extend_from_slice(s.tokens);
+            for p in s.start_pos..s.start_pos + s.tokens.len() {
+                positions.push(p as u32);
+                slots.push(tessera_kernels::cpu::attention::slot(s.block_table, block_size, p));
+            }
+        }
+        // Dynamic RoPE rescales by each sequence's own length, as transformers does per forward call: then
+        // every token carries its sequence's frequencies.
+        let freqs: Vec<f32> = if c.rope.depends_on_length() {
+            let mut f = Vec::with_capacity(ids.len() * c.head_dim / 2);
+            for s in seqs {
+                let table = c.rope.inv_freq(s.start_pos + s.tokens.len());
+                for _ in 0..s.tokens.len() {
+                    f.extend_from_slice(&table);
+                }
+            }
+            f
+        } else {
+            self.inv_freq.clone()
+        };
+        let x = ops::embedding(&ids, &self.embed)?;
+        // Each layer's input norm is fused with the residual add that ends the layer before it.
+        let h = match self.layers.first() {
+            Some(l) => ops::rms_norm(&x, &l.input_norm, c.rms_norm_eps)?,
+            None => x.clone(),
+        };
+        self.profile.lap(self.device, "embedding + norm", at)?;
+        Ok(ForwardState { x, h, next_layer: 0, positions, slots, freqs })
+    }
+
     fn attention_shape(&self, block_size: usize) -> AttentionShape {
         let c = &self.config;
         AttentionShape {
@@ -350,58 +411,58 @@ impl Model {
         cache: &mut KvCache,
         comm: &dyn Collective,
     ) -> Result<Option<Tensor>, ModelError> {
+        let mut state = None;
+        loop {
+            match self.forward_pausable(seqs, cache, comm, state.take(), &|| false)? {
+                Forward::Done(logits) => return Ok(logits),
+                Forward::Paused(s) => state = Some(s),
+            }
+        }
+    }
+
+    /// [`Model::forward`] that stops between two layers when `pause()` says so and returns where it stood;
+    /// called again with that state (and the same batch), it goes on from there. At least one layer runs
+    /// per call. Between the calls the cache may serve other sequences' passes, as long as they write no
+    /// block this one reads or writes (`Engine` checks). A single rank only: a group's ranks would have to
+    /// stop at the same layer.
+    pub fn forward_pausable(
+        &self,
+        seqs: &[SeqInput<'_>],
+        cache: &mut KvCache,
+        comm: &dyn Collective,
+        resume: Option<ForwardState>,
+        pause: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Forward, ModelError> {
         let c = &self.config;
         let hd = c.head_dim;
         let shape = self.attention_shape(cache.block_size);
         let (nh, nkv) = (shape.num_heads, shape.num_kv_heads);
 
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut slots = Vec::new();
         let mut attn_seqs = Vec::with_capacity(seqs.len());
+        let mut t = 0;
         for s in seqs {
             attn_seqs.push(AttentionSeq {
-                q_start: ids.len(),
+                q_start: t,
                 q_len: s.tokens.len(),
                 pos0: s.start_pos,
                 block_table: s.block_table,
             });
-            ids.extend_from_slice(s.tokens);
-            for p in s.start_pos..s.start_pos + s.tokens.len() {
-                positions.push(p as u32);
-                slots.push(tessera_kernels::cpu::attention::slot(s.block_table, cache.block_size, p));
-            }
+            t += s.tokens.len();
         }
-        let t = ids.len();
         if t == 0 {
-            return Ok(None);
+            return Ok(Forward::Done(None));
         }
-        // Dynamic RoPE rescales by each sequence's own length, as transformers does per forward call: then
-        // every token carries its sequence's frequencies.
-        let freqs: Vec<f32> = if c.rope.depends_on_length() {
-            let mut f = Vec::with_capacity(t * hd / 2);
-            for s in seqs {
-                let table = c.rope.inv_freq(s.start_pos + s.tokens.len());
-                for _ in 0..s.tokens.len() {
-                    f.extend_from_slice(&table);
-                }
-            }
-            f
-        } else {
-            self.inv_freq.clone()
-        };
         let eps = c.rms_norm_eps;
-
         let (dev, prof) = (self.device, &self.profile);
         let mut at = std::time::Instant::now();
-        let mut x = ops::embedding(&ids, &self.embed)?;
-        // Each layer's input norm is fused with the residual add that ends the layer before it.
-        let mut h = match self.layers.first() {
-            Some(l) => ops::rms_norm(&x, &l.input_norm, eps)?,
-            None => x.clone(),
+        let ForwardState { mut x, mut h, next_layer, positions, slots, freqs } = match resume {
+            Some(state) => state,
+            None => self.forward_start(seqs, cache.block_size, &mut at)?,
         };
-        prof.lap(dev, "embedding + norm", &mut at)?;
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in self.layers.iter().enumerate().skip(next_layer) {
+            if li > next_layer && comm.world_size() == 1 && pause() {
+                return Ok(Forward::Paused(ForwardState { x, h, next_layer: li, positions, slots, freqs }));
+            }
             let qkv = ops::linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
             prof.lap(dev, "qkv projection", &mut at)?;
             let [q, k, v]: [Tensor; 3] = ops::split_cols(&qkv, &[nh * hd, nkv * hd, nkv * hd])?
@@ -453,13 +514,13 @@ impl Model {
             .collect();
         let n = rows.len();
         if n == 0 {
-            return Ok(None);
+            return Ok(Forward::Done(None));
         }
         let last = ops::rms_norm(&ops::gather_rows(&x, &rows)?, &self.norm, eps)?;
         let local = ops::linear_to(&last, &self.lm_head, None, DType::F32)?;
         prof.lap(dev, "final norm + lm_head", &mut at)?;
         if comm.world_size() == 1 {
-            return Ok(Some(local));
+            return Ok(Forward::Done(Some(local)));
         }
         let parts = comm.all_gather(&local.host_f32()?)?;
         // Each part is [n, local_vocab]; interleave rows back into [n, vocab].
@@ -470,6 +531,6 @@ impl Model {
                 full.extend_from_slice(&part[r * w..(r + 1) * w]);
             }
         }
-        Ok(Some(Tensor::from_f32(full, &[n, c.vocab_size])?))
+        Ok(Forward::Done(Some(Tensor::from_f32(full, &[n, c.vocab_size])?)))
     }
 }
