@@ -251,7 +251,7 @@ pub fn load_local(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Devi
     let model =
         Model::load_on(dir, Shard::WHOLE, device).with_context(|| format!("loading model {}", dir.display()))?;
     let cache = KvCache::with_budget(&model, kv_cache_mib << 20, tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE)?;
-    Ok(LocalBackend { engine: Engine::new(model, cache, Box::new(Single)), last: Default::default() })
+    Ok(LocalBackend::new(Engine::new(model, cache, Box::new(Single))))
 }
 
 /// Where a command's steps run: in this process (tp = 1) or on a local cluster of worker processes.

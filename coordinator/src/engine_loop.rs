@@ -7,6 +7,12 @@
 //! once. Detokenizing and stop strings belong to the handler, so this thread does only scheduling and
 //! bookkeeping.
 //!
+//! With an in-process backend a step can pause between layers: when a request of a flow (API key) with
+//! nothing on the replica arrives, the submitter raises [`ReplicaStats::newcomer`], the step stops after its
+//! current layer, the loop takes the request in and, if the scheduler says a step of its own pays, runs the
+//! newcomer's prefill and sends its first token before the step goes on. Other commands that arrive
+//! meanwhile (aborts) wait until the step is done: its sequences must stay as they are.
+//!
 //! A step that fails ends the replica: the loop takes itself out of routing, collects every sequence it
 //! held (and every request still in its channel) as [`Migrant`]s, hands them to [`Replicas::adopt`] to
 //! continue elsewhere, and exits, dropping its backend and whatever it kept alive.
@@ -14,19 +20,19 @@
 use std::{
     collections::HashMap,
     sync::{Arc, atomic::Ordering, mpsc},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use tessera_worker::SamplingParams;
+use tessera_worker::{SamplingParams, SeqSampled, StepSeq};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, OwnedStepSeq},
     blocks::BlockManager,
     generate::FinishReason,
     metrics::Metrics,
     replicas::{ReplicaStats, Replicas},
-    scheduler::{Scheduler, SchedulerConfig, Sequence},
+    scheduler::{Planned, Scheduler, SchedulerConfig, Sequence},
 };
 
 /// Choices per request are encoded in the low bits of sequence ids.
@@ -138,6 +144,8 @@ fn thread_cpu_time() -> f64 {
 /// Per-sequence bookkeeping the scheduler does not need.
 struct Track {
     span: tracing::Span,
+    /// Its fair-share flow.
+    flow: Option<String>,
     events: UnboundedSender<Event>,
     choice: usize,
     arrival: Instant,
@@ -163,8 +171,18 @@ pub fn spawn(
     }
     let (tx, rx) = mpsc::channel();
     let sched = Scheduler::new(cfg, BlockManager::new(info.num_blocks, info.block_size));
-    let mut lp =
-        Loop { backend, sched, eos, metrics, tracks: HashMap::new(), hub, published: Default::default(), failed: None };
+    let mut lp = Loop {
+        backend,
+        sched,
+        eos,
+        metrics,
+        tracks: HashMap::new(),
+        flows: HashMap::new(),
+        hub,
+        published: Default::default(),
+        failed: None,
+        deferred: Vec::new(),
+    };
     std::thread::Builder::new()
         .name("tessera-engine".into())
         .spawn(move || {
@@ -181,23 +199,32 @@ struct Loop {
     eos: Vec<u32>,
     metrics: Arc<Metrics>,
     tracks: HashMap<u64, Track>,
+    /// Tracked sequences per flow.
+    flows: HashMap<Option<String>, usize>,
     hub: Hub,
     /// Counter values already added to the shared metrics (preemptions, prefix cache queries and hits,
-    /// newcomer steps).
-    published: [u64; 4],
+    /// newcomer steps, steps paused).
+    published: [u64; 5],
     /// Set when the replica is lost: the loop hands its work over and ends.
     failed: Option<String>,
+    /// Commands that arrived while a step was paused, for after it.
+    deferred: Vec<Command>,
 }
 
 impl Loop {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
+            for c in std::mem::take(&mut self.deferred) {
+                self.handle(c);
+            }
             if self.sched.is_idle() {
                 match rx.recv() {
                     Ok(c) => self.handle(c),
                     Err(_) => return,
                 }
             }
+            // Lowered before the channel is read: a newcomer sent after this raises it for the coming step.
+            self.hub.stats.newcomer.store(false, Ordering::Release);
             loop {
                 match rx.try_recv() {
                     Ok(c) => self.handle(c),
@@ -207,7 +234,7 @@ impl Loop {
             }
             if self.failed.is_none() {
                 self.drop_abandoned();
-                self.step();
+                self.step(&rx);
                 self.publish();
             }
             if let Some(reason) = self.failed.take() {
@@ -229,10 +256,12 @@ impl Loop {
                         .in_flow(r.flow.clone(), r.weight);
                     seq.arrival = arrival;
                     self.sched.add(seq);
+                    self.enter_flow(&r.flow);
                     self.tracks.insert(
                         id,
                         Track {
                             span: r.span.clone(),
+                            flow: r.flow.clone(),
                             events: r.events.clone(),
                             choice,
                             arrival,
@@ -245,6 +274,7 @@ impl Loop {
             }
             Command::Adopt(m) => {
                 self.sched.add(m.sequence());
+                self.enter_flow(&m.track.flow);
                 self.tracks.insert(m.id, m.track);
             }
             Command::Abort { seq, reason } => self.finish_abort(seq, reason),
@@ -258,7 +288,23 @@ impl Loop {
     fn untrack(&mut self, id: u64) -> Option<Track> {
         let t = self.tracks.remove(&id)?;
         self.hub.stats.outstanding_tokens.fetch_sub(t.charge, Ordering::Relaxed);
+        if let Some(n) = self.flows.get_mut(&t.flow) {
+            *n -= 1;
+            if *n == 0 {
+                self.flows.remove(&t.flow);
+                self.hub.stats.set_flow(&t.flow, false);
+            }
+        }
         Some(t)
+    }
+
+    /// A sequence of `flow` is tracked: the replica's published flows include it.
+    fn enter_flow(&mut self, flow: &Option<String>) {
+        let n = self.flows.entry(flow.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.hub.stats.set_flow(flow, true);
+        }
     }
 
     /// The replica is lost: out of routing first (nothing new can arrive), then every sequence, and every
@@ -325,15 +371,20 @@ impl Loop {
         }
     }
 
-    fn step(&mut self) {
+    fn step(&mut self, rx: &mpsc::Receiver<Command>) {
         let started = Instant::now();
-        let cpu_started = thread_cpu_time();
         let plan = self.sched.schedule();
         if plan.is_empty() {
             self.fail_unschedulable();
             return;
         }
-        for p in &plan {
+        self.execute(&plan, started, Some(rx));
+    }
+
+    /// Runs a planned step and applies it. With `rx` the step may pause for a newcomer (module doc).
+    fn execute(&mut self, plan: &[Planned], started: Instant, rx: Option<&mpsc::Receiver<Command>>) {
+        let cpu_started = thread_cpu_time();
+        for p in plan {
             if p.start == 0
                 && let Some(s) = self.sched.get(p.id)
                 && s.first_scheduled.is_some_and(|t| t >= started)
@@ -341,7 +392,7 @@ impl Loop {
                 self.metrics.request_queue_time.observe((started - s.arrival).as_secs_f64());
             }
         }
-        let inputs = self.sched.inputs(&plan);
+        let inputs = self.sched.inputs(plan);
         // One span per step, shared by the requests in it: a child of the first request's span, linked to
         // the others' (never one span per request per step).
         let prefill: usize =
@@ -364,9 +415,27 @@ impl Loop {
         };
         let cpu_before_backend = thread_cpu_time() - cpu_started;
         let t = Instant::now();
-        let result = step_span.in_scope(|| self.backend.step(&inputs));
-        let on_workers = t.elapsed();
-        drop(inputs);
+        let stats = self.hub.stats.clone();
+        let pause = move || stats.newcomer.load(Ordering::Acquire);
+        let first = step_span.in_scope(|| match rx {
+            Some(_) => self.backend.step_pausable(&inputs, &pause),
+            None => self.backend.step(&inputs).map(Some),
+        });
+        // Time the loop spent on other work while the step was paused: not the step's cost.
+        let mut aside = Duration::ZERO;
+        let result = match (first, rx) {
+            (Ok(None), Some(rx)) => {
+                let batch: Vec<OwnedStepSeq> = inputs.iter().map(OwnedStepSeq::new).collect();
+                drop(inputs);
+                self.while_paused(rx, &batch, &step_span, &pause, &mut aside)
+            }
+            (first, _) => {
+                drop(inputs);
+                first
+                    .and_then(|out| out.ok_or_else(|| anyhow::anyhow!("the backend paused a step it was not asked to")))
+            }
+        };
+        let on_workers = t.elapsed().saturating_sub(aside);
         let cpu_after = thread_cpu_time();
         // Step timings before any event goes out, like the other metrics: a client whose response completes
         // must find the step that completed it counted.
@@ -379,7 +448,7 @@ impl Loop {
         }
         match result {
             Ok(sampled) => {
-                let mut outcomes = self.sched.apply(&plan, sampled, &self.eos);
+                let mut outcomes = self.sched.apply(plan, sampled, &self.eos);
                 // Metrics first, events second: a client whose response completes must see its own request
                 // counted and no longer running.
                 self.publish();
@@ -398,6 +467,44 @@ impl Loop {
         // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled, and that
         // is not the scheduler's cost. (With an in-process backend the forward pass runs on rayon threads.)
         self.metrics.scheduler_step_seconds.observe(cpu_before_backend + (thread_cpu_time() - cpu_after));
+    }
+
+    /// The step in flight paused: take new requests in and, if the scheduler plans a newcomer's step, run it
+    /// (its first token goes out) before the step goes on. One such step per step in flight; commands
+    /// other than new requests wait for the step to end, its sequences must stay as they are.
+    fn while_paused(
+        &mut self,
+        rx: &mpsc::Receiver<Command>,
+        batch: &[OwnedStepSeq],
+        span: &tracing::Span,
+        pause: &(dyn Fn() -> bool + Sync),
+        aside: &mut Duration,
+    ) -> anyhow::Result<Vec<SeqSampled>> {
+        let views: Vec<StepSeq<'_>> = batch.iter().map(OwnedStepSeq::view).collect();
+        let never = || false;
+        let mut ran = false;
+        loop {
+            let t = Instant::now();
+            if !ran {
+                self.hub.stats.newcomer.store(false, Ordering::Release);
+                while let Ok(c) = rx.try_recv() {
+                    match c {
+                        Command::Submit(..) | Command::Adopt(_) => self.handle(c),
+                        other => self.deferred.push(other),
+                    }
+                }
+                let plan = self.sched.schedule_during(t);
+                if !plan.is_empty() {
+                    ran = true;
+                    self.execute(&plan, t, None);
+                }
+            }
+            *aside += t.elapsed();
+            let pause: &(dyn Fn() -> bool + Sync) = if ran { &never } else { pause };
+            if let Some(out) = span.in_scope(|| self.backend.resume(&views, pause))? {
+                return Ok(out);
+            }
+        }
     }
 
     fn emit(&mut self, o: crate::scheduler::Outcome, now: Instant) {
@@ -458,9 +565,10 @@ impl Loop {
         // Counters grow by what this replica added since it last published, so replicas add up and a
         // replica that fails takes nothing back.
         let s = &self.sched;
-        let now = [s.preemptions, s.blocks.stats.queries, s.blocks.stats.hits, s.newcomer_steps];
+        let now = [s.preemptions, s.blocks.stats.queries, s.blocks.stats.hits, s.newcomer_steps, s.steps_paused];
         let m = &self.metrics;
-        let counters = [&m.num_preemptions, &m.prefix_cache_queries, &m.prefix_cache_hits, &m.newcomer_steps];
+        let counters =
+            [&m.num_preemptions, &m.prefix_cache_queries, &m.prefix_cache_hits, &m.newcomer_steps, &m.steps_paused];
         for (i, c) in counters.into_iter().enumerate() {
             c.inc_by(now[i] - self.published[i]);
         }
@@ -474,13 +582,45 @@ mod tests {
     use super::*;
     use crate::backend::{ModelInfo, WorkerTiming};
     use tessera_worker::{Sampled, SeqSampled, StepSeq};
-    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+    use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError, unbounded_channel};
+
+    /// What the test lets a waiting step do.
+    #[derive(Debug)]
+    enum Go {
+        /// Finish.
+        Finish,
+        /// Pause if asked to (a pausable step), else finish.
+        Check,
+    }
 
     /// Samples `id % 1000` for every sequence that asks, one step per message on `go`; says on `entered`
-    /// when a step has been planned and is waiting for it.
+    /// which sequences a step holds once it is planned and waiting for that message. Pausable.
     struct Stepped {
-        go: mpsc::Receiver<()>,
-        entered: mpsc::Sender<()>,
+        go: mpsc::Receiver<Go>,
+        entered: mpsc::Sender<Vec<u64>>,
+    }
+
+    impl Stepped {
+        fn wait(
+            &mut self,
+            batch: &[StepSeq<'_>],
+            pause: &(dyn Fn() -> bool + Sync),
+        ) -> anyhow::Result<Option<Vec<SeqSampled>>> {
+            let _ = self.entered.send(batch.iter().map(|s| s.id).collect());
+            if matches!(self.go.recv()?, Go::Check) && pause() {
+                return Ok(None);
+            }
+            Ok(Some(
+                batch
+                    .iter()
+                    .filter(|s| s.sample.is_some())
+                    .map(|s| SeqSampled {
+                        id: s.id,
+                        sampled: Sampled { token: (s.id % 1000) as u32, logprob: None, top_logprobs: vec![] },
+                    })
+                    .collect(),
+            ))
+        }
     }
 
     impl Backend for Stepped {
@@ -488,16 +628,21 @@ mod tests {
             ModelInfo { vocab_size: 2000, max_position_embeddings: 64, num_blocks: 16, block_size: 4, world_size: 1 }
         }
         fn step(&mut self, batch: &[StepSeq<'_>]) -> anyhow::Result<Vec<SeqSampled>> {
-            let _ = self.entered.send(());
-            self.go.recv()?;
-            Ok(batch
-                .iter()
-                .filter(|s| s.sample.is_some())
-                .map(|s| SeqSampled {
-                    id: s.id,
-                    sampled: Sampled { token: (s.id % 1000) as u32, logprob: None, top_logprobs: vec![] },
-                })
-                .collect())
+            Ok(self.wait(batch, &|| false)?.unwrap_or_default())
+        }
+        fn step_pausable(
+            &mut self,
+            batch: &[StepSeq<'_>],
+            pause: &(dyn Fn() -> bool + Sync),
+        ) -> anyhow::Result<Option<Vec<SeqSampled>>> {
+            self.wait(batch, pause)
+        }
+        fn resume(
+            &mut self,
+            batch: &[StepSeq<'_>],
+            pause: &(dyn Fn() -> bool + Sync),
+        ) -> anyhow::Result<Option<Vec<SeqSampled>>> {
+            self.wait(batch, pause)
         }
         fn release(&mut self, _: &[u64]) {}
         fn last_timings(&self) -> Vec<WorkerTiming> {
@@ -512,48 +657,124 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_first_token_goes_out_before_the_tokens_of_streams_already_flowing() {
-        let (go, steps) = mpsc::channel();
-        let (entered_tx, entered) = mpsc::channel();
-        let backend = Stepped { go: steps, entered: entered_tx };
-        let replicas = Replicas::new(backend.info(), Arc::new(Metrics::new("m")));
-        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 64 };
-        replicas.add(Box::new(backend), cfg, vec![], "g", vec![], Box::new(()));
-        // Both requests report to one channel, so the order of their events is visible.
-        let (events, mut rx) = unbounded_channel();
-        let submit = |max_tokens| {
-            let id = replicas.next_request_id();
+    struct Harness {
+        replicas: Arc<Replicas>,
+        metrics: Arc<Metrics>,
+        go: mpsc::Sender<Go>,
+        entered: mpsc::Receiver<Vec<u64>>,
+    }
+
+    impl Harness {
+        fn new(max_num_seqs: usize) -> Self {
+            let (go, steps) = mpsc::channel();
+            let (entered_tx, entered) = mpsc::channel();
+            let backend = Stepped { go: steps, entered: entered_tx };
+            let metrics = Arc::new(Metrics::new("m"));
+            let replicas = Replicas::new(backend.info(), metrics.clone());
+            let cfg = SchedulerConfig { max_num_seqs, max_batched_tokens: 64, max_model_len: 64 };
+            replicas.add(Box::new(backend), cfg, vec![], "g", vec![], Box::new(()));
+            Harness { replicas, metrics, go, entered }
+        }
+
+        /// Submits a request of `flow` reporting to `events`; returns the token its sequence samples.
+        fn submit(&self, flow: &str, max_tokens: usize, events: &UnboundedSender<Event>) -> u32 {
+            self.submit_n(flow, max_tokens, 1, events)[0]
+        }
+
+        /// A request of `n` choices: the tokens of its sequences.
+        fn submit_n(&self, flow: &str, max_tokens: usize, n: usize, events: &UnboundedSender<Event>) -> Vec<u32> {
+            let id = self.replicas.next_request_id();
             let req = GenRequest {
                 id,
                 prompt: vec![1, 2, 3],
                 params: SamplingParams::greedy(),
                 max_tokens,
                 ignore_eos: true,
-                n: 1,
-                flow: None,
+                n,
+                flow: Some(flow.into()),
                 weight: 1.0,
                 events: events.clone(),
                 span: tracing::Span::none(),
             };
-            assert!(replicas.submit(req));
-            (seq_id(id, 0) % 1000) as u32
-        };
-        let step = || {
-            entered.recv().unwrap();
-            go.send(()).unwrap();
-        };
-        let flowing = submit(8);
-        step();
+            assert!(self.replicas.submit(req));
+            (0..n).map(|c| (seq_id(id, c) % 1000) as u32).collect()
+        }
+
+        /// Waits for the next step to be planned; returns its sequences' tokens.
+        fn entered(&self) -> Vec<u32> {
+            self.entered.recv().unwrap().into_iter().map(|id| (id % 1000) as u32).collect()
+        }
+
+        fn step(&self) -> Vec<u32> {
+            let ids = self.entered();
+            self.go.send(Go::Finish).unwrap();
+            ids
+        }
+    }
+
+    #[test]
+    fn a_first_token_goes_out_before_the_tokens_of_streams_already_flowing() {
+        let h = Harness::new(4);
+        // Both requests report to one channel, so the order of their events is visible.
+        let (events, mut rx) = unbounded_channel();
+        let flowing = h.submit("a", 8, &events);
+        h.step();
         assert_eq!(token(&mut rx), flowing, "its prefill");
         // Once the loop has planned `flowing`'s next decode, the new request can only join the step after.
-        entered.recv().unwrap();
-        let new = submit(8);
-        go.send(()).unwrap();
+        h.entered();
+        let new = h.submit("a", 8, &events);
+        h.go.send(Go::Finish).unwrap();
         assert_eq!(token(&mut rx), flowing);
-        step();
+        h.step();
         // One step: `flowing`'s decode is planned first, the newcomer's first token is sent first.
         assert_eq!([token(&mut rx), token(&mut rx)], [new, flowing]);
-        drop(go);
+    }
+
+    #[test]
+    fn a_newcomer_runs_while_the_step_in_flight_is_paused() {
+        let h = Harness::new(2);
+        let (a_events, mut a) = unbounded_channel();
+        let (b_events, mut b) = unbounded_channel();
+        // A holds both slots (one request of two choices): its prefills, then a decode step in flight.
+        let a12 = h.submit_n("a", 8, 2, &a_events);
+        let (a1, a2) = (a12[0], a12[1]);
+        assert_eq!(h.step(), [a1, a2]);
+        assert_eq!((token(&mut a), token(&mut a)), (a1, a2));
+        assert_eq!(h.entered(), [a1, a2]);
+
+        // The submission raises the replica's flag; the step pauses when it next looks.
+        let newcomer = h.submit("b", 8, &b_events);
+        h.go.send(Go::Check).unwrap();
+        // B's prefill runs in the middle, over the full slots, and its first token goes out at once.
+        assert_eq!(h.step(), [newcomer]);
+        assert_eq!(token(&mut b), newcomer);
+        assert!(matches!(a.try_recv(), Err(TryRecvError::Empty)), "A's step has not finished");
+        // A's step goes on, and is not paused again.
+        assert_eq!(h.entered(), [a1, a2]);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!((token(&mut a), token(&mut a)), (a1, a2));
+        // The slot B took is given back before the next step: A's newest waits.
+        assert_eq!(h.step(), [a1, newcomer]);
+        // (Its tokens go out after the metrics are published.)
+        assert_eq!((token(&mut a), token(&mut b)), (a1, newcomer));
+        assert_eq!(h.metrics.steps_paused.get(), 1);
+        assert_eq!(h.metrics.newcomer_steps.get(), 1);
+        assert_eq!(h.metrics.num_preemptions.get(), 1);
+    }
+
+    #[test]
+    fn a_request_of_a_flow_already_running_does_not_pause_the_step() {
+        let h = Harness::new(4);
+        let (events, mut a) = unbounded_channel();
+        let a1 = h.submit("a", 8, &events);
+        h.step();
+        assert_eq!(token(&mut a), a1);
+        assert_eq!(h.entered(), [a1]);
+        let a2 = h.submit("a", 8, &events);
+        h.go.send(Go::Check).unwrap();
+        // The step finished instead of pausing; A's second request joins the next one.
+        assert_eq!(token(&mut a), a1);
+        assert_eq!(h.step(), [a1, a2]);
+        assert_eq!(h.metrics.steps_paused.get(), 0);
     }
 }

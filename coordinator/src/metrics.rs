@@ -46,6 +46,7 @@ pub struct Metrics {
     pub num_preemptions: Counter,
     /// Steps that ran a newcomer's prefill alone, ahead of the decodes (fair share, compute-bound backends).
     pub newcomer_steps: Counter,
+    pub steps_paused: Counter,
     /// Coordinator CPU time per step, excluding the wait for the workers.
     pub scheduler_step_seconds: Histogram,
     /// Wall time of the step on the workers, as the coordinator sees it.
@@ -102,6 +103,7 @@ impl Metrics {
             prefix_cache_hits: Counter::default(),
             num_preemptions: Counter::default(),
             newcomer_steps: Counter::default(),
+            steps_paused: Counter::default(),
             scheduler_step_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
             step_seconds: Histogram::new(latency_buckets()),
             worker_step_seconds: Family::new_with_constructor(worker_buckets),
@@ -166,6 +168,11 @@ impl Metrics {
             "tessera:newcomer_steps",
             "Steps that ran the prefill of a key with nothing running alone, ahead of the decodes",
             m.newcomer_steps.clone(),
+        );
+        r.register(
+            "tessera:steps_paused",
+            "Steps paused between two layers so that a newcomer's prefill (counted in newcomer_steps) ran first",
+            m.steps_paused.clone(),
         );
         r.register(
             "tessera:scheduler_step_seconds",

@@ -14,10 +14,10 @@
 //! out of routing before its loop collects its sequences, so nothing can be sent to it in between.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
 };
@@ -49,6 +49,26 @@ pub struct ReplicaStats {
     /// Prompt + max_tokens of sequences routed here and not finished.
     pub outstanding_tokens: AtomicI64,
     pub requests: AtomicU64,
+    /// Fair-share flows with requests on the replica (kept by its loop).
+    pub flows: Mutex<HashSet<Option<String>>>,
+    /// A request of a flow not in `flows` was sent: the step in flight may pause for it.
+    pub newcomer: AtomicBool,
+}
+
+impl ReplicaStats {
+    fn lock_flows(&self) -> std::sync::MutexGuard<'_, HashSet<Option<String>>> {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The loop's view changed: `flow` now has requests here (`present`) or none.
+    pub fn set_flow(&self, flow: &Option<String>, present: bool) {
+        let mut flows = self.lock_flows();
+        if present {
+            flows.insert(flow.clone());
+        } else {
+            flows.remove(flow);
+        }
+    }
 }
 
 struct Replica {
@@ -195,13 +215,17 @@ impl Replicas {
             let r = &live[i];
             r.stats.outstanding_tokens.fetch_add(charge, Ordering::Relaxed);
             r.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let n = match &cmd {
-                Command::Submit(q, _) => q.n,
-                _ => 1,
+            let (n, flow) = match &cmd {
+                Command::Submit(q, _) => (q.n, q.flow.clone()),
+                _ => (1, None),
             };
             r.stats.waiting.fetch_add(n, Ordering::Relaxed);
             match r.tx.send(cmd) {
                 Ok(()) => {
+                    // After the send: a loop that pauses for it finds the request in its channel.
+                    if !r.stats.lock_flows().contains(&flow) {
+                        r.stats.newcomer.store(true, Ordering::Release);
+                    }
                     self.metrics.replica_requests.get_or_create(&vec![("replica", r.name.clone())]).inc();
                     self.affinity.lock().unwrap_or_else(|p| p.into_inner()).record(&hashes, r.id);
                     break true;

@@ -19,7 +19,9 @@
 //! A newcomer (the head of the queue, from a flow with nothing running) can get a step of its own ahead of
 //! the decodes, when the replica's [`StepCost`] says the decodes would delay its first token by more than
 //! the extra step costs them (compute-bound backends); never twice in a row, so decodes advance at least
-//! every other step.
+//! every other step. When the step in flight can pause between layers (an in-process backend), a
+//! newcomer arriving meanwhile gets its step in the middle of it ([`Scheduler::schedule_during`]): it then
+//! waits for a layer of the decodes, not for all of them.
 //!
 //! A decode that needs a new block when none is free preempts the most recently admitted sequence: its
 //! blocks are released and it goes back to the front of the queue to be recomputed (prompt plus what it
@@ -151,6 +153,8 @@ pub struct Scheduler {
     pub preemptions: u64,
     /// Steps planned for newcomers alone.
     pub newcomer_steps: u64,
+    /// Of which run while another step was paused.
+    pub steps_paused: u64,
     /// Virtual time of fair queuing: the start tag of the last sequence admitted.
     vtime: f64,
     /// Each flow's last finish tag.
@@ -170,6 +174,7 @@ impl Scheduler {
             running: Vec::new(),
             preemptions: 0,
             newcomer_steps: 0,
+            steps_paused: 0,
             vtime: 0.0,
             flow_finish: HashMap::new(),
             step_cost: StepCost::default(),
@@ -195,26 +200,39 @@ impl Scheduler {
     /// Makes room for the head of the queue when its flow has nothing running and another flow holds two
     /// or more slots: that flow's newest sequence is preempted and queued again as its flow's next request.
     fn preempt_for_fairness(&mut self) -> bool {
-        let Some(head) = self.waiting.front() else { return false };
-        if self.running.iter().any(|s| s.flow == head.flow) {
+        if !self.head_is_newcomer() {
             return false;
         }
+        let Some(i) = self.fairness_victim() else { return false };
+        self.preempt_at(i);
+        true
+    }
+
+    /// The head of the queue belongs to a flow with nothing running.
+    fn head_is_newcomer(&self) -> bool {
+        self.waiting.front().is_some_and(|head| !self.running.iter().any(|s| s.flow == head.flow))
+    }
+
+    /// The newest sequence of the flow running the most, if it runs two or more.
+    fn fairness_victim(&self) -> Option<usize> {
         let mut counts: HashMap<&Option<String>, usize> = HashMap::new();
         for s in &self.running {
             *counts.entry(&s.flow).or_default() += 1;
         }
-        let Some((flow, n)) = counts.into_iter().max_by_key(|(_, n)| *n) else { return false };
+        let (flow, n) = counts.into_iter().max_by_key(|(_, n)| *n)?;
         if n < 2 {
-            return false;
+            return None;
         }
-        let flow = flow.clone();
-        let Some(i) = self.running.iter().rposition(|s| s.flow == flow) else { return false };
+        self.running.iter().rposition(|s| &s.flow == flow)
+    }
+
+    /// Preempts `running[i]` and queues it again as its flow's next request.
+    fn preempt_at(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
         self.blocks.release(&seq.blocks);
         seq.reset();
         self.preemptions += 1;
         self.add(seq);
-        true
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -282,13 +300,18 @@ impl Scheduler {
         let mut plan = Vec::new();
         let mut budget = self.cfg.max_batched_tokens;
         let now = Instant::now();
-        // 0. A flow with nothing running waits behind full slots only while no other flow holds several.
+        // 0. A newcomer admitted in the middle of a step over full slots: the slot it took is given back now.
+        while self.running.len() > self.cfg.max_num_seqs {
+            let Some(i) = self.fairness_victim() else { break };
+            self.preempt_at(i);
+        }
+        // A flow with nothing running waits behind full slots only while no other flow holds several.
         if self.running.len() >= self.cfg.max_num_seqs {
             self.preempt_for_fairness();
         }
         if self.newcomer_step_pays(now) {
             self.newcomer_step = true;
-            self.admit(&mut plan, budget, now, true);
+            self.admit(&mut plan, budget, now, true, self.cfg.max_num_seqs);
             if !plan.is_empty() {
                 self.newcomer_steps += 1;
                 return plan;
@@ -336,7 +359,33 @@ impl Scheduler {
         }
 
         // 3. Admit waiting sequences, in fair-queuing order.
-        self.admit(&mut plan, budget, now, false);
+        self.admit(&mut plan, budget, now, false, self.cfg.max_num_seqs);
+        plan
+    }
+
+    /// Plans a step to run while the step in flight (planned by [`Scheduler::schedule`], not yet applied)
+    /// is paused: the newcomers at the head of the queue, when a step of their own pays as in `schedule`.
+    /// The sequences in flight are left alone (nothing is preempted now). When every slot is taken, the
+    /// newcomer takes one over the limit where fairness would preempt for it, and the next `schedule`
+    /// preempts that flow's newest, so no step runs more than `max_num_seqs` sequences.
+    pub fn schedule_during(&mut self, now: Instant) -> Vec<Planned> {
+        let mut plan = Vec::new();
+        // The step in flight is itself a newcomer's: decodes come next.
+        if self.newcomer_step || !self.newcomer_waiting(now) {
+            return plan;
+        }
+        let max_seqs = if self.running.len() < self.cfg.max_num_seqs {
+            self.cfg.max_num_seqs
+        } else if self.fairness_victim().is_some() {
+            self.running.len() + 1
+        } else {
+            return plan;
+        };
+        self.admit(&mut plan, self.cfg.max_batched_tokens, now, true, max_seqs);
+        if !plan.is_empty() {
+            self.newcomer_steps += 1;
+            self.steps_paused += 1;
+        }
         plan
     }
 
@@ -344,11 +393,14 @@ impl Scheduler {
     /// has nothing running while others decode, the decodes would cost it more than the step costs them
     /// (or a step of its size needs measuring: see [`StepCost`]), and the last step was not already one.
     fn newcomer_step_pays(&self, now: Instant) -> bool {
+        !self.newcomer_step && self.running.len() < self.cfg.max_num_seqs && self.newcomer_waiting(now)
+    }
+
+    /// The head of the queue is a newcomer (its flow has nothing running) while others decode, and a step
+    /// of its own gets its first token out sooner than joining theirs, by more than it costs them.
+    fn newcomer_waiting(&self, now: Instant) -> bool {
         let Some(head) = self.waiting.front() else { return false };
-        if self.newcomer_step
-            || self.running.len() >= self.cfg.max_num_seqs
-            || self.running.iter().any(|s| s.flow == head.flow)
-        {
+        if !self.head_is_newcomer() {
             return false;
         }
         let decodes = self.running.iter().any(|s| s.remaining() == 1);
@@ -356,13 +408,18 @@ impl Scheduler {
         decodes && self.step_cost.separate_prefill_pays(prefill, now)
     }
 
-    /// Admits waiting sequences in queue order while the budget, the slots and the pool allow; with
-    /// `newcomers_only`, only while the head's flow has nothing running.
-    fn admit(&mut self, plan: &mut Vec<Planned>, mut budget: usize, now: Instant, newcomers_only: bool) {
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            if newcomers_only
-                && self.waiting.front().is_some_and(|head| self.running.iter().any(|s| s.flow == head.flow))
-            {
+    /// Admits waiting sequences in queue order while the budget, the pool and `max_seqs` running allow;
+    /// with `newcomers_only`, only while the head's flow has nothing running.
+    fn admit(
+        &mut self,
+        plan: &mut Vec<Planned>,
+        mut budget: usize,
+        now: Instant,
+        newcomers_only: bool,
+        max_seqs: usize,
+    ) {
+        while budget > 0 && self.running.len() < max_seqs {
+            if newcomers_only && !self.head_is_newcomer() {
                 break;
             }
             let Some(mut seq) = self.waiting.pop_front() else { break };
@@ -703,6 +760,63 @@ mod tests {
         step(&mut s, &p);
         s.add(seq(2, 4, 4));
         assert_eq!(s.schedule().iter().map(|p| p.id).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn a_newcomer_steps_in_while_the_decodes_are_paused_and_its_extra_slot_is_given_back() {
+        let now = Instant::now();
+        let compute_bound = |s: &mut Scheduler| {
+            for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
+                s.step_cost.observe(t, 1e-4 + 3e-5 * t as f64, now);
+            }
+        };
+        let mut s = sched(256, 4, 1000, 4);
+        compute_bound(&mut s);
+        for id in 1..=6 {
+            s.add(flow_seq(id, "a", 1.0));
+        }
+        let p = s.schedule();
+        step(&mut s, &p);
+        // a's four decode in a step in flight, paused. Another of a's arriving is not a newcomer.
+        let in_flight = s.schedule();
+        assert_eq!(in_flight.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert!(s.schedule_during(now).is_empty());
+        // b's request is: it takes a fifth slot for its prefill, and nothing of a's moves.
+        s.add(flow_seq(100, "b", 1.0));
+        let during = s.schedule_during(now);
+        assert_eq!(during, [Planned { id: 100, start: 0, end: 4, sample: true }]);
+        assert_eq!((s.running.len(), s.preemptions, s.steps_paused, s.newcomer_steps), (5, 0, 1, 1));
+        step(&mut s, &during);
+        step(&mut s, &in_flight);
+        // The next step gives the slot back: a's newest waits, the step holds four.
+        let next: Vec<u64> = s.schedule().iter().map(|p| p.id).collect();
+        assert_eq!(next, [1, 2, 3, 100]);
+        assert_eq!(s.preemptions, 1);
+        assert_eq!(s.waiting.front().map(|q| q.id), Some(5), "a's next, then a's preempted one");
+
+        // A newcomer's own step in flight is not paused for another newcomer: decodes come next.
+        let mut s = sched(256, 4, 1000, 8);
+        compute_bound(&mut s);
+        s.add(flow_seq(1, "a", 1.0));
+        s.add(flow_seq(2, "a", 1.0));
+        let p = s.schedule();
+        step(&mut s, &p);
+        s.add(flow_seq(100, "b", 1.0));
+        assert_eq!(s.schedule().iter().map(|p| p.id).collect::<Vec<_>>(), [100]);
+        s.add(flow_seq(200, "c", 1.0));
+        assert!(s.schedule_during(now).is_empty());
+
+        // Where steps cost the same whatever their size, the newcomer joins the decodes instead.
+        let mut s = sched(256, 4, 1000, 8);
+        for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
+            s.step_cost.observe(t, 8e-4, now);
+        }
+        s.add(flow_seq(1, "a", 1.0));
+        let p = s.schedule();
+        step(&mut s, &p);
+        s.schedule();
+        s.add(flow_seq(100, "b", 1.0));
+        assert!(s.schedule_during(now).is_empty());
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //!
 //! What is asserted is isolation: B's requests do not queue behind A's backlog. B's p99 time to first token
 //! under the flood must be a small fraction of what one more request of A's waits (the backlog), where
-//! arrival order would make them equal. B's TTFT is also compared with its idle value and printed: on this
-//! 2-core machine a first token under load cannot come sooner than the step in progress, 64 decodes of A's
-//! (about 2 ms, against 0.5 ms for B's whole request idle; B's own prefill then gets a step of its own),
-//! so the issue's "within 2x of idle" is recorded in BENCHMARKS.md rather than asserted.
+//! arrival order would make them equal; and B's prefills ran in the middle of A's steps, paused between
+//! layers (on the CPU a step of 64 decodes costs several times B's prefill). B's TTFT is also compared with
+//! its idle value and printed, not asserted: on this 2-core machine, shared with the load generator's 200
+//! streams, a p99 of 60 requests swings by 2x between identical idle runs. The figures are in
+//! BENCHMARKS.md.
 
 mod common;
 
@@ -65,16 +66,19 @@ fn one_keys_flood_does_not_starve_another_key() {
     let a_probe = rt.block_on(run_load(&load(&s, &a, 1, 3, 8))).unwrap();
     let still_waiting = rt.block_on(s.metric(&client, "tessera:num_requests_waiting"));
     let newcomer_steps = rt.block_on(s.metric(&client, "tessera:newcomer_steps_total"));
+    let steps_paused = rt.block_on(s.metric(&client, "tessera:steps_paused_total"));
     flood.abort();
     assert_eq!((loaded.failed, a_probe.failed), (0, 0));
     assert!(still_waiting >= 50.0, "A's backlog drained during the measurement ({still_waiting}): nothing was tested");
     println!(
         "B's time to first token, p50/p99 ms: idle {:.1}/{:.1}, under A's flood {:.1}/{:.1}; one more of A's: {:.1}; \
-         newcomer steps {newcomer_steps}",
+         newcomer steps {newcomer_steps}, of which in a paused step {steps_paused}",
         idle.ttft_ms.p50, idle.ttft_ms.p99, loaded.ttft_ms.p50, loaded.ttft_ms.p99, a_probe.ttft_ms.p50
     );
-    // On the CPU a step of 64 decodes costs many times B's prefill: B's prefills ran alone.
+    // On the CPU a step of 64 decodes costs many times B's prefill: B's prefills ran alone, and most of them
+    // without waiting for the rest of the step in flight.
     assert!(newcomer_steps >= 30.0, "B's prefills shared A's steps: {newcomer_steps} newcomer steps for 60 requests");
+    assert!(steps_paused >= 20.0, "A's steps were paused for B only {steps_paused} times in 60 requests");
     assert!(
         loaded.ttft_ms.p99 * 10.0 < a_probe.ttft_ms.p50,
         "B waited like A: B's p99 TTFT {:.1} ms, A's {:.1} ms",
