@@ -313,8 +313,10 @@ impl Loop {
         self.hub.replicas.remove_failed(self.hub.replica, reason);
         let mut migrants = Vec::new();
         self.take_all(&mut migrants);
-        // Requests routed here before the replica left routing, not yet taken in.
-        while let Ok(c) = rx.try_recv() {
+        // Commands put off while a step was paused, and requests routed here before the replica left routing,
+        // not yet taken in.
+        let pending: Vec<Command> = std::mem::take(&mut self.deferred).into_iter().chain(rx.try_iter()).collect();
+        for c in pending {
             match c {
                 Command::Submit(..) | Command::Adopt(_) => {
                     self.handle(c);
