@@ -709,25 +709,29 @@ mod tests {
         assert_eq!(s.waiting.iter().map(|q| q.id).collect::<Vec<_>>(), [3, 4, 5, 6, 2]);
     }
 
+    /// Teaches `s` steps that cost what they compute (a CPU): 0.1 ms fixed, 30 µs a token.
+    fn compute_bound(s: &mut Scheduler, now: Instant) {
+        for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
+            s.step_cost.observe(t, 1e-4 + 3e-5 * t as f64, now);
+        }
+    }
+
+    /// Teaches `s` steps that cost the same whatever their size (a GPU).
+    fn memory_bound(s: &mut Scheduler, now: Instant) {
+        for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
+            s.step_cost.observe(t, 8e-4, now);
+        }
+    }
+
     #[test]
     fn a_newcomer_gets_a_step_of_its_own_only_where_steps_cost_what_they_compute() {
         let now = Instant::now();
-        let compute_bound = |s: &mut Scheduler| {
-            for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
-                s.step_cost.observe(t, 1e-4 + 3e-5 * t as f64, now);
-            }
-        };
-        let memory_bound = |s: &mut Scheduler| {
-            for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
-                s.step_cost.observe(t, 8e-4, now);
-            }
-        };
         for separate in [true, false] {
             let mut s = sched(256, 4, 1000, 32);
             if separate {
-                compute_bound(&mut s);
+                compute_bound(&mut s, now);
             } else {
-                memory_bound(&mut s);
+                memory_bound(&mut s, now);
             }
             for id in 1..=16 {
                 s.add(flow_seq(id, "a", 1.0));
@@ -754,7 +758,7 @@ mod tests {
         }
         // One flow: a new request is never a newcomer.
         let mut s = sched(256, 4, 1000, 8);
-        compute_bound(&mut s);
+        compute_bound(&mut s, now);
         s.add(seq(1, 4, 4));
         let p = s.schedule();
         step(&mut s, &p);
@@ -765,13 +769,8 @@ mod tests {
     #[test]
     fn a_newcomer_steps_in_while_the_decodes_are_paused_and_its_extra_slot_is_given_back() {
         let now = Instant::now();
-        let compute_bound = |s: &mut Scheduler| {
-            for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
-                s.step_cost.observe(t, 1e-4 + 3e-5 * t as f64, now);
-            }
-        };
         let mut s = sched(256, 4, 1000, 4);
-        compute_bound(&mut s);
+        compute_bound(&mut s, now);
         for id in 1..=6 {
             s.add(flow_seq(id, "a", 1.0));
         }
@@ -796,7 +795,7 @@ mod tests {
 
         // A newcomer's own step in flight is not paused for another newcomer: decodes come next.
         let mut s = sched(256, 4, 1000, 8);
-        compute_bound(&mut s);
+        compute_bound(&mut s, now);
         s.add(flow_seq(1, "a", 1.0));
         s.add(flow_seq(2, "a", 1.0));
         let p = s.schedule();
@@ -808,9 +807,7 @@ mod tests {
 
         // Where steps cost the same whatever their size, the newcomer joins the decodes instead.
         let mut s = sched(256, 4, 1000, 8);
-        for t in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
-            s.step_cost.observe(t, 8e-4, now);
-        }
+        memory_bound(&mut s, now);
         s.add(flow_seq(1, "a", 1.0));
         let p = s.schedule();
         step(&mut s, &p);
