@@ -6,8 +6,8 @@
 //! arrival order would make them equal; and B's prefills ran in the middle of A's steps, paused between
 //! layers (on the CPU a step of 64 decodes costs several times B's prefill). B's TTFT is also compared with
 //! its idle value and printed, not asserted: on this 2-core machine, shared with the load generator's 200
-//! streams, a p99 of 60 requests swings by 2x between identical idle runs. The figures are in
-//! BENCHMARKS.md.
+//! streams, even the p99 of 300 requests swings by 2x between identical runs. The figures are in
+//! BENCHMARKS.md. (300 of B's requests take under a second; A's flood is what the test waits for.)
 
 mod common;
 
@@ -46,7 +46,7 @@ fn one_keys_flood_does_not_starve_another_key() {
     // turn in one task queue.
     let rt = rt();
     let rt_b = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let b_load = load(&s, &b, 1, 60, 8);
+    let b_load = load(&s, &b, 1, 300, 8);
     let idle = rt_b.block_on(run_load(&b_load)).unwrap();
     assert_eq!(idle.failed, 0);
 
@@ -77,8 +77,8 @@ fn one_keys_flood_does_not_starve_another_key() {
     );
     // On the CPU a step of 64 decodes costs many times B's prefill: B's prefills ran alone, and most of them
     // without waiting for the rest of the step in flight.
-    assert!(newcomer_steps >= 30.0, "B's prefills shared A's steps: {newcomer_steps} newcomer steps for 60 requests");
-    assert!(steps_paused >= 20.0, "A's steps were paused for B only {steps_paused} times in 60 requests");
+    assert!(newcomer_steps >= 150.0, "B's prefills shared A's steps: {newcomer_steps} newcomer steps for 300 requests");
+    assert!(steps_paused >= 100.0, "A's steps were paused for B only {steps_paused} times in 300 requests");
     assert!(
         loaded.ttft_ms.p99 * 10.0 < a_probe.ttft_ms.p50,
         "B waited like A: B's p99 TTFT {:.1} ms, A's {:.1} ms",
