@@ -429,7 +429,7 @@ impl Loop {
             (Ok(None), Some(rx)) => {
                 let batch: Vec<OwnedStepSeq> = inputs.iter().map(OwnedStepSeq::new).collect();
                 drop(inputs);
-                self.while_paused(rx, &batch, &step_span, &pause, &mut aside)
+                self.while_paused(rx, &batch, &step_span, t.elapsed(), &mut aside)
             }
             (first, _) => {
                 drop(inputs);
@@ -471,39 +471,44 @@ impl Loop {
         self.metrics.scheduler_step_seconds.observe(cpu_before_backend + (thread_cpu_time() - cpu_after));
     }
 
-    /// The step in flight paused: take new requests in and, if the scheduler plans a newcomer's step, run it
-    /// (its first token goes out) before the step goes on. One such step per step in flight; commands
-    /// other than new requests wait for the step to end, its sequences must stay as they are.
+    /// The step in flight paused after running for `own`: take new requests in and, if the scheduler plans a
+    /// newcomer's step, run it (its first token goes out) before the step goes on. Newcomers get at most as
+    /// much time as the paused step itself, so its decodes advance at least half the time (as "never twice
+    /// in a row" keeps between whole steps): the step pauses again only once it has run as long as what ran
+    /// in its pauses. Commands other than new requests wait for the step to end: its sequences must stay as
+    /// they are.
     fn while_paused(
         &mut self,
         rx: &mpsc::Receiver<Command>,
         batch: &[OwnedStepSeq],
         span: &tracing::Span,
-        pause: &(dyn Fn() -> bool + Sync),
+        mut own: Duration,
         aside: &mut Duration,
     ) -> anyhow::Result<Vec<SeqSampled>> {
         let views: Vec<StepSeq<'_>> = batch.iter().map(OwnedStepSeq::view).collect();
-        let never = || false;
-        let mut ran = false;
         loop {
             let t = Instant::now();
-            if !ran {
-                self.hub.stats.newcomer.store(false, Ordering::Release);
-                while let Ok(c) = rx.try_recv() {
-                    match c {
-                        Command::Submit(..) | Command::Adopt(_) => self.handle(c),
-                        other => self.deferred.push(other),
-                    }
+            self.hub.stats.newcomer.store(false, Ordering::Release);
+            while let Ok(c) = rx.try_recv() {
+                match c {
+                    Command::Submit(..) | Command::Adopt(_) => self.handle(c),
+                    other => self.deferred.push(other),
                 }
+            }
+            if *aside <= own {
                 let plan = self.sched.schedule_during(t);
                 if !plan.is_empty() {
-                    ran = true;
                     self.execute(&plan, t, None);
                 }
             }
             *aside += t.elapsed();
-            let pause: &(dyn Fn() -> bool + Sync) = if ran { &never } else { pause };
-            if let Some(out) = span.in_scope(|| self.backend.resume(&views, pause))? {
+            let owed = aside.saturating_sub(own);
+            let stats = self.hub.stats.clone();
+            let resumed = Instant::now();
+            let pause = move || resumed.elapsed() >= owed && stats.newcomer.load(Ordering::Acquire);
+            let out = span.in_scope(|| self.backend.resume(&views, &pause))?;
+            own += resumed.elapsed();
+            if let Some(out) = out {
                 return Ok(out);
             }
         }
@@ -627,7 +632,7 @@ mod tests {
 
     impl Backend for Stepped {
         fn info(&self) -> ModelInfo {
-            ModelInfo { vocab_size: 2000, max_position_embeddings: 64, num_blocks: 16, block_size: 4, world_size: 1 }
+            ModelInfo { vocab_size: 2000, max_position_embeddings: 64, num_blocks: 64, block_size: 4, world_size: 1 }
         }
         fn step(&mut self, batch: &[StepSeq<'_>]) -> anyhow::Result<Vec<SeqSampled>> {
             Ok(self.wait(batch, &|| false)?.unwrap_or_default())
@@ -657,6 +662,13 @@ mod tests {
             Some(Event::Token { token, .. }) => token,
             other => panic!("expected a token, got {other:?}"),
         }
+    }
+
+    /// The token of a one-token request, and its end.
+    fn only_token(rx: &mut UnboundedReceiver<Event>) -> u32 {
+        let t = token(rx);
+        assert!(matches!(rx.blocking_recv(), Some(Event::Finished { .. })));
+        t
     }
 
     struct Harness {
@@ -762,6 +774,61 @@ mod tests {
         assert_eq!(h.metrics.steps_paused.get(), 1);
         assert_eq!(h.metrics.newcomer_steps.get(), 1);
         assert_eq!(h.metrics.num_preemptions.get(), 1);
+    }
+
+    #[test]
+    fn newcomers_get_at_most_as_much_time_in_a_paused_step_as_the_step_itself() {
+        // Step durations here are the test's: a step "computes" for as long as the test holds it.
+        let compute = || std::thread::sleep(Duration::from_millis(150));
+        let h = Harness::new(16);
+        let (a_events, mut a) = unbounded_channel();
+        let (n_events, mut n) = unbounded_channel();
+        let a_seqs = h.submit_n("a", 8, 8, &a_events);
+        h.entered();
+        compute();
+        h.go.send(Go::Finish).unwrap();
+        for _ in 0..8 {
+            token(&mut a);
+        }
+        let decodes = |ids: Vec<u32>| assert_eq!(ids, a_seqs);
+
+        // A's decode step computes for a while, then pauses for newcomer B (one token, done at once).
+        decodes(h.entered());
+        compute();
+        let b = h.submit("b", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!(h.step(), [b]);
+        assert_eq!(only_token(&mut n), b);
+        // B took little of the step's time: it pauses again at once for newcomer C.
+        decodes(h.entered());
+        let c = h.submit("c", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!(h.step(), [c]);
+        assert_eq!(only_token(&mut n), c);
+        decodes(h.step());
+        for _ in 0..8 {
+            token(&mut a);
+        }
+
+        // The next decode step pauses at once for D, whose step takes long.
+        decodes(h.entered());
+        let d = h.submit("d", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!(h.entered(), [d]);
+        compute();
+        h.go.send(Go::Finish).unwrap();
+        assert_eq!(only_token(&mut n), d);
+        // E arrives: the step owes its decodes D's time first, so it finishes instead of pausing.
+        decodes(h.entered());
+        let e = h.submit("e", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        for _ in 0..8 {
+            token(&mut a);
+        }
+        assert!(matches!(n.try_recv(), Err(TryRecvError::Empty)), "E waited for the step");
+        assert!(h.step().contains(&e));
+        assert_eq!(only_token(&mut n), e);
+        assert_eq!(h.metrics.steps_paused.get(), 3);
     }
 
     #[test]

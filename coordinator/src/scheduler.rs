@@ -163,6 +163,8 @@ pub struct Scheduler {
     pub step_cost: StepCost,
     /// The last step planned was a newcomer's own.
     newcomer_step: bool,
+    /// Tokens of the last step planned by `schedule` (the step in flight, when one is).
+    planned_tokens: usize,
 }
 
 impl Scheduler {
@@ -179,6 +181,7 @@ impl Scheduler {
             flow_finish: HashMap::new(),
             step_cost: StepCost::default(),
             newcomer_step: false,
+            planned_tokens: 0,
         }
     }
 
@@ -297,6 +300,12 @@ impl Scheduler {
     /// Plans the next step. Sequences are in a consistent state whatever happens to the step: a failed
     /// step can be retried or its sequences aborted.
     pub fn schedule(&mut self) -> Vec<Planned> {
+        let plan = self.plan_step();
+        self.planned_tokens = plan.iter().map(|p| p.end - p.start).sum();
+        plan
+    }
+
+    fn plan_step(&mut self) -> Vec<Planned> {
         let mut plan = Vec::new();
         let mut budget = self.cfg.max_batched_tokens;
         let now = Instant::now();
@@ -371,7 +380,7 @@ impl Scheduler {
     pub fn schedule_during(&mut self, now: Instant) -> Vec<Planned> {
         let mut plan = Vec::new();
         // The step in flight is itself a newcomer's: decodes come next.
-        if self.newcomer_step || !self.newcomer_waiting(now) {
+        if self.newcomer_step || !self.newcomer_waiting(now, self.planned_tokens) {
             return plan;
         }
         let max_seqs = if self.running.len() < self.cfg.max_num_seqs {
@@ -393,19 +402,22 @@ impl Scheduler {
     /// has nothing running while others decode, the decodes would cost it more than the step costs them
     /// (or a step of its size needs measuring: see [`StepCost`]), and the last step was not already one.
     fn newcomer_step_pays(&self, now: Instant) -> bool {
-        !self.newcomer_step && self.running.len() < self.cfg.max_num_seqs && self.newcomer_waiting(now)
+        let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
+        let joined = decodes + self.waiting.front().map_or(0, |h| h.tokens.len());
+        !self.newcomer_step && self.running.len() < self.cfg.max_num_seqs && self.newcomer_waiting(now, joined)
     }
 
     /// The head of the queue is a newcomer (its flow has nothing running) while others decode, and a step
-    /// of its own gets its first token out sooner than joining theirs, by more than it costs them.
-    fn newcomer_waiting(&self, now: Instant) -> bool {
+    /// of its own gets its first token out sooner than waiting for (or joining) a step of `wait_for`
+    /// tokens, by more than it costs the decodes.
+    fn newcomer_waiting(&self, now: Instant, wait_for: usize) -> bool {
         let Some(head) = self.waiting.front() else { return false };
         if !self.head_is_newcomer() {
             return false;
         }
         let decodes = self.running.iter().any(|s| s.remaining() == 1);
         let prefill = head.tokens.len().min(self.cfg.max_batched_tokens);
-        decodes && self.step_cost.separate_prefill_pays(prefill, now)
+        decodes && self.step_cost.separate_prefill_pays(prefill, wait_for.min(self.cfg.max_batched_tokens), now)
     }
 
     /// Admits waiting sequences in queue order while the budget, the pool and `max_seqs` running allow;
@@ -769,35 +781,49 @@ mod tests {
     #[test]
     fn a_newcomer_steps_in_while_the_decodes_are_paused_and_its_extra_slot_is_given_back() {
         let now = Instant::now();
-        let mut s = sched(256, 4, 1000, 4);
+        let mut s = sched(256, 4, 1000, 16);
         compute_bound(&mut s, now);
-        for id in 1..=6 {
+        for id in 1..=18 {
             s.add(flow_seq(id, "a", 1.0));
         }
         let p = s.schedule();
         step(&mut s, &p);
-        // a's four decode in a step in flight, paused. Another of a's arriving is not a newcomer.
+        // a's sixteen decode in a step in flight, paused. Another of a's arriving is not a newcomer.
         let in_flight = s.schedule();
-        assert_eq!(in_flight.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(in_flight.iter().map(|p| p.id).collect::<Vec<_>>(), (1..=16).collect::<Vec<_>>());
         assert!(s.schedule_during(now).is_empty());
-        // b's request is: it takes a fifth slot for its prefill, and nothing of a's moves.
+        // b's request is: it takes a seventeenth slot for its prefill, and nothing of a's moves.
         s.add(flow_seq(100, "b", 1.0));
         let during = s.schedule_during(now);
         assert_eq!(during, [Planned { id: 100, start: 0, end: 4, sample: true }]);
-        assert_eq!((s.running.len(), s.preemptions, s.steps_paused, s.newcomer_steps), (5, 0, 1, 1));
+        assert_eq!((s.running.len(), s.preemptions, s.steps_paused, s.newcomer_steps), (17, 0, 1, 1));
         step(&mut s, &during);
         step(&mut s, &in_flight);
-        // The next step gives the slot back: a's newest waits, the step holds four.
+        // The next step gives the slot back: a's newest waits, the step holds sixteen.
         let next: Vec<u64> = s.schedule().iter().map(|p| p.id).collect();
-        assert_eq!(next, [1, 2, 3, 100]);
+        assert_eq!(next, (1..=15).chain([100]).collect::<Vec<_>>());
         assert_eq!(s.preemptions, 1);
-        assert_eq!(s.waiting.front().map(|q| q.id), Some(5), "a's next, then a's preempted one");
+        assert_eq!(s.waiting.iter().map(|q| q.id).collect::<Vec<_>>(), [17, 18, 16], "a's next, then the preempted");
 
-        // A newcomer's own step in flight is not paused for another newcomer: decodes come next.
+        // Where the step in flight costs about what the newcomer's own would (four decodes against a
+        // four-token prompt), it is not paused for it.
         let mut s = sched(256, 4, 1000, 8);
         compute_bound(&mut s, now);
-        s.add(flow_seq(1, "a", 1.0));
-        s.add(flow_seq(2, "a", 1.0));
+        for id in 1..=4 {
+            s.add(flow_seq(id, "a", 1.0));
+        }
+        let p = s.schedule();
+        step(&mut s, &p);
+        s.schedule();
+        s.add(flow_seq(100, "b", 1.0));
+        assert!(s.schedule_during(now).is_empty());
+
+        // A newcomer's own step in flight is not paused for another newcomer: decodes come next.
+        let mut s = sched(256, 4, 1000, 32);
+        compute_bound(&mut s, now);
+        for id in 1..=16 {
+            s.add(flow_seq(id, "a", 1.0));
+        }
         let p = s.schedule();
         step(&mut s, &p);
         s.add(flow_seq(100, "b", 1.0));

@@ -3,12 +3,15 @@
 //!
 //! The scheduler asks it one question: would running a newcomer's prefill in a step of its own, ahead of
 //! the decodes, get its first token out sooner by more than the extra step costs everyone else? Joining
-//! the decodes, its first token comes after a step like the recent ones plus its own work; alone, after a
-//! step of its size. The difference is the recent step less the fixed cost of a step, and the price is
-//! that fixed cost, once, for the decodes; a step of the newcomer's size costs at least the fixed cost,
-//! so "recent steps take more than twice a step of its size" is a safe test. On a compute-bound backend
-//! (the CPU) a step of 64 decodes costs many times a short prefill: yes. On a memory-bound GPU a step
-//! costs about the same whatever its size: no, the newcomer rides along with the decodes at no cost.
+//! the decodes (or waiting for the step in flight), its first token comes after a step of that size plus
+//! its own work; alone, after a step of its size. The difference is the decodes' step less the fixed cost
+//! of a step, and the price is that fixed cost, once, for the decodes; a step of the newcomer's size costs
+//! at least the fixed cost, so "a step of the decodes' size takes more than twice a step of its size" is a
+//! safe test. On a compute-bound backend (the CPU) a step of 64 decodes costs many times a short prefill:
+//! yes. On a memory-bound GPU a step costs about the same whatever its size: no, the newcomer rides along
+//! with the decodes at no cost. Both sides are per-size averages: the average of recent steps, used when
+//! the decodes' size has no fresh one, counts the newcomers' own steps too, and a stream of newcomers
+//! would pull it down to their own cost and talk the scheduler out of their steps.
 //!
 //! A size not seen for a while (or never) is worth one separate step to measure it: otherwise an average
 //! taken in a bad moment would decide forever, since a newcomer that joins the decodes never refreshes it.
@@ -63,12 +66,12 @@ impl StepCost {
         self.by_size[bucket(tokens)].filter(|&(_, at)| now.saturating_duration_since(at) < STALE).map(|(a, _)| a)
     }
 
-    /// Whether a newcomer's `prefill` tokens should get a step of their own ahead of the steps like the
-    /// recent ones (see the module doc); also `true` when a step of that size is unknown or stale, to
-    /// measure it. `false` before any step has run.
-    pub fn separate_prefill_pays(&self, prefill: usize, now: Instant) -> bool {
-        let Some(recent) = self.recent else { return false };
-        self.estimate(prefill, now).is_none_or(|alone| recent > 2.0 * alone)
+    /// Whether a newcomer's `prefill` tokens should get a step of their own rather than wait for or join a
+    /// step of `decodes` tokens (see the module doc); also `true` when a step of the newcomer's size is
+    /// unknown or stale, to measure it. `false` before any step has run.
+    pub fn separate_prefill_pays(&self, prefill: usize, decodes: usize, now: Instant) -> bool {
+        let Some(wait) = self.estimate(decodes, now).or(self.recent) else { return false };
+        self.estimate(prefill, now).is_none_or(|alone| wait > 2.0 * alone)
     }
 }
 
@@ -81,22 +84,39 @@ mod tests {
         let t = Instant::now();
         // Compute-bound: 0.1 ms fixed + 30 µs per token; then a run of 64-decode steps.
         let mut cpu = StepCost::default();
-        assert!(!cpu.separate_prefill_pays(16, t), "nothing has run");
+        assert!(!cpu.separate_prefill_pays(16, 64, t), "nothing has run");
         for size in [1, 2, 4, 8, 16, 32] {
             cpu.observe(size, 1e-4 + 3e-5 * size as f64, t);
         }
         for _ in 0..20 {
             cpu.observe(64, 1e-4 + 3e-5 * 64.0, t);
         }
-        assert!(cpu.separate_prefill_pays(16, t) && cpu.separate_prefill_pays(1, t));
-        assert!(!cpu.separate_prefill_pays(32, t), "a newcomer half the decodes' size gains too little");
+        assert!(cpu.separate_prefill_pays(16, 64, t) && cpu.separate_prefill_pays(1, 64, t));
+        assert!(!cpu.separate_prefill_pays(32, 64, t), "a newcomer half the decodes' size gains too little");
 
         // Memory-bound (a GPU): 0.8 ms whatever the size.
         let mut gpu = StepCost::default();
         for size in [1, 2, 4, 8, 16, 32, 64, 64, 64] {
             gpu.observe(size, 8e-4 + 1e-7 * size as f64, t);
         }
-        assert!(!gpu.separate_prefill_pays(16, t) && !gpu.separate_prefill_pays(1, t));
+        assert!(!gpu.separate_prefill_pays(16, 64, t) && !gpu.separate_prefill_pays(1, 64, t));
+    }
+
+    #[test]
+    fn newcomers_own_steps_do_not_talk_the_scheduler_out_of_them() {
+        // A model whose 64 decodes take 128 ms and a 16-token prefill 28 ms, newcomers' steps between the
+        // decodes' steps: the recent average sinks toward 2 x 28 ms, the decodes' own size does not.
+        let t = Instant::now();
+        let mut c = StepCost::default();
+        for _ in 0..20 {
+            c.observe(64, 0.128, t);
+            c.observe(16, 0.028, t);
+            c.observe(16, 0.028, t);
+        }
+        assert!(c.recent.unwrap() < 2.0 * 0.028 * 1.1, "{:?}", c.recent);
+        assert!(c.separate_prefill_pays(16, 64, t));
+        // With no fresh step of the decodes' size, the recent average stands in.
+        assert!(!c.separate_prefill_pays(16, 128, t));
     }
 
     #[test]
@@ -104,12 +124,12 @@ mod tests {
         let t = Instant::now();
         let mut c = StepCost::default();
         c.observe(64, 8e-4, t);
-        assert!(c.separate_prefill_pays(16, t), "never seen: measure it");
+        assert!(c.separate_prefill_pays(16, 64, t), "never seen: measure it");
         c.observe(16, 8e-4, t);
-        assert!(!c.separate_prefill_pays(16, t));
+        assert!(!c.separate_prefill_pays(16, 64, t));
         let later = t + STALE;
         assert_eq!(c.estimate(16, later), None);
-        assert!(c.separate_prefill_pays(16, later), "seen too long ago: measure it again");
+        assert!(c.separate_prefill_pays(16, 64, later), "seen too long ago: measure it again");
         // The recent average moves toward the new durations; bad values are ignored.
         for _ in 0..40 {
             c.observe(64, 4e-3, later);
@@ -122,6 +142,6 @@ mod tests {
         assert!(near(c.estimate(16, later), 8e-4 + ALPHA_UP * 1e-3));
         c.observe(16, 0.2e-3, later);
         assert!(near(c.estimate(16, later), 0.5 * (0.9e-3 + 0.2e-3)));
-        assert!(c.separate_prefill_pays(16, later));
+        assert!(c.separate_prefill_pays(16, 64, later));
     }
 }
