@@ -735,6 +735,15 @@ mod tests {
         }
     }
 
+    /// Queues flow a's requests `1..=n` and runs the step that admits them (as many as fit).
+    fn flow_a_admitted(s: &mut Scheduler, n: u64) {
+        for id in 1..=n {
+            s.add(flow_seq(id, "a", 1.0));
+        }
+        let p = s.schedule();
+        step(s, &p);
+    }
+
     #[test]
     fn a_newcomer_gets_a_step_of_its_own_only_where_steps_cost_what_they_compute() {
         let now = Instant::now();
@@ -745,11 +754,7 @@ mod tests {
             } else {
                 memory_bound(&mut s, now);
             }
-            for id in 1..=16 {
-                s.add(flow_seq(id, "a", 1.0));
-            }
-            let p = s.schedule();
-            step(&mut s, &p);
+            flow_a_admitted(&mut s, 16);
             // a's 16 now decode; b's request and one more of a's arrive.
             s.add(flow_seq(100, "b", 1.0));
             s.add(flow_seq(17, "a", 1.0));
@@ -783,11 +788,7 @@ mod tests {
         let now = Instant::now();
         let mut s = sched(256, 4, 1000, 16);
         compute_bound(&mut s, now);
-        for id in 1..=18 {
-            s.add(flow_seq(id, "a", 1.0));
-        }
-        let p = s.schedule();
-        step(&mut s, &p);
+        flow_a_admitted(&mut s, 18);
         // a's sixteen decode in a step in flight, paused. Another of a's arriving is not a newcomer.
         let in_flight = s.schedule();
         assert_eq!(in_flight.iter().map(|p| p.id).collect::<Vec<_>>(), (1..=16).collect::<Vec<_>>());
@@ -809,11 +810,7 @@ mod tests {
         // four-token prompt), it is not paused for it.
         let mut s = sched(256, 4, 1000, 8);
         compute_bound(&mut s, now);
-        for id in 1..=4 {
-            s.add(flow_seq(id, "a", 1.0));
-        }
-        let p = s.schedule();
-        step(&mut s, &p);
+        flow_a_admitted(&mut s, 4);
         s.schedule();
         s.add(flow_seq(100, "b", 1.0));
         assert!(s.schedule_during(now).is_empty());
@@ -821,11 +818,7 @@ mod tests {
         // A newcomer's own step in flight is not paused for another newcomer: decodes come next.
         let mut s = sched(256, 4, 1000, 32);
         compute_bound(&mut s, now);
-        for id in 1..=16 {
-            s.add(flow_seq(id, "a", 1.0));
-        }
-        let p = s.schedule();
-        step(&mut s, &p);
+        flow_a_admitted(&mut s, 16);
         s.add(flow_seq(100, "b", 1.0));
         assert_eq!(s.schedule().iter().map(|p| p.id).collect::<Vec<_>>(), [100]);
         s.add(flow_seq(200, "c", 1.0));
@@ -834,9 +827,7 @@ mod tests {
         // Where steps cost the same whatever their size, the newcomer joins the decodes instead.
         let mut s = sched(256, 4, 1000, 8);
         memory_bound(&mut s, now);
-        s.add(flow_seq(1, "a", 1.0));
-        let p = s.schedule();
-        step(&mut s, &p);
+        flow_a_admitted(&mut s, 1);
         s.schedule();
         s.add(flow_seq(100, "b", 1.0));
         assert!(s.schedule_during(now).is_empty());
