@@ -217,7 +217,8 @@ impl Loop {
             for c in std::mem::take(&mut self.deferred) {
                 self.handle(c);
             }
-            if self.sched.is_idle() {
+            // (A failure among the deferred commands is handed over below, not after the next command.)
+            if self.sched.is_idle() && self.failed.is_none() {
                 match rx.recv() {
                     Ok(c) => self.handle(c),
                     Err(_) => return,
