@@ -496,7 +496,7 @@ impl Loop {
                     other => self.deferred.push(other),
                 }
             }
-            if *aside <= own {
+            if *aside <= own && self.failed.is_none() {
                 let plan = self.sched.schedule_during(t);
                 if !plan.is_empty() {
                     self.execute(&plan, t, None);
