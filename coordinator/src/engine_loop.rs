@@ -430,7 +430,7 @@ impl Loop {
             (Ok(None), Some(rx)) => {
                 let batch: Vec<OwnedStepSeq> = inputs.iter().map(OwnedStepSeq::new).collect();
                 drop(inputs);
-                self.while_paused(rx, &batch, &step_span, t.elapsed(), &mut aside)
+                self.while_paused(rx, &batch, tokens, &step_span, t.elapsed(), &mut aside)
             }
             (first, _) => {
                 drop(inputs);
@@ -472,7 +472,7 @@ impl Loop {
         self.metrics.scheduler_step_seconds.observe(cpu_before_backend + (thread_cpu_time() - cpu_after));
     }
 
-    /// The step in flight paused after running for `own`: take new requests in and, if the scheduler plans a
+    /// The step in flight (`tokens` tokens) paused after running for `own`: take new requests in and, if the scheduler plans a
     /// newcomer's step, run it (its first token goes out) before the step goes on. Newcomers get at most as
     /// much time as the paused step itself, so its decodes advance at least half the time (as "never twice
     /// in a row" keeps between whole steps): the step pauses again only once it has run as long as what ran
@@ -482,6 +482,7 @@ impl Loop {
         &mut self,
         rx: &mpsc::Receiver<Command>,
         batch: &[OwnedStepSeq],
+        tokens: usize,
         span: &tracing::Span,
         mut own: Duration,
         aside: &mut Duration,
@@ -497,7 +498,7 @@ impl Loop {
                 }
             }
             if *aside <= own && self.failed.is_none() {
-                let plan = self.sched.schedule_during(t);
+                let plan = self.sched.schedule_during(tokens, t);
                 if !plan.is_empty() {
                     self.execute(&plan, t, None);
                 }

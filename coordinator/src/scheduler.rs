@@ -163,8 +163,6 @@ pub struct Scheduler {
     pub step_cost: StepCost,
     /// The last step planned was a newcomer's own.
     newcomer_step: bool,
-    /// Tokens of the last step planned by `schedule` (the step in flight, when one is).
-    planned_tokens: usize,
 }
 
 impl Scheduler {
@@ -181,7 +179,6 @@ impl Scheduler {
             flow_finish: HashMap::new(),
             step_cost: StepCost::default(),
             newcomer_step: false,
-            planned_tokens: 0,
         }
     }
 
@@ -300,12 +297,6 @@ impl Scheduler {
     /// Plans the next step. Sequences are in a consistent state whatever happens to the step: a failed
     /// step can be retried or its sequences aborted.
     pub fn schedule(&mut self) -> Vec<Planned> {
-        let plan = self.plan_step();
-        self.planned_tokens = plan.iter().map(|p| p.end - p.start).sum();
-        plan
-    }
-
-    fn plan_step(&mut self) -> Vec<Planned> {
         let mut plan = Vec::new();
         let mut budget = self.cfg.max_batched_tokens;
         let now = Instant::now();
@@ -372,15 +363,16 @@ impl Scheduler {
         plan
     }
 
-    /// Plans a step to run while the step in flight (planned by [`Scheduler::schedule`], not yet applied)
-    /// is paused: the newcomers at the head of the queue, when a step of their own pays as in `schedule`.
+    /// Plans a step to run while the step in flight (planned by [`Scheduler::schedule`], not yet applied, of
+    /// `in_flight_tokens` tokens) is paused: the newcomers at the head of the queue, when a step of their
+    /// own pays as in `schedule` against the rest of that step.
     /// The sequences in flight are left alone (nothing is preempted now). When every slot is taken, the
     /// newcomer takes one over the limit where fairness would preempt for it, and the next `schedule`
     /// preempts that flow's newest, so no step runs more than `max_num_seqs` sequences.
-    pub fn schedule_during(&mut self, now: Instant) -> Vec<Planned> {
+    pub fn schedule_during(&mut self, in_flight_tokens: usize, now: Instant) -> Vec<Planned> {
         let mut plan = Vec::new();
         // The step in flight is itself a newcomer's: decodes come next.
-        if self.newcomer_step || !self.newcomer_waiting(now, self.planned_tokens) {
+        if self.newcomer_step || !self.newcomer_waiting(now, in_flight_tokens) {
             return plan;
         }
         let max_seqs = if self.running.len() < self.cfg.max_num_seqs {
@@ -735,6 +727,10 @@ mod tests {
         }
     }
 
+    fn tokens(plan: &[Planned]) -> usize {
+        plan.iter().map(|p| p.end - p.start).sum()
+    }
+
     /// Queues flow a's requests `1..=n` and runs the step that admits them (as many as fit).
     fn flow_a_admitted(s: &mut Scheduler, n: u64) {
         for id in 1..=n {
@@ -792,10 +788,11 @@ mod tests {
         // a's sixteen decode in a step in flight, paused. Another of a's arriving is not a newcomer.
         let in_flight = s.schedule();
         assert_eq!(in_flight.iter().map(|p| p.id).collect::<Vec<_>>(), (1..=16).collect::<Vec<_>>());
-        assert!(s.schedule_during(now).is_empty());
+        let flying = tokens(&in_flight);
+        assert!(s.schedule_during(flying, now).is_empty());
         // b's request is: it takes a seventeenth slot for its prefill, and nothing of a's moves.
         s.add(flow_seq(100, "b", 1.0));
-        let during = s.schedule_during(now);
+        let during = s.schedule_during(flying, now);
         assert_eq!(during, [Planned { id: 100, start: 0, end: 4, sample: true }]);
         assert_eq!((s.running.len(), s.preemptions, s.steps_paused, s.newcomer_steps), (17, 0, 1, 1));
         step(&mut s, &during);
@@ -811,26 +808,27 @@ mod tests {
         let mut s = sched(256, 4, 1000, 8);
         compute_bound(&mut s, now);
         flow_a_admitted(&mut s, 4);
-        s.schedule();
+        let in_flight = s.schedule();
         s.add(flow_seq(100, "b", 1.0));
-        assert!(s.schedule_during(now).is_empty());
+        assert!(s.schedule_during(tokens(&in_flight), now).is_empty());
 
         // A newcomer's own step in flight is not paused for another newcomer: decodes come next.
         let mut s = sched(256, 4, 1000, 32);
         compute_bound(&mut s, now);
         flow_a_admitted(&mut s, 16);
         s.add(flow_seq(100, "b", 1.0));
-        assert_eq!(s.schedule().iter().map(|p| p.id).collect::<Vec<_>>(), [100]);
+        let in_flight = s.schedule();
+        assert_eq!(in_flight.iter().map(|p| p.id).collect::<Vec<_>>(), [100]);
         s.add(flow_seq(200, "c", 1.0));
-        assert!(s.schedule_during(now).is_empty());
+        assert!(s.schedule_during(tokens(&in_flight), now).is_empty());
 
         // Where steps cost the same whatever their size, the newcomer joins the decodes instead.
         let mut s = sched(256, 4, 1000, 8);
         memory_bound(&mut s, now);
         flow_a_admitted(&mut s, 1);
-        s.schedule();
+        let in_flight = s.schedule();
         s.add(flow_seq(100, "b", 1.0));
-        assert!(s.schedule_during(now).is_empty());
+        assert!(s.schedule_during(tokens(&in_flight), now).is_empty());
     }
 
     #[test]
