@@ -98,7 +98,7 @@ pub struct LocalBackend {
     pub engine: Engine,
     pub last: WorkerTiming,
     /// Seconds the paused step has run so far.
-    pub paused_seconds: f64,
+    paused_seconds: f64,
 }
 
 impl LocalBackend {
