@@ -224,16 +224,22 @@ fn reference_attention(
 #[test]
 fn paged_attention_matches_dense_reference_on_mixed_batches() {
     let mut r = rng(6);
-    for case in 0..12 {
-        let nkv = r.random_range(1..4);
-        let nh = nkv * r.random_range(1..4);
+    for case in 0..18 {
+        let mut nkv = r.random_range(1..4);
+        let mut nh = nkv * r.random_range(1..4);
         // Odd short heads, and the 64 and 128 of real models (eight-lane chunks plus none or some tail).
         let hd = match case {
             9 => 64,
             10 => 128,
             11 => 72,
+            12.. => 8,
             _ => r.random_range(1..20),
         };
+        // Heads of 8 run eight heads at a time: one group (stories260K's 8/4), a partial group, several
+        // groups, and a group size that does not divide 8.
+        if case >= 12 {
+            (nh, nkv) = [(8, 4), (6, 2), (8, 8), (16, 4), (12, 4), (9, 3)][case - 12];
+        }
         let bs: usize = [1, 4, 16][case % 3];
         let window = if case % 2 == 0 { None } else { Some(r.random_range(1..10)) };
         let shape = AttentionShape {

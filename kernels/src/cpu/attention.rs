@@ -67,7 +67,7 @@ pub fn paged_attention(
             owner[seq.q_start + i] = (si, seq.pos0 + i);
         }
     }
-    let attend: fn(&Row<'_>, &mut Vec<f32>, &mut [f32]) = attend_fn();
+    let attend: fn(&Row<'_>, &mut Vec<f32>, &mut [f32]) = attend_fn(s);
     out.par_chunks_mut(width).zip(q.par_chunks(width)).zip(owner.par_iter()).for_each_init(
         Vec::new,
         |scores, ((o_tok, q_tok), &(si, pos))| {
@@ -87,16 +87,128 @@ struct Row<'a> {
     shape: &'a AttentionShape,
 }
 
-/// The widest version of [`attend`] this CPU runs.
-fn attend_fn() -> fn(&Row<'_>, &mut Vec<f32>, &mut [f32]) {
+/// The fastest version of [`attend`] this CPU runs for heads of this shape.
+fn attend_fn(s: &AttentionShape) -> fn(&Row<'_>, &mut Vec<f32>, &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if s.head_dim == HEAD_OF_8 {
+                // SAFETY (of the call inside): the CPU supports AVX2 and FMA, checked just above.
+                return |row, scores, out| unsafe { heads_of_8::attend(row, scores, out) };
+            }
             // SAFETY (of the call inside): the CPU supports AVX2 and FMA, checked just above.
             return |row, scores, out| unsafe { attend_avx2_fma(row, scores, out) };
         }
     }
+    let _ = s;
     |row, scores, out| attend(row, scores, out, |acc, x, y| acc + x * y)
+}
+
+/// Head dimension that [`heads_of_8`] handles: one AVX register per head.
+const HEAD_OF_8: usize = 8;
+
+/// Attention for heads of 8 values (stories260K's), eight heads at a time.
+///
+/// One head at a time, every score is a dot product of 8 values: one vector multiply, then a horizontal
+/// sum of three dependent steps that costs more than the multiply, and the value pass is a chain of FMAs
+/// into one register. Here a position's scores for eight heads come out of one transposed reduction
+/// (eight multiplies, six `hadd`s, one cross-lane add: a vector of eight scores), the softmax runs across
+/// the eight heads in the lanes of one register, and the value pass keeps eight independent accumulators.
+/// Scores are laid out `[position][8 heads]`, one group of eight heads after another.
+#[cfg(target_arch = "x86_64")]
+mod heads_of_8 {
+    use std::arch::x86_64::*;
+
+    use super::{HEAD_OF_8, Row, exp_nonpositive};
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let s = row.shape;
+        let (nh, bs) = (s.num_heads, s.block_size);
+        let group = nh / s.num_kv_heads;
+        let kv_row = s.num_kv_heads * HEAD_OF_8;
+        let first = match s.sliding_window {
+            Some(w) => (row.pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        let n = row.pos + 1 - first;
+        // Cache rows of the visible positions, as runs inside one block: (first row, number of rows).
+        let runs = (first / bs..=row.pos / bs).map(|b| {
+            let start = (b * bs).max(first);
+            let end = ((b + 1) * bs).min(row.pos + 1);
+            (row.block_table[b] as usize * bs + start - b * bs, end - start)
+        });
+        scores.clear();
+        scores.resize(n * 8, 0.0);
+        for g in 0..nh.div_ceil(8) {
+            // Heads past `nh` in a partial group get a zero query and KV head 0's rows, and are not stored.
+            let heads = g * 8..(g * 8 + 8).min(nh);
+            let mut offset = [0usize; 8];
+            for (o, h) in offset.iter_mut().zip(heads.clone()) {
+                *o = (h / group) * HEAD_OF_8;
+            }
+            // SAFETY: every pointer stays inside its slice. A head's query is `q[h * 8..][..8]` with `h < nh`;
+            // cache rows come from the block table, which `ops::paged_attention` checked against the pool,
+            // and `offset[i] + 8 <= kv_row`; `scores` holds one vector per position.
+            unsafe {
+                let mut q = [_mm256_setzero_ps(); 8];
+                for (i, h) in heads.clone().enumerate() {
+                    q[i] = _mm256_loadu_ps(row.q.as_ptr().add(h * HEAD_OF_8));
+                }
+                let scale = _mm256_set1_ps(s.scale);
+                let sc = scores.as_mut_ptr();
+                let mut j = 0;
+                for (r0, len) in runs.clone() {
+                    for r in r0..r0 + len {
+                        let k = row.k_cache.as_ptr().add(r * kv_row);
+                        let m = |i: usize| _mm256_mul_ps(q[i], _mm256_loadu_ps(k.add(offset[i])));
+                        // Lanes: [sums of lanes 0-3 of m0 m1 m2 m3 | of lanes 4-7], the same for m4..m7; the
+                        // two halves added across the 128-bit lanes leave head i's dot product in lane i.
+                        let u0 = _mm256_hadd_ps(_mm256_hadd_ps(m(0), m(1)), _mm256_hadd_ps(m(2), m(3)));
+                        let u1 = _mm256_hadd_ps(_mm256_hadd_ps(m(4), m(5)), _mm256_hadd_ps(m(6), m(7)));
+                        let dots =
+                            _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+                        _mm256_storeu_ps(sc.add(j * 8), _mm256_mul_ps(dots, scale));
+                        j += 1;
+                    }
+                }
+            }
+            // Softmax over positions, a head per lane (the lane loops vectorise).
+            let mut max = [f32::NEG_INFINITY; 8];
+            for c in scores.chunks_exact(8) {
+                for l in 0..8 {
+                    max[l] = if c[l] > max[l] { c[l] } else { max[l] };
+                }
+            }
+            let mut sum = [0f32; 8];
+            for c in scores.chunks_exact_mut(8) {
+                for l in 0..8 {
+                    c[l] = exp_nonpositive(c[l] - max[l], |acc, x, y| x.mul_add(y, acc));
+                    sum[l] += c[l];
+                }
+            }
+            // SAFETY: as above; `out` holds `nh * 8` values and only heads `h < nh` are stored.
+            unsafe {
+                let p = scores.as_ptr();
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut j = 0;
+                for (r0, len) in runs.clone() {
+                    for r in r0..r0 + len {
+                        let v = row.v_cache.as_ptr().add(r * kv_row);
+                        for i in 0..8 {
+                            let w = _mm256_broadcast_ss(&*p.add(j * 8 + i));
+                            acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(offset[i])), acc[i]);
+                        }
+                        j += 1;
+                    }
+                }
+                for (i, h) in heads.enumerate() {
+                    let o = _mm256_mul_ps(acc[i], _mm256_set1_ps(1.0 / sum[i]));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(h * HEAD_OF_8), o);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
