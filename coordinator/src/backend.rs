@@ -19,9 +19,9 @@ pub trait Backend: Send {
     fn info(&self) -> ModelInfo;
     /// Runs one step over a batch; returns a token for each sequence that asked to sample, in order.
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>>;
-    /// [`Backend::step`] that may stop between two layers when `pause()` says so (`Ok(None)`); steps of
+    /// [`Backend::step`] that may stop before a layer's attention or MLP when `pause()` says so (`Ok(None)`); steps of
     /// other sequences may then run before [`Backend::resume`] finishes it. A backend that cannot pause (a
-    /// tensor-parallel group, whose ranks would have to stop at the same layer) runs the step whole.
+    /// tensor-parallel group, whose ranks would have to stop at the same point) runs the step whole.
     fn step_pausable(
         &mut self,
         batch: &[StepSeq<'_>],

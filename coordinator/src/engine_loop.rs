@@ -7,10 +7,10 @@
 //! once. Detokenizing and stop strings belong to the handler, so this thread does only scheduling and
 //! bookkeeping.
 //!
-//! With an in-process backend a step can pause between layers: when a request of a flow (API key) with
-//! nothing on the replica arrives, the submitter raises [`ReplicaStats::newcomer`], the step stops after its
-//! current layer, the loop takes the request in and, if the scheduler says a step of its own pays, runs the
-//! newcomer's prefill and sends its first token before the step goes on. Other commands that arrive
+//! With an in-process backend a step can pause before a layer's attention or MLP: when a request of a flow
+//! (API key) with nothing on the replica arrives, the submitter raises [`ReplicaStats::newcomer`], the step
+//! stops after its current half-layer, the loop takes the request in and, if the scheduler says a step of
+//! its own pays, runs the newcomer's prefill and sends its first token before the step goes on. Other commands that arrive
 //! meanwhile (aborts) wait until the step is done: its sequences must stay as they are.
 //!
 //! A step that fails ends the replica: the loop takes itself out of routing, collects every sequence it

@@ -171,7 +171,7 @@ impl Metrics {
         );
         r.register(
             "tessera:steps_paused",
-            "Steps paused between two layers so that a newcomer's prefill (counted in newcomer_steps) ran first",
+            "Steps paused inside the forward pass so that a newcomer's prefill (counted in newcomer_steps) ran first",
             m.steps_paused.clone(),
         );
         r.register(

@@ -19,9 +19,9 @@
 //! A newcomer (the head of the queue, from a flow with nothing running) can get a step of its own ahead of
 //! the decodes, when the replica's [`StepCost`] says the decodes would delay its first token by more than
 //! the extra step costs them (compute-bound backends); never twice in a row, so decodes advance at least
-//! every other step. When the step in flight can pause between layers (an in-process backend), a
+//! every other step. When the step in flight can pause (between half-layers, an in-process backend), a
 //! newcomer arriving meanwhile gets its step in the middle of it ([`Scheduler::schedule_during`]): it then
-//! waits for a layer of the decodes, not for all of them.
+//! waits for an attention or an MLP of the decodes, not for all of them.
 //!
 //! A decode that needs a new block when none is free preempts the most recently admitted sequence: its
 //! blocks are released and it goes back to the front of the queue to be recomputed (prompt plus what it

@@ -5,7 +5,8 @@
 //! each with its new tokens, start position, block table and (when it samples) its sampling parameters.
 //! A step is validated completely before anything runs, so a bad step is refused with nothing changed.
 //!
-//! A step can also be run pausable ([`Engine::step_pausable`]): it stops between two layers when asked,
+//! A step can also be run pausable ([`Engine::step_pausable`]): it stops between a layer's attention and
+//! its MLP, or between two layers, when asked,
 //! other steps may run meanwhile (a newcomer's prefill, so that its first token does not wait for a whole
 //! step of decodes), and [`Engine::resume`] finishes it. Steps run in between are refused if they touch the
 //! paused step's sequences or cache blocks.
@@ -65,11 +66,11 @@ struct SeqState {
 #[derive(Debug, PartialEq)]
 pub enum StepProgress {
     Done(Vec<SeqSampled>),
-    /// Stopped between two layers: [`Engine::resume`] with the same batch finishes it.
+    /// Stopped between two halves of the decoder: [`Engine::resume`] with the same batch finishes it.
     Paused,
 }
 
-/// A step stopped between two layers.
+/// A step stopped between two halves of the decoder (attention and MLP, or two layers).
 struct PausedStep {
     state: ForwardState,
     /// Each sequence's id, start position and token count: a resume must bring the same batch.
@@ -211,8 +212,8 @@ impl Engine {
         })
     }
 
-    /// [`Engine::step`] that stops between two layers when `pause()` returns true (it is asked before each
-    /// layer but the first). Paused, the engine takes other steps that leave this one's sequences and
+    /// [`Engine::step`] that stops when `pause()` returns true: it is asked before each half of the decoder
+    /// (a layer's attention, a layer's MLP) but the first. Paused, the engine takes other steps that leave this one's sequences and
     /// blocks alone; [`Engine::resume`] finishes it. Only a single rank pauses: in a group the step runs
     /// whole.
     pub fn step_pausable(

@@ -104,12 +104,14 @@ fn stack(parts: &[&Tensor]) -> Result<Tensor, ModelError> {
     Ok(Tensor::concat_rows(parts)?)
 }
 
-/// A forward pass stopped between two layers: the residual stream, the next layer's normed input, and
-/// the per-token inputs computed when it started.
+/// A forward pass stopped between two halves of the decoder (a layer's attention and its MLP, or two
+/// layers): the residual stream, the next half's normed input, and the per-token inputs computed when it
+/// started.
 pub struct ForwardState {
     x: Tensor,
     h: Tensor,
-    next_layer: usize,
+    /// The half to run next: layer `next_half / 2`, its attention when even, its MLP when odd.
+    next_half: usize,
     positions: Vec<u32>,
     slots: Vec<usize>,
     freqs: Vec<f32>,
@@ -386,7 +388,7 @@ impl Model {
             None => x.clone(),
         };
         self.profile.lap(self.device, "embedding + norm", at)?;
-        Ok(ForwardState { x, h, next_layer: 0, positions, slots, freqs })
+        Ok(ForwardState { x, h, next_half: 0, positions, slots, freqs })
     }
 
     fn attention_shape(&self, block_size: usize) -> AttentionShape {
@@ -420,11 +422,11 @@ impl Model {
         }
     }
 
-    /// [`Model::forward`] that stops between two layers when `pause()` says so and returns where it stood;
-    /// called again with that state (and the same batch), it goes on from there. At least one layer runs
-    /// per call. Between the calls the cache may serve other sequences' passes, as long as they write no
+    /// [`Model::forward`] that stops before a layer's attention or its MLP (never before the first) when
+    /// `pause()` says so, and returns where it stood; called again with that state (and the same batch), it
+    /// goes on from there. At least one half-layer runs per call. Between the calls the cache may serve other sequences' passes, as long as they write no
     /// block this one reads or writes (`Engine` checks). A single rank only: a group's ranks would have to
-    /// stop at the same layer.
+    /// stop at the same point.
     pub fn forward_pausable(
         &self,
         seqs: &[SeqInput<'_>],
@@ -455,13 +457,33 @@ impl Model {
         let eps = c.rms_norm_eps;
         let (dev, prof) = (self.device, &self.profile);
         let mut at = std::time::Instant::now();
-        let ForwardState { mut x, mut h, next_layer, positions, slots, freqs } = match resume {
+        let ForwardState { mut x, mut h, next_half, positions, slots, freqs } = match resume {
             Some(state) => state,
             None => self.forward_start(seqs, cache.block_size, &mut at)?,
         };
-        for (li, layer) in self.layers.iter().enumerate().skip(next_layer) {
-            if li > next_layer && comm.world_size() == 1 && pause() {
-                return Ok(Forward::Paused(ForwardState { x, h, next_layer: li, positions, slots, freqs }));
+        // Halves, not layers, so that a newcomer waits for at most one attention or one MLP of the step in
+        // flight (on a small model under a flood, a layer of 64 decodes is a few hundred microseconds).
+        for half in next_half..2 * self.layers.len() {
+            if half > next_half && comm.world_size() == 1 && pause() {
+                return Ok(Forward::Paused(ForwardState { x, h, next_half: half, positions, slots, freqs }));
+            }
+            let (li, layer) = (half / 2, &self.layers[half / 2]);
+            if half % 2 == 1 {
+                let gate_up = ops::linear(&h, &layer.gate_up, layer.gate_up_bias.as_ref())?;
+                prof.lap(dev, "gate/up projection", &mut at)?;
+                let act = ops::silu_mul_packed(&gate_up)?;
+                drop(gate_up);
+                prof.lap(dev, "silu * up", &mut at)?;
+                let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
+                prof.lap(dev, "down projection", &mut at)?;
+                comm.all_reduce_tensor(&mut down)?;
+                prof.lap(dev, "all-reduce", &mut at)?;
+                match self.layers.get(li + 1) {
+                    Some(next) => h = ops::add_rms_norm(&mut x, &down, &next.input_norm, eps)?,
+                    None => ops::add_inplace(&mut x, &down)?,
+                }
+                prof.lap(dev, "add + norm", &mut at)?;
+                continue;
             }
             let qkv = ops::linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
             prof.lap(dev, "qkv projection", &mut at)?;
@@ -487,21 +509,6 @@ impl Model {
             comm.all_reduce_tensor(&mut o)?;
             prof.lap(dev, "all-reduce", &mut at)?;
             h = ops::add_rms_norm(&mut x, &o, &layer.post_norm, eps)?;
-            prof.lap(dev, "add + norm", &mut at)?;
-
-            let gate_up = ops::linear(&h, &layer.gate_up, layer.gate_up_bias.as_ref())?;
-            prof.lap(dev, "gate/up projection", &mut at)?;
-            let act = ops::silu_mul_packed(&gate_up)?;
-            drop(gate_up);
-            prof.lap(dev, "silu * up", &mut at)?;
-            let mut down = ops::linear(&act, &layer.down, layer.down_bias.as_ref())?;
-            prof.lap(dev, "down projection", &mut at)?;
-            comm.all_reduce_tensor(&mut down)?;
-            prof.lap(dev, "all-reduce", &mut at)?;
-            match self.layers.get(li + 1) {
-                Some(next) => h = ops::add_rms_norm(&mut x, &down, &next.input_norm, eps)?,
-                None => ops::add_inplace(&mut x, &down)?,
-            }
             prof.lap(dev, "add + norm", &mut at)?;
         }
 

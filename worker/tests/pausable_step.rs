@@ -1,4 +1,4 @@
-//! A step paused between layers, with another sequence's step run in the middle, finishes exactly as if it
+//! A step paused before every half-layer (attention, MLP), with another sequence's step run in the middle, finishes exactly as if it
 //! had run whole, and so does the step in the middle; steps that would disturb the paused one are refused.
 
 mod common;
@@ -113,7 +113,7 @@ fn a_paused_step_finishes_as_if_run_whole() {
             StepProgress::Done(out) => break out,
         }
     };
-    assert_eq!(pauses, layers - 1, "one pause before each layer but the first");
+    assert_eq!(pauses, 2 * layers - 1, "one pause before each half-layer (attention, MLP) but the first");
     assert!(!paused.is_paused());
     invalid(paused.resume(&a_batch, &always), "no step is paused");
     // Bit for bit: tokens, logprobs and the top alternatives.
