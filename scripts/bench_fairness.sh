@@ -8,7 +8,9 @@
 #
 # Settings: MODEL (a model directory; default the built-in stories260K), B_REQUESTS (default 300),
 # B_MAX_TOKENS (default 8), WARM (seconds of A's flood before B is measured, default 0: raise it for a
-# large model, whose prefills of A's first 64 requests take a while), PORT (default 18790).
+# large model, whose prefills of A's first 64 requests take a while), A_NO_STREAM (set: A's requests ask
+# for whole responses, so the server writes one response per request instead of a chunk per token),
+# PORT (default 18790).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=("$@")
@@ -46,7 +48,7 @@ for round in $(seq 1 "${ROUNDS:-3}"); do
         ttft 5 >/dev/null  # warm-up: the first requests touch cold weights and code
         idle=$(ttft)
         "$load" bench serve --url "http://127.0.0.1:$port" --concurrency 200 --requests 1000000 \
-            --prompt-len 16 --max-tokens 128 --api-key "$a_key" >/dev/null 2>&1 &
+            --prompt-len 16 --max-tokens 128 ${A_NO_STREAM:+--no-stream} --api-key "$a_key" >/dev/null 2>&1 &
         flood=$!
         pids+=("$flood")
         until [ "$(metric 'tessera:num_requests_waiting')" -ge 100 ] 2>/dev/null; do sleep 0.05; done

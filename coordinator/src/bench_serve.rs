@@ -1,7 +1,7 @@
 //! `tessera bench serve`: a load generator for a running Tessera (or any OpenAI-compatible) server.
 //!
 //! `--concurrency` clients each send streaming completions one after another until `--requests` have been
-//! sent. Prompts are random token ids (distinct per request, so the prefix cache does not flatter the
+//! sent (`--no-stream`: whole responses, and no time to first token or inter-token latency to report). Prompts are random token ids (distinct per request, so the prefix cache does not flatter the
 //! numbers) and generation ignores EOS, so every request produces exactly `--max-tokens` tokens. Reports
 //! request and token throughput and TTFT, inter-token and end-to-end latency percentiles; against a
 //! Tessera server also the scheduler's own CPU time per step, read from `/metrics`.
@@ -47,6 +47,10 @@ pub struct ServeBenchArgs {
     /// API key, sent as `Authorization: Bearer`.
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
+    /// Ask for whole responses instead of event streams (clients that do not stream; only end-to-end
+    /// latency is measured).
+    #[arg(long)]
+    pub no_stream: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -104,6 +108,23 @@ fn histogram(metrics: &str, name: &str) -> Option<(f64, f64)> {
             .and_then(|v| v.parse::<f64>().ok())
     };
     Some((get("sum")?, get("count")?))
+}
+
+/// One request without streaming: its end-to-end latency and completion tokens.
+async fn one_whole(client: &HttpClient, url: &str, body: &Value, samples: &Mutex<Samples>) {
+    let start = Instant::now();
+    let tokens = match client.post_json(url, body).await {
+        Ok(r) if r.status.is_success() => r.json().ok().and_then(|v| v["usage"]["completion_tokens"].as_u64()),
+        _ => None,
+    };
+    let mut s = samples.lock().expect("samples");
+    match tokens {
+        Some(t) => {
+            s.e2e.push(start.elapsed().as_secs_f64());
+            s.tokens += t as usize;
+        }
+        None => s.failed += 1,
+    }
 }
 
 async fn one(client: &HttpClient, url: &str, body: &Value, samples: &Mutex<Samples>) {
@@ -195,6 +216,14 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
                         3 + (x % (a.vocab.max(4) as u64 - 3)) as u32
                     })
                     .collect();
+                if a.no_stream {
+                    let body = json!({
+                        "model": model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
+                        "ignore_eos": true,
+                    });
+                    one_whole(&client, &url, &body, &samples).await;
+                    continue;
+                }
                 let body = json!({
                     "model": model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
                     "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},

@@ -31,6 +31,7 @@ fn load(s: &Server, key: &str, concurrency: usize, requests: usize, max_tokens: 
         model: Some("stories260K".into()),
         vocab: 500,
         api_key: Some(key.to_string()),
+        no_stream: false,
         json: true,
     }
 }
@@ -88,4 +89,17 @@ fn one_keys_flood_does_not_starve_another_key() {
         loaded.ttft_ms.p99,
         a_probe.ttft_ms.p50
     );
+}
+
+/// `tessera bench serve --no-stream`: whole responses, their tokens counted from `usage`, and no time to
+/// first token (there is no first token to time).
+#[test]
+fn the_load_generator_measures_whole_responses_without_streaming() {
+    let s = Server::start(&[]);
+    let args = ServeBenchArgs { api_key: None, no_stream: true, ..load(&s, "", 4, 8, 5) };
+    let r = rt().block_on(run_load(&args)).unwrap();
+    assert_eq!(r.failed, 0);
+    assert_eq!((r.output_tokens_per_s * r.seconds).round() as usize, 8 * 5);
+    assert!(r.e2e_ms.p50 > 0.0);
+    assert_eq!((r.ttft_ms.p50, r.itl_ms.p50), (0.0, 0.0));
 }
