@@ -19,9 +19,9 @@ pub trait Backend: Send {
     fn info(&self) -> ModelInfo;
     /// Runs one step over a batch; returns a token for each sequence that asked to sample, in order.
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>>;
-    /// [`Backend::step`] that may stop before a layer's attention or MLP when `pause()` says so (`Ok(None)`); steps of
-    /// other sequences may then run before [`Backend::resume`] finishes it. A backend that cannot pause (a
-    /// tensor-parallel group, whose ranks would have to stop at the same point) runs the step whole.
+    /// [`Backend::step`] that may stop before a layer's attention or MLP when `pause()` says so (`Ok(None)`);
+    /// steps of other sequences may then run before [`Backend::resume`] finishes it. A backend that cannot
+    /// pause (a tensor-parallel group, whose ranks would have to stop at the same point) runs the step whole.
     fn step_pausable(
         &mut self,
         batch: &[StepSeq<'_>],
@@ -39,6 +39,11 @@ pub trait Backend: Send {
     }
     /// Forgets per-sequence state of finished sequences.
     fn release(&mut self, ids: &[u64]);
+    /// Whether steps run on this process's CPU, in rayon's parallel loops (the engine loop then runs on a
+    /// thread of their pool: `engine_loop::spawn`).
+    fn computes_on_cpu(&self) -> bool {
+        false
+    }
     /// Per rank, what the last step cost on the worker.
     fn last_timings(&self) -> Vec<WorkerTiming>;
 }
@@ -166,6 +171,10 @@ impl Backend for LocalBackend {
 
     fn last_timings(&self) -> Vec<WorkerTiming> {
         vec![self.last]
+    }
+
+    fn computes_on_cpu(&self) -> bool {
+        self.engine.model.device == tessera_kernels::Device::Cpu
     }
 
     fn release(&mut self, ids: &[u64]) {

@@ -171,6 +171,7 @@ pub fn spawn(
     }
     let (tx, rx) = mpsc::channel();
     let sched = Scheduler::new(cfg, BlockManager::new(info.num_blocks, info.block_size));
+    let on_cpu = backend.computes_on_cpu();
     let mut lp = Loop {
         backend,
         sched,
@@ -183,6 +184,28 @@ pub fn spawn(
         failed: None,
         deferred: Vec::new(),
     };
+    if on_cpu {
+        // The loop runs as a worker of its own compute pool: a step's forward pass then runs on the loop's
+        // thread, its parallel loops shared out by work-stealing, instead of going to a pool thread while the
+        // loop sleeps until woken. Under a flood on two cores each such wake-up (two a step, and one each
+        // time a step pauses for a newcomer) waited up to a millisecond for a core.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("tessera-engine-{i}"))
+            // A panic ends the loop as it would end a thread of its own: its channel closes and the replica
+            // is retired (the panic hook has printed it). Without a handler rayon would abort the process.
+            .panic_handler(|_| {})
+            .build()
+            .expect("building the engine's compute pool");
+        let pool = Arc::new(pool);
+        let own = pool.clone();
+        pool.spawn(move || {
+            // The pool lives as long as the loop: dropped, its idle threads would leave.
+            let _pool = own;
+            let _keep_alive = keep_alive;
+            lp.run(rx)
+        });
+        return tx;
+    }
     std::thread::Builder::new()
         .name("tessera-engine".into())
         .spawn(move || {

@@ -415,8 +415,11 @@ mod tests {
     use crate::backend::WorkerTiming;
     use tessera_worker::{SamplingParams, SeqSampled, StepSeq};
 
-    /// A backend whose first step panics, killing its engine loop.
-    struct Panics;
+    /// A backend whose first step panics, killing its engine loop (on a compute pool's thread when
+    /// `on_cpu`, as an in-process CPU engine's loop runs, or on a thread of its own).
+    struct Panics {
+        on_cpu: bool,
+    }
 
     impl Backend for Panics {
         fn info(&self) -> ModelInfo {
@@ -428,6 +431,9 @@ mod tests {
         fn release(&mut self, _: &[u64]) {}
         fn last_timings(&self) -> Vec<WorkerTiming> {
             Vec::new()
+        }
+        fn computes_on_cpu(&self) -> bool {
+            self.on_cpu
         }
     }
 
@@ -450,13 +456,19 @@ mod tests {
 
     #[test]
     fn a_replica_whose_loop_died_is_retired_and_reported() {
-        let info = Panics.info();
+        for on_cpu in [false, true] {
+            a_replica_whose_loop_died(on_cpu);
+        }
+    }
+
+    fn a_replica_whose_loop_died(on_cpu: bool) {
+        let info = Panics { on_cpu }.info();
         let r = Replicas::new(info, Arc::new(Metrics::new("m")));
         let failed = Arc::new(Mutex::new(Vec::new()));
         let seen = failed.clone();
         r.set_failure_hook(Box::new(move |id, why| seen.lock().unwrap().push((id, why.to_string()))));
         let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 64 };
-        let id = r.add(Box::new(Panics), cfg, vec![], "g1", vec![], Box::new(()));
+        let id = r.add(Box::new(Panics { on_cpu }), cfg, vec![], "g1", vec![], Box::new(()));
         let (req, mut rx) = request(&r);
         assert!(r.submit(req));
         // The loop panics in its first step: the request's channel closes without an event.
