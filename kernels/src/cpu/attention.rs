@@ -87,6 +87,24 @@ struct Row<'a> {
     shape: &'a AttentionShape,
 }
 
+/// The cache rows a query sees (its own sequence's positions up to its own, within the sliding window), as
+/// runs inside one block: (first row, number of rows); and how many positions that is. Walking runs, not
+/// positions, spares a division per position.
+#[inline(always)]
+fn visible_runs<'r>(row: &'r Row<'_>) -> (usize, impl Iterator<Item = (usize, usize)> + Clone + 'r) {
+    let bs = row.shape.block_size;
+    let first = match row.shape.sliding_window {
+        Some(w) => (row.pos + 1).saturating_sub(w),
+        None => 0,
+    };
+    let runs = (first / bs..=row.pos / bs).map(move |b| {
+        let start = (b * bs).max(first);
+        let end = ((b + 1) * bs).min(row.pos + 1);
+        (row.block_table[b] as usize * bs + start - b * bs, end - start)
+    });
+    (row.pos + 1 - first, runs)
+}
+
 /// The fastest version of [`attend`] this CPU runs for heads of this shape.
 fn attend_fn(s: &AttentionShape) -> fn(&Row<'_>, &mut Vec<f32>, &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -119,25 +137,15 @@ const HEAD_OF_8: usize = 8;
 mod heads_of_8 {
     use std::arch::x86_64::*;
 
-    use super::{HEAD_OF_8, Row, exp_nonpositive};
+    use super::{HEAD_OF_8, Row, exp_nonpositive, visible_runs};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
         let s = row.shape;
-        let (nh, bs) = (s.num_heads, s.block_size);
+        let nh = s.num_heads;
         let group = nh / s.num_kv_heads;
         let kv_row = s.num_kv_heads * HEAD_OF_8;
-        let first = match s.sliding_window {
-            Some(w) => (row.pos + 1).saturating_sub(w),
-            None => 0,
-        };
-        let n = row.pos + 1 - first;
-        // Cache rows of the visible positions, as runs inside one block: (first row, number of rows).
-        let runs = (first / bs..=row.pos / bs).map(|b| {
-            let start = (b * bs).max(first);
-            let end = ((b + 1) * bs).min(row.pos + 1);
-            (row.block_table[b] as usize * bs + start - b * bs, end - start)
-        });
+        let (n, runs) = visible_runs(row);
         scores.clear();
         scores.resize(n * 8, 0.0);
         for g in 0..nh.div_ceil(8) {
@@ -225,27 +233,18 @@ unsafe fn attend_avx2_fma(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32])
 #[inline(always)]
 fn attend(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32], fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
     let s = row.shape;
-    let (hd, bs) = (s.head_dim, s.block_size);
+    let hd = s.head_dim;
     let group = s.num_heads / s.num_kv_heads;
     let kv_row = s.num_kv_heads * hd;
-    let first = match s.sliding_window {
-        Some(w) => (row.pos + 1).saturating_sub(w),
-        None => 0,
-    };
+    let (n, runs) = visible_runs(row);
     scores.clear();
-    scores.resize(row.pos + 1 - first, 0.0);
-    // Visible positions as runs inside one block: (first position, past-the-end, first cache row).
-    let runs = (first / bs..=row.pos / bs).map(|b| {
-        let start = (b * bs).max(first);
-        let end = ((b + 1) * bs).min(row.pos + 1);
-        (start, end, row.block_table[b] as usize * bs + start - b * bs)
-    });
+    scores.resize(n, 0.0);
     for h in 0..s.num_heads {
         let kv = (h / group) * hd;
         let q = &row.q[h * hd..(h + 1) * hd];
         let mut sc = scores.iter_mut();
-        for (start, end, slot0) in runs.clone() {
-            for (base, score) in (slot0..slot0 + end - start).map(|r| r * kv_row + kv).zip(&mut sc) {
+        for (slot0, len) in runs.clone() {
+            for (base, score) in (slot0..slot0 + len).map(|r| r * kv_row + kv).zip(&mut sc) {
                 *score = short_dot(q, &row.k_cache[base..base + hd], fma) * s.scale;
             }
         }
@@ -253,11 +252,11 @@ fn attend(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32], fma: impl Fn(f3
         let o = &mut out[h * hd..(h + 1) * hd];
         o.fill(0.0);
         let mut p = scores.iter();
-        for (start, end, slot0) in runs.clone() {
+        for (slot0, len) in runs.clone() {
             // Four positions at a time: one add into `o` per four rows instead of a chain of four FMAs, each
             // waiting on the last (heads of 8 are one vector register: the chain is all there is).
             let mut r = slot0;
-            while r + 4 <= slot0 + end - start {
+            while r + 4 <= slot0 + len {
                 let v = |k: usize| &row.v_cache[(r + k) * kv_row + kv..][..hd];
                 let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
                 let (p0, p1, p2, p3) = (*p.next().unwrap(), *p.next().unwrap(), *p.next().unwrap(), *p.next().unwrap());
@@ -266,7 +265,7 @@ fn attend(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32], fma: impl Fn(f3
                 }
                 r += 4;
             }
-            for (base, &p) in (r..slot0 + end - start).map(|r| r * kv_row + kv).zip(&mut p) {
+            for (base, &p) in (r..slot0 + len).map(|r| r * kv_row + kv).zip(&mut p) {
                 for (o, &x) in o.iter_mut().zip(&row.v_cache[base..base + hd]) {
                     *o = fma(*o, p, x);
                 }
