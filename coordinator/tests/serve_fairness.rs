@@ -81,8 +81,10 @@ fn one_keys_flood_does_not_starve_another_key() {
     );
     // On the CPU a step of 64 decodes costs many times B's prefill: B's prefills ran alone, and most of them
     // without waiting for the rest of the step in flight.
-    assert!(newcomer_steps >= 150.0, "B's prefills shared A's steps: {newcomer_steps} newcomer steps for 300 requests");
-    assert!(steps_paused >= 100.0, "A's steps were paused for B only {steps_paused} times in 300 requests");
+    // (All 300 and 280-296 in eight runs here; at the step-cost ratio of 2, in release builds, only 159-228 of
+    // B's prefills got a step of their own in half the runs.)
+    assert!(newcomer_steps >= 240.0, "B's prefills shared A's steps: {newcomer_steps} newcomer steps for 300 requests");
+    assert!(steps_paused >= 200.0, "A's steps were paused for B only {steps_paused} times in 300 requests");
     assert!(
         loaded.ttft_ms.p99 * 10.0 < a_probe.ttft_ms.p50,
         "B waited like A: B's p99 TTFT {:.1} ms, A's {:.1} ms",
