@@ -8,6 +8,7 @@
 //! the gRPC metadata of every step, read again by the workers ([`TraceContextLayer`]).
 
 use std::{
+    io::IsTerminal,
     task::{Context as TaskContext, Poll},
     time::Duration,
 };
@@ -57,7 +58,10 @@ impl Drop for Telemetry {
 /// (its gRPC channel lives there): call this inside one when `otlp` is set.
 pub fn init(json: bool, default_filter: &str, otlp: Option<Otlp>) -> Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: escape codes in a file, `kubectl logs` or a log pipeline are
+    // noise that breaks searching for `key=value`. `NO_COLOR` (no-color.org) turns it off there too.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour);
     let fmt = if json { fmt.json().flatten_event(true).boxed() } else { fmt.boxed() };
     let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
     let Some(o) = otlp else {

@@ -357,6 +357,28 @@ fn each_request_is_one_json_log_line_with_its_id_status_and_timings() {
     assert!(missing["request_id"].as_str().unwrap().starts_with("req-"));
 }
 
+/// Text logs written to a pipe (a file, `kubectl logs`, a log shipper) carry no terminal colour codes, so
+/// that `key=value` fields can be searched for as written.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let s = Server::start(&[]);
+    let r = rt()
+        .block_on(
+            HttpClient::new()
+                .post_json(&s.url("/v1/completions"), &json!({"model": "stories260K", "prompt": "x", "max_tokens": 1})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.logged("path=/v1/completions status=200") {
+        let lines = s.log.lock().unwrap().clone();
+        assert!(Instant::now() < deadline, "no plain request line: {lines:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lines = s.log.lock().unwrap().clone();
+    assert!(lines.iter().all(|l| !l.contains('\x1b')), "escape codes in {lines:?}");
+}
+
 /// Parses an exposition into (name, labels, value) samples.
 fn samples(text: &str) -> Vec<(String, String, f64)> {
     text.lines()
