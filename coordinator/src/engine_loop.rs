@@ -53,6 +53,9 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub ignore_eos: bool,
     pub n: usize,
+    /// The index its first choice has in the response: a completion of several prompts is a request per
+    /// prompt, and their choices are numbered on through the prompts, as OpenAI numbers them.
+    pub first_choice: usize,
     /// Fair-share flow (API key id) and weight.
     pub flow: Option<String>,
     pub weight: f64,
@@ -287,7 +290,7 @@ impl Loop {
                             span: r.span.clone(),
                             flow: r.flow.clone(),
                             events: r.events.clone(),
-                            choice,
+                            choice: r.first_choice + choice,
                             arrival,
                             last_token: None,
                             prompt_tokens: r.prompt.len(),
@@ -730,6 +733,7 @@ mod tests {
                 max_tokens,
                 ignore_eos: true,
                 n,
+                first_choice: 0,
                 flow: Some(flow.into()),
                 weight: 1.0,
                 events: events.clone(),

@@ -446,6 +446,7 @@ mod tests {
             max_tokens: 4,
             ignore_eos: true,
             n: 1,
+            first_choice: 0,
             flow: None,
             weight: 1.0,
             events: tx,

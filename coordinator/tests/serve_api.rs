@@ -63,6 +63,10 @@ assert r.choices[0].text == ", there was a little girl named " and r.choices[0].
 r = c.completions.create(model="stories260K", prompt="Once upon a time", max_tokens=10, temperature=0.9, seed=7, n=3)
 assert len(r.choices) == 3 and r.usage.completion_tokens == 30
 
+r = c.completions.create(model="stories260K", prompt=["The cat", "Once upon a time"], max_tokens=27, temperature=0, n=2)
+assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and r.choices[2].text == r.choices[3].text == LILY, r
+assert r.usage.completion_tokens == 4 * 27
+
 for call, err in [(lambda: c.completions.create(model="nope", prompt="x"), openai.NotFoundError),
                   (lambda: c.completions.create(model="stories260K", prompt="x", max_tokens=-1), openai.BadRequestError),
                   (lambda: c.chat.completions.create(model="stories260K", messages=[]), openai.BadRequestError)]:
@@ -125,6 +129,78 @@ fn concurrent_greedy_requests_return_what_each_returns_alone() {
     let small = Server::start(&["--max-num-batched-tokens", "4", "--max-num-seqs", "4"]);
     let chunked = rt.block_on(run_all(&client, &small, &prompts, true));
     assert_eq!(alone, chunked, "with chunked prefill of 4 tokens per step");
+}
+
+/// A list of prompts is a batch, answered as OpenAI answers one: each prompt's `n` choices, numbered on
+/// through the list (prompt p's choice c has index p·n + c), each what the prompt gets alone, streamed or
+/// not, with the usage of all of them; lists of token ids alike. (Bad batches: `serve_errors`.)
+#[test]
+fn a_list_of_prompts_gets_each_prompts_choices_numbered_through_the_list() {
+    let rt = rt();
+    let client = HttpClient::new();
+    let s = Server::start(&[]);
+    let url = s.url("/v1/completions");
+    let ask = |prompt: Value, n: usize, stream: bool| {
+        let mut b = json!({"model": "stories260K", "prompt": prompt, "max_tokens": 12, "temperature": 0, "n": n});
+        if stream {
+            b["stream"] = json!(true);
+            b["stream_options"] = json!({"include_usage": true});
+        }
+        b
+    };
+    let texts = [json!("Once upon a time"), json!("The cat sat"), json!("Tom had a big red ball")];
+    let tokens = [json!([1, 300, 301, 302]), json!([1, 450])];
+    rt.block_on(async {
+        for batch in [&texts[..], &tokens[..]] {
+            // Each prompt alone.
+            let (mut alone, mut prompt_tokens) = (Vec::new(), 0);
+            for p in batch {
+                let v: Value = client.post_json(&url, &ask(p.clone(), 1, false)).await.unwrap().json().unwrap();
+                alone.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+                prompt_tokens += v["usage"]["prompt_tokens"].as_u64().unwrap();
+            }
+            let r = client.post_json(&url, &ask(json!(batch), 2, false)).await.unwrap();
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let v: Value = r.json().unwrap();
+            let choices = v["choices"].as_array().unwrap();
+            assert_eq!(choices.len(), 2 * batch.len());
+            for (i, c) in choices.iter().enumerate() {
+                assert_eq!((c["index"].as_u64(), c["text"].as_str()), (Some(i as u64), Some(alone[i / 2].as_str())));
+            }
+            let completion = 12 * 2 * batch.len() as u64;
+            assert_eq!(
+                (v["usage"]["prompt_tokens"].as_u64(), v["usage"]["completion_tokens"].as_u64()),
+                (Some(prompt_tokens), Some(completion))
+            );
+
+            let mut streamed = vec![String::new(); 2 * batch.len()];
+            let mut finished = vec![0; 2 * batch.len()];
+            let mut usage = Value::Null;
+            let status = client
+                .post_stream(&url, &ask(json!(batch), 2, true), |ev| {
+                    if ev.data == "[DONE]" {
+                        return false;
+                    }
+                    let v: Value = serde_json::from_str(&ev.data).unwrap();
+                    for c in v["choices"].as_array().unwrap() {
+                        let i = c["index"].as_u64().unwrap() as usize;
+                        streamed[i].push_str(c["text"].as_str().unwrap());
+                        finished[i] += c["finish_reason"].is_string() as usize;
+                    }
+                    if !v["usage"].is_null() {
+                        usage = v["usage"].clone();
+                    }
+                    true
+                })
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            let expected: Vec<String> = alone.iter().flat_map(|t| [t.clone(), t.clone()]).collect();
+            assert_eq!(streamed, expected);
+            assert!(finished.iter().all(|&f| f == 1), "one finish_reason per choice: {finished:?}");
+            assert_eq!(usage["total_tokens"].as_u64(), Some(prompt_tokens + completion));
+        }
+    });
 }
 
 #[test]

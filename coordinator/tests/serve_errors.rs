@@ -50,7 +50,22 @@ fn malformed_requests_get_the_right_4xx_and_the_server_keeps_serving() {
         ("prompt empty list", "POST", "/v1/completions", c(json!({"prompt": []})), 400, Some("prompt")),
         ("prompt token out of vocab", "POST", "/v1/completions", c(json!({"prompt": [1, 99999]})), 400, Some("prompt")),
         ("prompt negative token", "POST", "/v1/completions", c(json!({"prompt": [-1]})), 400, Some("prompt")),
-        ("batched prompts", "POST", "/v1/completions", c(json!({"prompt": ["a", "b"]})), 400, Some("prompt")),
+        (
+            "an empty prompt in a batch",
+            "POST",
+            "/v1/completions",
+            c(json!({"prompt": [[1, 2], []]})),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "a batch of more than 128 completions",
+            "POST",
+            "/v1/completions",
+            c(json!({"prompt": vec!["a"; 9], "n": 16})),
+            400,
+            Some("prompt"),
+        ),
         (
             "max_tokens negative",
             "POST",

@@ -26,7 +26,7 @@ use super::{
     unix_now,
 };
 use crate::{
-    engine_loop::{Event, GenRequest},
+    engine_loop::{Event, GenRequest, MAX_CHOICES},
     generate::FinishReason,
 };
 
@@ -75,7 +75,7 @@ pub async fn completions(
     let prepared =
         tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_completion(&s, &caller, b));
     match prepared {
-        Ok((prompt, max_tokens, opts)) => run(s, &caller, Kind::Completion, prompt, max_tokens, opts).await,
+        Ok((prompts, max_tokens, opts)) => run(s, &caller, Kind::Completion, prompts, max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
 }
@@ -84,7 +84,7 @@ fn prepare_completion(
     s: &AppState,
     caller: &Caller,
     b: Result<Bytes, BytesRejection>,
-) -> Result<(Vec<u32>, usize, Options), ApiError> {
+) -> Result<(Vec<Vec<u32>>, usize, Options), ApiError> {
     let mut r: CompletionRequest = request::parse(&body(b, s.max_body_bytes)?)?;
     check_model(s, &r.model)?;
     auth::check_model(caller, &r.model)?;
@@ -107,26 +107,30 @@ fn prepare_completion(
             ));
         }
     };
-    let prompt = match std::mem::replace(&mut r.prompt, Prompt::Tokens(vec![])) {
-        Prompt::Text(t) => encode(s, &t)?,
-        Prompt::Tokens(ids) => token_ids(s, ids)?,
-        Prompt::Texts(mut v) if v.len() == 1 => encode(s, &v.remove(0))?,
-        Prompt::TokenLists(mut v) if v.len() == 1 => token_ids(s, v.remove(0))?,
-        Prompt::Texts(v) if v.is_empty() => vec![],
-        Prompt::TokenLists(v) if v.is_empty() => vec![],
-        _ => {
-            return Err(ApiError::param(
-                "prompt",
-                "Batched prompts are not supported: send one prompt per request (use n for several completions).",
-            ));
-        }
+    // A list of prompts is a batch: each prompt gets its `n` completions, numbered on through the list.
+    let prompts: Vec<Vec<u32>> = match std::mem::replace(&mut r.prompt, Prompt::Tokens(vec![])) {
+        Prompt::Text(t) => vec![encode(s, &t)?],
+        Prompt::Tokens(ids) => vec![token_ids(s, ids)?],
+        Prompt::Texts(v) => v.iter().map(|t| encode(s, t)).collect::<Result<_, _>>()?,
+        Prompt::TokenLists(v) => v.into_iter().map(|ids| token_ids(s, ids)).collect::<Result<_, _>>()?,
     };
-    if prompt.is_empty() {
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(ApiError::param("prompt", "The prompt must not be empty."));
     }
     let max_tokens = request::max_tokens("max_tokens", r.max_tokens)?.unwrap_or(16);
     let opts = request::options(r.common(), logprobs)?;
-    Ok((prompt, max_tokens, opts))
+    if prompts.len() * opts.n > MAX_CHOICES {
+        return Err(ApiError::param(
+            "prompt",
+            format!(
+                "{} prompts with n = {} make {} completions; a request may ask for at most {MAX_CHOICES}.",
+                prompts.len(),
+                opts.n,
+                prompts.len() * opts.n
+            ),
+        ));
+    }
+    Ok((prompts, max_tokens, opts))
 }
 
 pub async fn chat(
@@ -136,7 +140,7 @@ pub async fn chat(
 ) -> Response {
     let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_chat(&s, &caller, b));
     match prepared {
-        Ok((prompt, max_tokens, opts)) => run(s, &caller, Kind::Chat, prompt, max_tokens, opts).await,
+        Ok((prompt, max_tokens, opts)) => run(s, &caller, Kind::Chat, vec![prompt], max_tokens, opts).await,
         Err(e) => e.into_response(),
     }
 }
@@ -232,13 +236,15 @@ async fn run(
     s: Arc<AppState>,
     caller: &Caller,
     kind: Kind,
-    prompt: Vec<u32>,
+    prompts: Vec<Vec<u32>>,
     max_tokens: usize,
     opts: Options,
 ) -> Response {
     let info = s.engine.info();
     let ctx = info.max_position_embeddings;
     let what = if kind == Kind::Chat { "messages" } else { "prompt" };
+    // Every prompt of a batch must fit; the longest is the one to name.
+    let prompt = prompts.iter().max_by_key(|p| p.len()).expect("at least one prompt");
     if prompt.len() + max_tokens > ctx {
         return ApiError::param(
             what,
@@ -270,10 +276,11 @@ async fn run(
         return ApiError::overloaded(waiting).into_response();
     }
     // Tokens count against the key as OpenAI counts them at admission: prompt + max_tokens per choice.
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let mut slot = caller.take_slot();
     let mut snapshot = None;
     if let (Some(sl), Some(l)) = (slot.as_mut(), caller.key.as_ref().and_then(|k| k.limits)) {
-        match sl.reserve(&l, prompt.len(), max_tokens * opts.n) {
+        match sl.reserve(&l, prompt_tokens, max_tokens * opts.n * prompts.len()) {
             Ok(snap) => snapshot = Some(snap),
             Err(refused) => {
                 if let Some(k) = &caller.key {
@@ -287,43 +294,51 @@ async fn run(
         }
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let id = s.engine.next_request_id();
+    // One engine request per prompt, all answering on one channel.
+    let ids: Vec<u64> = prompts.iter().map(|_| s.engine.next_request_id()).collect();
     let span = tracing::info_span!(
         target: "tessera::http",
         "generate",
         // Signed: OpenTelemetry exports unsigned integers as strings.
-        request_id = id as i64,
+        request_id = ids[0] as i64,
         model = %s.model_name,
-        prompt_tokens = prompt.len() as i64,
+        prompt_tokens = prompt_tokens as i64,
         completion_tokens = tracing::field::Empty,
         cached_tokens = tracing::field::Empty,
         finish_reason = tracing::field::Empty,
     );
     let queue = tracing::info_span!(target: "tessera::http", parent: &span, "queue");
-    let req = GenRequest {
-        id,
-        prompt: prompt.clone(),
-        params: opts.params.clone(),
-        max_tokens,
-        ignore_eos: opts.ignore_eos,
-        n: opts.n,
-        flow: caller.key.as_ref().map(|k| k.id.clone()),
-        weight: caller.key.as_ref().and_then(|k| k.weight).unwrap_or(1.0),
-        events: tx,
-        span: span.clone(),
-    };
-    if !s.engine.submit(req) {
-        return ApiError::unavailable("The engine has stopped.").into_response();
+    for (p, (&id, prompt)) in ids.iter().zip(&prompts).enumerate() {
+        let req = GenRequest {
+            id,
+            prompt: prompt.clone(),
+            params: opts.params.clone(),
+            max_tokens,
+            ignore_eos: opts.ignore_eos,
+            n: opts.n,
+            first_choice: p * opts.n,
+            flow: caller.key.as_ref().map(|k| k.id.clone()),
+            weight: caller.key.as_ref().and_then(|k| k.weight).unwrap_or(1.0),
+            events: tx.clone(),
+            span: span.clone(),
+        };
+        if !s.engine.submit(req) {
+            // Nothing of a batch runs unless all of it does.
+            for &earlier in &ids[..p] {
+                (0..opts.n).for_each(|c| s.engine.abort(earlier, c, None));
+            }
+            return ApiError::unavailable("The engine has stopped.").into_response();
+        }
     }
     let reply = Reply {
         s: s.clone(),
         kind,
-        id,
-        name: format!("{}-{:x}{:06x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, s.instance, id),
+        name: format!("{}-{:x}{:06x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, s.instance, ids[0]),
+        ids,
         created: unix_now(),
-        prompt_tokens: prompt.len(),
-        choices: (0..opts.n).map(|_| ChoiceText::new(&prompt)).collect(),
-        cached_tokens: 0,
+        prompt_tokens,
+        choices: prompts.iter().flat_map(|p| (0..opts.n).map(|_| ChoiceText::new(p))).collect(),
+        cached_tokens: vec![0; prompts.len()],
         opts,
         rx,
         sent_role: vec![false; 0],
@@ -347,12 +362,16 @@ async fn run(
 struct Reply {
     s: Arc<AppState>,
     kind: Kind,
-    id: u64,
+    /// The engine request of each prompt (one, except for a batch of completions); choice `i` is choice
+    /// `i % n` of request `i / n`.
+    ids: Vec<u64>,
     name: String,
     created: u64,
+    /// Of all its prompts.
     prompt_tokens: usize,
     choices: Vec<ChoiceText>,
-    cached_tokens: usize,
+    /// Per prompt.
+    cached_tokens: Vec<usize>,
     opts: Options,
     rx: UnboundedReceiver<Event>,
     sent_role: Vec<bool>,
@@ -376,6 +395,15 @@ struct Reply {
 }
 
 impl Reply {
+    /// Stops choice `i` in the engine.
+    fn abort(&self, i: usize, reason: Option<FinishReason>) {
+        self.s.engine.abort(self.ids[i / self.opts.n], i % self.opts.n, reason);
+    }
+
+    fn cached_tokens(&self) -> usize {
+        self.cached_tokens.iter().sum()
+    }
+
     fn finish_reasons(&self) -> Vec<&'static str> {
         self.choices
             .iter()
@@ -398,7 +426,7 @@ impl Reply {
             let m = &self.s.engine.metrics;
             m.key_requests.get_or_create(&vec![("key_id", k.id.clone()), ("status", status.to_string())]).inc();
             for (kind, n) in
-                [("prompt", self.prompt_tokens), ("cached", self.cached_tokens), ("completion", completion)]
+                [("prompt", self.prompt_tokens), ("cached", self.cached_tokens()), ("completion", completion)]
             {
                 m.key_tokens
                     .get_or_create(&vec![("key_id", k.id.clone()), ("kind", kind.to_string())])
@@ -412,7 +440,7 @@ impl Reply {
             tenant: self.key.as_ref().map(|k| k.tenant.clone()),
             model: self.s.model_name.clone(),
             prompt_tokens: self.prompt_tokens as u64,
-            cached_tokens: self.cached_tokens as u64,
+            cached_tokens: self.cached_tokens() as u64,
             completion_tokens: completion as u64,
             status,
             finish_reason: self.finish_reasons().join(","),
@@ -447,12 +475,14 @@ impl Reply {
                 let lp = self.opts.logprobs.map(|_| (logprob.unwrap_or(0.0), top_logprobs.as_slice()));
                 if self.choices[choice].push(&self.s.tokenizer, token, lp, &stops) {
                     // Stop string: the engine may keep going a step; tell it to stop now.
-                    self.s.engine.abort(self.id, choice, Some(FinishReason::Stop));
+                    self.abort(choice, Some(FinishReason::Stop));
                 }
                 Ok(choice)
             }
             Event::Finished { choice, reason, cached_tokens, .. } => {
-                self.cached_tokens = self.cached_tokens.max(cached_tokens);
+                // The choices of one prompt share its cached prefix.
+                let p = choice / self.opts.n;
+                self.cached_tokens[p] = self.cached_tokens[p].max(cached_tokens);
                 self.choices[choice].end(&self.s.tokenizer, reason, &stops);
                 Ok(choice)
             }
@@ -466,7 +496,7 @@ impl Reply {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
-            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+            "prompt_tokens_details": { "cached_tokens": self.cached_tokens() },
         })
     }
 
@@ -537,14 +567,14 @@ impl Drop for Reply {
             slot.settle(self.prompt_tokens + completion);
         }
         self.span.record("completion_tokens", completion as i64);
-        self.span.record("cached_tokens", self.cached_tokens as i64);
+        self.span.record("cached_tokens", self.cached_tokens() as i64);
         self.span.record("finish_reason", reasons.join(","));
         tracing::info_span!(target: "tessera::http", parent: &self.span, "finish", finish_reason = %reasons.join(","))
             .in_scope(|| {});
         // The client went away (or the reply is complete): stop whatever is still running.
         for (i, c) in self.choices.iter().enumerate() {
             if c.finish.is_none() {
-                self.s.engine.abort(self.id, i, None);
+                self.abort(i, None);
             }
         }
     }
