@@ -333,6 +333,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         logprobs: a.top_logprobs > 0,
         top_logprobs: a.top_logprobs,
+        logit_bias: Vec::new(),
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let dir = a.model.dir()?;

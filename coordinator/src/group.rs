@@ -276,6 +276,7 @@ fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
             seed: p.seed,
             top_logprobs: p.top_logprobs as u32,
             logprobs: p.logprobs,
+            logit_bias: p.logit_bias.iter().copied().collect(),
         }),
         penalty_context: s.penalty_context.to_vec(),
         output_context: s.output_context.to_vec(),

@@ -203,6 +203,40 @@ fn a_list_of_prompts_gets_each_prompts_choices_numbered_through_the_list() {
     });
 }
 
+/// `logit_bias` of +100 on a token makes it every token of a greedy answer, in one process and across
+/// two tensor-parallel workers (the bias travels in the step's sampling parameters), on both endpoints;
+/// without it the answer is the usual one.
+#[test]
+fn logit_bias_forces_a_token_in_process_and_over_workers() {
+    let rt = rt();
+    let client = HttpClient::new();
+    for args in [&[][..], &["--tp", "2"][..]] {
+        let s = Server::start(args);
+        rt.block_on(async {
+            let base = json!({"model": "stories260K", "max_tokens": 4, "temperature": 0, "logit_bias": {"300": 100}});
+            let mut completion = base.clone();
+            completion["prompt"] = json!("Once upon a time");
+            let mut chat = base.clone();
+            chat["messages"] = json!([{"role": "user", "content": "Once upon a time"}]);
+            let mut texts = Vec::new();
+            for (path, body, field) in [
+                ("/v1/completions", completion, "/choices/0/text"),
+                ("/v1/chat/completions", chat, "/choices/0/message/content"),
+            ] {
+                let r = client.post_json(&s.url(path), &body).await.unwrap();
+                assert_eq!(r.status, 200, "{args:?} {path}: {}", String::from_utf8_lossy(&r.body));
+                let v: Value = r.json().unwrap();
+                texts.push(v.pointer(field).unwrap().as_str().unwrap().to_string());
+            }
+            for t in &texts {
+                let one = &t[..t.len() / 4];
+                assert!(!one.is_empty() && *t == one.repeat(4), "{args:?}: {t:?} is not one token four times");
+            }
+            assert_eq!(complete(&client, &s, "Once upon a time", 27).await, LILY);
+        });
+    }
+}
+
 #[test]
 fn preemption_under_a_small_kv_cache_still_gives_each_request_its_own_answer() {
     let rt = rt();

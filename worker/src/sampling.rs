@@ -31,6 +31,8 @@ pub struct SamplingParams {
     pub logprobs: bool,
     /// How many top alternatives to return.
     pub top_logprobs: usize,
+    /// (token, bias) added to the logits before sampling, after the penalties (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +48,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: false,
             top_logprobs: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -61,7 +64,7 @@ impl SamplingParams {
     }
 
     /// Whether a device can pick the token alone: no penalties (they need the sequence's history), no
-    /// min-p and no logprobs (they need the whole distribution on the host).
+    /// min-p, no logit bias and no logprobs (they need the whole distribution on the host).
     pub fn device_samplable(&self) -> bool {
         self.repetition_penalty == 1.0
             && self.presence_penalty == 0.0
@@ -69,6 +72,7 @@ impl SamplingParams {
             && self.min_p == 0.0
             && !self.logprobs
             && self.top_logprobs == 0
+            && self.logit_bias.is_empty()
     }
 
     /// Checks ranges; the message names the parameter as the OpenAI API spells it.
@@ -91,6 +95,9 @@ impl SamplingParams {
         }
         if !finite(self.frequency_penalty) || !(-2.0..=2.0).contains(&self.frequency_penalty) {
             return Err(format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !finite(*b) || !(-100.0..=100.0).contains(b)) {
+            return Err(format!("logit_bias for token {t} must be in [-100, 100], got {b}"));
         }
         Ok(())
     }
@@ -158,6 +165,11 @@ impl Sampler {
                 if let Some(v) = l.get_mut(t as usize) {
                     *v -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v += b;
             }
         }
         let token = if p.temperature < GREEDY_BELOW { argmax(&l) } else { self.draw(&mut l, p) };
@@ -262,6 +274,29 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_moves_the_choice_and_leaves_the_reported_logprobs_raw() {
+        let raw = Sampler::new(None).sample(&logits(), &SamplingParams { top_logprobs: 2, ..SamplingParams::greedy() });
+        // +100 on an unlikely token makes it certain, greedy or drawn; -100 on the best one hands its place
+        // to the runner-up.
+        let push = |t: u32, b: f32, temperature: f32| SamplingParams {
+            temperature,
+            top_logprobs: 2,
+            logit_bias: vec![(t, b)],
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(Some(3));
+        let biased = s.sample(&logits(), &push(0, 100.0, 0.0));
+        assert_eq!(biased.token, 0);
+        assert!((0..20).all(|_| s.sample(&logits(), &push(0, 100.0, 1.0)).token == 0));
+        assert_eq!(Sampler::new(None).sample(&logits(), &push(raw.token, -100.0, 0.0)).token, raw.top_logprobs[1].0);
+        // What is reported is the model's distribution, not the biased one.
+        assert_eq!(biased.top_logprobs, raw.top_logprobs);
+        assert!(biased.logprob.unwrap() < raw.logprob.unwrap());
+        // Out-of-vocabulary ids are the API's to refuse; here they change nothing.
+        assert_eq!(Sampler::new(None).sample(&logits(), &push(9999, 100.0, 0.0)).token, raw.token);
+    }
+
+    #[test]
     fn seeded_draws_repeat_and_respect_filters() {
         let p = SamplingParams { temperature: 0.8, seed: Some(7), ..Default::default() };
         let run = |p: &SamplingParams| {
@@ -300,6 +335,8 @@ mod tests {
         assert!(
             SamplingParams { presence_penalty: 3.0, ..Default::default() }.validate().unwrap_err().contains("presence")
         );
+        let bias = SamplingParams { logit_bias: vec![(3, 101.0)], ..Default::default() };
+        assert!(bias.validate().unwrap_err().contains("logit_bias for token 3"));
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

@@ -136,6 +136,7 @@ fn to_params(p: Option<&pb::SamplingParams>) -> SamplingParams {
         seed: p.seed,
         logprobs: p.logprobs,
         top_logprobs: p.top_logprobs as usize,
+        logit_bias: p.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
     }
 }
 

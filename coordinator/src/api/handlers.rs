@@ -243,6 +243,14 @@ async fn run(
     let info = s.engine.info();
     let ctx = info.max_position_embeddings;
     let what = if kind == Kind::Chat { "messages" } else { "prompt" };
+    if let Some((t, _)) = opts.params.logit_bias.iter().find(|(t, _)| *t as usize >= info.vocab_size) {
+        let last = info.vocab_size.saturating_sub(1);
+        return ApiError::param(
+            "logit_bias",
+            format!("Token id {t} in 'logit_bias' is outside the vocabulary (0 to {last})."),
+        )
+        .into_response();
+    }
     // Every prompt of a batch must fit; the longest is the one to name.
     let prompt = prompts.iter().max_by_key(|p| p.len()).expect("at least one prompt");
     if prompt.len() + max_tokens > ctx {

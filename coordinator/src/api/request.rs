@@ -226,6 +226,7 @@ pub fn options(c: Common, logprobs: Option<usize>) -> Result<Options, ApiError> 
         seed: c.seed.map(|s| s as u64),
         logprobs: logprobs.is_some(),
         top_logprobs: logprobs.unwrap_or(0),
+        logit_bias: logit_bias(c.logit_bias)?,
     };
     let stop = match c.stop {
         None => vec![],
@@ -240,9 +241,6 @@ pub fn options(c: Common, logprobs: Option<usize>) -> Result<Options, ApiError> 
     }
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::param("stop", "Stop sequences must not be empty."));
-    }
-    if c.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::param("logit_bias", "logit_bias is not supported by this server."));
     }
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
@@ -260,6 +258,30 @@ pub fn options(c: Common, logprobs: Option<usize>) -> Result<Options, ApiError> 
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs,
     })
+}
+
+/// OpenAI's `logit_bias`: token ids (as JSON object keys) to a bias in [-100, 100]. Whether the ids are in
+/// the vocabulary is for the caller to check, which knows the model.
+fn logit_bias(m: Option<serde_json::Map<String, Value>>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut out = Vec::new();
+    for (k, v) in m.unwrap_or_default() {
+        let Ok(token) = k.parse::<u32>() else {
+            return Err(ApiError::param(
+                "logit_bias",
+                format!("Invalid key in 'logit_bias': {k:?} is not a token id."),
+            ));
+        };
+        match v.as_f64() {
+            Some(b) if (-100.0..=100.0).contains(&b) => out.push((token, b as f32)),
+            _ => {
+                return Err(ApiError::param(
+                    "logit_bias",
+                    format!("Invalid value in 'logit_bias' for token {token}: {v}, expected a number in [-100, 100]."),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `max_tokens` (or `max_completion_tokens`) as a positive count, if given.
