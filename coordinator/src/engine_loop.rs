@@ -150,6 +150,7 @@ struct Track {
     /// Its fair-share flow.
     flow: Option<String>,
     events: UnboundedSender<Event>,
+    /// Its index in the response (`GenRequest::first_choice` + its choice within the request).
     choice: usize,
     arrival: Instant,
     last_token: Option<Instant>,

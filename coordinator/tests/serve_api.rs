@@ -216,7 +216,7 @@ fn logit_bias_forces_a_token_in_process_and_over_workers() {
             let base = json!({"model": "stories260K", "max_tokens": 4, "temperature": 0, "logit_bias": {"300": 100}});
             let mut completion = base.clone();
             completion["prompt"] = json!("Once upon a time");
-            let mut chat = base.clone();
+            let mut chat = base;
             chat["messages"] = json!([{"role": "user", "content": "Once upon a time"}]);
             let mut texts = Vec::new();
             for (path, body, field) in [
