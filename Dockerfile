@@ -12,9 +12,12 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY scripts/protoc scripts/protoc
 COPY proto proto
+COPY telemetry telemetry
 COPY kernels kernels
 COPY worker worker
 COPY coordinator coordinator
+COPY bench bench
+COPY tessera tessera
 COPY models models
 RUN cargo build --release --locked --bin tessera \
     && install -D -m 0755 target/release/tessera /out/tessera

@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-5}
 for i in $(seq 1 "$n"); do
-  cargo nextest run -p tessera-coordinator --test cluster_etcd --no-capture -E \
+  cargo nextest run -p tessera --test cluster_etcd --no-capture -E \
     'test(a_killed_worker) | test(a_restarted_coordinator)' 2>&1 | grep '^FIGURE' | sed "s/^/run $i: /"
 done

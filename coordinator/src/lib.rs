@@ -1,29 +1,26 @@
-//! Tessera's coordinator: everything about requests (tokenizer, validation, generation loop, KV block
-//! allocation) and the `tessera` command line. It never touches a tensor: steps run on a [`backend`].
+//! Tessera's coordinator: everything about requests, from the HTTP API to the steps sent to workers. It
+//! never touches a tensor: it depends on the protocol (`tessera_proto`), not on the worker or its kernels.
+//!
+//! A request's path through the modules:
+//!
+//! - [`api`]: the OpenAI-compatible HTTP API: parsing and validation (`api::request`), chat templates,
+//!   API keys and their limits, response and SSE assembly, OpenAI-shaped errors;
+//! - [`tokenizer`]: text ↔ token ids (the `tokenizers` crate, BOS/EOS rules, incremental detokenizing);
+//! - [`replicas`]: routing over model replicas (least outstanding tokens, prefix affinity) and failover;
+//! - [`engine`]: the engine contract (`engine::contract`: the request, its events, the finish reason),
+//!   the engine loop of each replica, and the backends its steps run on (`engine::group`: workers over
+//!   gRPC);
+//! - [`scheduler`]: continuous batching with fair queuing across API keys, the paged KV block manager
+//!   with its prefix cache (`scheduler::blocks`) and the measured step cost (`scheduler::step_cost`);
+//! - [`cluster`]: cluster mode: etcd membership, claims, and the manager that forms groups of workers;
+//! - [`metrics`]: the Prometheus registry (vLLM's names under `tessera:`);
+//! - [`usage`]: the per-request usage ledger (SQLite) and its queries.
 
 pub mod api;
-pub mod backend;
-pub mod bench;
-pub mod bench_cluster;
-pub mod bench_gpu;
-pub mod bench_serve;
-pub mod blocks;
-pub mod cli;
 pub mod cluster;
-pub mod coordinator_cmd;
-pub mod default_model;
-pub mod engine_loop;
-pub mod generate;
-pub mod group;
-pub mod http_client;
-pub mod local_cluster;
+pub mod engine;
 pub mod metrics;
 pub mod replicas;
 pub mod scheduler;
-pub mod serve;
-pub mod step_cost;
-pub mod synth;
-pub mod telemetry;
 pub mod tokenizer;
 pub mod usage;
-pub mod worker_cmd;

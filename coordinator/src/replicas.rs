@@ -14,21 +14,22 @@
 //! out of routing before its loop collects its sequences, so nothing can be sent to it in between.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
         mpsc,
     },
 };
 
 use crate::{
-    backend::{Backend, ModelInfo},
-    blocks::block_hash,
-    engine_loop::{self, Command, GenRequest, Migrant},
-    generate::FinishReason,
+    engine::{
+        backend::{Backend, ModelInfo},
+        contract::{FinishReason, GenRequest, seq_id},
+        engine_loop::{self, Command, LoopHost, Migrant, ReplicaStats},
+    },
     metrics::Metrics,
-    scheduler::SchedulerConfig,
+    scheduler::{SchedulerConfig, blocks::block_hash},
 };
 
 /// A replica with this many times (plus one step's budget) the least busy one's outstanding tokens is
@@ -38,38 +39,6 @@ const AFFINITY_SLACK: i64 = 2;
 const AFFINITY_CAPACITY: usize = 65_536;
 /// Blocks of a prompt's prefix considered for affinity.
 const AFFINITY_BLOCKS: usize = 16;
-
-/// What a replica's loop publishes about itself; read when routing and when metrics are scraped.
-#[derive(Default, Debug)]
-pub struct ReplicaStats {
-    pub running: AtomicUsize,
-    pub waiting: AtomicUsize,
-    pub blocks_used: AtomicUsize,
-    pub blocks_total: AtomicUsize,
-    /// Prompt + max_tokens of sequences routed here and not finished.
-    pub outstanding_tokens: AtomicI64,
-    pub requests: AtomicU64,
-    /// Fair-share flows with requests on the replica (kept by its loop).
-    pub flows: Mutex<HashSet<Option<String>>>,
-    /// A request of a flow not in `flows` was sent: the step in flight may pause for it.
-    pub newcomer: AtomicBool,
-}
-
-impl ReplicaStats {
-    fn lock_flows(&self) -> std::sync::MutexGuard<'_, HashSet<Option<String>>> {
-        self.flows.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The loop's view changed: `flow` now has requests here (`present`) or none.
-    pub fn set_flow(&self, flow: &Option<String>, present: bool) {
-        let mut flows = self.lock_flows();
-        if present {
-            flows.insert(flow.clone());
-        } else {
-            flows.remove(flow);
-        }
-    }
-}
 
 struct Replica {
     id: u64,
@@ -153,7 +122,7 @@ impl Replicas {
             eos,
             self.metrics.clone(),
             keep_alive,
-            engine_loop::Hub { replica: id, stats: stats.clone(), replicas: self.clone() },
+            engine_loop::Hub { replica: id, stats: stats.clone(), host: self.clone() },
         );
         self.lock().push(Replica { id, name: name.to_string(), workers, tx, stats, info });
         tracing::info!(replica = id, group = name, "replica serving");
@@ -271,7 +240,7 @@ impl Replicas {
 
     /// Stops a choice wherever it runs (the handler saw a stop string, or gave up on it).
     pub fn abort(&self, request: u64, choice: usize, reason: Option<FinishReason>) {
-        let seq = engine_loop::seq_id(request, choice);
+        let seq = seq_id(request, choice);
         for r in self.lock().iter() {
             let _ = r.tx.send(Command::Abort { seq, reason });
         }
@@ -286,7 +255,7 @@ impl Replicas {
 
     /// Called by a failing replica's loop before it collects its sequences: from here on nothing is routed
     /// to it.
-    pub(crate) fn remove_failed(&self, replica: u64, reason: &str) {
+    fn remove_failed(&self, replica: u64, reason: &str) {
         let name = {
             let mut live = self.lock();
             let Some(i) = live.iter().position(|r| r.id == replica) else { return };
@@ -307,7 +276,7 @@ impl Replicas {
     }
 
     /// Sequences of a failed replica: each continues on a healthy replica, or ends with an error.
-    pub(crate) fn adopt(&self, migrants: Vec<Migrant>, reason: &str) {
+    fn adopt_migrants(&self, migrants: Vec<Migrant>, reason: &str) {
         let mut live = self.lock();
         let mut dead = Vec::new();
         for m in migrants {
@@ -347,7 +316,7 @@ impl Replicas {
 
     /// Sets the summed gauges from every live replica's stats. Loops call it after publishing their own,
     /// before sending the step's events, so a client that sees its response complete also sees it counted.
-    pub(crate) fn refresh_gauges(&self) {
+    fn refresh_gauges(&self) {
         let live = self.lock();
         let m = &self.metrics;
         let sum = |f: fn(&ReplicaStats) -> usize| live.iter().map(|r| f(&r.stats)).sum::<usize>();
@@ -362,6 +331,21 @@ impl Replicas {
                 .get_or_create(&vec![("replica", r.name.clone())])
                 .set(r.stats.outstanding_tokens.load(Ordering::Relaxed));
         }
+    }
+}
+
+/// What a replica's loop reports: routing stays here, the loop only says what happened.
+impl LoopHost for Replicas {
+    fn withdraw(&self, replica: u64, reason: &str) {
+        self.remove_failed(replica, reason);
+    }
+
+    fn adopt(&self, migrants: Vec<Migrant>, reason: &str) {
+        self.adopt_migrants(migrants, reason);
+    }
+
+    fn stats_changed(&self) {
+        self.refresh_gauges();
     }
 }
 
@@ -412,8 +396,8 @@ impl Affinity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::WorkerTiming;
-    use tessera_worker::{SamplingParams, SeqSampled, StepSeq};
+    use crate::engine::backend::WorkerTiming;
+    use tessera_proto::step::{SamplingParams, SeqSampled, StepSeq};
 
     /// A backend whose first step panics, killing its engine loop (on a compute pool's thread when
     /// `on_cpu`, as an in-process CPU engine's loop runs, or on a thread of its own).
@@ -425,7 +409,7 @@ mod tests {
         fn info(&self) -> ModelInfo {
             ModelInfo { vocab_size: 32, max_position_embeddings: 64, num_blocks: 8, block_size: 4, world_size: 1 }
         }
-        fn step(&mut self, _: &[StepSeq<'_>]) -> anyhow::Result<Vec<SeqSampled>> {
+        fn step(&mut self, _: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, crate::engine::backend::StepFailure> {
             panic!("a bug in the backend");
         }
         fn release(&mut self, _: &[u64]) {}
@@ -437,7 +421,7 @@ mod tests {
         }
     }
 
-    fn request(r: &Replicas) -> (GenRequest, tokio::sync::mpsc::UnboundedReceiver<engine_loop::Event>) {
+    fn request(r: &Replicas) -> (GenRequest, tokio::sync::mpsc::UnboundedReceiver<crate::engine::contract::Event>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let req = GenRequest {
             id: r.next_request_id(),

@@ -167,7 +167,7 @@ fn insert_all<'a>(conn: &mut Connection, rows: impl Iterator<Item = &'a UsageRec
 }
 
 /// How totals are grouped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum By {
     Key,
@@ -253,51 +253,6 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let doy = (153 * mp + 2) / 5 + d as i64 - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-/// `tessera usage`: totals from a ledger file.
-#[derive(clap::Args, Debug)]
-pub struct UsageArgs {
-    /// The ledger file (`tessera serve --usage-db`).
-    #[arg(long, value_name = "FILE")]
-    pub db: PathBuf,
-    /// Only requests that started at or after this: unix seconds, YYYY-MM-DD (UTC), or an age (24h, 7d).
-    #[arg(long, value_name = "TIME")]
-    pub since: Option<String>,
-    /// Group totals by key id, tenant, model or day.
-    #[arg(long, value_enum, default_value = "key")]
-    pub by: By,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub fn run(a: UsageArgs) -> Result<()> {
-    let since = match &a.since {
-        Some(s) => parse_since(s, unix_seconds()).map_err(anyhow::Error::msg)?,
-        None => 0.0,
-    };
-    let rows = summarize(&open_read(&a.db)?, since, a.by)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "by": a.by, "data": rows }))?);
-        return Ok(());
-    }
-    println!(
-        "{:<24} {:>9} {:>14} {:>14} {:>14} {:>14}",
-        format!("{:?}", a.by).to_lowercase(),
-        "requests",
-        "prompt",
-        "cached",
-        "completion",
-        "total"
-    );
-    for r in &rows {
-        println!(
-            "{:<24} {:>9} {:>14} {:>14} {:>14} {:>14}",
-            r.group, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.total_tokens
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

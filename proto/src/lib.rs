@@ -1,8 +1,18 @@
-//! The coordinator ↔ worker protocol, `tessera.v1`.
+//! What crosses between Tessera's processes, and nothing else: the contract between the coordinator and its
+//! workers.
 //!
-//! The `.proto` source in `proto/tessera/v1/worker.proto` is the documentation of every message and field;
-//! this crate only re-exports what tonic/prost generate from it. Breaking changes get a new package
-//! (`tessera.v2`), never an edit in place: workers and coordinators of different builds meet in a cluster.
+//! - [`v1`]: the `tessera.v1` gRPC protocol. The `.proto` source in `proto/tessera/v1/worker.proto` is the
+//!   documentation of every message and field; this crate re-exports what tonic/prost generate from it.
+//!   Breaking changes get a new package (`tessera.v2`), never an edit in place: workers and coordinators
+//!   of different builds meet in a cluster.
+//! - [`step`]: a step's sequences, sampling parameters and sampled tokens as both sides handle them (the
+//!   coordinator's scheduler builds them, a worker's engine runs them).
+//! - [`record`]: the record a worker registers in etcd and the key layout under `/tessera/<cluster>/`.
+//! - [`etcd`]: how both sides connect to etcd (endpoints, timeouts, backoff).
+
+pub mod etcd;
+pub mod record;
+pub mod step;
 
 /// Generated types and the `Worker` service client/server for `tessera.v1`.
 pub mod v1 {

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tessera_kernels::{Device, Tensor, ops};
+pub use tessera_proto::step::{SeqSampled, StepSeq};
 
 use crate::{
     collective::Collective,
@@ -22,37 +23,6 @@ use crate::{
     model::{Forward, ForwardState, Model, SeqInput},
     sampling::{Sampled, Sampler, SamplingParams},
 };
-
-/// One sequence's part of a step.
-#[derive(Clone, Debug)]
-pub struct StepSeq<'a> {
-    pub id: u64,
-    pub tokens: &'a [u32],
-    pub start_pos: usize,
-    pub block_table: &'a [u32],
-    /// Sample a token after this step (the last prefill chunk, and every decode).
-    pub sample: Option<&'a SamplingParams>,
-    /// Prompt tokens for the repetition penalty, sent with the first step of the sequence (start 0).
-    pub penalty_context: &'a [u32],
-    /// Tokens already generated, sent with the first step after a restart (count as output for penalties).
-    pub output_context: &'a [u32],
-    /// This step begins the sequence: earlier state is dropped and positions before `start_pos` are a
-    /// cached prefix already in the block table. Implied by `start_pos == 0`.
-    pub starts: bool,
-}
-
-impl StepSeq<'_> {
-    fn begins(&self) -> bool {
-        self.starts || self.start_pos == 0
-    }
-}
-
-/// A sampled token, tagged with its sequence.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SeqSampled {
-    pub id: u64,
-    pub sampled: Sampled,
-}
 
 struct SeqState {
     /// The next position the sequence expects: everything before it is in the cache.

@@ -6,10 +6,28 @@
 
 use tessera_kernels::{DType, Device, Tensor};
 
-use crate::{error::ModelError, model::Model};
+use crate::error::ModelError;
 
 /// Tokens per block unless configured otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// What a pool's tensors look like: one shard's layers and KV heads, on its device (the model says:
+/// `Model::kv_geometry`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub layers: usize,
+    /// KV heads of this rank's shard.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub device: Device,
+}
+
+impl KvGeometry {
+    /// f32 on the CPU, bf16 on CUDA (as the activations are).
+    fn dtype(&self) -> DType {
+        if self.device == Device::Cpu { DType::F32 } else { DType::BF16 }
+    }
+}
 
 pub struct KvCache {
     pub block_size: usize,
@@ -19,27 +37,21 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Bytes one block takes across all layers (keys and values) for `model`'s shard.
-    pub fn bytes_per_block(model: &Model, block_size: usize) -> usize {
-        let c = &model.config;
-        2 * c.num_layers * block_size * model.local_kv_heads() * c.head_dim * Self::dtype(model).size()
+    /// Bytes one block takes across all layers (keys and values).
+    pub fn bytes_per_block(g: &KvGeometry, block_size: usize) -> usize {
+        2 * g.layers * block_size * g.kv_heads * g.head_dim * g.dtype().size()
     }
 
-    /// f32 on the CPU, bf16 on CUDA (as the activations are).
-    fn dtype(model: &Model) -> DType {
-        if model.device == Device::Cpu { DType::F32 } else { DType::BF16 }
-    }
-
-    /// A pool of `num_blocks` blocks for `model`'s shard, on the model's device.
-    pub fn new(model: &Model, num_blocks: usize, block_size: usize) -> Result<Self, ModelError> {
+    /// A pool of `num_blocks` blocks of `g`'s shape, on its device.
+    pub fn new(g: &KvGeometry, num_blocks: usize, block_size: usize) -> Result<Self, ModelError> {
         if block_size == 0 || num_blocks == 0 {
             return Err(ModelError::Sharding(format!(
                 "KV cache needs at least one block of at least one token (got {num_blocks} × {block_size})"
             )));
         }
-        let shape = [num_blocks, block_size, model.local_kv_heads(), model.config.head_dim];
-        let layers = model.config.num_layers;
-        let mk = || Tensor::zeros(&shape, Self::dtype(model), model.device);
+        let shape = [num_blocks, block_size, g.kv_heads, g.head_dim];
+        let layers = g.layers;
+        let mk = || Tensor::zeros(&shape, g.dtype(), g.device);
         Ok(KvCache {
             block_size,
             num_blocks,
@@ -49,9 +61,9 @@ impl KvCache {
     }
 
     /// As many blocks as fit in `bytes` (at least one).
-    pub fn with_budget(model: &Model, bytes: usize, block_size: usize) -> Result<Self, ModelError> {
-        let per = Self::bytes_per_block(model, block_size).max(1);
-        Self::new(model, (bytes / per).max(1), block_size)
+    pub fn with_budget(g: &KvGeometry, bytes: usize, block_size: usize) -> Result<Self, ModelError> {
+        let per = Self::bytes_per_block(g, block_size).max(1);
+        Self::new(g, (bytes / per).max(1), block_size)
     }
 
     pub fn layer(&self, i: usize) -> (&Tensor, &Tensor) {

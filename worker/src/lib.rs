@@ -8,15 +8,22 @@
 //! - [`collective`]: all-reduce / all-gather within a group;
 //! - [`engine`]: a model + cache + per-sequence state behind one `step` call;
 //! - [`tcp_collective`]: the TCP ring between CPU worker processes;
-//! - [`server`]: the `tessera.v1.Worker` gRPC service around an engine.
+//! - [`server`]: the `tessera.v1.Worker` gRPC service around an engine;
+//! - [`registration`]: the worker's record in etcd, on a lease kept alive while it serves;
+//! - [`command`]: the `tessera worker` process: listeners, the gRPC server, registration, shutdown.
+//!
+//! The step's types (sequence, sampling parameters, sampled token) come from `tessera_proto::step`, shared
+//! with the coordinator, and are re-exported here.
 
 pub mod collective;
+pub mod command;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
 pub mod nccl_collective;
+pub mod registration;
 pub mod sampling;
 pub mod server;
 pub mod tcp_collective;

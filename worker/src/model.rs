@@ -16,7 +16,7 @@ use crate::{
     collective::Collective,
     config::ModelConfig,
     error::ModelError,
-    kv_cache::KvCache,
+    kv_cache::{KvCache, KvGeometry},
     weights::{Slice, WeightFiles},
 };
 
@@ -330,6 +330,16 @@ impl Model {
     /// KV heads held by this rank.
     pub fn local_kv_heads(&self) -> usize {
         self.layout.kv_heads.len()
+    }
+
+    /// The shape of a KV cache pool for this shard.
+    pub fn kv_geometry(&self) -> KvGeometry {
+        KvGeometry {
+            layers: self.config.num_layers,
+            kv_heads: self.local_kv_heads(),
+            head_dim: self.config.head_dim,
+            device: self.device,
+        }
     }
 
     /// Bytes of weights this rank reads per decoded token (everything but the embedding table, of which a

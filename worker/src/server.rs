@@ -236,7 +236,7 @@ impl Worker for WorkerService {
                 Some((free, _)) if asked == 0 => (free as f64 * 0.9) as usize - GPU_HEADROOM.min(free / 2),
                 _ => default_bytes,
             };
-            let cache = KvCache::with_budget(&model, kv_bytes, block_size)?;
+            let cache = KvCache::with_budget(&model.kv_geometry(), kv_bytes, block_size)?;
             Ok(Engine::new(model, cache, comm))
         })
         .await

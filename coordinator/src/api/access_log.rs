@@ -34,7 +34,7 @@ pub async fn log_requests(req: Request, next: Next) -> Response {
         .map(str::to_string)
         .unwrap_or_else(|| format!("req-{:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
     let span = tracing::info_span!(target: "tessera::http", "http.request", request_id = %id, method = %method, path = %path, status = tracing::field::Empty);
-    crate::telemetry::adopt_parent(&span, req.headers());
+    tessera_telemetry::adopt_parent(&span, req.headers());
     let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     span.record("status", resp.status().as_u16());
     if let Ok(v) = HeaderValue::from_str(&id) {

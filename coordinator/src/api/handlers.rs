@@ -25,10 +25,7 @@ use super::{
     request::{self, ChatRequest, CompletionRequest, Content, MAX_TOP_LOGPROBS, Options, Prompt},
     unix_now,
 };
-use crate::{
-    engine_loop::{Event, GenRequest, MAX_CHOICES},
-    generate::FinishReason,
-};
+use crate::engine::contract::{Event, FinishReason, GenRequest, MAX_CHOICES};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::{
-    generate::FinishReason,
+    engine::contract::FinishReason,
     tokenizer::{IncrementalDecoder, Tokenizer},
 };
 

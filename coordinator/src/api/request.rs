@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use tessera_worker::SamplingParams;
+use tessera_proto::step::SamplingParams;
 
 use super::error::ApiError;
 

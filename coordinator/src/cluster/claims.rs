@@ -11,12 +11,22 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
-use tokio::sync::{
-    mpsc::{UnboundedReceiver, UnboundedSender},
-    oneshot, watch,
-};
+use tokio::sync::{mpsc::UnboundedReceiver, oneshot, watch};
 
-use super::{Backoff, connect_options, manager::Msg};
+use tessera_proto::etcd::{Backoff, connect_options};
+
+/// What a claims session tells the manager.
+#[derive(Debug)]
+pub enum Answer {
+    /// The answer to a claim for a forming group: all its workers are ours, or none (`conflict`: another
+    /// coordinator holds one; otherwise etcd could not be asked).
+    Claimed { group: String, ok: bool, conflict: bool },
+    /// A claim could not be renewed after the lease was lost: another coordinator has the worker now.
+    ClaimLost { worker: String },
+}
+
+/// Where a session's answers go (the manager's mailbox, wrapped by whoever wires the two together).
+pub type Report = Box<dyn Fn(Answer) + Send + Sync>;
 
 /// The claims prefix of `cluster` (with a trailing slash).
 pub fn prefix(cluster: &str) -> String {
@@ -24,7 +34,7 @@ pub fn prefix(cluster: &str) -> String {
 }
 
 pub enum Request {
-    /// Claim every one of `workers` for `group`, or none: the answer is `Msg::Claimed`.
+    /// Claim every one of `workers` for `group`, or none: the answer is `Answer::Claimed`.
     Claim { group: String, workers: Vec<String> },
     /// Give these up (their group is gone).
     Release(Vec<String>),
@@ -47,7 +57,7 @@ enum Outcome {
 pub async fn run(
     s: Session,
     mut rx: UnboundedReceiver<Request>,
-    tx: UnboundedSender<Msg>,
+    tx: Report,
     mut stop: watch::Receiver<bool>,
     done: oneshot::Sender<()>,
 ) {
@@ -76,7 +86,7 @@ pub async fn run(
                 }
                 r = rx.recv() => match r {
                     Some(Request::Claim { group, .. }) => {
-                        let _ = tx.send(Msg::Claimed { group, ok: false, conflict: false });
+                        tx(Answer::Claimed { group, ok: false, conflict: false });
                     }
                     Some(Request::Release(ws)) => {
                         for w in ws {
@@ -94,7 +104,7 @@ pub async fn run(
 async fn session(
     s: &Session,
     rx: &mut UnboundedReceiver<Request>,
-    tx: &UnboundedSender<Msg>,
+    tx: &Report,
     stop: &mut watch::Receiver<bool>,
     held: &mut BTreeSet<String>,
     backoff: &mut Backoff,
@@ -114,7 +124,7 @@ async fn session(
             Ok(true) => {}
             Ok(false) => {
                 held.remove(&w);
-                let _ = tx.send(Msg::ClaimLost { worker: w });
+                tx(Answer::ClaimLost { worker: w });
             }
             Err(e) => return Outcome::Lost(e),
         }
@@ -160,7 +170,7 @@ async fn session(
                             }
                             Err(e) => {
                                 release(&mut client, s, &got).await;
-                                let _ = tx.send(Msg::Claimed { group, ok: false, conflict: false });
+                                tx(Answer::Claimed { group, ok: false, conflict: false });
                                 return Outcome::Lost(e);
                             }
                         }
@@ -170,7 +180,7 @@ async fn session(
                     } else {
                         held.extend(got);
                     }
-                    let _ = tx.send(Msg::Claimed { group, ok: !conflict, conflict });
+                    tx(Answer::Claimed { group, ok: !conflict, conflict });
                 }
                 Some(Request::Release(ws)) => {
                     for w in &ws {

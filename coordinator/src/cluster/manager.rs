@@ -19,16 +19,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tessera_proto::v1::{InfoRequest, worker_client::WorkerClient};
+use tessera_proto::{
+    record::{self, WorkerRecord},
+    v1::{InfoRequest, worker_client::WorkerClient},
+};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use super::{
-    claims,
-    membership::Change,
-    record::{self, WorkerRecord},
-};
+use super::{claims, membership::Change};
 use crate::{
-    group::{GroupClient, GroupTimeouts},
+    engine::group::{GroupClient, GroupTimeouts},
     replicas::Replicas,
     scheduler::SchedulerConfig,
 };
@@ -71,17 +70,8 @@ pub enum Msg {
         address: String,
         alive: bool,
     },
-    /// The answer to a claim for a forming group: all its workers are ours, or none (`conflict`: another
-    /// coordinator holds one; otherwise etcd could not be asked).
-    Claimed {
-        group: String,
-        ok: bool,
-        conflict: bool,
-    },
-    /// A claim could not be renewed after the lease was lost: another coordinator has the worker now.
-    ClaimLost {
-        worker: String,
-    },
+    /// What the claims session says (claims made, or lost).
+    Claims(claims::Answer),
     Tick,
 }
 
@@ -251,8 +241,8 @@ impl Manager {
                     self.remove(&id, "left (its lease expired or it deregistered)");
                 }
             }
-            Msg::Claimed { group, ok, conflict } => self.claimed(&group, ok, conflict),
-            Msg::ClaimLost { worker } => {
+            Msg::Claims(claims::Answer::Claimed { group, ok, conflict }) => self.claimed(&group, ok, conflict),
+            Msg::Claims(claims::Answer::ClaimLost { worker }) => {
                 if let Some(State::Serving(g)) = self.workers.get(&worker).map(|w| w.state.clone()) {
                     self.fail_group(&g, &format!("worker {worker} was claimed by another coordinator"));
                 }

@@ -13,7 +13,7 @@ use std::sync::{
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Backoff, connect_options};
+use tessera_proto::etcd::{Backoff, connect_options};
 
 /// A change to the registered workers, as raw keys and values (the manager parses them).
 #[derive(Debug, Clone, PartialEq)]

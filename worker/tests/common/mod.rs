@@ -53,7 +53,7 @@ pub fn engine(dir: &std::path::Path, max_seqs: usize) -> Engine {
 
 pub fn engine_on(dir: &std::path::Path, max_seqs: usize, device: tessera_kernels::Device) -> Engine {
     let model = Model::load_on(dir, Shard::WHOLE, device).unwrap();
-    let cache = KvCache::new(&model, max_seqs * BLOCKS_PER_SEQ, BLOCK).unwrap();
+    let cache = KvCache::new(&model.kv_geometry(), max_seqs * BLOCKS_PER_SEQ, BLOCK).unwrap();
     Engine::new(model, cache, Box::new(Single))
 }
 

@@ -1,0 +1,147 @@
+//! `tessera bench cluster`: what the distributed path costs. The same decode steps run on the in-process
+//! engine and on local clusters of worker processes (gRPC + TCP collectives), side by side; the difference
+//! per step is the overhead. Also the TCP all-reduce's bandwidth on loopback.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tessera_coordinator::engine::backend::Backend;
+use tessera_proto::step::{SamplingParams, StepSeq};
+use tessera_worker::{Collective, tcp_collective};
+
+use crate::host::Host;
+
+#[derive(Args, Debug)]
+pub struct ClusterBenchArgs {
+    /// Model directory (default: the built-in stories260K).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Decode batch sizes.
+    #[arg(long, default_value = "1,32", value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Tensor-parallel degrees of the distributed runs.
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    pub tp: Vec<usize>,
+    /// Timed decode steps per configuration.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// All-reduce buffer sizes in bytes.
+    #[arg(long, default_value = "1048576,16777216", value_delimiter = ',')]
+    pub allreduce_bytes: Vec<usize>,
+}
+
+/// Mean seconds per decode step of `batch` sequences with 32 tokens of context.
+fn time_decode(backend: &mut dyn Backend, batch: usize, steps: usize) -> Result<f64> {
+    let info = backend.info();
+    let per_seq = (32 + steps + 4).div_ceil(info.block_size);
+    anyhow::ensure!(per_seq * batch <= info.num_blocks, "KV cache too small for batch {batch}; raise --kv-cache-mib");
+    let greedy = SamplingParams::greedy();
+    let tables: Vec<Vec<u32>> =
+        (0..batch).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
+    let mut seqs: Vec<Vec<u32>> =
+        (0..batch).map(|i| (0..32).map(|t| 3 + ((t * 7 + i * 13) % 200) as u32).collect()).collect();
+    let base = 10_000 * batch as u64;
+    let mut run_step = |seqs: &mut Vec<Vec<u32>>, first: bool| -> Result<()> {
+        let b: Vec<StepSeq> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let start = if first { 0 } else { s.len() - 1 };
+                StepSeq {
+                    id: base + i as u64,
+                    tokens: &s[start..],
+                    start_pos: start,
+                    block_table: &tables[i],
+                    sample: Some(&greedy),
+                    penalty_context: &[],
+                    output_context: &[],
+                    starts: false,
+                }
+            })
+            .collect();
+        for o in backend.step(&b)? {
+            seqs[(o.id - base) as usize].push(o.sampled.token);
+        }
+        Ok(())
+    };
+    run_step(&mut seqs, true)?;
+    run_step(&mut seqs, false)?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        run_step(&mut seqs, false)?;
+    }
+    let dt = t.elapsed().as_secs_f64() / steps as f64;
+    backend.release(&(0..batch as u64).map(|i| base + i).collect::<Vec<_>>());
+    Ok(dt)
+}
+
+/// Seconds per all-reduce of `bytes` over a 2-rank loopback ring (best of several).
+pub fn time_all_reduce(bytes: usize, reps: usize) -> Result<f64> {
+    let ranks = tcp_collective::loopback_ring(2, Duration::from_secs(30))?;
+    let n = bytes / 4;
+    let times: Vec<Result<f64>> = std::thread::scope(|s| {
+        let hs: Vec<_> = ranks
+            .iter()
+            .map(|c| {
+                s.spawn(move || -> Result<f64> {
+                    let mut buf: Vec<f32> = (0..n).map(|i| (i % 13) as f32).collect();
+                    c.all_reduce_sum(&mut buf)?;
+                    let mut best = f64::MAX;
+                    for _ in 0..reps {
+                        let t = Instant::now();
+                        c.all_reduce_sum(&mut buf)?;
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    Ok(best)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("all-reduce thread panicked"))?).collect()
+    });
+    let mut worst = 0f64;
+    for t in times {
+        worst = worst.max(t?);
+    }
+    Ok(worst)
+}
+
+pub fn run(a: ClusterBenchArgs, host: &dyn Host) -> Result<()> {
+    let (name, dir) = match &a.model {
+        Some(d) => (d.display().to_string(), d.clone()),
+        None => host.default_model()?,
+    };
+    let kv_mib = 64;
+    let mut rows: Vec<(String, usize, f64)> = Vec::new();
+    let mut configs: Vec<(String, usize)> = vec![("in-process".into(), 0)];
+    configs.extend(a.tp.iter().map(|&tp| (format!("workers tp={tp}"), tp)));
+    for (label, tp) in &configs {
+        let mut runner = if *tp == 0 { host.in_process(&dir, kv_mib)? } else { host.workers(&dir, *tp, kv_mib)? };
+        for &b in &a.batch {
+            let dt = time_decode(runner.backend.as_mut(), b, a.steps).with_context(|| format!("{label}, batch {b}"))?;
+            rows.push((label.clone(), b, dt));
+        }
+    }
+    println!("model {name}: decode step time, {} timed steps each", a.steps);
+    println!("{:<16} {:>6} {:>12} {:>14} {:>8}", "path", "batch", "µs/step", "overhead µs", "ratio");
+    for (label, b, dt) in &rows {
+        let base = rows.iter().find(|r| r.0 == "in-process" && r.1 == *b).map_or(*dt, |r| r.2);
+        println!("{label:<16} {b:>6} {:>12.1} {:>14.1} {:>8.2}", dt * 1e6, (dt - base) * 1e6, dt / base);
+    }
+    // With 2 ranks a ring all-reduce sends half the buffer each way twice, so buffer bytes / time is both the
+    // algorithm and the bus bandwidth.
+    println!("TCP all-reduce of f32 sums, 2 ranks on loopback (best of 20):");
+    for &bytes in &a.allreduce_bytes {
+        let t = time_all_reduce(bytes, 20)?;
+        println!(
+            "  {:>6.1} MiB: {:>9.1} µs  {:>6.2} GB/s",
+            bytes as f64 / (1 << 20) as f64,
+            t * 1e6,
+            bytes as f64 / t / 1e9
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,986 @@
+//! The engine loop: one thread that owns a replica's [`Backend`] and its [`Scheduler`], and turns submitted
+//! requests into steps.
+//!
+//! HTTP handlers submit a [`GenRequest`] (one sequence per choice) through `Replicas` with a channel for
+//! [`Event`]s and get tokens back as they are sampled. A handler that goes away (the client disconnected)
+//! closes its channel: the loop notices before the next step and aborts the sequence, freeing its blocks at
+//! once. Detokenizing and stop strings belong to the handler, so this thread does only scheduling and
+//! bookkeeping.
+//!
+//! With an in-process backend a step can pause before a layer's attention or MLP: when a request of a flow
+//! (API key) with nothing on the replica arrives, the submitter raises [`ReplicaStats::newcomer`], the step
+//! stops after its current half-layer, the loop takes the request in and, if the scheduler says a step of
+//! its own pays, runs the newcomer's prefill and sends its first token before the step goes on. Other commands that arrive
+//! meanwhile (aborts) wait until the step is done: its sequences must stay as they are.
+//!
+//! A step that fails ends the replica: the loop takes itself out of routing, collects every sequence it
+//! held (and every request still in its channel) as [`Migrant`]s, hands them to its [`LoopHost`] (`Replicas`) to
+//! continue elsewhere, and exits, dropping its backend and whatever it kept alive.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use tessera_proto::step::{SamplingParams, SeqSampled, StepSeq};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{
+    backend::{Backend, OwnedStepSeq, StepFailure},
+    contract::{Event, FinishReason, GenRequest, seq_id},
+};
+use crate::{
+    metrics::Metrics,
+    scheduler::{Planned, Scheduler, SchedulerConfig, Sequence, blocks::BlockManager},
+};
+
+pub enum Command {
+    Submit(Box<GenRequest>, Instant),
+    /// Stop a choice: the handler saw a stop string (`Some(Stop)`) or gave up on it (`None`).
+    Abort {
+        seq: u64,
+        reason: Option<FinishReason>,
+    },
+    /// Continue a sequence another replica was running when it failed.
+    Adopt(Box<Migrant>),
+    /// The replica is lost (its group lost a worker): hand everything over and stop.
+    Fail(String),
+}
+
+/// A sequence on its way from a failed replica to another: what it was asked, what it produced so far, and
+/// the handler waiting for the rest.
+pub struct Migrant {
+    id: u64,
+    /// Prompt followed by the tokens already sent to the client.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    params: SamplingParams,
+    max_tokens: usize,
+    ignore_eos: bool,
+    flow: Option<String>,
+    weight: f64,
+    track: Track,
+}
+
+impl Migrant {
+    pub fn events_closed(&self) -> bool {
+        self.track.events.is_closed()
+    }
+
+    /// Tokens it adds to a replica's load.
+    pub fn charge(&self) -> i64 {
+        self.track.charge
+    }
+
+    /// Nowhere to go: the handler hears why.
+    pub fn fail(self, message: &str) {
+        let _ = self.track.events.send(Event::Error { choice: self.track.choice, message: message.to_string() });
+    }
+
+    fn sequence(&self) -> Sequence {
+        let mut seq = Sequence::new(
+            self.id,
+            self.tokens[..self.prompt_len].to_vec(),
+            self.params.clone(),
+            self.max_tokens,
+            self.ignore_eos,
+        )
+        .in_flow(self.flow.clone(), self.weight);
+        seq.tokens = self.tokens.clone();
+        seq.arrival = self.track.arrival;
+        seq
+    }
+}
+
+/// What a replica's loop publishes about itself; read when routing and when metrics are scraped.
+#[derive(Default, Debug)]
+pub struct ReplicaStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub blocks_used: AtomicUsize,
+    pub blocks_total: AtomicUsize,
+    /// Prompt + max_tokens of sequences routed here and not finished.
+    pub outstanding_tokens: AtomicI64,
+    pub requests: AtomicU64,
+    /// Fair-share flows with requests on the replica (kept by its loop).
+    pub flows: Mutex<HashSet<Option<String>>>,
+    /// A request of a flow not in `flows` was sent: the step in flight may pause for it.
+    pub newcomer: AtomicBool,
+}
+
+impl ReplicaStats {
+    pub fn lock_flows(&self) -> std::sync::MutexGuard<'_, HashSet<Option<String>>> {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The loop's view changed: `flow` now has requests here (`present`) or none.
+    pub fn set_flow(&self, flow: &Option<String>, present: bool) {
+        let mut flows = self.lock_flows();
+        if present {
+            flows.insert(flow.clone());
+        } else {
+            flows.remove(flow);
+        }
+    }
+}
+
+/// What a loop tells the routing around it (`Replicas` implements it). The loop never routes: it says
+/// that its replica failed and hands its sequences over, and routing decides where they go.
+pub trait LoopHost: Send + Sync {
+    /// The replica failed: take it out of routing. Called before the loop collects its sequences, so that
+    /// nothing new is sent to it meanwhile.
+    fn withdraw(&self, replica: u64, reason: &str);
+    /// Sequences of the failed replica: continue each elsewhere, or fail it.
+    fn adopt(&self, migrants: Vec<Migrant>, reason: &str);
+    /// The loop published new numbers in its [`ReplicaStats`]: re-sum them (before the step's events go
+    /// out, so that a client that sees its response complete also sees it counted).
+    fn stats_changed(&self);
+}
+
+/// What a loop needs from the server around it: where to publish its numbers and hand over its work.
+pub struct Hub {
+    pub replica: u64,
+    pub stats: Arc<ReplicaStats>,
+    pub host: Arc<dyn LoopHost>,
+}
+
+/// CPU seconds this thread has used.
+fn thread_cpu_time() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID is always valid on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Per-sequence bookkeeping the scheduler does not need.
+struct Track {
+    span: tracing::Span,
+    /// Its fair-share flow.
+    flow: Option<String>,
+    events: UnboundedSender<Event>,
+    /// Its index in the response (`GenRequest::first_choice` + its choice within the request).
+    choice: usize,
+    arrival: Instant,
+    last_token: Option<Instant>,
+    prompt_tokens: usize,
+    /// What it adds to the replica's outstanding tokens (prompt + max_tokens).
+    charge: i64,
+}
+
+/// Starts a replica's loop on its own thread. `backend` runs the steps; `eos` are the end-of-sequence ids;
+/// `keep_alive` (worker processes) lives as long as the loop. Returns the loop's command channel.
+pub fn spawn(
+    backend: Box<dyn Backend>,
+    cfg: SchedulerConfig,
+    eos: Vec<u32>,
+    metrics: Arc<Metrics>,
+    keep_alive: Box<dyn Send>,
+    hub: Hub,
+) -> mpsc::Sender<Command> {
+    let info = backend.info();
+    for rank in 0..info.world_size {
+        metrics.worker_kv_cache_blocks.get_or_create(&vec![("rank", rank.to_string())]).set(info.num_blocks as i64);
+    }
+    let (tx, rx) = mpsc::channel();
+    let sched = Scheduler::new(cfg, BlockManager::new(info.num_blocks, info.block_size));
+    let on_cpu = backend.computes_on_cpu();
+    let mut lp = Loop {
+        backend,
+        sched,
+        eos,
+        metrics,
+        tracks: HashMap::new(),
+        flows: HashMap::new(),
+        hub,
+        published: Default::default(),
+        failed: None,
+        deferred: Vec::new(),
+    };
+    if on_cpu {
+        // The loop runs as a worker of its own compute pool: a step's forward pass then runs on the loop's
+        // thread, its parallel loops shared out by work-stealing, instead of going to a pool thread while the
+        // loop sleeps until woken. Under a flood on two cores each such wake-up (two a step, and one each
+        // time a step pauses for a newcomer) waited up to a millisecond for a core.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("tessera-engine-{i}"))
+            // A panic ends the loop as it would end a thread of its own: its channel closes and the replica
+            // is retired (the panic hook has printed it). Without a handler rayon would abort the process.
+            .panic_handler(|_| {})
+            .build()
+            .expect("building the engine's compute pool");
+        let pool = Arc::new(pool);
+        let own = pool.clone();
+        pool.spawn(move || {
+            // The pool lives as long as the loop: dropped, its idle threads would leave.
+            let _pool = own;
+            let _keep_alive = keep_alive;
+            lp.run(rx)
+        });
+        return tx;
+    }
+    std::thread::Builder::new()
+        .name("tessera-engine".into())
+        .spawn(move || {
+            let _keep_alive = keep_alive;
+            lp.run(rx)
+        })
+        .expect("spawning the engine thread");
+    tx
+}
+
+struct Loop {
+    backend: Box<dyn Backend>,
+    sched: Scheduler,
+    eos: Vec<u32>,
+    metrics: Arc<Metrics>,
+    tracks: HashMap<u64, Track>,
+    /// Tracked sequences per flow.
+    flows: HashMap<Option<String>, usize>,
+    hub: Hub,
+    /// Counter values already added to the shared metrics (preemptions, prefix cache queries and hits,
+    /// newcomer steps, steps paused).
+    published: [u64; 5],
+    /// Set when the replica is lost: the loop hands its work over and ends.
+    failed: Option<String>,
+    /// Commands that arrived while a step was paused, for after it.
+    deferred: Vec<Command>,
+}
+
+impl Loop {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            for c in std::mem::take(&mut self.deferred) {
+                self.handle(c);
+            }
+            // (A failure among the deferred commands is handed over below, not after the next command.)
+            if self.sched.is_idle() && self.failed.is_none() {
+                match rx.recv() {
+                    Ok(c) => self.handle(c),
+                    Err(_) => return,
+                }
+            }
+            // Lowered before the channel is read: a newcomer sent after this raises it for the coming step.
+            self.hub.stats.newcomer.store(false, Ordering::Release);
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.handle(c),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            if self.failed.is_none() {
+                self.drop_abandoned();
+                self.step(&rx);
+                self.publish();
+            }
+            if let Some(reason) = self.failed.take() {
+                self.hand_over(&reason, rx);
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, c: Command) {
+        match c {
+            Command::Submit(r, arrival) => {
+                for choice in 0..r.n {
+                    let id = seq_id(r.id, choice);
+                    let mut params = r.params.clone();
+                    // Distinct but reproducible streams for the choices of a seeded request.
+                    params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
+                    let mut seq = Sequence::new(id, r.prompt.clone(), params, r.max_tokens, r.ignore_eos)
+                        .in_flow(r.flow.clone(), r.weight);
+                    seq.arrival = arrival;
+                    self.sched.add(seq);
+                    self.enter_flow(&r.flow);
+                    self.tracks.insert(
+                        id,
+                        Track {
+                            span: r.span.clone(),
+                            flow: r.flow.clone(),
+                            events: r.events.clone(),
+                            choice: r.first_choice + choice,
+                            arrival,
+                            last_token: None,
+                            prompt_tokens: r.prompt.len(),
+                            charge: (r.prompt.len() + r.max_tokens) as i64,
+                        },
+                    );
+                }
+            }
+            Command::Adopt(m) => {
+                self.sched.add(m.sequence());
+                self.enter_flow(&m.track.flow);
+                self.tracks.insert(m.id, m.track);
+            }
+            Command::Abort { seq, reason } => self.finish_abort(seq, reason),
+            Command::Fail(reason) => {
+                self.failed.get_or_insert(reason);
+            }
+        }
+    }
+
+    /// Forgets a sequence's bookkeeping; its tokens no longer count against this replica.
+    fn untrack(&mut self, id: u64) -> Option<Track> {
+        let t = self.tracks.remove(&id)?;
+        self.hub.stats.outstanding_tokens.fetch_sub(t.charge, Ordering::Relaxed);
+        if let Some(n) = self.flows.get_mut(&t.flow) {
+            *n -= 1;
+            if *n == 0 {
+                self.flows.remove(&t.flow);
+                self.hub.stats.set_flow(&t.flow, false);
+            }
+        }
+        Some(t)
+    }
+
+    /// A sequence of `flow` is tracked: the replica's published flows include it.
+    fn enter_flow(&mut self, flow: &Option<String>) {
+        let n = self.flows.entry(flow.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.hub.stats.set_flow(flow, true);
+        }
+    }
+
+    /// The replica is lost: out of routing first (nothing new can arrive), then every sequence, and every
+    /// request still in the channel, goes to [`LoopHost::adopt`].
+    fn hand_over(&mut self, reason: &str, rx: mpsc::Receiver<Command>) {
+        self.hub.host.withdraw(self.hub.replica, reason);
+        let mut migrants = Vec::new();
+        self.take_all(&mut migrants);
+        // Commands put off while a step was paused, and requests routed here before the replica left routing,
+        // not yet taken in.
+        let pending: Vec<Command> = std::mem::take(&mut self.deferred).into_iter().chain(rx.try_iter()).collect();
+        for c in pending {
+            match c {
+                Command::Submit(..) | Command::Adopt(_) => {
+                    self.handle(c);
+                    self.take_all(&mut migrants);
+                }
+                Command::Abort { seq, .. } => migrants.retain(|m| m.id != seq),
+                Command::Fail(_) => {}
+            }
+        }
+        drop(rx);
+        self.publish();
+        self.hub.host.adopt(migrants, reason);
+    }
+
+    /// Takes every sequence out of the scheduler, with its bookkeeping, as migrants.
+    fn take_all(&mut self, into: &mut Vec<Migrant>) {
+        let ids: Vec<u64> = self.sched.ids().collect();
+        for id in ids {
+            let (Some(seq), Some(track)) = (self.sched.abort(id), self.untrack(id)) else { continue };
+            into.push(Migrant {
+                id,
+                tokens: seq.tokens,
+                prompt_len: seq.prompt_len,
+                params: seq.params,
+                max_tokens: seq.max_tokens,
+                ignore_eos: seq.ignore_eos,
+                flow: seq.flow,
+                weight: seq.weight,
+                track,
+            });
+        }
+    }
+
+    fn finish_abort(&mut self, seq: u64, reason: Option<FinishReason>) {
+        if self.sched.abort(seq).is_some() {
+            self.backend.release(&[seq]);
+        }
+        if let Some(t) = self.untrack(seq) {
+            let label = match reason {
+                Some(FinishReason::Stop) => "stop",
+                Some(FinishReason::Length) => "length",
+                None => "abort",
+            };
+            self.metrics.request_success.get_or_create(&vec![("finished_reason", label)]).inc();
+            self.metrics.e2e_request_latency.observe(t.arrival.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Sequences whose handler is gone (client disconnected) are aborted before they cost a step.
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<u64> = self.tracks.iter().filter(|(_, t)| t.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.finish_abort(id, None);
+        }
+    }
+
+    fn step(&mut self, rx: &mpsc::Receiver<Command>) {
+        let started = Instant::now();
+        let plan = self.sched.schedule();
+        if plan.is_empty() {
+            self.fail_unschedulable();
+            return;
+        }
+        self.execute(&plan, started, Some(rx));
+    }
+
+    /// Runs a planned step and applies it. With `rx` the step may pause for a newcomer (module doc).
+    fn execute(&mut self, plan: &[Planned], started: Instant, rx: Option<&mpsc::Receiver<Command>>) {
+        let cpu_started = thread_cpu_time();
+        for p in plan {
+            if p.start == 0
+                && let Some(s) = self.sched.get(p.id)
+                && s.first_scheduled.is_some_and(|t| t >= started)
+            {
+                self.metrics.request_queue_time.observe((started - s.arrival).as_secs_f64());
+            }
+        }
+        let inputs = self.sched.inputs(plan);
+        // One span per step, shared by the requests in it: a child of the first request's span, linked to
+        // the others' (never one span per request per step).
+        let prefill: usize =
+            plan.iter().filter(|p| !(p.end - p.start == 1 && p.start > 0)).map(|p| p.end - p.start).sum();
+        let tokens: usize = plan.iter().map(|p| p.end - p.start).sum();
+        let mut parents = plan.iter().filter_map(|p| self.tracks.get(&p.id)).map(|t| &t.span);
+        let step_span = match parents.next() {
+            Some(first) => {
+                let s = tracing::info_span!(target: "tessera::engine", parent: first, "step", sequences = plan.len(), tokens, prefill_tokens = prefill);
+                let mut seen = vec![first.id()];
+                for other in parents {
+                    if !seen.contains(&other.id()) {
+                        seen.push(other.id());
+                        tessera_telemetry::link(&s, other);
+                    }
+                }
+                s
+            }
+            None => tracing::Span::none(),
+        };
+        let cpu_before_backend = thread_cpu_time() - cpu_started;
+        let t = Instant::now();
+        let stats = self.hub.stats.clone();
+        let pause = move || stats.newcomer.load(Ordering::Acquire);
+        let first = step_span.in_scope(|| match rx {
+            Some(_) => self.backend.step_pausable(&inputs, &pause),
+            None => self.backend.step(&inputs).map(Some),
+        });
+        // Time the loop spent on other work while the step was paused: not the step's cost.
+        let mut aside = Duration::ZERO;
+        let result = match (first, rx) {
+            (Ok(None), Some(rx)) => {
+                let batch: Vec<OwnedStepSeq> = inputs.iter().map(OwnedStepSeq::new).collect();
+                drop(inputs);
+                self.while_paused(rx, &batch, tokens, &step_span, t.elapsed(), &mut aside)
+            }
+            (first, _) => {
+                drop(inputs);
+                first.and_then(|out| {
+                    out.ok_or_else(|| StepFailure::Internal("the backend paused a step it was not asked to".into()))
+                })
+            }
+        };
+        let on_workers = t.elapsed().saturating_sub(aside);
+        let cpu_after = thread_cpu_time();
+        // Step timings before any event goes out, like the other metrics: a client whose response completes
+        // must find the step that completed it counted.
+        self.metrics.step_seconds.observe(on_workers.as_secs_f64());
+        self.sched.step_cost.observe(tokens, on_workers.as_secs_f64(), Instant::now());
+        for (rank, t) in self.backend.last_timings().iter().enumerate() {
+            let label = vec![("rank", rank.to_string())];
+            self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);
+            self.metrics.worker_collective_seconds.get_or_create(&label).observe(t.collective_seconds);
+        }
+        match result {
+            Ok(sampled) => {
+                let mut outcomes = self.sched.apply(plan, sampled, &self.eos);
+                // Metrics first, events second: a client whose response completes must see its own request
+                // counted and no longer running.
+                self.publish();
+                // First tokens go out first: their handlers are then first in the HTTP runtime's queue, ahead
+                // of the streams that already have theirs (a newcomer's time to first token should not
+                // include 64 other streams' writes).
+                outcomes.sort_by_key(|o| self.tracks.get(&o.id).is_some_and(|t| t.last_token.is_some()));
+                let now = Instant::now();
+                for o in outcomes {
+                    self.emit(o, now);
+                }
+            }
+            // The replica is lost; `run` hands its sequences over.
+            Err(e) if e.is_fatal() => self.failed = Some(e.to_string()),
+            Err(e) => self.fail_refused(plan, &e.to_string()),
+        }
+        // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled, and that
+        // is not the scheduler's cost. (With an in-process backend the forward pass runs on rayon threads.)
+        self.metrics.scheduler_step_seconds.observe(cpu_before_backend + (thread_cpu_time() - cpu_after));
+    }
+
+    /// The step in flight (`tokens` tokens) paused after running for `own`: take new requests in and, if the scheduler plans a
+    /// newcomer's step, run it (its first token goes out) before the step goes on. Newcomers get at most as
+    /// much time as the paused step itself, so its decodes advance at least half the time (as "never twice
+    /// in a row" keeps between whole steps): the step pauses again only once it has run as long as what ran
+    /// in its pauses. Commands other than new requests wait for the step to end: its sequences must stay as
+    /// they are.
+    fn while_paused(
+        &mut self,
+        rx: &mpsc::Receiver<Command>,
+        batch: &[OwnedStepSeq],
+        tokens: usize,
+        span: &tracing::Span,
+        mut own: Duration,
+        aside: &mut Duration,
+    ) -> Result<Vec<SeqSampled>, StepFailure> {
+        let views: Vec<StepSeq<'_>> = batch.iter().map(OwnedStepSeq::view).collect();
+        loop {
+            let t = Instant::now();
+            self.hub.stats.newcomer.store(false, Ordering::Release);
+            while let Ok(c) = rx.try_recv() {
+                match c {
+                    Command::Submit(..) | Command::Adopt(_) => self.handle(c),
+                    other => self.deferred.push(other),
+                }
+            }
+            if *aside <= own && self.failed.is_none() {
+                let plan = self.sched.schedule_during(tokens, t);
+                if !plan.is_empty() {
+                    self.execute(&plan, t, None);
+                }
+            }
+            *aside += t.elapsed();
+            let owed = aside.saturating_sub(own);
+            let stats = self.hub.stats.clone();
+            let resumed = Instant::now();
+            let pause = move || resumed.elapsed() >= owed && stats.newcomer.load(Ordering::Acquire);
+            // Refusing to resume is not refusing a step: the paused step is stuck half-way, the replica lost.
+            let out = span.in_scope(|| self.backend.resume(&views, &pause)).map_err(|e| match e {
+                StepFailure::Refused(m) => StepFailure::Internal(format!("resuming a paused step: {m}")),
+                e => e,
+            })?;
+            own += resumed.elapsed();
+            if let Some(out) = out {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn emit(&mut self, o: crate::scheduler::Outcome, now: Instant) {
+        let Some(t) = self.tracks.get_mut(&o.id) else { return };
+        match t.last_token {
+            None => {
+                self.metrics.time_to_first_token.observe((now - t.arrival).as_secs_f64());
+                self.metrics.prompt_tokens.inc_by(t.prompt_tokens as u64);
+            }
+            Some(prev) => self.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
+        }
+        t.last_token = Some(now);
+        self.metrics.generation_tokens.inc();
+        let _ = t.events.send(Event::Token {
+            choice: t.choice,
+            token: o.sampled.token,
+            logprob: o.sampled.logprob,
+            top_logprobs: o.sampled.top_logprobs,
+        });
+        if let Some(reason) = o.finished {
+            let t = self.untrack(o.id).expect("tracked");
+            self.backend.release(&[o.id]);
+            let label = if reason == FinishReason::Stop { "stop" } else { "length" };
+            self.metrics.request_success.get_or_create(&vec![("finished_reason", label)]).inc();
+            self.metrics.e2e_request_latency.observe(t.arrival.elapsed().as_secs_f64());
+            let _ = t.events.send(Event::Finished {
+                choice: t.choice,
+                reason,
+                prompt_tokens: t.prompt_tokens,
+                cached_tokens: o.cached_tokens,
+            });
+        }
+    }
+
+    /// Nothing could be scheduled although sequences are there: prefills are waiting for blocks other
+    /// prefills hold. The scheduler makes room by preempting, or fails a sequence that can never fit
+    /// (requests are validated against the pool, so that is a safety net).
+    fn fail_unschedulable(&mut self) {
+        if self.sched.is_idle() {
+            return;
+        }
+        if let Some(id) = self.sched.unstick() {
+            if let Some(t) = self.untrack(id) {
+                let _ = t
+                    .events
+                    .send(Event::Error { choice: t.choice, message: "the request does not fit the KV cache".into() });
+                self.metrics.request_failure.get_or_create(&vec![("kind", "kv_cache")]).inc();
+            }
+            self.backend.release(&[id]);
+        }
+    }
+
+    /// A step the backend refused: it validated the batch and changed nothing, so the replica serves on and
+    /// only the step's own sequences end, each with the reason.
+    fn fail_refused(&mut self, plan: &[Planned], message: &str) {
+        tracing::warn!(sequences = plan.len(), "step refused: {message}");
+        for p in plan {
+            if self.sched.abort(p.id).is_some() {
+                self.backend.release(&[p.id]);
+            }
+            if let Some(t) = self.untrack(p.id) {
+                let _ = t.events.send(Event::Error { choice: t.choice, message: message.to_string() });
+                self.metrics.request_failure.get_or_create(&vec![("kind", "refused")]).inc();
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let st = &self.hub.stats;
+        st.running.store(self.sched.num_running(), Ordering::Relaxed);
+        st.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
+        st.blocks_used.store(self.sched.blocks.num_used(), Ordering::Relaxed);
+        // Counters grow by what this replica added since it last published, so replicas add up and a
+        // replica that fails takes nothing back.
+        let s = &self.sched;
+        let now = [s.preemptions, s.blocks.stats.queries, s.blocks.stats.hits, s.newcomer_steps, s.steps_paused];
+        let m = &self.metrics;
+        let counters =
+            [&m.num_preemptions, &m.prefix_cache_queries, &m.prefix_cache_hits, &m.newcomer_steps, &m.steps_paused];
+        for (i, c) in counters.into_iter().enumerate() {
+            c.inc_by(now[i] - self.published[i]);
+        }
+        self.published = now;
+        self.hub.host.stats_changed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        engine::backend::{ModelInfo, RankFailure, WorkerTiming},
+        replicas::Replicas,
+    };
+    use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
+    use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError, unbounded_channel};
+
+    /// What the test lets a waiting step do.
+    #[derive(Debug)]
+    enum Go {
+        /// Finish.
+        Finish,
+        /// Pause if asked to (a pausable step), else finish.
+        Check,
+        /// Fail the step this way.
+        Fail(StepFailure),
+    }
+
+    /// Samples `id % 1000` for every sequence that asks, one step per message on `go`; says on `entered`
+    /// which sequences a step holds once it is planned and waiting for that message. Pausable.
+    struct Stepped {
+        go: mpsc::Receiver<Go>,
+        entered: mpsc::Sender<Vec<u64>>,
+    }
+
+    impl Stepped {
+        fn wait(
+            &mut self,
+            batch: &[StepSeq<'_>],
+            pause: &(dyn Fn() -> bool + Sync),
+        ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
+            let _ = self.entered.send(batch.iter().map(|s| s.id).collect());
+            let go = self.go.recv().map_err(|_| StepFailure::Internal("the test is over".into()))?;
+            match go {
+                Go::Fail(f) => return Err(f),
+                Go::Check if pause() => return Ok(None),
+                _ => {}
+            }
+            Ok(Some(
+                batch
+                    .iter()
+                    .filter(|s| s.sample.is_some())
+                    .map(|s| SeqSampled {
+                        id: s.id,
+                        sampled: Sampled { token: (s.id % 1000) as u32, logprob: None, top_logprobs: vec![] },
+                    })
+                    .collect(),
+            ))
+        }
+    }
+
+    impl Backend for Stepped {
+        fn info(&self) -> ModelInfo {
+            ModelInfo { vocab_size: 2000, max_position_embeddings: 64, num_blocks: 64, block_size: 4, world_size: 1 }
+        }
+        fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure> {
+            Ok(self.wait(batch, &|| false)?.unwrap_or_default())
+        }
+        fn step_pausable(
+            &mut self,
+            batch: &[StepSeq<'_>],
+            pause: &(dyn Fn() -> bool + Sync),
+        ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
+            self.wait(batch, pause)
+        }
+        fn resume(
+            &mut self,
+            batch: &[StepSeq<'_>],
+            pause: &(dyn Fn() -> bool + Sync),
+        ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
+            self.wait(batch, pause)
+        }
+        fn release(&mut self, _: &[u64]) {}
+        fn last_timings(&self) -> Vec<WorkerTiming> {
+            Vec::new()
+        }
+    }
+
+    fn token(rx: &mut UnboundedReceiver<Event>) -> u32 {
+        match rx.blocking_recv() {
+            Some(Event::Token { token, .. }) => token,
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    /// The token of a one-token request, and its end.
+    fn only_token(rx: &mut UnboundedReceiver<Event>) -> u32 {
+        let t = token(rx);
+        assert!(matches!(rx.blocking_recv(), Some(Event::Finished { .. })));
+        t
+    }
+
+    struct Harness {
+        replicas: Arc<Replicas>,
+        metrics: Arc<Metrics>,
+        go: mpsc::Sender<Go>,
+        entered: mpsc::Receiver<Vec<u64>>,
+    }
+
+    impl Harness {
+        fn new(max_num_seqs: usize) -> Self {
+            let (go, steps) = mpsc::channel();
+            let (entered_tx, entered) = mpsc::channel();
+            let backend = Stepped { go: steps, entered: entered_tx };
+            let metrics = Arc::new(Metrics::new("m"));
+            let replicas = Replicas::new(backend.info(), metrics.clone());
+            let cfg = SchedulerConfig { max_num_seqs, max_batched_tokens: 64, max_model_len: 64 };
+            replicas.add(Box::new(backend), cfg, vec![], "g", vec![], Box::new(()));
+            Harness { replicas, metrics, go, entered }
+        }
+
+        /// Submits a request of `flow` reporting to `events`; returns the token its sequence samples.
+        fn submit(&self, flow: &str, max_tokens: usize, events: &UnboundedSender<Event>) -> u32 {
+            self.submit_n(flow, max_tokens, 1, events)[0]
+        }
+
+        /// A request of `n` choices: the tokens of its sequences.
+        fn submit_n(&self, flow: &str, max_tokens: usize, n: usize, events: &UnboundedSender<Event>) -> Vec<u32> {
+            let id = self.replicas.next_request_id();
+            let req = GenRequest {
+                id,
+                prompt: vec![1, 2, 3],
+                params: SamplingParams::greedy(),
+                max_tokens,
+                ignore_eos: true,
+                n,
+                first_choice: 0,
+                flow: Some(flow.into()),
+                weight: 1.0,
+                events: events.clone(),
+                span: tracing::Span::none(),
+            };
+            assert!(self.replicas.submit(req));
+            (0..n).map(|c| (seq_id(id, c) % 1000) as u32).collect()
+        }
+
+        /// Waits for the next step to be planned; returns its sequences' tokens.
+        fn entered(&self) -> Vec<u32> {
+            self.entered.recv().unwrap().into_iter().map(|id| (id % 1000) as u32).collect()
+        }
+
+        fn step(&self) -> Vec<u32> {
+            let ids = self.entered();
+            self.go.send(Go::Finish).unwrap();
+            ids
+        }
+    }
+
+    /// The next event, whatever it is (the loop runs on its own thread).
+    fn next(rx: &mut UnboundedReceiver<Event>) -> Event {
+        rx.blocking_recv().expect("the loop keeps the channel open until the request ends")
+    }
+
+    #[test]
+    fn a_refused_step_fails_only_its_sequences_and_the_replica_serves_on() {
+        let h = Harness::new(4);
+        let (events, mut rx) = unbounded_channel();
+        h.submit("a", 4, &events);
+        h.entered();
+        h.go.send(Go::Fail(StepFailure::Refused("worker rank 0 at x refused the step: bad".into()))).unwrap();
+        match next(&mut rx) {
+            Event::Error { message, .. } => assert!(message.contains("refused the step: bad"), "{message}"),
+            other => panic!("expected the refusal, got {other:?}"),
+        }
+        assert!(h.replicas.is_ready(), "a refused step leaves the replica in routing");
+        let (events, mut rx) = unbounded_channel();
+        let t = h.submit("a", 1, &events);
+        h.step();
+        assert_eq!(only_token(&mut rx), t, "the replica still serves");
+        let refused = h.metrics.request_failure.get_or_create(&vec![("kind", "refused")]).get();
+        assert_eq!(refused, 1);
+    }
+
+    #[test]
+    fn a_lost_rank_retires_the_replica_and_names_the_rank() {
+        let h = Harness::new(4);
+        let (events, mut rx) = unbounded_channel();
+        h.submit("a", 4, &events);
+        h.entered();
+        let lost = RankFailure::Lost { rank: 1, address: "10.0.0.7:50051".into(), message: "unreachable".into() };
+        h.go.send(Go::Fail(StepFailure::Group(vec![lost]))).unwrap();
+        match next(&mut rx) {
+            Event::Error { message, .. } => {
+                assert!(message.contains("no healthy replica"), "{message}");
+                assert!(message.contains("worker rank 1 at 10.0.0.7:50051 failed: unreachable"), "{message}");
+            }
+            other => panic!("expected the failure, got {other:?}"),
+        }
+        assert!(!h.replicas.is_ready(), "the only replica is gone");
+    }
+
+    #[test]
+    fn a_groups_failures_name_causes_before_consequences() {
+        let mut f = vec![
+            RankFailure::CollectiveBroken { rank: 0, address: "a:1".into(), message: "peer closed".into() },
+            RankFailure::Timeout { rank: 2, address: "c:1".into(), timeout: Duration::from_secs(5) },
+            RankFailure::Lost { rank: 1, address: "b:1".into(), message: "unreachable".into() },
+        ];
+        RankFailure::sort(&mut f);
+        let failure = StepFailure::Group(f);
+        assert!(failure.is_fatal());
+        assert_eq!(
+            failure.to_string(),
+            "tensor-parallel group failed: worker rank 1 at b:1 failed: unreachable; \
+             worker rank 2 at c:1 did not answer within 5s; worker rank 0 at a:1: peer closed"
+        );
+        assert!(!StepFailure::Refused("x".into()).is_fatal());
+    }
+
+    #[test]
+    fn a_first_token_goes_out_before_the_tokens_of_streams_already_flowing() {
+        let h = Harness::new(4);
+        // Both requests report to one channel, so the order of their events is visible.
+        let (events, mut rx) = unbounded_channel();
+        let flowing = h.submit("a", 8, &events);
+        h.step();
+        assert_eq!(token(&mut rx), flowing, "its prefill");
+        // Once the loop has planned `flowing`'s next decode, the new request can only join the step after.
+        h.entered();
+        let new = h.submit("a", 8, &events);
+        h.go.send(Go::Finish).unwrap();
+        assert_eq!(token(&mut rx), flowing);
+        h.step();
+        // One step: `flowing`'s decode is planned first, the newcomer's first token is sent first.
+        assert_eq!([token(&mut rx), token(&mut rx)], [new, flowing]);
+    }
+
+    #[test]
+    fn a_newcomer_runs_while_the_step_in_flight_is_paused() {
+        let h = Harness::new(2);
+        let (a_events, mut a) = unbounded_channel();
+        let (b_events, mut b) = unbounded_channel();
+        // A holds both slots (one request of two choices): its prefills, then a decode step in flight.
+        let a12 = h.submit_n("a", 8, 2, &a_events);
+        let (a1, a2) = (a12[0], a12[1]);
+        assert_eq!(h.step(), [a1, a2]);
+        assert_eq!((token(&mut a), token(&mut a)), (a1, a2));
+        assert_eq!(h.entered(), [a1, a2]);
+
+        // The submission raises the replica's flag; the step pauses when it next looks.
+        let newcomer = h.submit("b", 8, &b_events);
+        h.go.send(Go::Check).unwrap();
+        // B's prefill runs in the middle, over the full slots, and its first token goes out at once.
+        assert_eq!(h.step(), [newcomer]);
+        assert_eq!(token(&mut b), newcomer);
+        assert!(matches!(a.try_recv(), Err(TryRecvError::Empty)), "A's step has not finished");
+        // A's step goes on, and is not paused again.
+        assert_eq!(h.entered(), [a1, a2]);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!((token(&mut a), token(&mut a)), (a1, a2));
+        // The slot B took is given back before the next step: A's newest waits.
+        assert_eq!(h.step(), [a1, newcomer]);
+        // (Its tokens go out after the metrics are published.)
+        assert_eq!((token(&mut a), token(&mut b)), (a1, newcomer));
+        assert_eq!(h.metrics.steps_paused.get(), 1);
+        assert_eq!(h.metrics.newcomer_steps.get(), 1);
+        assert_eq!(h.metrics.num_preemptions.get(), 1);
+    }
+
+    #[test]
+    fn newcomers_get_at_most_as_much_time_in_a_paused_step_as_the_step_itself() {
+        // Step durations here are the test's: a step "computes" for as long as the test holds it.
+        let compute = || std::thread::sleep(Duration::from_millis(150));
+        let h = Harness::new(16);
+        let (a_events, mut a) = unbounded_channel();
+        let (n_events, mut n) = unbounded_channel();
+        let a_seqs = h.submit_n("a", 8, 8, &a_events);
+        h.entered();
+        compute();
+        h.go.send(Go::Finish).unwrap();
+        for _ in 0..8 {
+            token(&mut a);
+        }
+        let decodes = |ids: Vec<u32>| assert_eq!(ids, a_seqs);
+
+        // A's decode step computes for a while, then pauses for newcomer B (one token, done at once).
+        decodes(h.entered());
+        compute();
+        let b = h.submit("b", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!(h.step(), [b]);
+        assert_eq!(only_token(&mut n), b);
+        // B took little of the step's time: it pauses again at once for newcomer C.
+        decodes(h.entered());
+        let c = h.submit("c", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!(h.step(), [c]);
+        assert_eq!(only_token(&mut n), c);
+        decodes(h.step());
+        for _ in 0..8 {
+            token(&mut a);
+        }
+
+        // The next decode step pauses at once for D, whose step takes long.
+        decodes(h.entered());
+        let d = h.submit("d", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        assert_eq!(h.entered(), [d]);
+        compute();
+        h.go.send(Go::Finish).unwrap();
+        assert_eq!(only_token(&mut n), d);
+        // E arrives: the step owes its decodes D's time first, so it finishes instead of pausing.
+        decodes(h.entered());
+        let e = h.submit("e", 1, &n_events);
+        h.go.send(Go::Check).unwrap();
+        for _ in 0..8 {
+            token(&mut a);
+        }
+        assert!(matches!(n.try_recv(), Err(TryRecvError::Empty)), "E waited for the step");
+        assert!(h.step().contains(&e));
+        assert_eq!(only_token(&mut n), e);
+        assert_eq!(h.metrics.steps_paused.get(), 3);
+    }
+
+    #[test]
+    fn a_request_of_a_flow_already_running_does_not_pause_the_step() {
+        let h = Harness::new(4);
+        let (events, mut a) = unbounded_channel();
+        let a1 = h.submit("a", 8, &events);
+        h.step();
+        assert_eq!(token(&mut a), a1);
+        assert_eq!(h.entered(), [a1]);
+        let a2 = h.submit("a", 8, &events);
+        h.go.send(Go::Check).unwrap();
+        // The step finished instead of pausing; A's second request joins the next one.
+        assert_eq!(token(&mut a), a1);
+        assert_eq!(h.step(), [a1, a2]);
+        assert_eq!(h.metrics.steps_paused.get(), 0);
+    }
+}

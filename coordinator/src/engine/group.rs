@@ -1,0 +1,347 @@
+//! The coordinator's client of one tensor-parallel group: a model replica spread over `tp` worker
+//! processes.
+//!
+//! Forming the group: ask every worker for its collective address (`Info`), then send each its rank and
+//! the full peer list in `LoadModel`, concurrently (the ranks meet in the middle). Each step goes to every
+//! rank concurrently; the group waits for all and takes rank 0's tokens. Any rank's error, or a rank not
+//! answering within the step deadline, fails the step with a message naming the rank and its address;
+//! a group that failed once is not used again.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
+use tessera_proto::v1::{
+    self as pb, InfoRequest, LoadModelRequest, Rendezvous, StepRequest, TcpRendezvous, rendezvous::Kind,
+    worker_client::WorkerClient,
+};
+use tonic::{Code, transport::Channel};
+
+use super::backend::{Backend, ModelInfo, RankFailure, StepFailure, WorkerTiming};
+
+/// Timeouts of a group.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupTimeouts {
+    pub connect: Duration,
+    pub load: Duration,
+    pub step: Duration,
+}
+
+impl Default for GroupTimeouts {
+    fn default() -> Self {
+        GroupTimeouts {
+            connect: Duration::from_secs(10),
+            load: Duration::from_secs(300),
+            step: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Rank {
+    addr: String,
+    client: WorkerClient<Channel>,
+}
+
+pub struct GroupClient {
+    /// A current-thread runtime owned by the group: each step polls every rank's RPC on the calling
+    /// thread, with no handoff to runtime worker threads (tens of microseconds a step on a busy machine).
+    rt: tokio::runtime::Runtime,
+    ranks: Vec<Rank>,
+    info: ModelInfo,
+    group_id: String,
+    timeouts: GroupTimeouts,
+    next_step: u64,
+    /// Set after the first failure: the group's collectives are out of step for good.
+    failed: Option<String>,
+    /// Sequences finished since the last step (their worker state is dropped with the next step).
+    finished: Vec<u64>,
+    /// Per rank, the worker's own timing of the last successful step.
+    last: Vec<WorkerTiming>,
+}
+
+fn describe(status: &tonic::Status) -> String {
+    match status.code() {
+        Code::Unavailable | Code::Unknown if status.message().contains("transport") || status.message().is_empty() => {
+            format!("unreachable ({})", status.message())
+        }
+        _ => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+impl GroupClient {
+    /// Connects to `addrs` (rank order) and loads `model_path` on all of them. Blocks the calling thread,
+    /// which must not be inside an async runtime; so do the steps.
+    pub fn connect(
+        addrs: &[String],
+        model_path: &str,
+        kv_cache_bytes: u64,
+        block_size: u32,
+        group_id: &str,
+        timeouts: GroupTimeouts,
+    ) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
+        let (ranks, info) =
+            rt.block_on(Self::connect_async(addrs, model_path, kv_cache_bytes, block_size, group_id, timeouts))?;
+        Ok(GroupClient {
+            rt,
+            ranks,
+            info,
+            group_id: group_id.to_string(),
+            timeouts,
+            next_step: 0,
+            failed: None,
+            finished: Vec::new(),
+            last: Vec::new(),
+        })
+    }
+
+    async fn connect_async(
+        addrs: &[String],
+        model_path: &str,
+        kv_cache_bytes: u64,
+        block_size: u32,
+        group_id: &str,
+        timeouts: GroupTimeouts,
+    ) -> Result<(Vec<Rank>, ModelInfo)> {
+        if addrs.is_empty() {
+            bail!("a group needs at least one worker");
+        }
+        let mut ranks = Vec::new();
+        let mut peers = Vec::new();
+        let mut devices = Vec::new();
+        for (r, addr) in addrs.iter().enumerate() {
+            let channel = Channel::from_shared(format!("http://{addr}"))
+                .with_context(|| format!("worker address {addr:?}"))?
+                .connect_timeout(timeouts.connect)
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to worker rank {r} at {addr}"))?;
+            let mut client =
+                WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+            let info = tokio::time::timeout(timeouts.connect, client.info(InfoRequest { create_nccl_id: false }))
+                .await
+                .map_err(|_| anyhow!("worker rank {r} at {addr} did not answer Info within {:?}", timeouts.connect))?
+                .map_err(|s| anyhow!("worker rank {r} at {addr}: {}", describe(&s)))?
+                .into_inner();
+            if info.protocol != tessera_proto::PROTOCOL_VERSION {
+                bail!(
+                    "worker rank {r} at {addr} speaks {:?}, this coordinator {:?}",
+                    info.protocol,
+                    tessera_proto::PROTOCOL_VERSION
+                );
+            }
+            peers.push(info.collective_address);
+            devices.push(info.device);
+            ranks.push(Rank { addr: addr.clone(), client });
+        }
+        let world = ranks.len() as u32;
+        let kind = choose_rendezvous(&mut ranks, &devices, peers, timeouts).await?;
+        let loads = ranks.iter().enumerate().map(|(r, rank)| {
+            let mut client = rank.client.clone();
+            let req = LoadModelRequest {
+                model_path: model_path.to_string(),
+                dtype: String::new(),
+                rank: r as u32,
+                world_size: world,
+                rendezvous: Some(Rendezvous { kind: Some(kind.clone()) }),
+                kv_cache_bytes,
+                block_size,
+                group_id: group_id.to_string(),
+            };
+            let addr = rank.addr.clone();
+            async move {
+                tokio::time::timeout(timeouts.load, client.load_model(req))
+                    .await
+                    .map_err(|_| {
+                        anyhow!("worker rank {r} at {addr} did not load the model within {:?}", timeouts.load)
+                    })?
+                    .map_err(|s| anyhow!("worker rank {r} at {addr} could not load the model: {}", s.message()))
+                    .map(|x| x.into_inner())
+            }
+        });
+        let replies = futures_util::future::join_all(loads).await;
+        let mut loaded = Vec::new();
+        let mut errors = Vec::new();
+        for r in replies {
+            match r {
+                Ok(x) => loaded.push(x),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
+        }
+        let first = &loaded[0];
+        let info = ModelInfo {
+            vocab_size: first.vocab_size as usize,
+            max_position_embeddings: first.max_position_embeddings as usize,
+            // The group can only use blocks every rank has.
+            num_blocks: loaded.iter().map(|l| l.num_kv_blocks as usize).min().unwrap_or(0),
+            block_size: block_size as usize,
+            world_size: ranks.len(),
+        };
+        Ok((ranks, info))
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.ranks.iter().map(|r| r.addr.clone()).collect()
+    }
+
+    /// Runs a step; with `return_logits` rank 0 also returns the logits rows of the sampled positions.
+    pub fn step_full(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        return_logits: bool,
+    ) -> Result<Vec<(SeqSampled, Vec<f32>)>, StepFailure> {
+        if let Some(f) = &self.failed {
+            return Err(StepFailure::Retired(f.clone()));
+        }
+        let req = StepRequest {
+            step_id: self.next_step,
+            sequences: batch.iter().map(to_proto).collect(),
+            finished_sequence_ids: std::mem::take(&mut self.finished),
+            group_id: self.group_id.clone(),
+            return_logits,
+        };
+        self.next_step += 1;
+        let timeout = self.timeouts.step;
+        let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
+            let mut client = rank.client.clone();
+            let mut req = tonic::Request::new(req.clone());
+            tessera_telemetry::inject_current(req.metadata_mut());
+            async move { (r, tokio::time::timeout(timeout, client.step(req)).await) }
+        });
+        let results = self.rt.block_on(futures_util::future::join_all(calls));
+        let mut errors = Vec::new();
+        let mut reply = None;
+        let mut timings = vec![WorkerTiming::default(); self.ranks.len()];
+        for (r, res) in results {
+            let address = self.ranks[r].addr.clone();
+            match res {
+                Err(_) => errors.push(RankFailure::Timeout { rank: r, address, timeout }),
+                // A refused step changed nothing on any rank (they all validate the same batch).
+                Ok(Err(s)) if s.code() == Code::InvalidArgument && r == 0 => {
+                    return Err(StepFailure::Refused(format!(
+                        "worker rank 0 at {address} refused the step: {}",
+                        s.message()
+                    )));
+                }
+                // A rank that died or is unreachable is the cause; its peers' collective errors follow.
+                Ok(Err(s)) if s.code() == Code::Aborted => {
+                    errors.push(RankFailure::CollectiveBroken { rank: r, address, message: s.message().to_string() })
+                }
+                Ok(Err(s)) => errors.push(RankFailure::Lost { rank: r, address, message: describe(&s) }),
+                Ok(Ok(x)) => {
+                    let x = x.into_inner();
+                    timings[r] =
+                        WorkerTiming { step_seconds: x.forward_seconds, collective_seconds: x.collective_seconds };
+                    if r == 0 {
+                        reply = Some(x);
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            RankFailure::sort(&mut errors);
+            let failure = StepFailure::Group(errors);
+            self.failed = Some(failure.to_string());
+            return Err(failure);
+        }
+        let reply = reply.ok_or_else(|| StepFailure::Internal("rank 0 sent no reply".into()))?;
+        self.last = timings;
+        Ok(reply
+            .tokens
+            .into_iter()
+            .map(|t| {
+                let sampled = Sampled {
+                    token: t.token_id,
+                    logprob: Some(t.logprob),
+                    top_logprobs: t.top_logprobs.iter().map(|x| (x.token_id, x.logprob)).collect(),
+                };
+                (SeqSampled { id: t.sequence_id, sampled }, t.logits)
+            })
+            .collect())
+    }
+}
+
+fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
+    pb::SequenceStep {
+        sequence_id: s.id,
+        token_ids: s.tokens.to_vec(),
+        start_position: s.start_pos as u32,
+        block_table: s.block_table.to_vec(),
+        sample: s.sample.is_some(),
+        sampling: s.sample.map(|p| pb::SamplingParams {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k as u32,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+            top_logprobs: p.top_logprobs as u32,
+            logprobs: p.logprobs,
+            logit_bias: p.logit_bias.iter().copied().collect(),
+        }),
+        penalty_context: s.penalty_context.to_vec(),
+        output_context: s.output_context.to_vec(),
+        starts: s.starts,
+    }
+}
+
+impl Backend for GroupClient {
+    fn info(&self) -> ModelInfo {
+        self.info
+    }
+
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure> {
+        Ok(self.step_full(batch, false)?.into_iter().map(|x| x.0).collect())
+    }
+
+    fn release(&mut self, ids: &[u64]) {
+        self.finished.extend_from_slice(ids);
+    }
+
+    fn last_timings(&self) -> Vec<WorkerTiming> {
+        self.last.clone()
+    }
+}
+
+/// How a group's ranks meet: NCCL when every rank is on its own GPU and rank 0 can make an NCCL id, the
+/// TCP ring otherwise (with a warning when GPUs are involved, since TCP is far slower there).
+async fn choose_rendezvous(
+    ranks: &mut [Rank],
+    devices: &[String],
+    peers: Vec<String>,
+    timeouts: GroupTimeouts,
+) -> Result<Kind> {
+    let tcp = Kind::Tcp(TcpRendezvous { peers });
+    if ranks.len() < 2 || !devices.iter().all(|d| d.starts_with("cuda:")) {
+        return Ok(tcp);
+    }
+    let host = |r: &Rank| r.addr.rsplit_once(':').map_or(r.addr.clone(), |(h, _)| h.to_string());
+    for a in 0..ranks.len() {
+        for b in a + 1..ranks.len() {
+            if host(&ranks[a]) == host(&ranks[b]) && devices[a] == devices[b] {
+                tracing::warn!(
+                    "ranks {a} and {b} share {} on {}: NCCL refuses two ranks on one GPU, using TCP collectives",
+                    devices[a],
+                    host(&ranks[a])
+                );
+                return Ok(tcp);
+            }
+        }
+    }
+    let info = tokio::time::timeout(timeouts.connect, ranks[0].client.info(InfoRequest { create_nccl_id: true }))
+        .await
+        .map_err(|_| anyhow!("worker rank 0 at {} did not answer Info within {:?}", ranks[0].addr, timeouts.connect))?
+        .map_err(|s| anyhow!("worker rank 0 at {}: {}", ranks[0].addr, describe(&s)))?
+        .into_inner();
+    if info.nccl_unique_id.is_empty() {
+        tracing::warn!("rank 0 could not create an NCCL id (see its log): using TCP collectives between GPUs");
+        return Ok(tcp);
+    }
+    Ok(Kind::NcclUniqueId(info.nccl_unique_id))
+}

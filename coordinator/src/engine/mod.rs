@@ -1,0 +1,12 @@
+//! The engine side of the coordinator: what runs requests once the API has validated them.
+//!
+//! - [`contract`]: what the HTTP side and an engine loop exchange (the request, its events, the finish
+//!   reason, sequence ids): the one file to read first;
+//! - [`engine_loop`]: the thread that owns a replica's backend and scheduler and turns requests into steps;
+//! - [`backend`]: where steps run (the [`backend::Backend`] trait) and what a model tells the scheduler;
+//! - [`group`]: the backend that is a tensor-parallel group of worker processes over gRPC.
+
+pub mod backend;
+pub mod contract;
+pub mod engine_loop;
+pub mod group;

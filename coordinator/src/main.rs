@@ -1,5 +1,0 @@
-//! The `tessera` binary.
-
-fn main() -> std::process::ExitCode {
-    tessera_coordinator::cli::main()
-}

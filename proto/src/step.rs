@@ -1,0 +1,135 @@
+//! What a step is made of, as both sides of the protocol see it: the coordinator's scheduler builds a batch
+//! of [`StepSeq`]s and gets [`SeqSampled`]s back; a worker's engine runs them. The gRPC messages in
+//! [`crate::v1`] carry exactly these fields. Kept apart from the engine so that the coordinator's API and
+//! scheduler compile without the model, its kernels or its weights.
+
+/// Below this temperature sampling is greedy.
+pub const GREEDY_BELOW: f32 = 1e-5;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+    /// Return the sampled token's logprob.
+    pub logprobs: bool,
+    /// How many top alternatives to return.
+    pub top_logprobs: usize,
+    /// (token, bias) added to the logits before sampling, after the penalties (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logprobs: false,
+            top_logprobs: 0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+
+    /// Sampling with temperature 0 (below [`GREEDY_BELOW`]) picks the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_BELOW
+    }
+
+    /// Whether a device can pick the token alone: no penalties (they need the sequence's history), no
+    /// min-p, no logit bias and no logprobs (they need the whole distribution on the host).
+    pub fn device_samplable(&self) -> bool {
+        self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.min_p == 0.0
+            && !self.logprobs
+            && self.top_logprobs == 0
+            && self.logit_bias.is_empty()
+    }
+
+    /// Checks ranges; the message names the parameter as the OpenAI API spells it.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |v: f32| v.is_finite();
+        if !finite(self.temperature) || self.temperature < 0.0 {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !finite(self.top_p) || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !finite(self.min_p) || !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !finite(self.repetition_penalty) || self.repetition_penalty <= 0.0 {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        if !finite(self.presence_penalty) || !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty));
+        }
+        if !finite(self.frequency_penalty) || !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !finite(*b) || !(-100.0..=100.0).contains(b)) {
+            return Err(format!("logit_bias for token {t} must be in [-100, 100], got {b}"));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of sampling one position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// log-softmax of the raw logits at `token`, when asked for.
+    pub logprob: Option<f32>,
+    /// The `top_logprobs` most likely tokens under the raw logits, highest first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// One sequence's part of a step.
+#[derive(Clone, Debug)]
+pub struct StepSeq<'a> {
+    pub id: u64,
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    pub block_table: &'a [u32],
+    /// Sample a token after this step (the last prefill chunk, and every decode).
+    pub sample: Option<&'a SamplingParams>,
+    /// Prompt tokens for the repetition penalty, sent with the first step of the sequence (start 0).
+    pub penalty_context: &'a [u32],
+    /// Tokens already generated, sent with the first step after a restart (count as output for penalties).
+    pub output_context: &'a [u32],
+    /// This step begins the sequence: earlier state is dropped and positions before `start_pos` are a
+    /// cached prefix already in the block table. Implied by `start_pos == 0`.
+    pub starts: bool,
+}
+
+impl StepSeq<'_> {
+    /// Whether this step begins the sequence (a fresh start, or after a cached prefix).
+    pub fn begins(&self) -> bool {
+        self.starts || self.start_pos == 0
+    }
+}
+
+/// A sampled token, tagged with its sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqSampled {
+    pub id: u64,
+    pub sampled: Sampled,
+}

@@ -1,0 +1,113 @@
+//! Where a command's steps run: an engine in this process (tp = 1), or a local cluster of `tp` worker
+//! processes of this same binary on loopback, connected as one tensor-parallel group. `generate`, `serve`
+//! and `bench cluster` start their model through [`Runner`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tessera_coordinator::engine::{
+    backend::Backend,
+    group::{GroupClient, GroupTimeouts},
+};
+use tessera_worker::{Engine, Model, Shard, collective::Single, kv_cache::KvCache};
+
+use crate::{default_model, local_backend::LocalBackend, local_cluster::LocalCluster};
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (default: the built-in stories260K).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// KV cache budget in MiB (per worker).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub kv_cache_mib: usize,
+    /// Tensor-parallel degree: with N > 1, start N worker processes on loopback and split the model
+    /// across them.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub tp: usize,
+    /// Compute device: `cpu`, or `cuda:N` (bf16 on the GPU; with --tp every worker uses this GPU, so the
+    /// group falls back to TCP collectives).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+    /// Arguments every local worker gets (log format, OTLP export), from the global options.
+    #[arg(skip)]
+    pub worker_args: Vec<String>,
+}
+
+impl ModelArgs {
+    pub fn dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => default_model::path(),
+        }
+    }
+}
+
+/// Loads a model directory into an in-process engine on `device` with `kv_cache_mib` of KV cache.
+pub fn load_local(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<LocalBackend> {
+    let model =
+        Model::load_on(dir, Shard::WHOLE, device).with_context(|| format!("loading model {}", dir.display()))?;
+    let cache =
+        KvCache::with_budget(&model.kv_geometry(), kv_cache_mib << 20, tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE)?;
+    Ok(LocalBackend::new(Engine::new(model, cache, Box::new(Single))))
+}
+
+/// Where a command's steps run: in this process (tp = 1) or on a local cluster of worker processes.
+pub struct Runner {
+    pub backend: Box<dyn Backend>,
+    // Dropped after the backend (field order): the group's connections close before the workers stop.
+    _cluster: Option<LocalCluster>,
+}
+
+impl Runner {
+    /// The backend, and the worker processes to keep alive as long as it is used.
+    pub fn into_parts(self) -> (Box<dyn Backend>, Option<LocalCluster>) {
+        (self.backend, self._cluster)
+    }
+
+    /// In this process for tp = 1, else on a local cluster of worker processes.
+    pub fn start(args: &ModelArgs, dir: &Path) -> Result<Self> {
+        if args.tp == 1 {
+            Self::in_process_on(dir, args.kv_cache_mib, args.device.parse()?)
+        } else {
+            Self::start_workers(args, dir)
+        }
+    }
+
+    /// An engine in this process, on the CPU.
+    pub fn in_process(dir: &Path, kv_cache_mib: usize) -> Result<Self> {
+        Self::in_process_on(dir, kv_cache_mib, tessera_kernels::Device::Cpu)
+    }
+
+    /// An engine in this process on `device`.
+    pub fn in_process_on(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<Self> {
+        Ok(Runner { backend: Box::new(load_local(dir, kv_cache_mib, device)?), _cluster: None })
+    }
+
+    /// `args.tp` worker processes on loopback, even for tp = 1.
+    pub fn start_workers(args: &ModelArgs, dir: &Path) -> Result<Self> {
+        if args.tp == 0 {
+            bail!("--tp must be at least 1");
+        }
+        // Refuse a split the model cannot take before starting any process.
+        let config = tessera_worker::config::ModelConfig::load(dir)?;
+        tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let device: tessera_kernels::Device = args.device.parse()?;
+        device.ensure_available()?;
+        let mut extra = args.worker_args.clone();
+        extra.extend(["--device".to_string(), device.to_string()]);
+        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &extra)?;
+        let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+        let group = GroupClient::connect(
+            &cluster.addrs,
+            &abs.to_string_lossy(),
+            (args.kv_cache_mib as u64) << 20,
+            tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE as u32,
+            &format!("local-{}", std::process::id()),
+            GroupTimeouts::default(),
+        )?;
+        Ok(Runner { backend: Box::new(group), _cluster: Some(cluster) })
+    }
+}

@@ -1,0 +1,219 @@
+//! `tessera serve`: the OpenAI-compatible server on one replica (this process, or `--tp N` local worker
+//! processes), with no etcd and no other moving parts.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use tessera_coordinator::{
+    api::{self, AppState, chat_template::ChatTemplate},
+    metrics::Metrics,
+    replicas::Replicas,
+    scheduler::SchedulerConfig,
+    tokenizer::Tokenizer,
+};
+
+use crate::runner::{ModelArgs, Runner};
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// The HTTP side, the same for `tessera serve` and `tessera coordinator`.
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Address to listen on (0.0.0.0 to accept connections from other machines).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// HTTP port.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients send in `model` (default: the model directory's name).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Most sequences decoding at once (per replica).
+    #[arg(long, default_value_t = 128)]
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step; prompts longer than this are prefilled in chunks. At least
+    /// `--max-num-seqs`.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Requests allowed to wait for a slot; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// JSON file of API keys (see `tessera keys create`); without it the API is open to anyone who can
+    /// reach it.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys: Option<std::path::PathBuf>,
+    /// SQLite file of per-request usage (created if missing): one row per request, written when it ends.
+    /// `tessera usage --db FILE` and `GET /v1/usage` (admin keys) read it.
+    #[arg(long, value_name = "FILE")]
+    pub usage_db: Option<std::path::PathBuf>,
+    /// Set from the global --log-format.
+    #[arg(skip)]
+    pub log_json: bool,
+}
+
+/// Everything the HTTP server needs before there is a replica: checked arguments, tokenizer, template,
+/// keys, ledger, and the bound port (bound first, so a port conflict is reported at once).
+pub struct Frontend {
+    pub http: HttpArgs,
+    pub name: String,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub keys: Option<Arc<api::auth::KeyStore>>,
+    pub ledger: Option<tessera_coordinator::usage::Ledger>,
+    listener: std::net::TcpListener,
+}
+
+impl Frontend {
+    /// `dir` is the model directory; `default_model` says it is the built-in one (named after it).
+    pub fn prepare(http: HttpArgs, dir: &std::path::Path, default_model: bool) -> Result<Self> {
+        if http.max_num_seqs == 0 || http.max_num_batched_tokens == 0 {
+            bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
+        }
+        if http.max_num_batched_tokens < http.max_num_seqs {
+            // Every running sequence's decode must fit one step, or the newest would wait while the oldest
+            // finish.
+            bail!(
+                "--max-num-batched-tokens ({}) must be at least --max-num-seqs ({}): a step holds one decode of \
+                 every running sequence",
+                http.max_num_batched_tokens,
+                http.max_num_seqs
+            );
+        }
+        if !dir.is_dir() {
+            return Err(tessera_worker::ModelError::NoDirectory(dir.to_path_buf()).into());
+        }
+        let name = match &http.served_model_name {
+            Some(n) => n.clone(),
+            None if default_model => crate::default_model::NAME.to_string(),
+            None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        };
+        let keys = http.api_keys.as_deref().map(api::auth::KeyStore::open).transpose()?;
+        let ledger = http.usage_db.as_deref().map(tessera_coordinator::usage::Ledger::open).transpose()?;
+        let tokenizer = Tokenizer::load(dir)?;
+        let chat_template = ChatTemplate::from_config(
+            &tokenizer.config,
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let addr: SocketAddr = format!("{}:{}", http.host, http.port)
+            .parse()
+            .with_context(|| format!("--host {} --port {}", http.host, http.port))?;
+        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(Frontend { http, name, tokenizer, chat_template, keys, ledger, listener })
+    }
+
+    /// The scheduler settings of every replica of a model with a context of `max_model_len`.
+    pub fn scheduler_config(&self, max_model_len: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_seqs: self.http.max_num_seqs,
+            max_batched_tokens: self.http.max_num_batched_tokens,
+            max_model_len,
+        }
+    }
+
+    /// Serves the API over `replicas` until SIGINT or SIGTERM, on a runtime of its own; `background` is
+    /// spawned on it first (cluster membership) and its `on_shutdown` awaited (3 s at most) after the HTTP
+    /// server stops. `banner` is printed with the URL once listening.
+    pub fn run(
+        self,
+        replicas: Arc<Replicas>,
+        cluster: Option<Arc<dyn api::ClusterStatus>>,
+        banner: &str,
+        background: Option<Background>,
+    ) -> Result<()> {
+        let Frontend { http, name, tokenizer, chat_template, keys, ledger, listener } = self;
+        let state = Arc::new(AppState {
+            engine: replicas,
+            tokenizer: Arc::new(tokenizer),
+            chat_template,
+            model_name: name.clone(),
+            max_waiting: http.max_waiting,
+            max_body_bytes: http.max_body_bytes,
+            started: api::unix_now(),
+            instance: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            keys: keys.clone(),
+            limiter: Default::default(),
+            ledger: ledger.clone(),
+            cluster,
+        });
+        // HTTP and SSE threads: a few more than two on a large machine, where hundreds of streams each get a
+        // token per step (the engine and the compute pool have threads of their own).
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+        rt.block_on(async move {
+            let on_shutdown = background.map(|b| {
+                tokio::spawn(b.run);
+                b.on_shutdown
+            });
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let local = listener.local_addr()?;
+            match &keys {
+                Some(k) => {
+                    tracing::info!(keys = k.current().len(), "API keys required (reloaded on change or SIGHUP)");
+                    k.clone().watch(std::time::Duration::from_secs(1));
+                }
+                None => tracing::warn!("no --api-keys: the API is open to anyone who can reach this address"),
+            }
+            if let Some(l) = &ledger {
+                tracing::info!(path = %l.path.display(), "usage ledger: one row per request");
+            }
+            // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
+            // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let url = format!("http://{local}/v1");
+            let banner = format!("{banner} on {url}");
+            if http.log_json {
+                tracing::info!(model = %name, url = %url, "{banner}");
+            } else {
+                eprintln!("{banner}");
+            }
+            let served = axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(tessera_worker::command::shutdown_signal())
+                .await
+                .context("serving HTTP");
+            if let Some(f) = on_shutdown {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(3), f).await;
+            }
+            served
+        })
+    }
+}
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Work that runs beside the HTTP server, and what to do once it has stopped.
+pub struct Background {
+    pub run: BoxFuture,
+    pub on_shutdown: BoxFuture,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let dir = a.model.dir()?;
+    let front = Frontend::prepare(a.http, &dir, a.model.model.is_none())?;
+    let (backend, cluster) = Runner::start(&a.model, &dir)?.into_parts();
+    let info = backend.info();
+    let cfg = front.scheduler_config(info.max_position_embeddings);
+    let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
+    let eos = front.tokenizer.eos_token_ids.clone();
+    let workers = cluster.as_ref().map(|c| c.addrs.clone()).unwrap_or_default();
+    replicas.add(backend, cfg, eos, "local", workers, Box::new(cluster));
+    let banner = format!("tessera serving {} (tp = {})", front.name, a.model.tp);
+    front.run(replicas, None, &banner, None)
+}

@@ -1,0 +1,86 @@
+//! The worker's side of membership: its record on a lease, kept alive for as long as the worker serves.
+//!
+//! The lease is refreshed every third of its TTL. If etcd goes away the worker keeps serving (the
+//! coordinator keeps routing on what it knew) and retries with backoff; when etcd answers again it puts
+//! its record on a fresh lease, whether or not the old one survived. On a clean shutdown the lease is
+//! revoked, which deletes the record at once instead of a TTL later.
+
+use std::time::Duration;
+
+use etcd_client::{Client, PutOptions};
+use tokio::sync::watch;
+
+use tessera_proto::etcd::{Backoff, connect_options};
+
+pub struct Registration {
+    pub endpoints: Vec<String>,
+    pub key: String,
+    pub value: String,
+    pub ttl: Duration,
+}
+
+/// Keeps the record registered until `stop` turns true, then revokes it.
+pub async fn run(reg: Registration, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::default();
+    let mut outage = false;
+    // The latest lease granted: revoked at shutdown.
+    let mut lease = None;
+    loop {
+        let outcome = tokio::select! {
+            r = hold(&reg, &mut lease, &mut backoff, &mut outage) => r,
+            _ = stop.wait_for(|s| *s) => Ok(()),
+        };
+        if *stop.borrow() {
+            if let Some((mut client, id)) = lease {
+                match tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id)).await {
+                    Ok(Ok(_)) => tracing::info!(key = %reg.key, "deregistered from etcd"),
+                    _ => tracing::warn!(key = %reg.key, "could not deregister; the record expires with its lease"),
+                }
+            }
+            return;
+        }
+        if let Err(e) = outcome
+            && !outage
+        {
+            tracing::warn!(error = %e, "not registered in etcd (unreachable or refused); serving on, retrying with backoff");
+            outage = true;
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+}
+
+/// Connects, puts the record on a new lease and keeps it alive; returns on the first error.
+async fn hold(
+    reg: &Registration,
+    lease: &mut Option<(Client, i64)>,
+    backoff: &mut Backoff,
+    outage: &mut bool,
+) -> Result<(), etcd_client::Error> {
+    let mut client = Client::connect(&reg.endpoints, Some(connect_options())).await?;
+    let ttl = reg.ttl.as_secs().max(1) as i64;
+    let granted = client.lease_grant(ttl, None).await?;
+    *lease = Some((client.clone(), granted.id()));
+    client.put(reg.key.as_str(), reg.value.as_str(), Some(PutOptions::new().with_lease(granted.id()))).await?;
+    tracing::info!(key = %reg.key, ttl_s = ttl, "registered in etcd");
+    backoff.reset();
+    *outage = false;
+    let (mut keeper, mut responses) = client.lease_keep_alive(granted.id()).await?;
+    let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
+    loop {
+        tokio::time::sleep(every).await;
+        keeper.keep_alive().await?;
+        match tokio::time::timeout(every.max(Duration::from_secs(2)), responses.message()).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+            Ok(Ok(Some(_))) => {
+                return Err(etcd_client::Error::LeaseKeepAliveError("the lease expired".into()));
+            }
+            Ok(Ok(None)) => return Err(etcd_client::Error::LeaseKeepAliveError("keep-alive stream ended".into())),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(etcd_client::Error::LeaseKeepAliveError("no keep-alive answer".into())),
+        }
+    }
+}
