@@ -7,7 +7,9 @@
 # folds every item into the module that defines it, keeps only "uses" edges (a parent owning a child is not an
 # import), and prints the graph as DOT; python3 keeps the edges between the target's own modules and looks for
 # strongly connected components. A "uses" edge is a `use` item, or a type named in a signature, a struct or enum
-# field or a type alias; a path written only inside a function body (`crate::x::f()`) is not seen.
+# field or a type alias (aliases expanded: `-> crate::Result<T>` counts as a use of the aliased types, but
+# `use crate::Result` of the alias defined in lib.rs as one of lib.rs); a path written only inside a function
+# body (`crate::x::f()`) is not seen.
 # Not `--no-externs`/`--no-sysroot`: without std loaded, `Option<Box<crate::q::Q>>` no longer resolves and the
 # edge to `q` is lost; so rust-src must be installed (checked below).
 #
@@ -64,13 +66,13 @@ cat >"$work/cycles.py" <<'EOF'
 import collections, re, sys
 crate, generated = sys.argv[1], sys.argv[2:]
 inside = lambda n, g: n == g or n.startswith(g + "::")
+ours = lambda n: inside(n, crate)
 edges = collections.defaultdict(set)
 nodes = set()
 for line in sys.stdin:
     m = re.match(r'\s*"([^"]+)" -> "([^"]+)" \[label="uses"', line)
     if m:
         a, b = m.groups()
-        ours = lambda n: n == crate or n.startswith(crate + "::")
         if any(inside(a, g) and inside(b, g) for g in generated):
             continue
         if a != b and ours(a) and ours(b):
@@ -157,7 +159,7 @@ while IFS=$'\t' read -r pkg kind target; do
   crate=${target//-/_}
   t0=$SECONDS
   if ! RUST_LIB_BACKTRACE=0 cargo modules dependencies -p "$pkg" "${select[@]}" "${flags[@]}" \
-    >"$work/graph.dot" 2>"$work/stderr" || ! grep -q '^digraph' "$work/graph.dot"; then
+    </dev/null >"$work/graph.dot" 2>"$work/stderr" || ! grep -q '^digraph' "$work/graph.dot"; then
     echo "ERROR  $label: cargo-modules failed:"
     sed 's/^/         /' "$work/stderr" | tail -20
     errors=$((errors + 1))

@@ -26,10 +26,11 @@ use crate::{
     engine::{
         backend::{Backend, ModelInfo},
         contract::{FinishReason, GenRequest, seq_id},
-        engine_loop::{self, Command, LoopHost, Migrant, ReplicaStats},
+        engine_loop,
+        link::{Command, Hub, LoopHost, Migrant, ReplicaStats},
     },
     metrics::Metrics,
-    scheduler::{SchedulerConfig, blocks::block_hash},
+    scheduler::{SchedulerConfig, block_hash},
 };
 
 /// A replica with this many times (plus one step's budget) the least busy one's outstanding tokens is
@@ -122,7 +123,7 @@ impl Replicas {
             eos,
             self.metrics.clone(),
             keep_alive,
-            engine_loop::Hub { replica: id, stats: stats.clone(), host: self.clone() },
+            Hub { replica: id, stats: stats.clone(), host: self.clone() },
         );
         self.lock().push(Replica { id, name: name.to_string(), workers, tx, stats, info });
         tracing::info!(replica = id, group = name, "replica serving");
@@ -177,7 +178,7 @@ impl Replicas {
         let charge = ((req.prompt.len() + req.max_tokens) * req.n) as i64;
         let hashes = prefix_hashes(&req.prompt, self.model.block_size);
         let mut live = self.lock();
-        let mut cmd = engine_loop::Command::Submit(Box::new(req), std::time::Instant::now());
+        let mut cmd = Command::Submit(Box::new(req), std::time::Instant::now());
         let mut dead = Vec::new();
         let sent = loop {
             let Some(i) = self.choose(&live, &hashes) else { break false };

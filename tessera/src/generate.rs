@@ -1,17 +1,22 @@
-//! `tessera generate`: one request, end to end: validate the prompt against the model, prefill it in chunks,
-//! decode token by token, stream text pieces, stop on EOS, a length limit or the context's end.
+//! `tessera generate`: one prompt's completion, streamed to stdout as text or printed as one JSON object.
+//!
+//! It runs through the same engine loop and scheduler as `tessera serve`, as a server with one request:
+//! chunked prefill, sampling, EOS and the context's end live there, in one place. This side validates the
+//! prompt against the model before anything runs and turns the engine's events into text.
 
-use std::io::Write;
+use std::{io::Write, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 use tessera_coordinator::{
-    engine::{backend::Backend, contract::FinishReason},
-    scheduler::blocks::BlockManager,
+    engine::contract::{Event, FinishReason, GenRequest},
+    metrics::Metrics,
+    replicas::Replicas,
+    scheduler::SchedulerConfig,
     tokenizer::{IncrementalDecoder, Tokenizer},
 };
-use tessera_proto::step::{SamplingParams, StepSeq};
+use tessera_proto::step::SamplingParams;
 
 use crate::runner::{ModelArgs, Runner};
 
@@ -63,7 +68,8 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Longest prefill chunk sent in one step: bounds a step's activation memory whatever the prompt.
+/// Longest prefill chunk sent in one step (the scheduler's token budget): bounds a step's activation
+/// memory whatever the prompt.
 pub const PREFILL_CHUNK: usize = 512;
 
 #[derive(Clone, Debug)]
@@ -107,14 +113,17 @@ pub fn validate_prompt(prompt: &[u32], vocab: usize, context: usize) -> Result<(
     Ok(())
 }
 
-/// Runs `req` to completion on `backend`, calling `on_text` with each new piece of text as it is decoded.
+/// Runs `req` on `runner`'s model the way `tessera serve` runs a request: one replica with its engine loop
+/// and scheduler, one request. Chunked prefill, EOS, sampling and the context's end are theirs; this side
+/// only checks the request up front and turns the events into text. `on_text` gets each piece as it is
+/// decoded.
 pub fn generate(
-    backend: &mut dyn Backend,
+    runner: Runner,
     tok: &Tokenizer,
     req: &GenerateRequest,
-    seq_id: u64,
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput> {
+    let (backend, cluster) = runner.into_parts();
     let info = backend.info();
     validate_prompt(&req.prompt_ids, info.vocab_size, info.max_position_embeddings)?;
     if req.max_tokens == 0 {
@@ -122,85 +131,115 @@ pub fn generate(
     }
     // The sequence may grow to the context's end; that is also where a too-large max_tokens stops.
     let limit = (req.prompt_ids.len() + req.max_tokens).min(info.max_position_embeddings);
-    let mut alloc = BlockManager::new(info.num_blocks, info.block_size);
-    let Some(table) = alloc.allocate_n(limit.div_ceil(info.block_size)) else {
-        bail!(
-            "the KV cache holds {} blocks of {} tokens; this request needs {}",
-            info.num_blocks,
-            info.block_size,
-            limit.div_ceil(info.block_size)
-        );
+    let need = limit.div_ceil(info.block_size);
+    if need > info.num_blocks {
+        bail!("the KV cache holds {} blocks of {} tokens; this request needs {need}", info.num_blocks, info.block_size);
+    }
+    let replicas = Replicas::new(info, Arc::new(Metrics::new("generate")));
+    let cfg = SchedulerConfig {
+        max_num_seqs: 1,
+        max_batched_tokens: PREFILL_CHUNK,
+        max_model_len: info.max_position_embeddings,
     };
-    let result = run(backend, tok, req, seq_id, limit, &table, &mut on_text);
-    backend.release(&[seq_id]);
-    alloc.release(&table);
-    result
+    replicas.add(backend, cfg, tok.eos_token_ids.clone(), "local", vec![], Box::new(cluster));
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let submitted = replicas.submit(GenRequest {
+        id: replicas.next_request_id(),
+        prompt: req.prompt_ids.clone(),
+        params: req.params.clone(),
+        max_tokens: req.max_tokens,
+        ignore_eos: req.ignore_eos,
+        n: 1,
+        first_choice: 0,
+        flow: None,
+        weight: 1.0,
+        events,
+        span: tracing::Span::current(),
+    });
+    if !submitted {
+        bail!("the engine stopped before the request could run");
+    }
+    let mut out = Collect::new(req);
+    loop {
+        match rx.blocking_recv() {
+            Some(Event::Token { token, top_logprobs, .. }) => out.token(tok, token, top_logprobs, &mut on_text)?,
+            Some(Event::Finished { reason, .. }) => return out.finish(tok, reason, &mut on_text),
+            Some(Event::Error { message, .. }) => bail!("{message}"),
+            None => bail!("the engine stopped without finishing the request"),
+        }
+    }
 }
 
-fn run(
-    backend: &mut dyn Backend,
-    tok: &Tokenizer,
-    req: &GenerateRequest,
-    seq_id: u64,
-    limit: usize,
-    table: &[u32],
-    on_text: &mut dyn FnMut(&str),
-) -> Result<GenerateOutput> {
-    let prompt = &req.prompt_ids;
-    let mut tokens = prompt.clone();
-    let mut decoder = IncrementalDecoder::new(prompt);
-    let want_top = req.params.top_logprobs > 0;
-    let mut top = Vec::new();
-    let mut text = String::new();
-    let mut pos = 0;
-    let finish = loop {
-        let end = if pos < prompt.len() { (pos + PREFILL_CHUNK).min(prompt.len()) } else { pos + 1 };
-        let last_chunk = end >= prompt.len();
-        let step = StepSeq {
-            id: seq_id,
-            tokens: &tokens[pos..end],
-            start_pos: pos,
-            block_table: table,
-            sample: last_chunk.then_some(&req.params),
-            penalty_context: if pos == 0 { prompt } else { &[] },
-            output_context: &[],
-            starts: false,
-        };
-        let sampled = backend.step(&[step])?;
-        pos = end;
-        let Some(s) = sampled.into_iter().find(|s| s.id == seq_id) else {
-            if last_chunk {
-                bail!("the backend returned no token for sequence {seq_id}");
-            }
-            continue;
-        };
-        let id = s.sampled.token;
-        if !req.ignore_eos && tok.is_eos(id) {
-            break FinishReason::Stop;
+/// The output as events arrive. Each token is held until the next event: the end-of-sequence token that
+/// ends a choice is reported like any other, but it is not part of the output.
+struct Collect {
+    prompt: Vec<u32>,
+    ignore_eos: bool,
+    want_top: bool,
+    decoder: IncrementalDecoder,
+    held: Option<(u32, Vec<(u32, f32)>)>,
+    tokens: Vec<u32>,
+    top: Vec<Vec<TokenLogprob>>,
+    text: String,
+}
+
+impl Collect {
+    fn new(req: &GenerateRequest) -> Self {
+        Collect {
+            prompt: req.prompt_ids.clone(),
+            ignore_eos: req.ignore_eos,
+            want_top: req.params.top_logprobs > 0,
+            decoder: IncrementalDecoder::new(&req.prompt_ids),
+            held: None,
+            tokens: Vec::new(),
+            top: Vec::new(),
+            text: String::new(),
         }
-        tokens.push(id);
-        if want_top {
-            top.push(
-                s.sampled.top_logprobs.iter().map(|&(token_id, logprob)| TokenLogprob { token_id, logprob }).collect(),
-            );
+    }
+
+    fn token(&mut self, tok: &Tokenizer, id: u32, top: Vec<(u32, f32)>, on_text: &mut dyn FnMut(&str)) -> Result<()> {
+        self.release(tok, on_text)?;
+        self.held = Some((id, top));
+        Ok(())
+    }
+
+    /// The held token is output.
+    fn release(&mut self, tok: &Tokenizer, on_text: &mut dyn FnMut(&str)) -> Result<()> {
+        let Some((id, top)) = self.held.take() else { return Ok(()) };
+        self.tokens.push(id);
+        if self.want_top {
+            self.top.push(top.into_iter().map(|(token_id, logprob)| TokenLogprob { token_id, logprob }).collect());
         }
-        let piece = decoder.push(tok, id)?;
-        text.push_str(&piece);
+        let piece = self.decoder.push(tok, id)?;
+        self.text.push_str(&piece);
         on_text(&piece);
-        if tokens.len() >= limit {
-            break FinishReason::Length;
+        Ok(())
+    }
+
+    fn finish(
+        mut self,
+        tok: &Tokenizer,
+        reason: FinishReason,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<GenerateOutput> {
+        let ended_by_eos = reason == FinishReason::Stop
+            && !self.ignore_eos
+            && self.held.as_ref().is_some_and(|(id, _)| tok.is_eos(*id));
+        if ended_by_eos {
+            self.held = None;
         }
-    };
-    let rest = decoder.finish(tok)?;
-    text.push_str(&rest);
-    on_text(&rest);
-    Ok(GenerateOutput {
-        prompt_token_ids: prompt.clone(),
-        token_ids: tokens[prompt.len()..].to_vec(),
-        text,
-        finish_reason: finish,
-        top_logprobs: want_top.then_some(top),
-    })
+        self.release(tok, on_text)?;
+        let rest = self.decoder.finish(tok)?;
+        self.text.push_str(&rest);
+        on_text(&rest);
+        Ok(GenerateOutput {
+            prompt_token_ids: self.prompt,
+            token_ids: self.tokens,
+            text: self.text,
+            finish_reason: reason,
+            top_logprobs: self.want_top.then_some(self.top),
+        })
+    }
 }
 
 pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -242,21 +281,18 @@ pub fn execute(a: GenerateArgs) -> Result<()> {
         (None, Some(ids)) => parse_ids(ids)?,
         _ => bail!("give the prompt with --prompt TEXT or --prompt-ids 1,2,3"),
     };
-    let mut runner = Runner::start(&a.model, &dir)?;
-    let backend = runner.backend.as_mut();
-    let info = backend.info();
-    validate_prompt(&prompt_ids, info.vocab_size, info.max_position_embeddings)?;
+    let runner = Runner::start(&a.model, &dir)?;
     let req = GenerateRequest { prompt_ids, params, max_tokens: a.max_tokens, ignore_eos: a.ignore_eos };
     let stdout = std::io::stdout();
     if a.json {
-        let out = generate(backend, &tok, &req, 0, |_| {})?;
+        let out = generate(runner, &tok, &req, |_| {})?;
         let mut lock = stdout.lock();
         serde_json::to_writer(&mut lock, &out)?;
         writeln!(lock)?;
     } else {
         let mut lock = stdout.lock();
         let mut io_err = None;
-        generate(backend, &tok, &req, 0, |piece| {
+        generate(runner, &tok, &req, |piece| {
             if io_err.is_none() {
                 io_err = lock.write_all(piece.as_bytes()).and_then(|_| lock.flush()).err();
             }

@@ -73,11 +73,6 @@ impl Backend for LocalBackend {
         batch: &[StepSeq<'_>],
         pause: &(dyn Fn() -> bool + Sync),
     ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
-        // On a GPU a step costs about the same with a newcomer's prefill in it (memory-bound), so the
-        // scheduler never runs one in the middle: pausing would buy nothing.
-        if self.engine.model.device != tessera_kernels::Device::Cpu {
-            return self.step(batch).map(Some);
-        }
         self.timed(|e| e.step_pausable(batch, pause))
     }
 
@@ -91,6 +86,12 @@ impl Backend for LocalBackend {
 
     fn last_timings(&self) -> Vec<WorkerTiming> {
         vec![self.last]
+    }
+
+    /// On the CPU only: on a GPU a step costs about the same with a newcomer's prefill in it
+    /// (memory-bound), so the scheduler would never run one in the middle.
+    fn can_pause(&self) -> bool {
+        self.engine.model.device == tessera_kernels::Device::Cpu
     }
 
     fn computes_on_cpu(&self) -> bool {

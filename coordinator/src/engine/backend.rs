@@ -95,9 +95,15 @@ pub trait Backend: Send {
     fn info(&self) -> ModelInfo;
     /// Runs one step over a batch; returns a token for each sequence that asked to sample, in order.
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure>;
+    /// Whether steps can pause ([`Backend::step_pausable`]): only then does the engine loop run steps in
+    /// the middle of others. Not a tensor-parallel group (its ranks would have to stop at the same point),
+    /// nor a GPU (a step costs about the same with a newcomer's prefill in it, so pausing buys nothing).
+    fn can_pause(&self) -> bool {
+        false
+    }
     /// [`Backend::step`] that may stop before a layer's attention or MLP when `pause()` says so (`Ok(None)`);
-    /// steps of other sequences may then run before [`Backend::resume`] finishes it. A backend that cannot
-    /// pause (a tensor-parallel group, whose ranks would have to stop at the same point) runs the step whole.
+    /// steps of other sequences may then run before [`Backend::resume`] finishes it. Called only when
+    /// [`Backend::can_pause`]; a backend that cannot pause runs the step whole.
     fn step_pausable(
         &mut self,
         batch: &[StepSeq<'_>],

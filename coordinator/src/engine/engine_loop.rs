@@ -18,136 +18,22 @@
 //! continue elsewhere, and exits, dropping its backend and whatever it kept alive.
 
 use std::{
-    collections::{HashMap, HashSet},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
-        mpsc,
-    },
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering, mpsc},
     time::{Duration, Instant},
 };
 
-use tessera_proto::step::{SamplingParams, SeqSampled, StepSeq};
-use tokio::sync::mpsc::UnboundedSender;
+use tessera_proto::step::{SeqSampled, StepSeq};
 
 use super::{
     backend::{Backend, OwnedStepSeq, StepFailure},
-    contract::{Event, FinishReason, GenRequest, seq_id},
+    contract::{Event, FinishReason, seq_id},
+    link::{Command, Hub, Migrant, Track},
 };
 use crate::{
     metrics::Metrics,
-    scheduler::{Planned, Scheduler, SchedulerConfig, Sequence, blocks::BlockManager},
+    scheduler::{Outcome, Planned, Scheduler, SchedulerConfig, SchedulerStats, Sequence},
 };
-
-pub enum Command {
-    Submit(Box<GenRequest>, Instant),
-    /// Stop a choice: the handler saw a stop string (`Some(Stop)`) or gave up on it (`None`).
-    Abort {
-        seq: u64,
-        reason: Option<FinishReason>,
-    },
-    /// Continue a sequence another replica was running when it failed.
-    Adopt(Box<Migrant>),
-    /// The replica is lost (its group lost a worker): hand everything over and stop.
-    Fail(String),
-}
-
-/// A sequence on its way from a failed replica to another: what it was asked, what it produced so far, and
-/// the handler waiting for the rest.
-pub struct Migrant {
-    id: u64,
-    /// Prompt followed by the tokens already sent to the client.
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    params: SamplingParams,
-    max_tokens: usize,
-    ignore_eos: bool,
-    flow: Option<String>,
-    weight: f64,
-    track: Track,
-}
-
-impl Migrant {
-    pub fn events_closed(&self) -> bool {
-        self.track.events.is_closed()
-    }
-
-    /// Tokens it adds to a replica's load.
-    pub fn charge(&self) -> i64 {
-        self.track.charge
-    }
-
-    /// Nowhere to go: the handler hears why.
-    pub fn fail(self, message: &str) {
-        let _ = self.track.events.send(Event::Error { choice: self.track.choice, message: message.to_string() });
-    }
-
-    fn sequence(&self) -> Sequence {
-        let mut seq = Sequence::new(
-            self.id,
-            self.tokens[..self.prompt_len].to_vec(),
-            self.params.clone(),
-            self.max_tokens,
-            self.ignore_eos,
-        )
-        .in_flow(self.flow.clone(), self.weight);
-        seq.tokens = self.tokens.clone();
-        seq.arrival = self.track.arrival;
-        seq
-    }
-}
-
-/// What a replica's loop publishes about itself; read when routing and when metrics are scraped.
-#[derive(Default, Debug)]
-pub struct ReplicaStats {
-    pub running: AtomicUsize,
-    pub waiting: AtomicUsize,
-    pub blocks_used: AtomicUsize,
-    pub blocks_total: AtomicUsize,
-    /// Prompt + max_tokens of sequences routed here and not finished.
-    pub outstanding_tokens: AtomicI64,
-    pub requests: AtomicU64,
-    /// Fair-share flows with requests on the replica (kept by its loop).
-    pub flows: Mutex<HashSet<Option<String>>>,
-    /// A request of a flow not in `flows` was sent: the step in flight may pause for it.
-    pub newcomer: AtomicBool,
-}
-
-impl ReplicaStats {
-    pub fn lock_flows(&self) -> std::sync::MutexGuard<'_, HashSet<Option<String>>> {
-        self.flows.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The loop's view changed: `flow` now has requests here (`present`) or none.
-    pub fn set_flow(&self, flow: &Option<String>, present: bool) {
-        let mut flows = self.lock_flows();
-        if present {
-            flows.insert(flow.clone());
-        } else {
-            flows.remove(flow);
-        }
-    }
-}
-
-/// What a loop tells the routing around it (`Replicas` implements it). The loop never routes: it says
-/// that its replica failed and hands its sequences over, and routing decides where they go.
-pub trait LoopHost: Send + Sync {
-    /// The replica failed: take it out of routing. Called before the loop collects its sequences, so that
-    /// nothing new is sent to it meanwhile.
-    fn withdraw(&self, replica: u64, reason: &str);
-    /// Sequences of the failed replica: continue each elsewhere, or fail it.
-    fn adopt(&self, migrants: Vec<Migrant>, reason: &str);
-    /// The loop published new numbers in its [`ReplicaStats`]: re-sum them (before the step's events go
-    /// out, so that a client that sees its response complete also sees it counted).
-    fn stats_changed(&self);
-}
-
-/// What a loop needs from the server around it: where to publish its numbers and hand over its work.
-pub struct Hub {
-    pub replica: u64,
-    pub stats: Arc<ReplicaStats>,
-    pub host: Arc<dyn LoopHost>,
-}
 
 /// CPU seconds this thread has used.
 fn thread_cpu_time() -> f64 {
@@ -158,21 +44,6 @@ fn thread_cpu_time() -> f64 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-/// Per-sequence bookkeeping the scheduler does not need.
-struct Track {
-    span: tracing::Span,
-    /// Its fair-share flow.
-    flow: Option<String>,
-    events: UnboundedSender<Event>,
-    /// Its index in the response (`GenRequest::first_choice` + its choice within the request).
-    choice: usize,
-    arrival: Instant,
-    last_token: Option<Instant>,
-    prompt_tokens: usize,
-    /// What it adds to the replica's outstanding tokens (prompt + max_tokens).
-    charge: i64,
 }
 
 /// Starts a replica's loop on its own thread. `backend` runs the steps; `eos` are the end-of-sequence ids;
@@ -190,7 +61,7 @@ pub fn spawn(
         metrics.worker_kv_cache_blocks.get_or_create(&vec![("rank", rank.to_string())]).set(info.num_blocks as i64);
     }
     let (tx, rx) = mpsc::channel();
-    let sched = Scheduler::new(cfg, BlockManager::new(info.num_blocks, info.block_size));
+    let sched = Scheduler::new(cfg, info.num_blocks, info.block_size);
     let on_cpu = backend.computes_on_cpu();
     let mut lp = Loop {
         backend,
@@ -247,7 +118,7 @@ struct Loop {
     hub: Hub,
     /// Counter values already added to the shared metrics (preemptions, prefix cache queries and hits,
     /// newcomer steps, steps paused).
-    published: [u64; 5],
+    published: SchedulerStats,
     /// Set when the replica is lost: the loop hands its work over and ends.
     failed: Option<String>,
     /// Commands that arrived while a step was paused, for after it.
@@ -424,7 +295,8 @@ impl Loop {
             self.fail_unschedulable();
             return;
         }
-        self.execute(&plan, started, Some(rx));
+        let pausable = self.backend.can_pause();
+        self.execute(&plan, started, pausable.then_some(rx));
     }
 
     /// Runs a planned step and applies it. With `rx` the step may pause for a newcomer (module doc).
@@ -487,7 +359,7 @@ impl Loop {
         // Step timings before any event goes out, like the other metrics: a client whose response completes
         // must find the step that completed it counted.
         self.metrics.step_seconds.observe(on_workers.as_secs_f64());
-        self.sched.step_cost.observe(tokens, on_workers.as_secs_f64(), Instant::now());
+        self.sched.observe_step(tokens, on_workers.as_secs_f64(), Instant::now());
         for (rank, t) in self.backend.last_timings().iter().enumerate() {
             let label = vec![("rank", rank.to_string())];
             self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);
@@ -565,7 +437,7 @@ impl Loop {
         }
     }
 
-    fn emit(&mut self, o: crate::scheduler::Outcome, now: Instant) {
+    fn emit(&mut self, o: Outcome, now: Instant) {
         let Some(t) = self.tracks.get_mut(&o.id) else { return };
         match t.last_token {
             None => {
@@ -635,17 +507,17 @@ impl Loop {
         let st = &self.hub.stats;
         st.running.store(self.sched.num_running(), Ordering::Relaxed);
         st.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
-        st.blocks_used.store(self.sched.blocks.num_used(), Ordering::Relaxed);
+        let now = self.sched.stats();
+        st.blocks_used.store(now.blocks_used, Ordering::Relaxed);
         // Counters grow by what this replica added since it last published, so replicas add up and a
         // replica that fails takes nothing back.
-        let s = &self.sched;
-        let now = [s.preemptions, s.blocks.stats.queries, s.blocks.stats.hits, s.newcomer_steps, s.steps_paused];
+        let was = self.published;
         let m = &self.metrics;
-        let counters =
-            [&m.num_preemptions, &m.prefix_cache_queries, &m.prefix_cache_hits, &m.newcomer_steps, &m.steps_paused];
-        for (i, c) in counters.into_iter().enumerate() {
-            c.inc_by(now[i] - self.published[i]);
-        }
+        m.num_preemptions.inc_by(now.preemptions - was.preemptions);
+        m.prefix_cache_queries.inc_by(now.prefix_cache_queries - was.prefix_cache_queries);
+        m.prefix_cache_hits.inc_by(now.prefix_cache_hits - was.prefix_cache_hits);
+        m.newcomer_steps.inc_by(now.newcomer_steps - was.newcomer_steps);
+        m.steps_paused.inc_by(now.steps_paused - was.steps_paused);
         self.published = now;
         self.hub.host.stats_changed();
     }
@@ -655,10 +527,15 @@ impl Loop {
 mod tests {
     use super::*;
     use crate::{
-        engine::backend::{ModelInfo, RankFailure, WorkerTiming},
+        engine::{
+            backend::{ModelInfo, RankFailure, WorkerTiming},
+            contract::GenRequest,
+        },
         replicas::Replicas,
     };
+    use tessera_proto::step::SamplingParams;
     use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
+    use tokio::sync::mpsc::UnboundedSender;
     use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError, unbounded_channel};
 
     /// What the test lets a waiting step do.
@@ -711,6 +588,9 @@ mod tests {
         }
         fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure> {
             Ok(self.wait(batch, &|| false)?.unwrap_or_default())
+        }
+        fn can_pause(&self) -> bool {
+            true
         }
         fn step_pausable(
             &mut self,

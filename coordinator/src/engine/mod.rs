@@ -10,3 +10,4 @@ pub mod backend;
 pub mod contract;
 pub mod engine_loop;
 pub mod group;
+pub mod link;

@@ -27,22 +27,28 @@
 //! blocks are released and it goes back to the front of the queue to be recomputed (prompt plus what it
 //! generated so far) when there is room.
 //!
+//! - [`sequence`]: a sequence as the scheduler sees it;
+//! - [`queue`]: the waiting queue in fair-queuing order, and the preemption victim for fairness;
 //! - [`blocks`]: the paged KV block manager, with the prefix cache;
 //! - [`step_cost`]: what a step of each size costs on this replica, measured.
 
 pub mod blocks;
+pub mod queue;
+pub mod sequence;
 pub mod step_cost;
 
-use std::{
-    collections::{HashMap, VecDeque},
-    time::Instant,
-};
+use std::time::Instant;
 
-use tessera_proto::step::{Sampled, SamplingParams, SeqSampled, StepSeq};
+use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
 
 use crate::engine::contract::FinishReason;
 
-use self::{blocks::BlockManager, step_cost::StepCost};
+use self::{
+    blocks::BlockManager,
+    queue::{FairQueue, fairness_victim},
+    step_cost::StepCost,
+};
+pub use self::{blocks::block_hash, sequence::Sequence};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SchedulerConfig {
@@ -52,85 +58,6 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     /// The model's context: no sequence grows past it.
     pub max_model_len: usize,
-}
-
-/// A sequence as the scheduler sees it.
-pub struct Sequence {
-    pub id: u64,
-    /// Prompt followed by the tokens generated so far.
-    pub tokens: Vec<u32>,
-    pub prompt_len: usize,
-    pub params: SamplingParams,
-    /// New tokens allowed.
-    pub max_tokens: usize,
-    pub ignore_eos: bool,
-    pub arrival: Instant,
-    /// When it was first scheduled (end of queueing).
-    pub first_scheduled: Option<Instant>,
-    /// Prompt tokens served from the prefix cache at first admission.
-    pub cached_tokens: usize,
-    blocks: Vec<u32>,
-    /// Tokens whose keys and values are in the cache.
-    num_computed: usize,
-    /// Full blocks registered in the prefix cache, and the chained hash after the last of them.
-    num_hashed: usize,
-    last_hash: u64,
-    /// Admitted (or re-admitted) and not yet stepped: the next step begins it on the workers.
-    fresh: bool,
-    /// Fair-share flow (the API key id; `None`: the flow of requests without a key) and its weight.
-    pub flow: Option<String>,
-    pub weight: f64,
-    /// Virtual start and finish tags of the current wait in the queue.
-    start_tag: f64,
-    finish_tag: f64,
-}
-
-impl Sequence {
-    pub fn new(id: u64, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, ignore_eos: bool) -> Self {
-        Sequence {
-            id,
-            prompt_len: prompt.len(),
-            tokens: prompt,
-            params,
-            max_tokens,
-            ignore_eos,
-            arrival: Instant::now(),
-            first_scheduled: None,
-            cached_tokens: 0,
-            blocks: Vec::new(),
-            num_computed: 0,
-            num_hashed: 0,
-            last_hash: 0,
-            fresh: true,
-            flow: None,
-            weight: 1.0,
-            start_tag: 0.0,
-            finish_tag: 0.0,
-        }
-    }
-
-    /// Puts the sequence in fair-share flow `flow` with `weight` (> 0; larger gets more).
-    pub fn in_flow(mut self, flow: Option<String>, weight: f64) -> Self {
-        self.flow = flow;
-        self.weight = if weight.is_finite() && weight > 0.0 { weight } else { 1.0 };
-        self
-    }
-
-    pub fn generated(&self) -> &[u32] {
-        &self.tokens[self.prompt_len..]
-    }
-
-    fn remaining(&self) -> usize {
-        self.tokens.len() - self.num_computed
-    }
-
-    fn reset(&mut self) {
-        self.blocks.clear();
-        self.num_computed = 0;
-        self.num_hashed = 0;
-        self.last_hash = 0;
-        self.fresh = true;
-    }
 }
 
 /// One sequence's share of a planned step: compute tokens `start..end`, sample after them if `sample`.
@@ -152,86 +79,80 @@ pub struct Outcome {
     pub cached_tokens: usize,
 }
 
-pub struct Scheduler {
-    pub cfg: SchedulerConfig,
-    pub blocks: BlockManager,
-    waiting: VecDeque<Sequence>,
-    /// In admission order: preemption takes from the back.
-    running: Vec<Sequence>,
+/// Counters of what the scheduler did, and the pool's state, for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
     pub preemptions: u64,
     /// Steps planned for newcomers alone.
     pub newcomer_steps: u64,
     /// Of which run while another step was paused.
     pub steps_paused: u64,
-    /// Virtual time of fair queuing: the start tag of the last sequence admitted.
-    vtime: f64,
-    /// Each flow's last finish tag.
-    flow_finish: HashMap<Option<String>, f64>,
+    /// Prefix-cache lookups, and the blocks they found.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    pub blocks_used: usize,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    waiting: FairQueue,
+    /// In admission order: preemption takes from the back.
+    running: Vec<Sequence>,
+    preemptions: u64,
+    newcomer_steps: u64,
+    steps_paused: u64,
     /// What steps cost on this replica (fed by the engine loop).
-    pub step_cost: StepCost,
+    step_cost: StepCost,
     /// The last step planned was a newcomer's own.
     newcomer_step: bool,
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
+    /// A scheduler over a pool of `num_blocks` KV blocks of `block_size` tokens.
+    pub fn new(cfg: SchedulerConfig, num_blocks: usize, block_size: usize) -> Self {
         Scheduler {
             cfg,
-            blocks,
-            waiting: VecDeque::new(),
+            blocks: BlockManager::new(num_blocks, block_size),
+            waiting: FairQueue::default(),
             running: Vec::new(),
             preemptions: 0,
             newcomer_steps: 0,
             steps_paused: 0,
-            vtime: 0.0,
-            flow_finish: HashMap::new(),
             step_cost: StepCost::default(),
             newcomer_step: false,
         }
     }
 
-    pub fn add(&mut self, mut seq: Sequence) {
-        self.enqueue_fair(&mut seq);
-        let at = self.waiting.iter().position(|w| w.finish_tag > seq.finish_tag).unwrap_or(self.waiting.len());
-        self.waiting.insert(at, seq);
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            preemptions: self.preemptions,
+            newcomer_steps: self.newcomer_steps,
+            steps_paused: self.steps_paused,
+            prefix_cache_queries: self.blocks.stats.queries,
+            prefix_cache_hits: self.blocks.stats.hits,
+            blocks_used: self.blocks.num_used(),
+        }
     }
 
-    /// Tags `seq` as its flow's next request.
-    fn enqueue_fair(&mut self, seq: &mut Sequence) {
-        let last = self.flow_finish.get(&seq.flow).copied().unwrap_or(0.0);
-        seq.start_tag = last.max(self.vtime);
-        let cost = (seq.prompt_len + seq.max_tokens).max(1) as f64;
-        seq.finish_tag = seq.start_tag + cost / seq.weight;
-        self.flow_finish.insert(seq.flow.clone(), seq.finish_tag);
+    /// A step of `tokens` tokens took `seconds` on the backend (what newcomer steps are judged by).
+    pub fn observe_step(&mut self, tokens: usize, seconds: f64, now: Instant) {
+        self.step_cost.observe(tokens, seconds, now);
+    }
+
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push(seq);
     }
 
     /// Makes room for the head of the queue when its flow has nothing running and another flow holds two
     /// or more slots: that flow's newest sequence is preempted and queued again as its flow's next request.
     fn preempt_for_fairness(&mut self) -> bool {
-        if !self.head_is_newcomer() {
+        if !self.waiting.head_is_newcomer(&self.running) {
             return false;
         }
-        let Some(i) = self.fairness_victim() else { return false };
+        let Some(i) = fairness_victim(&self.running) else { return false };
         self.preempt_at(i);
         true
-    }
-
-    /// The head of the queue belongs to a flow with nothing running.
-    fn head_is_newcomer(&self) -> bool {
-        self.waiting.front().is_some_and(|head| !self.running.iter().any(|s| s.flow == head.flow))
-    }
-
-    /// The newest sequence of the flow running the most, if it runs two or more.
-    fn fairness_victim(&self) -> Option<usize> {
-        let mut counts: HashMap<&Option<String>, usize> = HashMap::new();
-        for s in &self.running {
-            *counts.entry(&s.flow).or_default() += 1;
-        }
-        let (flow, n) = counts.into_iter().max_by_key(|(_, n)| *n)?;
-        if n < 2 {
-            return None;
-        }
-        self.running.iter().rposition(|s| &s.flow == flow)
     }
 
     /// Preempts `running[i]` and queues it again as its flow's next request.
@@ -257,11 +178,11 @@ impl Scheduler {
 
     /// Ids of every sequence, running or waiting.
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.running.iter().chain(&self.waiting).map(|s| s.id)
+        self.running.iter().chain(self.waiting.iter()).map(|s| s.id)
     }
 
     pub fn get(&self, id: u64) -> Option<&Sequence> {
-        self.running.iter().chain(&self.waiting).find(|s| s.id == id)
+        self.running.iter().chain(self.waiting.iter()).find(|s| s.id == id)
     }
 
     /// Removes a sequence wherever it is and frees its blocks at once.
@@ -269,8 +190,7 @@ impl Scheduler {
         let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
             self.running.remove(i)
         } else {
-            let i = self.waiting.iter().position(|s| s.id == id)?;
-            self.waiting.remove(i)?
+            self.waiting.remove(id)?
         };
         self.blocks.release(&seq.blocks);
         Some(seq)
@@ -310,7 +230,7 @@ impl Scheduler {
         let now = Instant::now();
         // 0. A newcomer admitted in the middle of a step over full slots: the slot it took is given back now.
         while self.running.len() > self.cfg.max_num_seqs {
-            let Some(i) = self.fairness_victim() else { break };
+            let Some(i) = fairness_victim(&self.running) else { break };
             self.preempt_at(i);
         }
         // A flow with nothing running waits behind full slots only while no other flow holds several.
@@ -385,7 +305,7 @@ impl Scheduler {
         }
         let max_seqs = if self.running.len() < self.cfg.max_num_seqs {
             self.cfg.max_num_seqs
-        } else if self.fairness_victim().is_some() {
+        } else if fairness_victim(&self.running).is_some() {
             self.running.len() + 1
         } else {
             return plan;
@@ -412,7 +332,7 @@ impl Scheduler {
     /// tokens, by more than it costs the decodes.
     fn newcomer_waiting(&self, now: Instant, wait_for: usize) -> bool {
         let Some(head) = self.waiting.front() else { return false };
-        if !self.head_is_newcomer() {
+        if !self.waiting.head_is_newcomer(&self.running) {
             return false;
         }
         let decodes = self.running.iter().any(|s| s.remaining() == 1);
@@ -431,7 +351,7 @@ impl Scheduler {
         max_seqs: usize,
     ) {
         while budget > 0 && self.running.len() < max_seqs {
-            if newcomers_only && !self.head_is_newcomer() {
+            if newcomers_only && !self.waiting.head_is_newcomer(&self.running) {
                 break;
             }
             let Some(mut seq) = self.waiting.pop_front() else { break };
@@ -462,7 +382,7 @@ impl Scheduler {
                 }
             }
             seq.first_scheduled.get_or_insert(now);
-            self.vtime = self.vtime.max(seq.start_tag);
+            self.waiting.admitted(&seq);
             plan.push(Planned { id: seq.id, start, end, sample: end == seq.tokens.len() });
             budget -= end - start;
             self.running.push(seq);
@@ -543,11 +463,13 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_proto::step::SamplingParams;
 
     fn sched(blocks: usize, bs: usize, budget: usize, max_seqs: usize) -> Scheduler {
         Scheduler::new(
             SchedulerConfig { max_num_seqs: max_seqs, max_batched_tokens: budget, max_model_len: 1000 },
-            BlockManager::new(blocks, bs),
+            blocks,
+            bs,
         )
     }
 

@@ -1,0 +1,87 @@
+//! A sequence as the scheduler sees it: its tokens, how far its keys and values are computed, its blocks,
+//! its fair-share flow and its place in virtual time.
+
+use std::time::Instant;
+
+use tessera_proto::step::SamplingParams;
+
+/// A sequence as the scheduler sees it.
+pub struct Sequence {
+    pub id: u64,
+    /// Prompt followed by the tokens generated so far.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub params: SamplingParams,
+    /// New tokens allowed.
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+    pub arrival: Instant,
+    /// When it was first scheduled (end of queueing).
+    pub first_scheduled: Option<Instant>,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_tokens: usize,
+    pub(super) blocks: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    pub(super) num_computed: usize,
+    /// Full blocks registered in the prefix cache, and the chained hash after the last of them.
+    pub(super) num_hashed: usize,
+    pub(super) last_hash: u64,
+    /// Admitted (or re-admitted) and not yet stepped: the next step begins it on the workers.
+    pub(super) fresh: bool,
+    /// Fair-share flow (the API key id; `None`: the flow of requests without a key) and its weight.
+    pub flow: Option<String>,
+    pub weight: f64,
+    /// Virtual start and finish tags of the current wait in the queue.
+    pub(super) start_tag: f64,
+    pub(super) finish_tag: f64,
+}
+
+impl Sequence {
+    pub fn new(id: u64, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, ignore_eos: bool) -> Self {
+        Sequence {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            params,
+            max_tokens,
+            ignore_eos,
+            arrival: Instant::now(),
+            first_scheduled: None,
+            cached_tokens: 0,
+            blocks: Vec::new(),
+            num_computed: 0,
+            num_hashed: 0,
+            last_hash: 0,
+            fresh: true,
+            flow: None,
+            weight: 1.0,
+            start_tag: 0.0,
+            finish_tag: 0.0,
+        }
+    }
+
+    /// Puts the sequence in fair-share flow `flow` with `weight` (> 0; larger gets more).
+    pub fn in_flow(mut self, flow: Option<String>, weight: f64) -> Self {
+        self.flow = flow;
+        self.weight = if weight.is_finite() && weight > 0.0 { weight } else { 1.0 };
+        self
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Tokens not yet in the cache.
+    pub(super) fn remaining(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Back to nothing computed and no blocks (preempted, to be recomputed).
+    pub(super) fn reset(&mut self) {
+        self.blocks.clear();
+        self.num_computed = 0;
+        self.num_hashed = 0;
+        self.last_hash = 0;
+        self.fresh = true;
+    }
+}
