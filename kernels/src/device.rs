@@ -2,30 +2,13 @@
 
 use std::{fmt, str::FromStr};
 
-use crate::KernelError;
-
 /// A compute device. `cuda:N` needs the `cuda` feature (on by default) and, at run time, a CUDA driver,
-/// NVRTC and cuBLAS; where any is missing, asking for it is a clear [`KernelError::Unavailable`].
+/// NVRTC and cuBLAS; where any is missing, asking for it is a clear `KernelError::Unavailable`
+/// (`ensure_available`, in the crate root).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
     Cuda(usize),
-}
-
-impl Device {
-    /// Checks that this device can be used in this process.
-    pub fn ensure_available(self) -> crate::Result<()> {
-        match self {
-            Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(i) => crate::cuda::gpu(i).map(|_| ()),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(KernelError::Unavailable(
-                self,
-                "this build of tessera has no CUDA backend; use --device cpu".into(),
-            )),
-        }
-    }
 }
 
 impl fmt::Display for Device {
@@ -37,8 +20,20 @@ impl fmt::Display for Device {
     }
 }
 
+/// A device name that is neither `cpu` nor `cuda:N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseDeviceError(pub String);
+
+impl fmt::Display for ParseDeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid device {:?}: expected \"cpu\" or \"cuda:N\"", self.0)
+    }
+}
+
+impl std::error::Error for ParseDeviceError {}
+
 impl FromStr for Device {
-    type Err = KernelError;
+    type Err = ParseDeviceError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "cpu" {
             return Ok(Device::Cpu);
@@ -46,7 +41,7 @@ impl FromStr for Device {
         s.strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
             .map(Device::Cuda)
-            .ok_or_else(|| KernelError::BadDevice(s.to_string()))
+            .ok_or_else(|| ParseDeviceError(s.to_string()))
     }
 }
 
@@ -62,6 +57,6 @@ mod tests {
         for bad in ["gpu", "cuda:", "cuda:x", "CPU", ""] {
             assert!(bad.parse::<Device>().is_err(), "{bad} should not parse");
         }
-        assert!(Device::Cuda(0).ensure_available().unwrap_err().to_string().contains("cuda:0"));
+        assert!(crate::ensure_available(Device::Cuda(0)).unwrap_err().to_string().contains("cuda:0"));
     }
 }

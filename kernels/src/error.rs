@@ -1,6 +1,12 @@
 //! The one error type of the kernels crate: every shape, dtype or device misuse is reported, never panicked.
 
-use crate::{DType, Device};
+use crate::{
+    device::{Device, ParseDeviceError},
+    dtype::DType,
+};
+
+/// Result type of every fallible operation in this crate.
+pub type Result<T> = std::result::Result<T, KernelError>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -12,8 +18,8 @@ pub enum KernelError {
     Device { op: &'static str, device: Device },
     #[error("{op}: index out of range: {detail}")]
     Index { op: &'static str, detail: String },
-    #[error("invalid device {0:?}: expected \"cpu\" or \"cuda:N\"")]
-    BadDevice(String),
+    #[error(transparent)]
+    BadDevice(#[from] ParseDeviceError),
     #[error("device {0} is not available: {1}")]
     Unavailable(Device, String),
     #[error("CUDA kernel module {module}.cu failed to compile:\n{log}")]

@@ -18,10 +18,24 @@ pub mod ops;
 pub mod rope;
 mod tensor;
 
-pub use device::Device;
+pub use device::{Device, ParseDeviceError};
 pub use dtype::DType;
-pub use error::KernelError;
+pub use error::{KernelError, Result};
 pub use tensor::Tensor;
+
+/// Checks that `device` can be used in this process. A free function rather than a method of `Device`,
+/// whose module the error type depends on.
+pub fn ensure_available(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::gpu(i).map(|_| ()),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            Err(KernelError::Unavailable(device, "this build of tessera has no CUDA backend; use --device cpu".into()))
+        }
+    }
+}
 
 /// Waits until all work queued on `device` is done (a no-op on the CPU, whose ops are synchronous), and
 /// reports any error a kernel raised meanwhile. Benchmarks time with it.
@@ -31,7 +45,7 @@ pub fn synchronize(device: Device) -> Result<()> {
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => cuda::gpu(i)?.synchronize(),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => device.ensure_available(),
+        Device::Cuda(_) => ensure_available(device),
     }
 }
 
@@ -52,6 +66,3 @@ pub fn device_name(device: Device) -> String {
         _ => device.to_string(),
     }
 }
-
-/// Result type of every fallible operation in this crate.
-pub type Result<T> = std::result::Result<T, KernelError>;

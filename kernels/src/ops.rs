@@ -4,7 +4,7 @@
 //! Activations are f32 on the CPU and bf16 on CUDA (weights too, with f32 accumulation). Every tensor of
 //! one call must be on the same device; the CUDA arm of each op is in [`crate::cuda`].
 
-use crate::{DType, Device, KernelError, Result, Tensor, cpu};
+use crate::{cpu, device::Device, dtype::DType, error::KernelError, error::Result, tensor::Tensor};
 
 #[cfg(feature = "cuda")]
 use crate::cuda::ops as gpu;

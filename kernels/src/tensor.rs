@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use half::{bf16, f16};
 
-use crate::{DType, Device, KernelError, Result};
+use crate::{device::Device, dtype::DType, error::KernelError, error::Result};
 
 /// Backing memory of a tensor; ops dispatch on it.
 #[derive(Clone, Debug)]
@@ -59,7 +59,7 @@ impl Tensor {
 
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
-        device.ensure_available()?;
+        crate::ensure_available(device)?;
         let n = shape.iter().product();
         #[cfg(feature = "cuda")]
         if let Device::Cuda(i) = device {
@@ -94,7 +94,7 @@ impl Tensor {
     /// A tensor of values uniform in `[-scale, scale)` from `seed` (see [`uniform_at`]): identical on every
     /// device, so a random model built on the GPU equals the one built on the CPU.
     pub fn uniform(shape: &[usize], dtype: DType, device: Device, seed: u64, scale: f32) -> Result<Self> {
-        device.ensure_available()?;
+        crate::ensure_available(device)?;
         let n: usize = shape.iter().product();
         #[cfg(feature = "cuda")]
         if let Device::Cuda(i) = device {
@@ -203,7 +203,7 @@ impl Tensor {
         if self.device() == device {
             return Ok(self.clone());
         }
-        device.ensure_available()?;
+        crate::ensure_available(device)?;
         match device {
             Device::Cpu => {
                 let v = self.to_vec_f32()?;

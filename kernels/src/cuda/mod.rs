@@ -25,7 +25,7 @@ use cudarc::{
     nvrtc::{CompileOptions, Ptx},
 };
 
-use crate::{Device, KernelError, Result};
+use crate::{device::Device, error::KernelError, error::Result};
 
 /// The kernel sources, each compiled as one module with the shared header in front.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -338,24 +338,24 @@ impl Buffer {
         Buffer { gpu, data: Arc::new(data) }
     }
 
-    pub fn dtype(&self) -> crate::DType {
+    pub fn dtype(&self) -> crate::dtype::DType {
         match *self.data {
-            DeviceData::F32(_) => crate::DType::F32,
-            DeviceData::BF16(_) => crate::DType::BF16,
+            DeviceData::F32(_) => crate::dtype::DType::F32,
+            DeviceData::BF16(_) => crate::dtype::DType::BF16,
         }
     }
 
     pub fn bf16(&self, op: &'static str) -> Result<&CudaSlice<half::bf16>> {
         match &*self.data {
             DeviceData::BF16(s) => Ok(s),
-            _ => Err(KernelError::DType { op, expected: crate::DType::BF16, got: self.dtype() }),
+            _ => Err(KernelError::DType { op, expected: crate::dtype::DType::BF16, got: self.dtype() }),
         }
     }
 
     pub fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &*self.data {
             DeviceData::F32(s) => Ok(s),
-            _ => Err(KernelError::DType { op, expected: crate::DType::F32, got: self.dtype() }),
+            _ => Err(KernelError::DType { op, expected: crate::dtype::DType::F32, got: self.dtype() }),
         }
     }
 
@@ -363,7 +363,7 @@ impl Buffer {
         let got = self.dtype();
         match Arc::get_mut(&mut self.data) {
             Some(DeviceData::BF16(s)) => Ok(s),
-            Some(_) => Err(KernelError::DType { op, expected: crate::DType::BF16, got }),
+            Some(_) => Err(KernelError::DType { op, expected: crate::dtype::DType::BF16, got }),
             None => {
                 Err(KernelError::Shape { op, detail: "in-place op on a CUDA tensor whose memory is shared".into() })
             }

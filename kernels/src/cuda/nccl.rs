@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::{DeviceData, Gpu};
-use crate::{Device, KernelError, Result, Tensor};
+use crate::{device::Device, error::KernelError, error::Result, tensor::Tensor};
 
 /// Bytes of an NCCL unique id.
 pub const ID_BYTES: usize = 128;
