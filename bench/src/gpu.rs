@@ -183,7 +183,7 @@ fn gemm_rate(device: Device, n: usize) -> Result<f64> {
 
 pub fn run(a: GpuBenchArgs) -> Result<()> {
     let device: Device = a.device.parse()?;
-    device.ensure_available()?;
+    tessera_kernels::ensure_available(device)?;
     let s = shape(&a.shape)?;
     let on_cpu = device == Device::Cpu;
     let copy = copy_bandwidth(device, if on_cpu { 256 << 20 } else { 4 << 30 })?;
@@ -251,10 +251,16 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    print_report(&report);
+    Ok(())
+}
+
+/// The report as a table on stdout.
+fn print_report(report: &GpuReport) {
     println!("tessera bench gpu: {} ({}), {} context", report.device, report.shape, report.context);
     println!(
-        "  copy bandwidth {:.0} GB/s, bf16 GEMM {:.1} TFLOP/s (n = {gemm_n})",
-        report.copy_gb_per_s, report.gemm_tflop_per_s
+        "  copy bandwidth {:.0} GB/s, bf16 GEMM {:.1} TFLOP/s (n = {})",
+        report.copy_gb_per_s, report.gemm_tflop_per_s, report.gemm_n
     );
     println!("  {:>6} {:>12} {:>10} {:>10}", "batch", "tokens/s", "ms/step", "roofline");
     for d in &report.decode {
@@ -279,5 +285,4 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     );
     let ops: Vec<String> = report.decode_ops_ms.iter().map(|(n, ms)| format!("{n} {ms:.2}")).collect();
     println!("  batch-1 ms per op (synchronised): {}", ops.join(", "));
-    Ok(())
 }

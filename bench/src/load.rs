@@ -175,6 +175,30 @@ async fn one(client: &HttpClient, url: &str, body: &Value, samples: &Mutex<Sampl
     }
 }
 
+/// Request `i`'s prompt: `len` pseudo-random token ids below `vocab` (xorshift, seeded by `i`), never
+/// the first three (special tokens in most vocabularies).
+fn prompt_tokens(i: usize, len: usize, vocab: u32) -> Vec<u32> {
+    let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            3 + (x % (vocab.max(4) as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// The scheduler's mean CPU time per step (µs) and the steps taken, from the server's metrics before and
+/// after the run.
+fn scheduler_cost(before: Option<String>, after: Option<String>) -> Option<(f64, f64)> {
+    let name = "tessera:scheduler_step_seconds";
+    match (histogram(&before?, name), histogram(&after?, name)) {
+        (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => Some(((s1 - s0) / (c1 - c0) * 1e6, c1 - c0)),
+        _ => None,
+    }
+}
+
 pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
     if a.concurrency == 0 || a.requests == 0 || a.prompt_len == 0 || a.max_tokens == 0 {
         bail!("--concurrency, --requests, --prompt-len and --max-tokens must be at least 1");
@@ -207,15 +231,7 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
                 if i >= a.requests {
                     break;
                 }
-                let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let prompt: Vec<u32> = (0..a.prompt_len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        3 + (x % (a.vocab.max(4) as u64 - 3)) as u32
-                    })
-                    .collect();
+                let prompt = prompt_tokens(i, a.prompt_len, a.vocab);
                 if a.no_stream {
                     let body = json!({
                         "model": model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
@@ -238,16 +254,7 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
     let seconds = started.elapsed().as_secs_f64();
     let metrics_after =
         client.get(&format!("{base}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned());
-    let sched = match (metrics_before, metrics_after) {
-        (Some(b), Some(a)) => {
-            let name = "tessera:scheduler_step_seconds";
-            match (histogram(&b, name), histogram(&a, name)) {
-                (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => Some(((s1 - s0) / (c1 - c0) * 1e6, c1 - c0)),
-                _ => None,
-            }
-        }
-        _ => None,
-    };
+    let sched = scheduler_cost(metrics_before, metrics_after);
     let s = std::mem::take(&mut *samples.lock().expect("samples"));
     let ms = |v: Vec<f64>| {
         let p = percentiles(v);

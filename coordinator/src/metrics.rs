@@ -120,122 +120,154 @@ impl Metrics {
             migrated_sequences: Counter::default(),
             registry: Registry::default(),
         };
-        let r = &mut registry;
-        r.register("tessera:num_requests_running", "Requests running on a replica", m.num_requests_running.clone());
-        r.register("tessera:num_requests_waiting", "Requests waiting to be scheduled", m.num_requests_waiting.clone());
-        r.register(
-            "tessera:kv_cache_usage_perc",
-            "Fraction of KV cache blocks in use (1 = full)",
-            m.kv_cache_usage_perc.clone(),
-        );
-        // Counters get `_total` appended by the encoder.
-        r.register("tessera:prompt_tokens", "Prompt tokens processed", m.prompt_tokens.clone());
-        r.register("tessera:generation_tokens", "Tokens generated", m.generation_tokens.clone());
-        r.register("tessera:time_to_first_token_seconds", "Time to first token", m.time_to_first_token.clone());
-        r.register(
-            "tessera:inter_token_latency_seconds",
-            "Time between consecutive output tokens",
-            m.inter_token_latency.clone(),
-        );
-        r.register(
-            "tessera:e2e_request_latency_seconds",
-            "Request latency, arrival to last token",
-            m.e2e_request_latency.clone(),
-        );
-        r.register(
-            "tessera:request_queue_time_seconds",
-            "Time a request waited before its first step",
-            m.request_queue_time.clone(),
-        );
-        r.register(
-            "tessera:request_success",
-            "Requests finished, by reason (stop, length, abort)",
-            m.request_success.clone(),
-        );
-        r.register("tessera:request_failure", "Requests that ended with an error, by kind", m.request_failure.clone());
-        r.register(
-            "tessera:prefix_cache_queries",
-            "Prompt blocks looked up in the prefix cache",
-            m.prefix_cache_queries.clone(),
-        );
-        r.register("tessera:prefix_cache_hits", "Prompt blocks found in the prefix cache", m.prefix_cache_hits.clone());
-        r.register(
-            "tessera:num_preemptions",
-            "Sequences preempted, for lack of KV blocks or for another key's fair share",
-            m.num_preemptions.clone(),
-        );
-        r.register(
-            "tessera:newcomer_steps",
-            "Steps that ran the prefill of a key with nothing running alone, ahead of the decodes",
-            m.newcomer_steps.clone(),
-        );
-        r.register(
-            "tessera:steps_paused",
-            "Steps paused inside the forward pass so that a newcomer's prefill (counted in newcomer_steps) ran first",
-            m.steps_paused.clone(),
-        );
-        r.register(
-            "tessera:scheduler_step_seconds",
-            "Coordinator CPU time per step, excluding the wait for workers",
-            m.scheduler_step_seconds.clone(),
-        );
-        r.register("tessera:step_seconds", "Step wall time on the workers", m.step_seconds.clone());
-        r.register(
-            "tessera:worker_step_seconds",
-            "Step time measured by each worker, by rank",
-            m.worker_step_seconds.clone(),
-        );
-        r.register(
-            "tessera:worker_collective_seconds",
-            "Time each worker spent in collectives per step, by rank",
-            m.worker_collective_seconds.clone(),
-        );
-        r.register(
-            "tessera:worker_kv_cache_blocks",
-            "KV cache blocks each worker holds, by rank",
-            m.worker_kv_cache_blocks.clone(),
-        );
-        r.register(
-            "tessera:key_requests",
-            "Requests per API key id, by status (completed, cancelled, error, limited)",
-            m.key_requests.clone(),
-        );
-        r.register(
-            "tessera:key_tokens",
-            "Tokens billed per API key id, by kind (prompt, cached, completion)",
-            m.key_tokens.clone(),
-        );
-        r.register(
-            "tessera:cluster_workers",
-            "Registered workers by state (free, forming, serving, ignored)",
-            m.cluster_workers.clone(),
-        );
-        r.register(
-            "tessera:cluster_groups",
-            "Tensor-parallel groups by state (forming, serving)",
-            m.cluster_groups.clone(),
-        );
-        r.register("tessera:replicas_serving", "Model replicas taking requests", m.replicas_serving.clone());
-        r.register(
-            "tessera:replica_outstanding_tokens",
-            "Per replica: tokens routed and not yet finished (prompt + max_tokens)",
-            m.replica_outstanding_tokens.clone(),
-        );
-        r.register("tessera:replica_requests", "Per replica: requests routed to it", m.replica_requests.clone());
-        r.register(
-            "tessera:replica_failures",
-            "Replicas failed (worker lost, step error or timeout, lease expired)",
-            m.replica_failures.clone(),
-        );
-        r.register(
-            "tessera:migrated_sequences",
-            "Sequences moved from a failed replica to a healthy one mid-request",
-            m.migrated_sequences.clone(),
-        );
+        for register in
+            [Self::register_requests, Self::register_scheduling, Self::register_steps, Self::register_keys_and_cluster]
+        {
+            register(&m, &mut registry);
+        }
         for reason in ["stop", "length", "abort"] {
             let _ = m.request_success.get_or_create(&vec![("finished_reason", reason)]);
         }
         Metrics { registry, ..m }
+    }
+
+    /// Requests and tokens, with vLLM's names.
+    fn register_requests(&self, r: &mut Registry) {
+        r.register("tessera:num_requests_running", "Requests running on a replica", self.num_requests_running.clone());
+        r.register(
+            "tessera:num_requests_waiting",
+            "Requests waiting to be scheduled",
+            self.num_requests_waiting.clone(),
+        );
+        r.register(
+            "tessera:kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (1 = full)",
+            self.kv_cache_usage_perc.clone(),
+        );
+        // Counters get `_total` appended by the encoder.
+        r.register("tessera:prompt_tokens", "Prompt tokens processed", self.prompt_tokens.clone());
+        r.register("tessera:generation_tokens", "Tokens generated", self.generation_tokens.clone());
+        r.register("tessera:time_to_first_token_seconds", "Time to first token", self.time_to_first_token.clone());
+        r.register(
+            "tessera:inter_token_latency_seconds",
+            "Time between consecutive output tokens",
+            self.inter_token_latency.clone(),
+        );
+        r.register(
+            "tessera:e2e_request_latency_seconds",
+            "Request latency, arrival to last token",
+            self.e2e_request_latency.clone(),
+        );
+        r.register(
+            "tessera:request_queue_time_seconds",
+            "Time a request waited before its first step",
+            self.request_queue_time.clone(),
+        );
+        r.register(
+            "tessera:request_success",
+            "Requests finished, by reason (stop, length, abort)",
+            self.request_success.clone(),
+        );
+        r.register(
+            "tessera:request_failure",
+            "Requests that ended with an error, by kind",
+            self.request_failure.clone(),
+        );
+    }
+
+    /// The prefix cache, preemptions and fair share.
+    fn register_scheduling(&self, r: &mut Registry) {
+        r.register(
+            "tessera:prefix_cache_queries",
+            "Prompt blocks looked up in the prefix cache",
+            self.prefix_cache_queries.clone(),
+        );
+        r.register(
+            "tessera:prefix_cache_hits",
+            "Prompt blocks found in the prefix cache",
+            self.prefix_cache_hits.clone(),
+        );
+        r.register(
+            "tessera:num_preemptions",
+            "Sequences preempted, for lack of KV blocks or for another key's fair share",
+            self.num_preemptions.clone(),
+        );
+        r.register(
+            "tessera:newcomer_steps",
+            "Steps that ran the prefill of a key with nothing running alone, ahead of the decodes",
+            self.newcomer_steps.clone(),
+        );
+        r.register(
+            "tessera:steps_paused",
+            "Steps paused inside the forward pass so that a newcomer's prefill (counted in newcomer_steps) ran first",
+            self.steps_paused.clone(),
+        );
+    }
+
+    /// Step times, on the coordinator and as each worker measured them.
+    fn register_steps(&self, r: &mut Registry) {
+        r.register(
+            "tessera:scheduler_step_seconds",
+            "Coordinator CPU time per step, excluding the wait for workers",
+            self.scheduler_step_seconds.clone(),
+        );
+        r.register("tessera:step_seconds", "Step wall time on the workers", self.step_seconds.clone());
+        r.register(
+            "tessera:worker_step_seconds",
+            "Step time measured by each worker, by rank",
+            self.worker_step_seconds.clone(),
+        );
+        r.register(
+            "tessera:worker_collective_seconds",
+            "Time each worker spent in collectives per step, by rank",
+            self.worker_collective_seconds.clone(),
+        );
+        r.register(
+            "tessera:worker_kv_cache_blocks",
+            "KV cache blocks each worker holds, by rank",
+            self.worker_kv_cache_blocks.clone(),
+        );
+    }
+
+    /// Per API key, cluster membership, and replicas.
+    fn register_keys_and_cluster(&self, r: &mut Registry) {
+        r.register(
+            "tessera:key_requests",
+            "Requests per API key id, by status (completed, cancelled, error, limited)",
+            self.key_requests.clone(),
+        );
+        r.register(
+            "tessera:key_tokens",
+            "Tokens billed per API key id, by kind (prompt, cached, completion)",
+            self.key_tokens.clone(),
+        );
+        r.register(
+            "tessera:cluster_workers",
+            "Registered workers by state (free, forming, serving, ignored)",
+            self.cluster_workers.clone(),
+        );
+        r.register(
+            "tessera:cluster_groups",
+            "Tensor-parallel groups by state (forming, serving)",
+            self.cluster_groups.clone(),
+        );
+        r.register("tessera:replicas_serving", "Model replicas taking requests", self.replicas_serving.clone());
+        r.register(
+            "tessera:replica_outstanding_tokens",
+            "Per replica: tokens routed and not yet finished (prompt + max_tokens)",
+            self.replica_outstanding_tokens.clone(),
+        );
+        r.register("tessera:replica_requests", "Per replica: requests routed to it", self.replica_requests.clone());
+        r.register(
+            "tessera:replica_failures",
+            "Replicas failed (worker lost, step error or timeout, lease expired)",
+            self.replica_failures.clone(),
+        );
+        r.register(
+            "tessera:migrated_sequences",
+            "Sequences moved from a failed replica to a healthy one mid-request",
+            self.migrated_sequences.clone(),
+        );
     }
 
     /// A request of key `key_id` refused by one of its limits (429).

@@ -67,16 +67,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
     if endpoints.is_empty() {
         bail!("--etcd needs at least one endpoint");
     }
-    let (dir, model_path) = match &a.model {
-        Some(d) => {
-            let abs = std::fs::canonicalize(d).map_err(|e| anyhow::anyhow!("--model {}: {e}", d.display()))?;
-            (d.clone(), abs.to_string_lossy().into_owned())
-        }
-        None => (crate::default_model::path()?, crate::default_model::BUILTIN.to_string()),
-    };
-    let config = tessera_worker::config::ModelConfig::load(&dir)?;
-    // Refuse a split the model cannot take before any worker is asked to load it.
-    tessera_worker::model::ShardLayout::new(&config, tessera_worker::model::Shard { rank: 0, world: a.tp })?;
+    let (dir, model_path, config) = resolve_model(&a)?;
     let front = Frontend::prepare(a.http.clone(), &dir, a.model.is_none())?;
     let block_size = tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE;
     let info = ModelInfo {
@@ -89,26 +80,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
     let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
     let connected = Arc::new(AtomicBool::new(false));
     let board = Arc::new(Board { status: Mutex::new(serde_json::Value::Null), etcd_connected: connected.clone() });
-    let instance = format!(
-        "{:x}",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-            & 0xff_ffff_ffff
-    );
-    let cfg = ManagerConfig {
-        cluster: a.cluster.clone(),
-        tp: a.tp,
-        model_path,
-        kv_cache_bytes: a.kv_cache_mib.map_or(0, |m| (m as u64) << 20),
-        block_size: block_size as u32,
-        sched: front.scheduler_config(config.max_position_embeddings),
-        eos: front.tokenizer.eos_token_ids.clone(),
-        timeouts: GroupTimeouts {
-            connect: Duration::from_secs(10),
-            load: Duration::from_secs(a.load_timeout),
-            step: Duration::from_secs(a.step_timeout),
-        },
-        instance,
-    };
+    let cfg = manager_config(&a, &front, model_path, config.max_position_embeddings, block_size);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (claim_tx, claim_rx) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -148,4 +120,51 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
     });
     let banner = format!("tessera coordinator for cluster {:?} serving {} (tp = {})", a.cluster, front.name, a.tp);
     front.run(replicas, Some(board), &banner, Some(Background { run, on_shutdown }))
+}
+
+/// The model directory this process reads (the tokenizer, the config), the path the workers are told to
+/// load (the same path on a shared volume, or the built-in model's name), and its config, checked against
+/// `--tp` before any worker is asked to load it.
+fn resolve_model(a: &CoordinatorArgs) -> Result<(PathBuf, String, tessera_worker::ModelConfig)> {
+    let (dir, model_path) = match &a.model {
+        Some(d) => {
+            let abs = std::fs::canonicalize(d).map_err(|e| anyhow::anyhow!("--model {}: {e}", d.display()))?;
+            (d.clone(), abs.to_string_lossy().into_owned())
+        }
+        None => (crate::default_model::path()?, crate::default_model::BUILTIN.to_string()),
+    };
+    let config = tessera_worker::config::ModelConfig::load(&dir)?;
+    tessera_worker::model::ShardLayout::new(&config, tessera_worker::model::Shard { rank: 0, world: a.tp })?;
+    Ok((dir, model_path, config))
+}
+
+/// The group manager's settings. Group ids carry a per-start instance tag, which is also the owner of this
+/// coordinator's claims.
+fn manager_config(
+    a: &CoordinatorArgs,
+    front: &Frontend,
+    model_path: String,
+    max_position_embeddings: usize,
+    block_size: usize,
+) -> ManagerConfig {
+    let instance = format!(
+        "{:x}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+            & 0xff_ffff_ffff
+    );
+    ManagerConfig {
+        cluster: a.cluster.clone(),
+        tp: a.tp,
+        model_path,
+        kv_cache_bytes: a.kv_cache_mib.map_or(0, |m| (m as u64) << 20),
+        block_size: block_size as u32,
+        sched: front.scheduler_config(max_position_embeddings),
+        eos: front.tokenizer.eos_token_ids.clone(),
+        timeouts: GroupTimeouts {
+            connect: Duration::from_secs(10),
+            load: Duration::from_secs(a.load_timeout),
+            step: Duration::from_secs(a.step_timeout),
+        },
+        instance,
+    }
 }

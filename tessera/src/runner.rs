@@ -95,7 +95,7 @@ impl Runner {
         tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let device: tessera_kernels::Device = args.device.parse()?;
-        device.ensure_available()?;
+        tessera_kernels::ensure_available(device)?;
         let mut extra = args.worker_args.clone();
         extra.extend(["--device".to_string(), device.to_string()]);
         let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &extra)?;

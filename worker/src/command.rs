@@ -61,7 +61,7 @@ pub struct WorkerArgs {
 
 pub fn run(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
     let device: tessera_kernels::Device = a.device.parse()?;
-    device.ensure_available()?;
+    tessera_kernels::ensure_available(device)?;
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
     }
@@ -105,27 +105,7 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let registration = match &a.etcd {
         Some(etcd) => {
-            let id = a.id.clone().unwrap_or_else(|| advertise.clone());
-            tessera_proto::record::check_name("worker id", &id).map_err(anyhow::Error::msg)?;
-            tessera_proto::record::check_name("--cluster", &a.cluster).map_err(anyhow::Error::msg)?;
-            let endpoints = tessera_proto::etcd::endpoints(etcd);
-            if endpoints.is_empty() {
-                anyhow::bail!("--etcd needs at least one endpoint");
-            }
-            let rec = tessera_proto::record::WorkerRecord {
-                id: id.clone(),
-                address: advertise.clone(),
-                device: device.to_string(),
-                memory_bytes: service.memory_bytes(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                protocol: tessera_proto::PROTOCOL_VERSION.into(),
-            };
-            let reg = crate::registration::Registration {
-                endpoints,
-                key: tessera_proto::record::key(&a.cluster, &id),
-                value: serde_json::to_string(&rec)?,
-                ttl: Duration::from_secs(a.lease_ttl.max(1)),
-            };
+            let reg = registration(&a, etcd, &advertise, device, service.memory_bytes())?;
             Some(tokio::spawn(crate::registration::run(reg, stop_rx)))
         }
         None => None,
@@ -166,6 +146,37 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
         _ = grace => tracing::info!("stopped"),
     }
     Ok(())
+}
+
+/// What this worker registers in etcd under `--cluster`: its record, on a lease of `--lease-ttl`.
+fn registration(
+    a: &WorkerArgs,
+    etcd: &str,
+    advertise: &str,
+    device: tessera_kernels::Device,
+    memory_bytes: u64,
+) -> Result<crate::registration::Registration> {
+    let id = a.id.clone().unwrap_or_else(|| advertise.to_string());
+    tessera_proto::record::check_name("worker id", &id).map_err(anyhow::Error::msg)?;
+    tessera_proto::record::check_name("--cluster", &a.cluster).map_err(anyhow::Error::msg)?;
+    let endpoints = tessera_proto::etcd::endpoints(etcd);
+    if endpoints.is_empty() {
+        anyhow::bail!("--etcd needs at least one endpoint");
+    }
+    let rec = tessera_proto::record::WorkerRecord {
+        id: id.clone(),
+        address: advertise.to_string(),
+        device: device.to_string(),
+        memory_bytes,
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: tessera_proto::PROTOCOL_VERSION.into(),
+    };
+    Ok(crate::registration::Registration {
+        endpoints,
+        key: tessera_proto::record::key(&a.cluster, &id),
+        value: serde_json::to_string(&rec)?,
+        ttl: Duration::from_secs(a.lease_ttl.max(1)),
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

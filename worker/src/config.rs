@@ -111,51 +111,8 @@ impl ModelConfig {
             .ok_or_else(|| ModelError::File { path: path.into(), message: "expected a JSON object".into() })?;
         let f = Fields { path: path.into(), map };
 
-        let arch_name = match f.get("architectures") {
-            Some(Value::Array(a)) if !a.is_empty() => a[0].as_str().unwrap_or_default().to_string(),
-            Some(v) => {
-                return Err(f.err("architectures", format!("expected a non-empty list of names, found {v}")));
-            }
-            None => return Err(f.err("architectures", "missing")),
-        };
-        let architecture = match arch_name.as_str() {
-            "LlamaForCausalLM" => Architecture::Llama,
-            "MistralForCausalLM" => Architecture::Mistral,
-            "Qwen2ForCausalLM" => Architecture::Qwen2,
-            other => {
-                return Err(f.err(
-                    "architectures",
-                    format!(
-                        "unsupported architecture {other:?}; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
-                    ),
-                ));
-            }
-        };
-        if let Some(act) = f.get("hidden_act").or_else(|| f.get("hidden_activation"))
-            && act.as_str() != Some("silu")
-        {
-            return Err(f.err("hidden_act", format!("unsupported activation {act}; only \"silu\" is supported")));
-        }
-
-        let hidden_size = f.usize("hidden_size")?;
-        let num_heads = f.usize("num_attention_heads")?;
-        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        if !num_heads.is_multiple_of(num_kv_heads) {
-            return Err(f.err(
-                "num_key_value_heads",
-                format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
-            ));
-        }
-        let head_dim = match f.opt_usize("head_dim")? {
-            Some(d) => d,
-            None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
-            None => {
-                return Err(f.err("head_dim", "missing, and hidden_size is not a multiple of num_attention_heads"));
-            }
-        };
-        if !head_dim.is_multiple_of(2) {
-            return Err(f.err("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head size")));
-        }
+        let architecture = parse_architecture(&f)?;
+        let (hidden_size, num_heads, num_kv_heads, head_dim) = parse_heads(&f)?;
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
         let rope = parse_rope(&f, head_dim, max_position_embeddings)?;
 
@@ -210,6 +167,59 @@ impl ModelConfig {
         let lm_head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers * per_layer + h + lm_head
     }
+}
+
+/// `architectures` (one we run) and the activation (SiLU, the only one these architectures use).
+fn parse_architecture(f: &Fields<'_>) -> Result<Architecture, ModelError> {
+    let arch_name = match f.get("architectures") {
+        Some(Value::Array(a)) if !a.is_empty() => a[0].as_str().unwrap_or_default().to_string(),
+        Some(v) => {
+            return Err(f.err("architectures", format!("expected a non-empty list of names, found {v}")));
+        }
+        None => return Err(f.err("architectures", "missing")),
+    };
+    let architecture = match arch_name.as_str() {
+        "LlamaForCausalLM" => Architecture::Llama,
+        "MistralForCausalLM" => Architecture::Mistral,
+        "Qwen2ForCausalLM" => Architecture::Qwen2,
+        other => {
+            return Err(f.err(
+                "architectures",
+                format!(
+                    "unsupported architecture {other:?}; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+                ),
+            ));
+        }
+    };
+    if let Some(act) = f.get("hidden_act").or_else(|| f.get("hidden_activation"))
+        && act.as_str() != Some("silu")
+    {
+        return Err(f.err("hidden_act", format!("unsupported activation {act}; only \"silu\" is supported")));
+    }
+    Ok(architecture)
+}
+
+/// Hidden size, query heads, KV heads (dividing the query heads) and head size (even, for RoPE).
+fn parse_heads(f: &Fields<'_>) -> Result<(usize, usize, usize, usize), ModelError> {
+    let hidden_size = f.usize("hidden_size")?;
+    let num_heads = f.usize("num_attention_heads")?;
+    let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+    if !num_heads.is_multiple_of(num_kv_heads) {
+        return Err(
+            f.err("num_key_value_heads", format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"))
+        );
+    }
+    let head_dim = match f.opt_usize("head_dim")? {
+        Some(d) => d,
+        None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
+        None => {
+            return Err(f.err("head_dim", "missing, and hidden_size is not a multiple of num_attention_heads"));
+        }
+    };
+    if !head_dim.is_multiple_of(2) {
+        return Err(f.err("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head size")));
+    }
+    Ok((hidden_size, num_heads, num_kv_heads, head_dim))
 }
 
 fn parse_rope(f: &Fields<'_>, head_dim: usize, max_pos: usize) -> Result<Rope, ModelError> {

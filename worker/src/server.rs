@@ -106,6 +106,54 @@ impl WorkerService {
             g
         })
     }
+
+    /// This rank's collective for a group of `world`: none for a group of one, else the TCP ring or NCCL
+    /// as the request's rendezvous says (blocking until every rank has joined).
+    async fn join_group(
+        &self,
+        r: &mut LoadModelRequest,
+        rank: usize,
+        world: usize,
+    ) -> Result<Box<dyn Collective>, Status> {
+        if world == 1 {
+            return Ok(Box::new(Single));
+        }
+        let device = self.config.device;
+        Ok(match r.rendezvous.take().and_then(|z| z.kind) {
+            Some(Kind::Tcp(t)) if t.peers.len() == world => Box::new(
+                tcp_collective::rendezvous(
+                    &self.collective_listener,
+                    rank,
+                    &t.peers,
+                    &r.group_id,
+                    self.config.collective_timeout,
+                )
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?,
+            ),
+            Some(Kind::Tcp(t)) => {
+                return Err(Status::invalid_argument(format!(
+                    "{} peer addresses for a group of {world}",
+                    t.peers.len()
+                )));
+            }
+            Some(Kind::NcclUniqueId(_)) if device == Device::Cpu => {
+                return Err(Status::invalid_argument(
+                    "NCCL rendezvous on a CPU worker; this worker uses TCP collectives",
+                ));
+            }
+            Some(Kind::NcclUniqueId(id)) => {
+                // Blocks until every rank has joined; the coordinator's load timeout bounds the wait.
+                let c = tokio::task::spawn_blocking(move || NcclCollective::new(device, rank, world, &id))
+                    .await
+                    .map_err(|e| Status::internal(format!("joining the NCCL group panicked: {e}")))?
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                tracing::info!(rank, world, %device, "joined the NCCL group");
+                Box::new(c)
+            }
+            None => return Err(Status::invalid_argument("a group of more than one rank needs a rendezvous")),
+        })
+    }
 }
 
 /// Device memory a GPU worker keeps free of KV cache for activations and attention scratch.
@@ -182,44 +230,7 @@ impl Worker for WorkerService {
         }
         // Drop any previous model first: its memory and its collective connections.
         *self.lock() = State::Idle;
-        let comm: Box<dyn Collective> = if world == 1 {
-            Box::new(Single)
-        } else {
-            match r.rendezvous.take().and_then(|z| z.kind) {
-                Some(Kind::Tcp(t)) if t.peers.len() == world => Box::new(
-                    tcp_collective::rendezvous(
-                        &self.collective_listener,
-                        rank,
-                        &t.peers,
-                        &r.group_id,
-                        self.config.collective_timeout,
-                    )
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?,
-                ),
-                Some(Kind::Tcp(t)) => {
-                    return Err(Status::invalid_argument(format!(
-                        "{} peer addresses for a group of {world}",
-                        t.peers.len()
-                    )));
-                }
-                Some(Kind::NcclUniqueId(_)) if device == Device::Cpu => {
-                    return Err(Status::invalid_argument(
-                        "NCCL rendezvous on a CPU worker; this worker uses TCP collectives",
-                    ));
-                }
-                Some(Kind::NcclUniqueId(id)) => {
-                    // Blocks until every rank has joined; the coordinator's load timeout bounds the wait.
-                    let c = tokio::task::spawn_blocking(move || NcclCollective::new(device, rank, world, &id))
-                        .await
-                        .map_err(|e| Status::internal(format!("joining the NCCL group panicked: {e}")))?
-                        .map_err(|e| Status::unavailable(e.to_string()))?;
-                    tracing::info!(rank, world, %device, "joined the NCCL group");
-                    Box::new(c)
-                }
-                None => return Err(Status::invalid_argument("a group of more than one rank needs a rendezvous")),
-            }
-        };
+        let comm = self.join_group(&mut r, rank, world).await?;
         let path = match self.config.builtin_models.iter().find(|(name, _)| *name == r.model_path) {
             Some((_, locate)) => locate().map_err(|e| Status::internal(format!("{}: {e}", r.model_path)))?,
             None => PathBuf::from(&r.model_path),

@@ -159,28 +159,9 @@ async fn session(
             r = rx.recv() => match r {
                 None => return Outcome::Stopped,
                 Some(Request::Claim { group, workers }) => {
-                    let mut got = Vec::new();
-                    let mut conflict = false;
-                    for w in &workers {
-                        match claim(&mut client, s, lease, w).await {
-                            Ok(true) => got.push(w.clone()),
-                            Ok(false) => {
-                                conflict = true;
-                                break;
-                            }
-                            Err(e) => {
-                                release(&mut client, s, &got).await;
-                                tx(Answer::Claimed { group, ok: false, conflict: false });
-                                return Outcome::Lost(e);
-                            }
-                        }
+                    if let Err(e) = claim_group(&mut client, s, lease, &group, &workers, held, tx).await {
+                        return Outcome::Lost(e);
                     }
-                    if conflict {
-                        release(&mut client, s, &got).await;
-                    } else {
-                        held.extend(got);
-                    }
-                    tx(Answer::Claimed { group, ok: !conflict, conflict });
                 }
                 Some(Request::Release(ws)) => {
                     for w in &ws {
@@ -191,6 +172,42 @@ async fn session(
             },
         }
     }
+}
+
+/// Claims every one of `workers` for `group`, or none (a claim another coordinator holds gives back the
+/// ones already made), and answers `Answer::Claimed`. An etcd error gives them back too and ends the session.
+async fn claim_group(
+    client: &mut Client,
+    s: &Session,
+    lease: i64,
+    group: &str,
+    workers: &[String],
+    held: &mut BTreeSet<String>,
+    tx: &Report,
+) -> Result<(), etcd_client::Error> {
+    let mut got = Vec::new();
+    let mut conflict = false;
+    for w in workers {
+        match claim(client, s, lease, w).await {
+            Ok(true) => got.push(w.clone()),
+            Ok(false) => {
+                conflict = true;
+                break;
+            }
+            Err(e) => {
+                release(client, s, &got).await;
+                tx(Answer::Claimed { group: group.to_string(), ok: false, conflict: false });
+                return Err(e);
+            }
+        }
+    }
+    if conflict {
+        release(client, s, &got).await;
+    } else {
+        held.extend(got);
+    }
+    tx(Answer::Claimed { group: group.to_string(), ok: !conflict, conflict });
+    Ok(())
 }
 
 /// Resolves when `stop` turns true (holding no borrow of it afterwards).

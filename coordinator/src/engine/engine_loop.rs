@@ -299,6 +299,24 @@ impl Loop {
         self.execute(&plan, started, pausable.then_some(rx));
     }
 
+    /// One span per step, shared by the requests in it: a child of the first request's span, linked to
+    /// the others' (never one span per request per step).
+    fn step_span(&self, plan: &[Planned], tokens: usize) -> tracing::Span {
+        let prefill: usize =
+            plan.iter().filter(|p| !(p.end - p.start == 1 && p.start > 0)).map(|p| p.end - p.start).sum();
+        let mut parents = plan.iter().filter_map(|p| self.tracks.get(&p.id)).map(|t| &t.span);
+        let Some(first) = parents.next() else { return tracing::Span::none() };
+        let s = tracing::info_span!(target: "tessera::engine", parent: first, "step", sequences = plan.len(), tokens, prefill_tokens = prefill);
+        let mut seen = vec![first.id()];
+        for other in parents {
+            if !seen.contains(&other.id()) {
+                seen.push(other.id());
+                tessera_telemetry::link(&s, other);
+            }
+        }
+        s
+    }
+
     /// Runs a planned step and applies it. With `rx` the step may pause for a newcomer (module doc).
     fn execute(&mut self, plan: &[Planned], started: Instant, rx: Option<&mpsc::Receiver<Command>>) {
         let cpu_started = thread_cpu_time();
@@ -311,26 +329,8 @@ impl Loop {
             }
         }
         let inputs = self.sched.inputs(plan);
-        // One span per step, shared by the requests in it: a child of the first request's span, linked to
-        // the others' (never one span per request per step).
-        let prefill: usize =
-            plan.iter().filter(|p| !(p.end - p.start == 1 && p.start > 0)).map(|p| p.end - p.start).sum();
         let tokens: usize = plan.iter().map(|p| p.end - p.start).sum();
-        let mut parents = plan.iter().filter_map(|p| self.tracks.get(&p.id)).map(|t| &t.span);
-        let step_span = match parents.next() {
-            Some(first) => {
-                let s = tracing::info_span!(target: "tessera::engine", parent: first, "step", sequences = plan.len(), tokens, prefill_tokens = prefill);
-                let mut seen = vec![first.id()];
-                for other in parents {
-                    if !seen.contains(&other.id()) {
-                        seen.push(other.id());
-                        tessera_telemetry::link(&s, other);
-                    }
-                }
-                s
-            }
-            None => tracing::Span::none(),
-        };
+        let step_span = self.step_span(plan, tokens);
         let cpu_before_backend = thread_cpu_time() - cpu_started;
         let t = Instant::now();
         let stats = self.hub.stats.clone();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
 use tessera_proto::v1::{
-    self as pb, InfoRequest, LoadModelRequest, Rendezvous, StepRequest, TcpRendezvous, rendezvous::Kind,
+    self as pb, InfoReply, InfoRequest, LoadModelRequest, Rendezvous, StepRequest, TcpRendezvous, rendezvous::Kind,
     worker_client::WorkerClient,
 };
 use tonic::{Code, transport::Channel};
@@ -110,27 +110,7 @@ impl GroupClient {
         let mut peers = Vec::new();
         let mut devices = Vec::new();
         for (r, addr) in addrs.iter().enumerate() {
-            let channel = Channel::from_shared(format!("http://{addr}"))
-                .with_context(|| format!("worker address {addr:?}"))?
-                .connect_timeout(timeouts.connect)
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .with_context(|| format!("connecting to worker rank {r} at {addr}"))?;
-            let mut client =
-                WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
-            let info = tokio::time::timeout(timeouts.connect, client.info(InfoRequest { create_nccl_id: false }))
-                .await
-                .map_err(|_| anyhow!("worker rank {r} at {addr} did not answer Info within {:?}", timeouts.connect))?
-                .map_err(|s| anyhow!("worker rank {r} at {addr}: {}", describe(&s)))?
-                .into_inner();
-            if info.protocol != tessera_proto::PROTOCOL_VERSION {
-                bail!(
-                    "worker rank {r} at {addr} speaks {:?}, this coordinator {:?}",
-                    info.protocol,
-                    tessera_proto::PROTOCOL_VERSION
-                );
-            }
+            let (client, info) = connect_rank(r, addr, timeouts).await?;
             peers.push(info.collective_address);
             devices.push(info.device);
             ranks.push(Rank { addr: addr.clone(), client });
@@ -307,6 +287,32 @@ impl Backend for GroupClient {
     fn last_timings(&self) -> Vec<WorkerTiming> {
         self.last.clone()
     }
+}
+
+/// Connects to rank `r` at `addr` and asks its `Info`, refusing a worker of another protocol.
+async fn connect_rank(r: usize, addr: &str, timeouts: GroupTimeouts) -> Result<(WorkerClient<Channel>, InfoReply)> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("worker address {addr:?}"))?
+        .connect_timeout(timeouts.connect)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to worker rank {r} at {addr}"))?;
+    let mut client =
+        WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+    let info = tokio::time::timeout(timeouts.connect, client.info(InfoRequest { create_nccl_id: false }))
+        .await
+        .map_err(|_| anyhow!("worker rank {r} at {addr} did not answer Info within {:?}", timeouts.connect))?
+        .map_err(|s| anyhow!("worker rank {r} at {addr}: {}", describe(&s)))?
+        .into_inner();
+    if info.protocol != tessera_proto::PROTOCOL_VERSION {
+        bail!(
+            "worker rank {r} at {addr} speaks {:?}, this coordinator {:?}",
+            info.protocol,
+            tessera_proto::PROTOCOL_VERSION
+        );
+    }
+    Ok((client, info))
 }
 
 /// How a group's ranks meet: NCCL when every rank is on its own GPU and rank 0 can make an NCCL id, the

@@ -101,7 +101,7 @@ impl Model {
         if !dir.is_dir() {
             return Err(ModelError::NoDirectory(dir.to_path_buf()));
         }
-        device.ensure_available()?;
+        tessera_kernels::ensure_available(device)?;
         let config = ModelConfig::load(dir)?;
         let files = WeightFiles::open(dir)?;
         Self::from_weights(config, &files, shard, device)
@@ -124,7 +124,7 @@ impl Model {
     /// matrix's fan-in; norms one): benchmarks use it where no checkpoint of that size exists. The same
     /// seed gives the same weights on every device.
     pub fn random(config: ModelConfig, shard: Shard, device: Device, seed: u64) -> Result<Self, ModelError> {
-        device.ensure_available()?;
+        tessera_kernels::ensure_available(device)?;
         let dtype = Self::weight_dtype(device);
         Self::build(config, shard, device, &|name, shape, slice| {
             let full = shape.to_vec();

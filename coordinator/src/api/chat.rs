@@ -1,0 +1,135 @@
+//! `POST /v1/chat/completions`: the request's own checks (no tools, text responses only, text messages
+//! with known roles, `logprobs` and `top_logprobs`), the conversation rendered through the model's chat
+//! template and tokenized, then the shared run.
+
+use std::sync::Arc;
+
+use axum::{
+    Extension,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    response::{IntoResponse, Response},
+};
+use serde_json::Value;
+
+use super::{
+    admission::{body, check_model},
+    auth::{self, Caller},
+    chat_template::ChatMessage,
+    error::ApiError,
+    generate::{Job, run},
+    reply::Kind,
+    request::{self, ChatRequest, Content, MAX_TOP_LOGPROBS, Message},
+    state::AppState,
+};
+
+pub(super) async fn chat(
+    State(s): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_chat(&s, &caller, b));
+    match prepared {
+        Ok(job) => run(s, &caller, job).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>) -> Result<Job, ApiError> {
+    let mut r: ChatRequest = request::parse(&body(b, s.max_body_bytes)?)?;
+    check_model(s, &r.model)?;
+    auth::check_model(caller, &r.model)?;
+    let template = s.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            None,
+            format!("The model `{}` has no chat template; use /v1/completions instead.", s.model_name),
+        )
+    })?;
+    refuse_unsupported(&r)?;
+    let text = template.render(&messages(&r.messages)?)?;
+    // The template writes the special tokens itself (e.g. "<s>"); like transformers, add none.
+    let prompt = s.tokenizer.encode(&text, false).map_err(|e| ApiError::param("messages", e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::param("messages", "The rendered conversation is empty."));
+    }
+    let logprobs = logprobs(r.logprobs, r.top_logprobs)?;
+    let max_tokens = match (
+        request::max_tokens("max_completion_tokens", r.max_completion_tokens)?,
+        request::max_tokens("max_tokens", r.max_tokens)?,
+    ) {
+        (Some(m), _) | (None, Some(m)) => m,
+        // Without a limit, a chat answer may run to the end of the context.
+        (None, None) => s.engine.info().max_position_embeddings.saturating_sub(prompt.len()).max(1),
+    };
+    let opts = request::options(r.common(), logprobs)?;
+    Ok(Job { kind: Kind::Chat, prompts: vec![prompt], max_tokens, opts })
+}
+
+/// Tools and structured output would change what the model is asked to produce; refusing them beats
+/// answering as if they had not been asked for.
+fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
+    if r.tools.as_ref().is_some_and(|t| !t.is_null()) || r.tool_choice.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::param("tools", "Tool calling is not supported by this server."));
+    }
+    if let Some(f) = &r.response_format
+        && f.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(ApiError::param(
+            "response_format",
+            "Only response_format {\"type\": \"text\"} is supported by this server.",
+        ));
+    }
+    Ok(())
+}
+
+/// The conversation as the chat template takes it: a role and plain text per message.
+fn messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::param("messages", "messages must contain at least one message."));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+            return Err(ApiError::param(&format!("messages.[{i}].role"), format!("Invalid role {:?}.", m.role)));
+        }
+        out.push(ChatMessage { role: m.role.clone(), content: message_text(i, m.content.as_ref())? });
+    }
+    Ok(out)
+}
+
+/// Message `i`'s content as one text: the model reads text only, so other kinds of parts are refused.
+fn message_text(i: usize, content: Option<&Content>) -> Result<String, ApiError> {
+    Ok(match content {
+        None => String::new(),
+        Some(Content::Text(t)) => t.clone(),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => text.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::param(
+                            &format!("messages.[{i}].content"),
+                            format!("Content parts of type {kind:?} are not supported; only text."),
+                        ));
+                    }
+                }
+            }
+            text
+        }
+    })
+}
+
+/// Chat asks for logprobs with a flag and for alternatives with a count; `Some(k)` is the count.
+fn logprobs(logprobs: Option<bool>, top_logprobs: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match (logprobs.unwrap_or(false), top_logprobs) {
+        (false, Some(k)) if k > 0 => Err(ApiError::param("top_logprobs", "top_logprobs requires logprobs to be true.")),
+        (false, _) => Ok(None),
+        (true, None) => Ok(Some(0)),
+        (true, Some(k)) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
+        (true, Some(k)) => Err(ApiError::param(
+            "top_logprobs",
+            format!("{k} is not a valid value for 'top_logprobs': expected 0 to {MAX_TOP_LOGPROBS}."),
+        )),
+    }
+}

@@ -1,0 +1,101 @@
+//! `POST /v1/completions`: the request's own checks (unsupported options, `logprobs`, a prompt or a batch of
+//! prompts as text or token ids), then the shared run.
+
+use std::sync::Arc;
+
+use axum::{
+    Extension,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    response::{IntoResponse, Response},
+};
+
+use super::{
+    admission::{body, check_model},
+    auth::{self, Caller},
+    error::ApiError,
+    generate::{Job, run},
+    reply::Kind,
+    request::{self, CompletionRequest, MAX_TOP_LOGPROBS, Prompt},
+    state::AppState,
+};
+use crate::engine::contract::MAX_CHOICES;
+
+fn token_ids(s: &AppState, ids: Vec<i64>) -> Result<Vec<u32>, ApiError> {
+    let vocab = s.engine.info().vocab_size as i64;
+    ids.into_iter()
+        .map(|t| {
+            if (0..vocab).contains(&t) {
+                Ok(t as u32)
+            } else {
+                Err(ApiError::param("prompt", format!("Token id {t} is outside the vocabulary (0 to {}).", vocab - 1)))
+            }
+        })
+        .collect()
+}
+
+fn encode(s: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    s.tokenizer.encode_prompt(text).map_err(|e| ApiError::param("prompt", e.to_string()))
+}
+
+pub(super) async fn completions(
+    State(s): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let prepared =
+        tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_completion(&s, &caller, b));
+    match prepared {
+        Ok(job) => run(s, &caller, job).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn prepare_completion(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>) -> Result<Job, ApiError> {
+    let mut r: CompletionRequest = request::parse(&body(b, s.max_body_bytes)?)?;
+    check_model(s, &r.model)?;
+    auth::check_model(caller, &r.model)?;
+    if r.echo == Some(true) {
+        return Err(ApiError::param("echo", "echo is not supported by this server."));
+    }
+    if r.suffix.is_some() {
+        return Err(ApiError::param("suffix", "suffix is not supported by this server."));
+    }
+    if r.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::param("best_of", "best_of other than 1 is not supported by this server."));
+    }
+    let logprobs = match r.logprobs {
+        None => None,
+        Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::param(
+                "logprobs",
+                format!("{k} is not a valid value for 'logprobs': expected 0 to {MAX_TOP_LOGPROBS}."),
+            ));
+        }
+    };
+    // A list of prompts is a batch: each prompt gets its `n` completions, numbered on through the list.
+    let prompts: Vec<Vec<u32>> = match std::mem::replace(&mut r.prompt, Prompt::Tokens(vec![])) {
+        Prompt::Text(t) => vec![encode(s, &t)?],
+        Prompt::Tokens(ids) => vec![token_ids(s, ids)?],
+        Prompt::Texts(v) => v.iter().map(|t| encode(s, t)).collect::<Result<_, _>>()?,
+        Prompt::TokenLists(v) => v.into_iter().map(|ids| token_ids(s, ids)).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::param("prompt", "The prompt must not be empty."));
+    }
+    let max_tokens = request::max_tokens("max_tokens", r.max_tokens)?.unwrap_or(16);
+    let opts = request::options(r.common(), logprobs)?;
+    if prompts.len() * opts.n > MAX_CHOICES {
+        return Err(ApiError::param(
+            "prompt",
+            format!(
+                "{} prompts with n = {} make {} completions; a request may ask for at most {MAX_CHOICES}.",
+                prompts.len(),
+                opts.n,
+                prompts.len() * opts.n
+            ),
+        ));
+    }
+    Ok(Job { kind: Kind::Completion, prompts, max_tokens, opts })
+}

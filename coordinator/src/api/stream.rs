@@ -1,0 +1,178 @@
+//! The answer to a request that streams: server-sent events, one chunk per piece of text (or finish) of a
+//! choice, shaped as OpenAI's `text_completion` or `chat.completion.chunk`, then the usage chunk if asked
+//! for, then `[DONE]`. A failure after the stream began can only be told in the stream: an error event,
+//! then `[DONE]`.
+
+use std::convert::Infallible;
+
+use axum::response::{
+    IntoResponse, Response,
+    sse::{Event as SseEvent, Sse},
+};
+use futures_util::{StreamExt, stream};
+use serde_json::{Value, json};
+
+use super::{
+    error::ApiError,
+    output::{chat_logprobs, completion_logprobs},
+    reply::{Kind, Reply, backend_error},
+};
+use crate::engine::contract::Event;
+
+type Events = Vec<Result<SseEvent, Infallible>>;
+
+/// Waits for the request's first event before the stream begins: a request that no replica could serve
+/// (they all failed before its first token) gets a plain 503, not a stream that carries an error.
+pub(super) async fn first_event_then_stream(mut r: Reply) -> Response {
+    match r.rx.recv().await {
+        None => ApiError::internal("The engine stopped before the request finished.").into_response(),
+        Some(Event::Error { message, .. }) => backend_error(&message).into_response(),
+        Some(ev) => {
+            r.pending = Some(ev);
+            stream_reply(r)
+        }
+    }
+}
+
+fn stream_reply(mut r: Reply) -> Response {
+    r.sent_role = vec![false; r.choices.len()];
+    let events = stream::unfold(r, next_events).flatten();
+    Sse::new(events).into_response()
+}
+
+/// The events that come next in the stream; `None` once `[DONE]` has gone out.
+async fn next_events(mut r: Reply) -> Option<(stream::Iter<std::vec::IntoIter<Result<SseEvent, Infallible>>>, Reply)> {
+    if r.done {
+        return None;
+    }
+    let out = if r.kind == Kind::Chat && r.sent_role.iter().any(|s| !s) {
+        opening_chunks(&mut r)
+    } else if r.all_finished() {
+        closing_events(&mut r).await
+    } else {
+        let next = match r.pending.take() {
+            Some(ev) => Some(ev),
+            None => r.rx.recv().await,
+        };
+        event_chunks(&mut r, next)
+    };
+    Some((stream::iter(out), r))
+}
+
+/// Chat's first chunk of each choice, which opens the assistant's message before any text.
+fn opening_chunks(r: &mut Reply) -> Events {
+    let mut out = Vec::new();
+    for i in 0..r.choices.len() {
+        if let Some(c) = chunk(r, i, String::new(), false) {
+            out.push(sse(&c));
+        }
+    }
+    out
+}
+
+/// Billing comes before the last events, so that a client that saw `[DONE]` finds the request on the ledger.
+async fn closing_events(r: &mut Reply) -> Events {
+    let mut out = Vec::new();
+    r.bill_completed().await;
+    if r.opts.include_usage {
+        let mut u = json!({
+            "id": r.name,
+            "object": if r.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": r.created,
+            "model": r.s.model_name,
+            "choices": [],
+            "usage": r.usage(),
+        });
+        if r.kind == Kind::Chat {
+            u["system_fingerprint"] = Value::Null;
+        }
+        out.push(sse(&u));
+    }
+    out.push(done());
+    r.done = true;
+    out
+}
+
+/// The chunks for one engine event, or for the engine having gone (`None`).
+fn event_chunks(r: &mut Reply, next: Option<Event>) -> Events {
+    let i = match next.map(|ev| r.apply(ev)) {
+        None => return failed(r, ApiError::internal("The engine stopped before the request finished.")),
+        Some(Err(m)) => return failed(r, backend_error(&m)),
+        Some(Ok(i)) => i,
+    };
+    let mut out = Vec::new();
+    let stops = r.opts.stop.clone();
+    let finished = r.choices[i].finish.is_some();
+    let delta = r.choices[i].take_delta(&stops);
+    if finished && r.kind == Kind::Chat && !delta.is_empty() {
+        // Chat sends the last text and the finish reason in separate chunks, like OpenAI.
+        if let Some(c) = chunk(r, i, delta, false) {
+            out.push(sse(&c));
+        }
+        if let Some(c) = chunk(r, i, String::new(), true) {
+            out.push(sse(&c));
+        }
+    } else if let Some(c) = chunk(r, i, delta, finished) {
+        out.push(sse(&c));
+    }
+    out
+}
+
+/// Ends a stream that has already begun: its status line is sent, so the error goes in an event.
+fn failed(r: &mut Reply, e: ApiError) -> Events {
+    r.done = true;
+    vec![sse(&e.body_json()), done()]
+}
+
+/// A streaming chunk for choice `i` with `delta` text (and whatever logprobs are pending).
+fn chunk(r: &mut Reply, i: usize, delta: String, with_finish: bool) -> Option<Value> {
+    let lp_entries = r.choices[i].take_logprobs().to_vec();
+    let finish = if with_finish { Reply::finish_str(&r.choices[i]) } else { Value::Null };
+    if delta.is_empty() && lp_entries.is_empty() && finish.is_null() && r.kind == Kind::Completion {
+        return None;
+    }
+    let logprobs = match (r.opts.logprobs, r.kind) {
+        (None, _) => Value::Null,
+        (Some(_), Kind::Completion) => completion_logprobs(&lp_entries),
+        (Some(_), Kind::Chat) => chat_logprobs(&lp_entries),
+    };
+    let choice = match r.kind {
+        Kind::Completion => json!({ "index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish }),
+        Kind::Chat => {
+            let mut d = serde_json::Map::new();
+            if !r.sent_role[i] {
+                // The first chunk of a choice only opens the assistant's message, as OpenAI's does.
+                r.sent_role[i] = true;
+                d.insert("role".into(), json!("assistant"));
+                d.insert("content".into(), json!(""));
+            } else if !delta.is_empty() {
+                d.insert("content".into(), json!(delta));
+            } else if finish.is_null() && lp_entries.is_empty() {
+                return None;
+            }
+            json!({ "index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish })
+        }
+    };
+    let mut c = json!({
+        "id": r.name,
+        "object": if r.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": r.created,
+        "model": r.s.model_name,
+        "choices": [choice],
+    });
+    if r.kind == Kind::Chat {
+        c["system_fingerprint"] = Value::Null;
+    }
+    if r.opts.include_usage {
+        c["usage"] = Value::Null;
+    }
+    Some(c)
+}
+
+fn sse(v: &Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(v.to_string()))
+}
+
+fn done() -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data("[DONE]"))
+}
