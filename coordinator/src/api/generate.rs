@@ -53,6 +53,9 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
     if let Err(e) = submit(&s, caller, &job, &ids, &tx, &span) {
         return e.into_response();
     }
+    // Only the engine holds senders from here on: should its loop die without a last event, the channel
+    // closes and the client gets an error instead of waiting forever.
+    drop(tx);
     let Job { kind, prompts, opts, .. } = job;
     let reply = Reply {
         s: s.clone(),
@@ -131,4 +134,87 @@ fn submit(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::PathBuf, time::Duration};
+
+    use tessera_proto::step::{SeqSampled, StepSeq};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{
+        engine::backend::{Backend, ModelInfo, StepFailure, WorkerTiming},
+        metrics::Metrics,
+        replicas::Replicas,
+        scheduler::SchedulerConfig,
+        tokenizer::Tokenizer,
+    };
+
+    /// A backend whose first step panics: its engine loop dies without a last event for anyone.
+    struct Panics;
+
+    impl Backend for Panics {
+        fn info(&self) -> ModelInfo {
+            ModelInfo { vocab_size: 512, max_position_embeddings: 256, num_blocks: 64, block_size: 16, world_size: 1 }
+        }
+        fn step(&mut self, _: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure> {
+            panic!("a bug in the backend");
+        }
+        fn release(&mut self, _: &[u64]) {}
+        fn last_timings(&self) -> Vec<WorkerTiming> {
+            Vec::new()
+        }
+    }
+
+    fn state() -> Arc<AppState> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K");
+        let replicas = Replicas::new(Panics.info(), Arc::new(Metrics::new("m")));
+        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 256 };
+        replicas.add(Box::new(Panics), cfg, vec![], "local", vec![], Box::new(()));
+        Arc::new(AppState {
+            engine: replicas,
+            tokenizer: Arc::new(Tokenizer::load(&dir).unwrap()),
+            chat_template: None,
+            model_name: "m".into(),
+            max_waiting: 8,
+            max_body_bytes: 1 << 20,
+            started: 0,
+            instance: 0,
+            keys: None,
+            limiter: Default::default(),
+            ledger: None,
+            cluster: None,
+        })
+    }
+
+    /// POSTs `body` to the completions endpoint of a fresh server over a dying engine; the status line.
+    async fn status_of(body: &str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, crate::api::router(state())).await });
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_string(&mut out))
+            .await
+            .expect("the server answers instead of waiting for an engine that is gone")
+            .unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_engine_loop_dies_gets_an_error_not_a_hang() {
+        for stream in [false, true] {
+            let body =
+                format!(r#"{{"model": "m", "prompt": "Once upon a time", "max_tokens": 4, "stream": {stream}}}"#);
+            let status = status_of(&body).await;
+            assert!(status.contains(" 500 "), "stream {stream}: {status}");
+        }
+    }
 }
