@@ -6,7 +6,12 @@
 //!   the tensors' device. Callers only ever go through [`ops`], so a CUDA device slots in as another arm of
 //!   each dispatch without touching them;
 //! - [`rope`]: the rotary-embedding frequency tables (default, linear, dynamic NTK and llama3 scaling);
-//! - [`cpu`]: the CPU implementations on plain slices, multi-threaded with rayon where it pays.
+//! - [`cpu`]: the CPU implementations on plain slices, multi-threaded with rayon where it pays;
+//! - `cuda` (feature `cuda`, on by default): the CUDA device, loaded at run time: a context and stream per
+//!   GPU, the `.cu` kernels in `kernels/cuda/` compiled by NVRTC, cuBLAS, NCCL, and each op's CUDA arm
+//!   (`cuda::ops`);
+//! - `device`, `dtype`, `error`, `tensor`: the types above, and [`ensure_available`], [`synchronize`],
+//!   [`memory_info`], [`device_name`] for what a device can do in this process.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
