@@ -26,13 +26,7 @@ pub async fn log_requests(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("req-{:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let id = request_id(req.headers().get("x-request-id").and_then(|v| v.to_str().ok()));
     let span = tracing::info_span!(target: "tessera::http", "http.request", request_id = %id, method = %method, path = %path, status = tracing::field::Empty);
     tessera_telemetry::adopt_parent(&span, req.headers());
     let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
@@ -45,6 +39,17 @@ pub async fn log_requests(req: Request, next: Next) -> Response {
     let (parts, body) = resp.into_parts();
     let logged = Logged { inner: body, id, method, path, status, start, first_byte_ms, bytes: 0, done: false, span };
     Response::from_parts(parts, Body::new(logged))
+}
+
+/// The client's `x-request-id` when it is a plain token (letters, digits and `-_.:/+=@`, at most 128), else
+/// a generated one: the id goes into every log line unquoted, and a client must not be able to forge
+/// fields there (`a" status=500 fake=1`) or break a line.
+fn request_id(client: Option<&str>) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_.:/+=@".contains(c);
+    match client {
+        Some(v) if !v.is_empty() && v.len() <= 128 && v.chars().all(safe) => v.to_string(),
+        _ => format!("req-{:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)),
+    }
 }
 
 struct Logged {
@@ -108,4 +113,25 @@ impl Drop for Logged {
 
 fn round1(ms: f64) -> f64 {
     (ms * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_id_that_could_forge_log_fields_is_replaced() {
+        for good in ["trace-me-42", "0af7651916cd43dd8448eb211c80319c", "a.b:c/d+e=f@g_h"] {
+            assert_eq!(request_id(Some(good)), good);
+        }
+        let long = "x".repeat(129);
+        for bad in ["a\" status=500 fake=1", "a b", "a\nb", "", long.as_str(), "caf\u{e9}"] {
+            let id = request_id(Some(bad));
+            assert!(
+                id.starts_with("req-") && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+                "{bad:?}: {id}"
+            );
+        }
+        assert!(request_id(None).starts_with("req-"));
+    }
 }

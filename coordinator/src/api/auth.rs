@@ -105,6 +105,19 @@ impl Keys {
                     k.id
                 );
             }
+            // Ids and tenants go into log lines, metrics labels and `tessera usage`'s table.
+            for (field, v) in [("id", &k.id), ("tenant", &k.tenant)] {
+                if v.chars().any(char::is_control) {
+                    bail!("{}: keys[{i}].{field}: control characters are not allowed ({v:?})", path.display());
+                }
+            }
+            if let Some(field) = k.limits.as_ref().and_then(KeyLimits::zero_field) {
+                bail!(
+                    "{}: keys[{i}].limits.{field}: must be at least 1 (the key {:?}); leave it out for no limit",
+                    path.display(),
+                    k.id
+                );
+            }
             if let Some(w) = k.weight
                 && !(w.is_finite() && w > 0.0)
             {
@@ -227,7 +240,7 @@ pub async fn require_key(State((store, limiter, metrics)): State<KeyGate>, mut r
                     None,
                 );
             };
-            let secret = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+            let secret = auth.to_str().ok().and_then(bearer_secret).unwrap_or("");
             match store.current().lookup(secret) {
                 Some(k) => Some(k),
                 None => return unauthorized("Incorrect API key provided.", Some("invalid_api_key")),
@@ -255,6 +268,13 @@ pub async fn require_key(State((store, limiter, metrics)): State<KeyGate>, mut r
         s.write(resp.headers_mut());
     }
     resp
+}
+
+/// The secret of an `Authorization: Bearer SECRET` value. The scheme name is case-insensitive (RFC 9110
+/// §11.1), so `bearer` and `BEARER` are accepted as clients send them.
+fn bearer_secret(value: &str) -> Option<&str> {
+    let (scheme, secret) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| secret.trim())
 }
 
 /// 403 unless the caller may use `model`.
@@ -297,6 +317,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_nothing_else_is_a_secret() {
+        for v in ["Bearer sk-1", "bearer sk-1", "BEARER  sk-1 ", "  Bearer sk-1"] {
+            assert_eq!(bearer_secret(v), Some("sk-1"), "{v:?}");
+        }
+        for v in ["Basic sk-1", "Bearersk-1", "sk-1", ""] {
+            assert_eq!(bearer_secret(v), None, "{v:?}");
+        }
+    }
+
+    #[test]
     fn keys_parse_look_up_and_refuse_bad_files() {
         let (secret, entry) = create("acme", Some("k1"), Some(vec!["m".into()]));
         assert!(secret.starts_with("tsk-") && secret.len() == 68);
@@ -314,6 +344,23 @@ mod tests {
             (
                 r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000", "weight": 0}]}"#,
                 "weight",
+            ),
+            // A limit of 0 refuses every request for ever (and used to answer retry-after: u64::MAX).
+            (
+                r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000", "limits": {"requests_per_minute": 0}}]}"#,
+                "keys[0].limits.requests_per_minute: must be at least 1",
+            ),
+            (
+                r#"{"keys": [{"id": "a", "tenant": "t", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000", "limits": {"tokens_per_minute": 5, "concurrent_requests": 0}}]}"#,
+                "limits.concurrent_requests",
+            ),
+            (
+                r#"{"keys": [{"id": "a\tb", "tenant": "t", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
+                "keys[0].id: control characters",
+            ),
+            (
+                r#"{"keys": [{"id": "a", "tenant": "t\n", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
+                "keys[0].tenant: control characters",
             ),
         ] {
             let e = Keys::parse(bad, Path::new("keys.json")).unwrap_err().to_string();

@@ -26,6 +26,20 @@ pub struct KeyLimits {
     pub max_tokens_per_request: Option<u32>,
 }
 
+impl KeyLimits {
+    /// The first limit set to 0: it would refuse every request for ever, so a key file with one is refused.
+    pub fn zero_field(&self) -> Option<&'static str> {
+        [
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("concurrent_requests", self.concurrent_requests),
+            ("max_tokens_per_request", self.max_tokens_per_request),
+        ]
+        .into_iter()
+        .find_map(|(name, v)| (v == Some(0)).then_some(name))
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     capacity: f64,
