@@ -10,7 +10,7 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -147,23 +147,31 @@ impl Keys {
 pub struct KeyStore {
     path: PathBuf,
     keys: RwLock<Arc<Keys>>,
-    modified: RwLock<Option<SystemTime>>,
+    /// SHA-256 of the file's contents as last read (loaded, or refused): a change is noticed by content,
+    /// not by modification time, which `cp -p` and `rsync -t` restore.
+    seen: RwLock<Option<String>>,
 }
 
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// Largest key file read: a key entry is a few hundred bytes.
+const MAX_KEY_FILE_BYTES: u64 = 16 << 20;
+
+fn read_key_file(path: &Path) -> Result<String> {
+    let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    if len > MAX_KEY_FILE_BYTES {
+        bail!("{}: {len} bytes, more than a key file's {MAX_KEY_FILE_BYTES}", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 impl KeyStore {
     /// Loads `path`; an unreadable or invalid file is an error at start.
     pub fn open(path: &Path) -> Result<Arc<Self>> {
-        let modified = mtime(path);
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = read_key_file(path)?;
         let keys = Keys::parse(&text, path)?;
         Ok(Arc::new(KeyStore {
             path: path.to_path_buf(),
             keys: RwLock::new(Arc::new(keys)),
-            modified: RwLock::new(modified),
+            seen: RwLock::new(Some(sha256_hex(&text))),
         }))
     }
 
@@ -173,13 +181,21 @@ impl KeyStore {
 
     /// Re-reads the file. On error the keys in force stay as they are.
     pub fn reload(&self) -> Result<usize> {
-        let modified = mtime(&self.path);
-        let text = std::fs::read_to_string(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
+        let text = read_key_file(&self.path)?;
+        *self.seen.write().expect("key store lock") = Some(sha256_hex(&text));
         let keys = Keys::parse(&text, &self.path)?;
         let n = keys.len();
         *self.keys.write().expect("key store lock") = Arc::new(keys);
-        *self.modified.write().expect("key store lock") = modified;
         Ok(n)
+    }
+
+    /// Whether the file's contents differ from what was last read (an unreadable file counts as
+    /// unchanged: it is reported when a reload is asked for, and the keys in force stay).
+    fn changed(&self) -> bool {
+        match read_key_file(&self.path) {
+            Ok(text) => self.seen.read().expect("key store lock").as_deref() != Some(sha256_hex(&text).as_str()),
+            Err(_) => false,
+        }
     }
 
     fn reload_logged(&self, why: &str) {
@@ -189,7 +205,7 @@ impl KeyStore {
         }
     }
 
-    /// Reloads when the file's modification time changes (checked every `every`) or on SIGHUP.
+    /// Reloads when the file's contents change (checked every `every`) or on SIGHUP.
     pub fn watch(self: Arc<Self>, every: Duration) {
         tokio::spawn(async move {
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -205,8 +221,7 @@ impl KeyStore {
                 };
                 tokio::select! {
                     _ = tick.tick() => {
-                        let now = mtime(&self.path);
-                        if now != *self.modified.read().expect("key store lock") {
+                        if self.changed() {
                             self.reload_logged("key file changed");
                         }
                     }
@@ -324,6 +339,33 @@ mod tests {
         for v in ["Basic sk-1", "Bearersk-1", "sk-1", ""] {
             assert_eq!(bearer_secret(v), None, "{v:?}");
         }
+    }
+
+    #[test]
+    fn a_rewrite_that_restores_the_modification_time_is_still_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let (old, entry) = create("acme", Some("k1"), None);
+        std::fs::write(&path, serde_json::json!({ "keys": [entry] }).to_string()).unwrap();
+        let store = KeyStore::open(&path).unwrap();
+        assert!(!store.changed());
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // Revoke k1 and add k2, then put the old modification time back, as `cp -p` or `rsync -t` would.
+        let (new, entry) = create("acme", Some("k2"), None);
+        std::fs::write(&path, serde_json::json!({ "keys": [entry] }).to_string()).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        assert!(store.changed(), "the contents changed");
+        store.reload().unwrap();
+        assert!(store.current().lookup(&old).is_none(), "the revoked key no longer works");
+        assert!(store.current().lookup(&new).is_some());
+        assert!(!store.changed());
+        // A file that no longer parses is read once, refused, and not reported again every second.
+        std::fs::write(&path, "{").unwrap();
+        assert!(store.changed());
+        assert!(store.reload().is_err());
+        assert!(!store.changed());
+        assert!(store.current().lookup(&new).is_some(), "the keys in force stay");
     }
 
     #[test]
