@@ -29,7 +29,31 @@ pub struct Tokenizer {
     pub config: Value,
 }
 
+/// Largest tokenizer file read: a 256k-entry vocabulary with its merges is tens of megabytes.
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// `path` is a regular file of a sane size, checked before it is opened: opening a FIFO blocks until a
+/// writer comes, and a device may never end. `Ok(false)` if it does not exist.
+fn check_file(path: &Path) -> Result<bool, TokenizerError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(TokenizerError::File { path: path.into(), message: format!("cannot read: {e}") }),
+    };
+    if !meta.is_file() {
+        return Err(TokenizerError::File { path: path.into(), message: "not a regular file".into() });
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        let message = format!("{} bytes, more than the {MAX_FILE_BYTES} a tokenizer file may have", meta.len());
+        return Err(TokenizerError::File { path: path.into(), message });
+    }
+    Ok(true)
+}
+
 fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
+    if !check_file(path)? {
+        return Ok(None);
+    }
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
@@ -59,7 +83,7 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
-        if !path.exists() {
+        if !check_file(&path)? {
             return Err(TokenizerError::File {
                 path,
                 message: "missing (the model directory needs a tokenizer.json)".into(),
@@ -188,6 +212,30 @@ impl IncrementalDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tokenizer_file_that_is_not_a_regular_file_is_an_error_not_a_hang() {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K");
+        for name in ["tokenizer.json", "tokenizer_config.json"] {
+            let tmp = tempfile::tempdir().unwrap();
+            for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+                std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+            }
+            std::fs::remove_file(tmp.path().join(name)).unwrap();
+            let ok = std::process::Command::new("mkfifo").arg(tmp.path().join(name)).status().unwrap().success();
+            assert!(ok);
+            let dir = tmp.path().to_path_buf();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(Tokenizer::load(&dir).err().map(|e| e.to_string()));
+            });
+            let e = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("loading a tokenizer whose {name} is a FIFO hangs"))
+                .expect("a FIFO is refused");
+            assert!(e.contains(name) && e.contains("not a regular file"), "{name}: {e}");
+        }
+    }
 
     fn tok() -> Tokenizer {
         Tokenizer::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K")).unwrap()

@@ -98,7 +98,7 @@ impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let text = crate::files::read_json_text(&path)?;
         Self::parse(&text, &path)
     }
 

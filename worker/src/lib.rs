@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: `config.json` for Llama, Mistral and Qwen2;
 //! - [`weights`]: memory-mapped safetensors, single or sharded, sliced per rank;
+//! - [`files`]: a model directory's files opened as untrusted input (regular files only, JSON bounded);
 //! - [`model`]: the decoder and its batched forward pass over a paged KV cache;
 //! - [`kv_cache`]: the pool of fixed-size KV blocks;
 //! - [`sampling`]: logits → next token (penalties, temperature, top-k/p, min-p, seeds, logprobs);
@@ -20,6 +21,7 @@ pub mod command;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod kv_cache;
 pub mod model;
 pub mod nccl_collective;

@@ -5,7 +5,6 @@
 
 use std::{
     collections::HashMap,
-    fs::File,
     ops::Range,
     path::{Path, PathBuf},
 };
@@ -39,8 +38,7 @@ impl WeightFiles {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
+            let text = crate::files::read_json_text(&index_path)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::File { path: index_path.clone(), message: format!("not valid JSON: {e}") })?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Field {
@@ -75,7 +73,7 @@ impl WeightFiles {
         let mut maps = Vec::new();
         let mut index = HashMap::new();
         for path in files {
-            let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let file = crate::files::open(&path)?;
             // SAFETY: the file is opened read-only; modifying model files under a running server is outside
             // what we can defend against (as with every mmap-based loader).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;

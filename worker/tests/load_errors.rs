@@ -195,3 +195,29 @@ fn tensor_parallel_degree_must_divide_heads_and_features() {
     assert!(err.to_string().contains("tp = 4 does not divide num_attention_heads = 6"), "{err}");
     assert!(Model::load(&qwen, Shard { rank: 1, world: 2 }).is_ok());
 }
+
+/// Replaces `name` in `dir` with a FIFO: opening one for reading blocks until a writer comes.
+fn make_fifo(dir: &Path, name: &str) {
+    let p = dir.join(name);
+    std::fs::remove_file(&p).unwrap();
+    let ok = std::process::Command::new("mkfifo").arg(&p).status().unwrap().success();
+    assert!(ok, "mkfifo {}", p.display());
+}
+
+#[test]
+fn a_model_file_that_is_not_a_regular_file_is_an_error_not_a_hang() {
+    for name in ["config.json", "model.safetensors"] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_model(tmp.path());
+        make_fifo(tmp.path(), name);
+        let dir = tmp.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_err(&dir));
+        });
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("loading a model whose {name} is a FIFO hangs"));
+        assert!(e.contains(name) && e.contains("not a regular file"), "{name}: {e}");
+    }
+}
