@@ -26,6 +26,8 @@ pub enum KernelError {
     Compile { module: String, log: String },
     #[error("{device}: {detail}")]
     Cuda { device: Device, detail: String },
+    #[error("{device}: cannot allocate {bytes} bytes")]
+    OutOfMemory { bytes: usize, device: Device },
 }
 
 impl KernelError {

@@ -38,6 +38,18 @@ pub struct Tensor {
     storage: Storage,
 }
 
+/// `n` copies of `zero`, or an error when the memory cannot be had: sizes come from files and requests
+/// (a KV cache budget, a model's shape), and an allocation that fails must not abort the process.
+fn zeroed<T: Clone>(n: usize, zero: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| KernelError::OutOfMemory {
+        bytes: n.saturating_mul(std::mem::size_of::<T>()),
+        device: Device::Cpu,
+    })?;
+    v.resize(n, zero);
+    Ok(v)
+}
+
 impl Tensor {
     /// A CPU f32 tensor from data; `data.len()` must equal the product of `shape`.
     pub fn from_f32(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
@@ -60,16 +72,19 @@ impl Tensor {
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
         crate::ensure_available(device)?;
-        let n = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| KernelError::shape("zeros", format!("{shape:?} has more elements than fit in memory")))?;
         #[cfg(feature = "cuda")]
         if let Device::Cuda(i) = device {
             let buf = crate::cuda::ops::zeros(&crate::cuda::gpu(i)?, n, dtype)?;
             return Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cuda(buf) });
         }
         let storage = match dtype {
-            DType::F32 => Storage::F32(vec![0.0; n]),
-            DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
-            DType::F16 => Storage::F16(vec![f16::ZERO; n]),
+            DType::F32 => Storage::F32(zeroed(n, 0.0)?),
+            DType::BF16 => Storage::BF16(zeroed(n, bf16::ZERO)?),
+            DType::F16 => Storage::F16(zeroed(n, f16::ZERO)?),
         };
         Ok(Tensor { shape: shape.to_vec(), storage })
     }

@@ -156,7 +156,7 @@ fn manager_config(
         cluster: a.cluster.clone(),
         tp: a.tp,
         model_path,
-        kv_cache_bytes: a.kv_cache_mib.map_or(0, |m| (m as u64) << 20),
+        kv_cache_bytes: a.kv_cache_mib.map_or(0, |m| (m as u64).saturating_mul(1 << 20)),
         block_size: block_size as u32,
         sched: front.scheduler_config(max_position_embeddings),
         eos: front.tokenizer.eos_token_ids.clone(),

@@ -44,12 +44,21 @@ impl ModelArgs {
     }
 }
 
+/// `--kv-cache-mib` in bytes; a value past what a machine could hold is an error rather than a wrap.
+pub fn mib_to_bytes(mib: usize) -> Result<usize> {
+    mib.checked_mul(1 << 20)
+        .with_context(|| format!("--kv-cache-mib {mib} is more memory than this machine can address"))
+}
+
 /// Loads a model directory into an in-process engine on `device` with `kv_cache_mib` of KV cache.
 pub fn load_local(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<LocalBackend> {
     let model =
         Model::load_on(dir, Shard::WHOLE, device).with_context(|| format!("loading model {}", dir.display()))?;
-    let cache =
-        KvCache::with_budget(&model.kv_geometry(), kv_cache_mib << 20, tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE)?;
+    let cache = KvCache::with_budget(
+        &model.kv_geometry(),
+        mib_to_bytes(kv_cache_mib)?,
+        tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE,
+    )?;
     Ok(LocalBackend::new(Engine::new(model, cache, Box::new(Single))))
 }
 
@@ -103,7 +112,7 @@ impl Runner {
         let group = GroupClient::connect(
             &cluster.addrs,
             &abs.to_string_lossy(),
-            (args.kv_cache_mib as u64) << 20,
+            mib_to_bytes(args.kv_cache_mib)? as u64,
             tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE as u32,
             &format!("local-{}", std::process::id()),
             GroupTimeouts::default(),

@@ -97,7 +97,10 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
     let device: tessera_kernels::Device = a.device.parse()?;
     let config = WorkerConfig {
         device,
-        kv_cache_bytes: a.kv_cache_mib << 20,
+        kv_cache_bytes: a
+            .kv_cache_mib
+            .checked_mul(1 << 20)
+            .context("--kv-cache-mib is more memory than this machine can address")?,
         collective_timeout: Duration::from_secs(a.collective_timeout.max(1)),
         builtin_models,
     };

@@ -114,6 +114,12 @@ impl ModelConfig {
         let architecture = parse_architecture(&f)?;
         let (hidden_size, num_heads, num_kv_heads, head_dim) = parse_heads(&f)?;
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+        // Positions travel as u32 (the protocol, RoPE): a larger context would be silently truncated.
+        if max_position_embeddings == 0 || max_position_embeddings > u32::MAX as usize {
+            return Err(
+                f.err("max_position_embeddings", format!("{max_position_embeddings} is outside 1..={}", u32::MAX))
+            );
+        }
         let rope = parse_rope(&f, head_dim, max_position_embeddings)?;
 
         let sliding_window = match architecture {
@@ -241,6 +247,9 @@ fn parse_rope(f: &Fields<'_>, head_dim: usize, max_pos: usize) -> Result<Rope, M
         None => f.opt_f64("rope_theta")?,
     }
     .unwrap_or(10000.0);
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(f.err("rope_theta", format!("must be a positive number, found {theta}")));
+    }
     let Some(sub) = sub else {
         return Ok(Rope { dim: head_dim, theta, scaling: RopeScaling::None });
     };

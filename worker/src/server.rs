@@ -29,6 +29,9 @@ use crate::{
 /// Finds (writing it first if need be) the directory of a model built into the binary.
 pub type LocateModel = fn() -> Result<PathBuf, String>;
 
+/// Largest KV block `LoadModel` accepts, in tokens (the coordinator uses 16).
+const MAX_BLOCK_SIZE: usize = 4096;
+
 /// Settings of a worker process.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -238,6 +241,11 @@ impl Worker for WorkerService {
         let asked = r.kv_cache_bytes as usize;
         let default_bytes = self.config.kv_cache_bytes;
         let block_size = if r.block_size > 0 { r.block_size as usize } else { DEFAULT_BLOCK_SIZE };
+        if block_size > MAX_BLOCK_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "block_size {block_size} is more than {MAX_BLOCK_SIZE} tokens a block"
+            )));
+        }
         let engine = tokio::task::spawn_blocking(move || -> Result<Engine, crate::ModelError> {
             let model = Model::load_on(&path, Shard { rank, world }, device)?;
             let kv_bytes = match tessera_kernels::memory_info(device)? {

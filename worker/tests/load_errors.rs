@@ -104,6 +104,21 @@ fn malformed_config_names_the_field() {
             }),
             "missing",
         ),
+        // Sizes from the file are checked before anything is allocated (issue 23, item 4).
+        (
+            "rope_theta",
+            Box::new(|m| {
+                m.insert("rope_theta".into(), (-1.0).into());
+            }),
+            "must be a positive number",
+        ),
+        (
+            "max_position_embeddings",
+            Box::new(|m| {
+                m.insert("max_position_embeddings".into(), (1u64 << 40).into());
+            }),
+            "outside 1..=4294967295",
+        ),
         (
             "hidden_act",
             Box::new(|m| {
@@ -221,3 +236,27 @@ fn a_model_file_that_is_not_a_regular_file_is_an_error_not_a_hang() {
         assert!(e.contains(name) && e.contains("not a regular file"), "{name}: {e}");
     }
 }
+
+#[test]
+fn a_huge_layer_count_or_kv_cache_is_an_error_not_an_abort() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    edit_config(tmp.path(), |m| {
+        m.insert("num_hidden_layers".into(), 2147483647.into());
+    });
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.layers.") && e.contains("model.safetensors"), "{e}");
+
+    let model = Model::load(&common::repo().join("models/stories260K"), Shard::WHOLE).unwrap();
+    let g = model.kv_geometry();
+    for (bytes, block) in [(usize::MAX / 2, 16), (1 << 20, 1 << 31), (1usize << 62, 1usize << 40)] {
+        match tessera_worker::kv_cache::KvCache::with_budget(&g, bytes, block) {
+            Ok(_) => panic!("a KV cache of {bytes} bytes in blocks of {block} was allocated"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("cannot allocate") || e.contains("more elements than fit"), "{e}");
+            }
+        }
+    }
+}
+
