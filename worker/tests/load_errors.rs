@@ -259,4 +259,3 @@ fn a_huge_layer_count_or_kv_cache_is_an_error_not_an_abort() {
         }
     }
 }
-

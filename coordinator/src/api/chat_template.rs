@@ -22,6 +22,11 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat";
 
+/// Template instructions one render may run. The templates models ship take a few thousand per message,
+/// so a long conversation stays far below; a template that loops without end (or for 10^10 rounds) is
+/// stopped within a second or so instead of holding a runtime thread and the CPU for minutes.
+pub const FUEL: u64 = 20_000_000;
+
 impl ChatTemplate {
     /// The template in `tokenizer_config.json` (a string, or a list of named templates of which `default`
     /// is used), or `None` if the model has none.
@@ -48,6 +53,7 @@ impl ChatTemplate {
         // Hugging Face renders with trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(FUEL));
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
@@ -73,6 +79,11 @@ impl ChatTemplate {
             // raise_exception is the template telling the client its conversation is not acceptable.
             if e.kind() == ErrorKind::InvalidOperation {
                 ApiError::param("messages", e.detail().unwrap_or("the chat template rejected the messages").to_string())
+            } else if e.kind() == ErrorKind::OutOfFuel {
+                ApiError::param(
+                    "messages",
+                    format!("the model's chat template ran more than {FUEL} instructions on these messages"),
+                )
             } else {
                 ApiError::internal(format!("rendering the chat template failed: {e}"))
             }
@@ -88,6 +99,16 @@ mod tests {
         ChatTemplate::from_config(&serde_json::json!({ "chat_template": src }), Some("<s>"), Some("</s>"))
             .unwrap()
             .unwrap()
+    }
+
+    #[test]
+    fn a_template_that_runs_too_long_is_stopped_with_a_400() {
+        let t = tpl("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}hi");
+        let started = std::time::Instant::now();
+        let e = t.render(&[ChatMessage { role: "user".into(), content: "hi".into() }]).unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("chat template ran more than"), "{}", e.message);
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "stopped in {:?}", started.elapsed());
     }
 
     #[test]
