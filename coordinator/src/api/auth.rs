@@ -181,25 +181,33 @@ impl KeyStore {
 
     /// Re-reads the file. On error the keys in force stay as they are.
     pub fn reload(&self) -> Result<usize> {
-        let text = read_key_file(&self.path)?;
-        *self.seen.write().expect("key store lock") = Some(sha256_hex(&text));
-        let keys = Keys::parse(&text, &self.path)?;
+        self.apply(&read_key_file(&self.path)?)
+    }
+
+    /// Puts the keys of `text` in force (the file's contents, as just read).
+    fn apply(&self, text: &str) -> Result<usize> {
+        *self.seen.write().expect("key store lock") = Some(sha256_hex(text));
+        let keys = Keys::parse(text, &self.path)?;
         let n = keys.len();
         *self.keys.write().expect("key store lock") = Arc::new(keys);
         Ok(n)
     }
 
-    /// Whether the file's contents differ from what was last read (an unreadable file counts as
+    /// The file's contents if they differ from what was last read (an unreadable file counts as
     /// unchanged: it is reported when a reload is asked for, and the keys in force stay).
-    fn changed(&self) -> bool {
-        match read_key_file(&self.path) {
-            Ok(text) => self.seen.read().expect("key store lock").as_deref() != Some(sha256_hex(&text).as_str()),
-            Err(_) => false,
-        }
+    fn changed_text(&self) -> Option<String> {
+        let text = read_key_file(&self.path).ok()?;
+        let seen = self.seen.read().expect("key store lock").as_deref() == Some(sha256_hex(&text).as_str());
+        (!seen).then_some(text)
     }
 
-    fn reload_logged(&self, why: &str) {
-        match self.reload() {
+    #[cfg(test)]
+    fn changed(&self) -> bool {
+        self.changed_text().is_some()
+    }
+
+    fn log_reload(&self, why: &str, outcome: Result<usize>) {
+        match outcome {
             Ok(n) => tracing::info!(keys = n, "{why}: reloaded {}", self.path.display()),
             Err(e) => tracing::error!("{why}: keeping the previous keys: {e:#}"),
         }
@@ -221,11 +229,11 @@ impl KeyStore {
                 };
                 tokio::select! {
                     _ = tick.tick() => {
-                        if self.changed() {
-                            self.reload_logged("key file changed");
+                        if let Some(text) = self.changed_text() {
+                            self.log_reload("key file changed", self.apply(&text));
                         }
                     }
-                    _ = sighup => self.reload_logged("SIGHUP"),
+                    _ = sighup => self.log_reload("SIGHUP", self.reload()),
                 }
             }
         });
