@@ -27,15 +27,15 @@
 //! blocks are released and it goes back to the front of the queue to be recomputed (prompt plus what it
 //! generated so far) when there is room.
 //!
-//! - [`sequence`]: a sequence as the scheduler sees it;
-//! - [`queue`]: the waiting queue in fair-queuing order, and the preemption victim for fairness;
-//! - [`blocks`]: the paged KV block manager, with the prefix cache;
-//! - [`step_cost`]: what a step of each size costs on this replica, measured.
+//! - `sequence`: a sequence as the scheduler sees it;
+//! - `queue`: the waiting queue in fair-queuing order, and the preemption victim for fairness;
+//! - `blocks`: the paged KV block manager, with the prefix cache;
+//! - `step_cost`: what a step of each size costs on this replica, measured.
 
-pub mod blocks;
-pub mod queue;
-pub mod sequence;
-pub mod step_cost;
+mod blocks;
+mod queue;
+mod sequence;
+mod step_cost;
 
 use std::time::Instant;
 
