@@ -1,7 +1,7 @@
 //! `tessera serve`: the OpenAI-compatible server on one replica (this process, or `--tp N` local worker
 //! processes), with no etcd and no other moving parts.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -49,6 +49,16 @@ pub struct HttpArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Most client connections open at once (lowered to fit `ulimit -n`); more wait until one closes.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a connection has to send a request's head, from its opening or from the end of its previous
+    /// response; a connection idle for longer is closed (so this is also the keep-alive timeout).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub header_timeout: f64,
+    /// Seconds a request has to send its body once its head has arrived; slower ones get 408.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub body_timeout: f64,
     /// JSON file of API keys (see `tessera keys create`); without it the API is open to anyone who can
     /// reach it.
     #[arg(long, value_name = "FILE")]
@@ -89,6 +99,15 @@ impl Frontend {
                 http.max_num_batched_tokens,
                 http.max_num_seqs
             );
+        }
+        for (flag, v) in [("--header-timeout", http.header_timeout), ("--body-timeout", http.body_timeout)] {
+            // A day is far past any client worth waiting for, and keeps the value a valid Duration.
+            if !(v > 0.0 && v <= 86_400.0) {
+                bail!("{flag} must be more than 0 and at most 86400 seconds, not {v}");
+            }
+        }
+        if http.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
         }
         if !dir.is_dir() {
             return Err(tessera_worker::ModelError::NoDirectory(dir.to_path_buf()).into());
@@ -142,6 +161,7 @@ impl Frontend {
             model_name: name.clone(),
             max_waiting: http.max_waiting,
             max_body_bytes: http.max_body_bytes,
+            body_timeout: Duration::from_secs_f64(http.body_timeout),
             started: api::unix_now(),
             instance: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -172,11 +192,11 @@ impl Frontend {
             if let Some(l) = &ledger {
                 tracing::info!(path = %l.path.display(), "usage ledger: one row per request");
             }
-            // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
-            // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
+            let limits = api::server::ConnectionLimits {
+                max_connections: http.max_connections,
+                header_timeout: Duration::from_secs_f64(http.header_timeout),
+            }
+            .fitted_to_fd_limit();
             let url = format!("http://{local}/v1");
             let banner = format!("{banner} on {url}");
             if http.log_json {
@@ -184,10 +204,10 @@ impl Frontend {
             } else {
                 eprintln!("{banner}");
             }
-            let served = axum::serve(listener, api::router(state))
-                .with_graceful_shutdown(tessera_worker::command::shutdown_signal())
-                .await
-                .context("serving HTTP");
+            let served =
+                api::server::serve(listener, api::router(state), limits, tessera_worker::command::shutdown_signal())
+                    .await
+                    .context("serving HTTP");
             if let Some(f) = on_shutdown {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(3), f).await;
             }

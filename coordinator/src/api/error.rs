@@ -76,6 +76,18 @@ impl ApiError {
         }
     }
 
+    /// 408: the client declared a body and did not send it in time.
+    pub fn body_timeout(seconds: f64) -> Self {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("The request body was not received within {seconds} s."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after: None,
+        }
+    }
+
     /// 429: the queue is full; try again shortly.
     pub fn overloaded(waiting: usize) -> Self {
         ApiError {

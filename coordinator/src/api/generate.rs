@@ -180,6 +180,7 @@ mod tests {
             model_name: "m".into(),
             max_waiting: 8,
             max_body_bytes: 1 << 20,
+            body_timeout: std::time::Duration::from_secs(5),
             started: 0,
             instance: 0,
             keys: None,

@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (streaming and not),
 //! `/v1/models`, and the operational endpoints `/health`, `/ready`, `/metrics`. Every error is OpenAI-shaped
-//! with the right status. This module only builds the router; its modules, roughly in the order a request
+//! with the right status. This module builds the router, and [`server`] serves it; its modules, roughly in the order a request
 //! meets them:
 //!
 //! - `state`: [`AppState`], what every endpoint shares (re-exported here).
@@ -14,6 +14,7 @@
 //!   as one JSON body or as server-sent events ([`output`] builds the text and logprobs of a choice).
 //! - `models`, `admin` (`/v1/usage`, `/v1/cluster`), `probes` (`/health`, `/ready`, `/metrics`): the rest.
 //! - [`error`]: the OpenAI-shaped error every module answers with.
+//! - [`server`]: accepts the connections the router answers, with their bounds and timeouts.
 
 mod access_log;
 mod admin;
@@ -31,6 +32,7 @@ mod probes;
 mod refusals;
 mod reply;
 pub mod request;
+pub mod server;
 mod state;
 mod stream;
 mod whole;
@@ -67,7 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(refusals::fallback)
         .method_not_allowed_fallback(refusals::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(limit, refusals::refuse_oversized))
+        .layer(axum::middleware::from_fn_with_state((limit, state.body_timeout), refusals::read_body))
         .layer(axum::middleware::from_fn(access_log::log_requests))
         .with_state(state)
 }

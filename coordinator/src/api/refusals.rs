@@ -1,5 +1,8 @@
-//! The answers for requests that no endpoint runs: a body declared over the size limit, a path that does
-//! not exist, a method the path does not take. Each is OpenAI-shaped like every other error.
+//! The answers for requests that no endpoint runs: a body declared over the size limit or not sent in time,
+//! a path that does not exist, a method the path does not take. Each is OpenAI-shaped like every other
+//! error.
+
+use std::time::Duration;
 
 use axum::{
     extract::State,
@@ -17,8 +20,11 @@ const DRAIN_AT_MOST: u64 = 64 << 20;
 /// has been read and discarded (up to 64 MiB, 10 s), as a web server's lingering close does: a response
 /// written while the client is still sending, followed by closing the connection, resets it, and the
 /// client sees a broken pipe instead of the 413.
-pub(super) async fn refuse_oversized(
-    State(limit): State<usize>,
+///
+/// A body within the limit is read here, before any handler, under one deadline: a client that declares a
+/// body and sends it slowly or never gets a 408 instead of holding its connection and a task for ever.
+pub(super) async fn read_body(
+    State((limit, deadline)): State<(usize, Duration)>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -33,7 +39,30 @@ pub(super) async fn refuse_oversized(
             }
             ApiError::too_large(limit).into_response()
         }
-        _ => next.run(req).await,
+        _ => {
+            let (parts, body) = req.into_parts();
+            match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+                Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, bytes.into())).await,
+                // Over the limit without declaring it (chunked), or the connection failed while sending.
+                Ok(Err(e)) => {
+                    let over =
+                        std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                    if over {
+                        ApiError::too_large(limit).into_response()
+                    } else {
+                        ApiError::invalid(None, format!("The request body could not be read: {e}")).into_response()
+                    }
+                }
+                Err(_) => {
+                    tracing::info!(
+                        path = %parts.uri.path(),
+                        timeout_s = deadline.as_secs_f64(),
+                        "refused a request whose body did not arrive in time"
+                    );
+                    ApiError::body_timeout(deadline.as_secs_f64()).into_response()
+                }
+            }
+        }
     }
 }
 

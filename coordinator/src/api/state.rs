@@ -20,6 +20,8 @@ pub struct AppState {
     /// Requests allowed to wait before new ones get 429.
     pub max_waiting: usize,
     pub max_body_bytes: usize,
+    /// Most time to receive a request's body once its head has arrived.
+    pub body_timeout: std::time::Duration,
     /// Unix time the server started (`created` of the model).
     pub started: u64,
     /// Nanoseconds since the epoch at start: makes response ids (the ledger's keys) unique across restarts.

@@ -87,13 +87,22 @@ impl Server {
 
     /// `tessera ARGS...`, waiting for the stderr line with `marker` and then ` on URL`.
     pub fn launch(args: &[&str], marker: &'static str, env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        command.args(args).envs(env.iter().copied());
+        Self::spawn(command, marker)
+    }
+
+    /// `tessera serve --port 0 ARGS...` with its open-file limit (`ulimit -n`) set to `nofile`.
+    pub fn start_with_fd_limit(nofile: u32, args: &[&str]) -> Server {
+        let mut command = Command::new("sh");
+        command.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_tessera")]);
+        command.args(["serve", "--port", "0"]).args(args);
+        Self::spawn(command, "tessera serving")
+    }
+
+    /// Runs `command` (which starts tessera), waiting for the stderr line with `marker` and then ` on URL`.
+    pub fn spawn(mut command: Command, marker: &'static str) -> Server {
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
