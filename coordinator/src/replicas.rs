@@ -10,8 +10,11 @@
 //! manager fails it (a lease expired), its loop hands every sequence it held back here as a [`Migrant`]:
 //! prompt, tokens produced so far, and the handler's channel. Each goes to a healthy replica, which
 //! recomputes the prompt and those tokens and carries on producing into the same stream, so the client
-//! sees no token lost or repeated. With no healthy replica, each ends with an error. The failed replica is
-//! out of routing before its loop collects its sequences, so nothing can be sent to it in between.
+//! sees no token lost or repeated. With no healthy replica, each ends with an error, unless a replacement
+//! is on its way ([`Replicas::expect_replacements`], `tessera serve` restarting its one replica): then the
+//! sequences wait for it, and go on there. The failed replica is out of routing before its loop collects
+//! its sequences, so nothing can be sent to it in between. Whoever replaces replicas says when it cannot
+//! ([`Replicas::give_up`]): from then on the process can never serve again, and `/health` says so.
 
 use std::{
     collections::HashMap,
@@ -77,6 +80,17 @@ pub struct Replicas {
     /// The model's shape; `num_blocks` comes from the live replicas.
     model: ModelInfo,
     on_failure: Mutex<Option<FailureHook>>,
+    /// Sequences of failed replicas waiting for a replacement, once replacements are expected.
+    parked: Mutex<Parking>,
+}
+
+#[derive(Default)]
+struct Parking {
+    /// A failed replica will be replaced: its sequences wait rather than fail.
+    expected: bool,
+    /// Why replicas can no longer be replaced, once that is so.
+    gave_up: Option<String>,
+    migrants: Vec<Migrant>,
 }
 
 impl Replicas {
@@ -90,7 +104,39 @@ impl Replicas {
             metrics,
             model,
             on_failure: Mutex::new(None),
+            parked: Mutex::new(Parking::default()),
         })
+    }
+
+    /// From now on a replica that fails will be replaced: with no healthy replica left, its sequences wait
+    /// for the replacement ([`Replicas::add`]) instead of failing, until [`Replicas::give_up`].
+    pub fn expect_replacements(&self) {
+        self.parking().expected = true;
+    }
+
+    /// No replica will be added any more (restarting failed for good): sequences waiting for one end with
+    /// `reason`, and [`Replicas::gave_up`] reports it.
+    pub fn give_up(&self, reason: &str) {
+        let waiting = {
+            let mut p = self.parking();
+            p.expected = false;
+            p.gave_up = Some(reason.to_string());
+            std::mem::take(&mut p.migrants)
+        };
+        tracing::error!("no replica can be started any more: {reason}");
+        for m in waiting {
+            self.metrics.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
+            m.fail(&format!("no replica can be started any more ({reason})"));
+        }
+    }
+
+    /// Why this process can never serve again, if it cannot (liveness).
+    pub fn gave_up(&self) -> Option<String> {
+        self.parking().gave_up.clone()
+    }
+
+    fn parking(&self) -> std::sync::MutexGuard<'_, Parking> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn set_failure_hook(&self, hook: FailureHook) {
@@ -128,6 +174,11 @@ impl Replicas {
         self.lock().push(Replica { id, name: name.to_string(), workers, tx, stats, info });
         tracing::info!(replica = id, group = name, "replica serving");
         self.refresh_gauges();
+        let waiting = std::mem::take(&mut self.parking().migrants);
+        if !waiting.is_empty() {
+            tracing::info!(replica = id, sequences = waiting.len(), "sequences that waited for a replica go on");
+            self.adopt_migrants(waiting, "the replica they waited for failed too");
+        }
         id
     }
 
@@ -290,7 +341,12 @@ impl Replicas {
                 let least = (0..live.len())
                     .min_by_key(|&i| (live[i].stats.outstanding_tokens.load(Ordering::Relaxed), live[i].id));
                 let Some(i) = least else {
-                    if let Command::Adopt(m) = cmd {
+                    let Command::Adopt(m) = cmd else { break };
+                    let mut parking = self.parking();
+                    if parking.expected {
+                        parking.migrants.push(*m);
+                    } else {
+                        drop(parking);
                         self.metrics.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
                         m.fail(&format!("no healthy replica is left ({reason})"));
                     }

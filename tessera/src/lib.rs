@@ -3,7 +3,7 @@
 //!
 //! - [`cli`]: argument parsing, logging and tracing set-up, and dispatch to a subcommand;
 //! - [`serve`]: `tessera serve`, the OpenAI-compatible server on one replica (also the HTTP side that
-//!   `tessera coordinator` shares);
+//!   `tessera coordinator` shares); [`supervisor`] restarts its replica when it fails;
 //! - [`coordinator`]: `tessera coordinator`, the server over the replicas formed from workers in etcd;
 //! - [`generate`]: `tessera generate`, one prompt's completion;
 //! - [`keys`], [`usage`]: `tessera keys create` and `tessera usage`;
@@ -24,4 +24,5 @@ pub mod local_backend;
 pub mod local_cluster;
 pub mod runner;
 pub mod serve;
+pub mod supervisor;
 pub mod usage;

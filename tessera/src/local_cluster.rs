@@ -23,6 +23,8 @@ pub struct LocalCluster {
     children: Vec<Child>,
     /// gRPC address of each worker, in rank order.
     pub addrs: Vec<String>,
+    /// Hears which worker exited, for each one that does (its standard output closed).
+    exits: Option<mpsc::Receiver<String>>,
 }
 
 impl LocalCluster {
@@ -46,7 +48,8 @@ impl LocalCluster {
         kv_cache_mib: usize,
         extra: &[String],
     ) -> Result<Self> {
-        let mut cluster = LocalCluster { children: Vec::new(), addrs: Vec::new() };
+        let (exited, exits) = mpsc::channel();
+        let mut cluster = LocalCluster { children: Vec::new(), addrs: Vec::new(), exits: Some(exits) };
         for rank in 0..n {
             let mut child = Command::new(exe)
                 .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent"])
@@ -59,15 +62,19 @@ impl LocalCluster {
                 .spawn()
                 .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
             let stdout = child.stdout.take().expect("piped");
+            let pid = child.id();
             cluster.children.push(child);
+            let exited = exited.clone();
             // Read the address line on a thread so a worker that never prints cannot block us forever.
             let (tx, rx) = mpsc::channel();
             std::thread::spawn(move || {
                 let mut line = String::new();
                 let mut reader = BufReader::new(stdout);
                 let _ = tx.send(reader.read_line(&mut line).map(|_| line));
-                // Keep draining so the worker never blocks writing to a full pipe.
+                // Keep draining so the worker never blocks writing to a full pipe; the end of its output is
+                // the end of the process, seen at once even when no step is running to notice.
                 let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                let _ = exited.send(format!("worker {rank} (pid {pid}) exited"));
             });
             let line = rx
                 .recv_timeout(START_TIMEOUT)
@@ -83,6 +90,12 @@ impl LocalCluster {
             bail!("started {} of {n} workers", cluster.addrs.len());
         }
         Ok(cluster)
+    }
+
+    /// Hears, once for each worker that exits, which one it was (the first time only: later calls get
+    /// `None`). Workers stopped by dropping the cluster are heard too.
+    pub fn exits(&mut self) -> Option<mpsc::Receiver<String>> {
+        self.exits.take()
     }
 
     /// Process ids of the workers, in rank order.

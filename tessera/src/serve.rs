@@ -14,7 +14,10 @@ use tessera_coordinator::{
     tokenizer::Tokenizer,
 };
 
-use crate::runner::{ModelArgs, Runner};
+use crate::{
+    runner::{ModelArgs, Runner},
+    supervisor::{Started, Supervisor},
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -227,13 +230,22 @@ pub struct Background {
 pub fn run(a: ServeArgs) -> Result<()> {
     let dir = a.model.dir()?;
     let front = Frontend::prepare(a.http, &dir, a.model.model.is_none())?;
-    let (backend, cluster) = Runner::start(&a.model, &dir)?.into_parts();
-    let info = backend.info();
+    let start = {
+        let (model, dir) = (a.model.clone(), dir.clone());
+        move || -> Result<Started> {
+            let (backend, mut cluster) = Runner::start(&model, &dir)?.into_parts();
+            let workers = cluster.as_ref().map(|c| c.addrs.clone()).unwrap_or_default();
+            let exits = cluster.as_mut().and_then(|c| c.exits());
+            Ok(Started { backend, keep_alive: Box::new(cluster), workers, exits })
+        }
+    };
+    // A model that cannot start at all is an error now, not a replica restarted in the background.
+    let first = start()?;
+    let info = first.backend.info();
     let cfg = front.scheduler_config(info.max_position_embeddings);
     let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
     let eos = front.tokenizer.eos_token_ids.clone();
-    let workers = cluster.as_ref().map(|c| c.addrs.clone()).unwrap_or_default();
-    replicas.add(backend, cfg, eos, "local", workers, Box::new(cluster));
+    Supervisor { replicas: replicas.clone(), cfg, eos, start }.run(first);
     let banner = format!("tessera serving {} (tp = {})", front.name, a.model.tp);
     front.run(replicas, None, &banner, None)
 }

@@ -377,6 +377,54 @@ fn a_group_refuses_a_bad_step_without_failing() {
 }
 
 #[test]
+fn a_step_sent_to_one_rank_of_a_group_is_refused_and_the_group_keeps_serving() {
+    let cluster = LocalCluster::start_with(exe(), 2, 1, 4).unwrap();
+    let dir = repo().join("models/stories260K");
+    let mut group =
+        GroupClient::connect(&cluster.addrs, dir.to_str().unwrap(), 1 << 20, 16, "g", GroupTimeouts::default())
+            .unwrap();
+    let prompt = [1u32, 403, 407, 261, 378];
+    // As a stranger would send it: to rank 0 alone, with no group id (or another group's).
+    rt().block_on(async {
+        let mut c = WorkerClient::connect(format!("http://{}", cluster.addrs[0])).await.unwrap();
+        for group_id in ["", "other"] {
+            let stray = StepRequest {
+                group_id: group_id.into(),
+                sequences: vec![SequenceStep {
+                    sequence_id: 77,
+                    token_ids: prompt.to_vec(),
+                    block_table: vec![3],
+                    sample: true,
+                    sampling: Some(PbParams {
+                        temperature: 0.0,
+                        top_p: 1.0,
+                        repetition_penalty: 1.0,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let e = c.step(stray).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+            assert!(e.message().contains("this worker serves group g"), "{e}");
+        }
+    });
+    let greedy = SamplingParams::greedy();
+    let good = [StepSeq {
+        id: 1,
+        tokens: &prompt,
+        start_pos: 0,
+        block_table: &[0],
+        sample: Some(&greedy),
+        penalty_context: &[],
+        output_context: &[],
+        starts: false,
+    }];
+    assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
+}
+
+#[test]
 fn workers_exit_when_their_parent_is_killed_outright() {
     for signal in ["-9", "-2"] {
         let (_model, mut child, _stdout) = long_tp2_generation(Stdio::null());

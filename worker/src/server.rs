@@ -307,8 +307,10 @@ impl Worker for WorkerService {
 fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<StepReply, Status> {
     let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
     let engine = match &mut *guard {
-        State::Serving { engine, group_id, .. } => {
-            if !r.group_id.is_empty() && r.group_id != *group_id {
+        State::Serving { engine, group_id, world, .. } => {
+            // A step one rank runs and its peers do not breaks the group's collectives for every later step,
+            // so a rank of a group only runs steps addressed to that group.
+            if (*world > 1 || !r.group_id.is_empty()) && r.group_id != *group_id {
                 return Err(Status::failed_precondition(format!(
                     "step for group {} but this worker serves group {group_id}",
                     r.group_id
