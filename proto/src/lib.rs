@@ -9,7 +9,9 @@
 //!   coordinator's scheduler builds them, a worker's engine runs them).
 //! - [`record`]: the record a worker registers in etcd and the key layout under `/tessera/<cluster>/`.
 //! - [`etcd`]: how both sides connect to etcd (endpoints, timeouts, backoff).
+//! - [`auth`]: the cluster token every call to a worker and every collective handshake carries.
 
+pub mod auth;
 pub mod etcd;
 pub mod record;
 pub mod step;

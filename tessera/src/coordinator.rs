@@ -51,6 +51,10 @@ pub struct CoordinatorArgs {
     /// Seconds a group may take to load the model.
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub load_timeout: u64,
+    /// File holding the cluster token sent on every call to a worker (default: the TESSERA_CLUSTER_TOKEN
+    /// environment variable); workers started with a token refuse calls without it.
+    #[arg(long, value_name = "FILE")]
+    pub cluster_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub http: HttpArgs,
 }
@@ -67,6 +71,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
     if endpoints.is_empty() {
         bail!("--etcd needs at least one endpoint");
     }
+    let token = tessera_proto::auth::ClusterToken::resolve(a.cluster_token_file.as_deref())?;
     let (dir, model_path, config) = resolve_model(&a)?;
     let front = Frontend::prepare(a.http.clone(), &dir, a.model.is_none())?;
     let block_size = tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE;
@@ -80,7 +85,8 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
     let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
     let connected = Arc::new(AtomicBool::new(false));
     let board = Arc::new(Board { status: Mutex::new(serde_json::Value::Null), etcd_connected: connected.clone() });
-    let cfg = manager_config(&a, &front, model_path, config.max_position_embeddings, block_size);
+    let mut cfg = manager_config(&a, &front, model_path, config.max_position_embeddings, block_size);
+    cfg.token = token;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (claim_tx, claim_rx) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -165,6 +171,7 @@ fn manager_config(
             load: Duration::from_secs(a.load_timeout),
             step: Duration::from_secs(a.step_timeout),
         },
+        token: Default::default(),
         instance,
     }
 }

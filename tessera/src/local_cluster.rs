@@ -4,7 +4,8 @@
 //! Workers are this same binary (`tessera worker --listen 127.0.0.1:0`). Each one reports its addresses on
 //! its first stdout line. They are stopped when the [`LocalCluster`] is dropped (normal exit, error, or a
 //! Ctrl-C handled by the caller), and they exit by themselves when their standard input closes, which is
-//! what happens if this process is killed outright: no orphans either way.
+//! what happens if this process is killed outright: no orphans either way. They get the cluster token
+//! through their environment and refuse callers without it.
 
 use std::{
     io::{BufRead, BufReader},
@@ -15,6 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+use tessera_proto::auth::ClusterToken;
 
 /// How long a worker may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,30 +30,43 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts `n` workers of the running binary.
-    /// Starts `n` workers of the running binary; `extra` are passed to each (log format, OTLP export).
-    pub fn start(n: usize, threads_per_worker: usize, kv_cache_mib: usize, extra: &[String]) -> Result<Self> {
+    /// Starts `n` workers of the running binary; `extra` are passed to each (log format, OTLP export), and
+    /// each requires `token` of its callers.
+    pub fn start(
+        n: usize,
+        threads_per_worker: usize,
+        kv_cache_mib: usize,
+        extra: &[String],
+        token: &ClusterToken,
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("locating the tessera binary")?;
-        Self::start_with_args(&exe, n, threads_per_worker, kv_cache_mib, extra)
+        Self::start_with_args(&exe, n, threads_per_worker, kv_cache_mib, extra, token)
     }
 
-    /// Starts `n` workers of the `tessera` binary at `exe`.
+    /// Starts `n` workers of the `tessera` binary at `exe`, with no cluster token.
     pub fn start_with(exe: &Path, n: usize, threads_per_worker: usize, kv_cache_mib: usize) -> Result<Self> {
-        Self::start_with_args(exe, n, threads_per_worker, kv_cache_mib, &[])
+        Self::start_with_args(exe, n, threads_per_worker, kv_cache_mib, &[], &ClusterToken::none())
     }
 
-    /// [`LocalCluster::start_with`], passing `extra` arguments to every worker.
+    /// [`LocalCluster::start_with`], passing `extra` arguments to every worker, which require `token`.
     pub fn start_with_args(
         exe: &Path,
         n: usize,
         threads_per_worker: usize,
         kv_cache_mib: usize,
         extra: &[String],
+        token: &ClusterToken,
     ) -> Result<Self> {
         let (exited, exits) = mpsc::channel();
         let mut cluster = LocalCluster { children: Vec::new(), addrs: Vec::new(), exits: Some(exits) };
         for rank in 0..n {
-            let mut child = Command::new(exe)
+            let mut command = Command::new(exe);
+            // Through the environment: a command line is readable by every user of the machine.
+            match token.text() {
+                Some(t) => command.env(tessera_proto::auth::ENV, t),
+                None => command.env_remove(tessera_proto::auth::ENV),
+            };
+            let mut child = command
                 .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent"])
                 .args(["--threads", &threads_per_worker.max(1).to_string()])
                 .args(["--kv-cache-mib", &kv_cache_mib.to_string()])

@@ -107,7 +107,9 @@ impl Runner {
         tessera_kernels::ensure_available(device)?;
         let mut extra = args.worker_args.clone();
         extra.extend(["--device".to_string(), device.to_string()]);
-        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &extra)?;
+        // A fresh token for these workers alone: other users of the machine can reach loopback ports.
+        let token = tessera_proto::auth::ClusterToken::generate();
+        let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &extra, &token)?;
         let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
         let group = GroupClient::connect(
             &cluster.addrs,
@@ -116,6 +118,7 @@ impl Runner {
             tessera_worker::kv_cache::DEFAULT_BLOCK_SIZE as u32,
             &format!("local-{}", std::process::id()),
             GroupTimeouts::default(),
+            &token,
         )?;
         Ok(Runner { backend: Box::new(group), _cluster: Some(cluster) })
     }

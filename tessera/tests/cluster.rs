@@ -10,6 +10,7 @@ use std::{
 use serde_json::Value;
 use tessera::local_cluster::LocalCluster;
 use tessera_coordinator::engine::group::{GroupClient, GroupTimeouts};
+use tessera_proto::auth::ClusterToken;
 use tessera_proto::v1::{
     InfoRequest, LoadModelRequest, SamplingParams as PbParams, SequenceStep, StepRequest, worker_client::WorkerClient,
 };
@@ -114,6 +115,7 @@ fn tensor_parallel_groups_match_the_single_process_engine() {
                 16,
                 &format!("test-{tp}"),
                 GroupTimeouts::default(),
+                &ClusterToken::none(),
             )
             .unwrap();
             let got = run(
@@ -346,9 +348,16 @@ fn malformed_steps_get_invalid_argument_and_the_worker_keeps_serving() {
 fn a_group_refuses_a_bad_step_without_failing() {
     let cluster = LocalCluster::start_with(exe(), 2, 1, 4).unwrap();
     let dir = repo().join("models/stories260K");
-    let mut group =
-        GroupClient::connect(&cluster.addrs, dir.to_str().unwrap(), 1 << 20, 16, "g", GroupTimeouts::default())
-            .unwrap();
+    let mut group = GroupClient::connect(
+        &cluster.addrs,
+        dir.to_str().unwrap(),
+        1 << 20,
+        16,
+        "g",
+        GroupTimeouts::default(),
+        &ClusterToken::none(),
+    )
+    .unwrap();
     let greedy = SamplingParams::greedy();
     let prompt = [1u32, 403, 407, 261, 378];
     let bad = [StepSeq {
@@ -377,35 +386,52 @@ fn a_group_refuses_a_bad_step_without_failing() {
 }
 
 #[test]
-fn a_step_sent_to_one_rank_of_a_group_is_refused_and_the_group_keeps_serving() {
-    let cluster = LocalCluster::start_with(exe(), 2, 1, 4).unwrap();
+fn calls_without_the_cluster_token_and_steps_for_one_rank_are_refused_and_the_group_keeps_serving() {
+    let token = ClusterToken::generate();
+    let cluster = LocalCluster::start_with_args(exe(), 2, 1, 4, &[], &token).unwrap();
     let dir = repo().join("models/stories260K");
+    // Without the token a coordinator cannot even form the group.
+    let e = GroupClient::connect(
+        &cluster.addrs,
+        dir.to_str().unwrap(),
+        1 << 20,
+        16,
+        "g",
+        GroupTimeouts::default(),
+        &ClusterToken::none(),
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{e:#}").contains("cluster token"), "{e:#}");
     let mut group =
-        GroupClient::connect(&cluster.addrs, dir.to_str().unwrap(), 1 << 20, 16, "g", GroupTimeouts::default())
+        GroupClient::connect(&cluster.addrs, dir.to_str().unwrap(), 1 << 20, 16, "g", GroupTimeouts::default(), &token)
             .unwrap();
     let prompt = [1u32, 403, 407, 261, 378];
-    // As a stranger would send it: to rank 0 alone, with no group id (or another group's).
+    let stray = |group_id: &str| StepRequest {
+        group_id: group_id.into(),
+        sequences: vec![SequenceStep {
+            sequence_id: 77,
+            token_ids: prompt.to_vec(),
+            block_table: vec![3],
+            sample: true,
+            sampling: Some(PbParams { temperature: 0.0, top_p: 1.0, repetition_penalty: 1.0, ..Default::default() }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     rt().block_on(async {
-        let mut c = WorkerClient::connect(format!("http://{}", cluster.addrs[0])).await.unwrap();
+        let addr = format!("http://{}", cluster.addrs[0]);
+        // A stranger: no token, so nothing runs, whatever the step says.
+        let mut c = WorkerClient::connect(addr.clone()).await.unwrap();
+        for call in [c.step(stray("g")).await.map(|_| ()), c.load_model(LoadModelRequest::default()).await.map(|_| ())]
+        {
+            assert_eq!(call.unwrap_err().code(), tonic::Code::Unauthenticated);
+        }
+        // A member sending to rank 0 alone, with no group id or another group's.
+        let channel = tonic::transport::Endpoint::from_shared(addr).unwrap().connect().await.unwrap();
+        let mut c = WorkerClient::with_interceptor(channel, token.clone());
         for group_id in ["", "other"] {
-            let stray = StepRequest {
-                group_id: group_id.into(),
-                sequences: vec![SequenceStep {
-                    sequence_id: 77,
-                    token_ids: prompt.to_vec(),
-                    block_table: vec![3],
-                    sample: true,
-                    sampling: Some(PbParams {
-                        temperature: 0.0,
-                        top_p: 1.0,
-                        repetition_penalty: 1.0,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            let e = c.step(stray).await.unwrap_err();
+            let e = c.step(stray(group_id)).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
             assert!(e.message().contains("this worker serves group g"), "{e}");
         }

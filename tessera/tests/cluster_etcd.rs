@@ -115,8 +115,13 @@ fn four_workers_make_two_replicas_that_serve_like_one_process() {
         let old = json!({"id": "old", "address": "127.0.0.1:1", "device": "cpu", "memory_bytes": 1,
             "version": "0.0.1", "protocol": "tessera.v0"});
         ec.put("/tessera/c1/workers/old", old.to_string(), None).await.unwrap();
-        let workers: Vec<Worker> = (1..=4).map(|i| Worker::start(&etcd, "c1", &format!("w{i}"))).collect();
-        let coord = Server::coordinator(&["--etcd", &etcd.endpoint, "--cluster", "c1", "--tp", "2"]);
+        // Workers that require the cluster token, and a coordinator that has it.
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "a-cluster-token-for-this-test\n").unwrap();
+        let token = ["--cluster-token-file", secret.path().to_str().unwrap()];
+        let workers: Vec<Worker> = (1..=4).map(|i| Worker::start_with(&etcd, "c1", &format!("w{i}"), &token)).collect();
+        let coord =
+            Server::coordinator(&["--etcd", &etcd.endpoint, "--cluster", "c1", "--tp", "2", token[0], token[1]]);
         let (v, took) =
             etcd::wait_for(&client, &coord, Duration::from_secs(60), "two replicas", |v| etcd::replicas(v) == 2).await;
         eprintln!("two replicas of tp 2 serving {took:?} after the coordinator started");

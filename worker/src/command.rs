@@ -3,15 +3,19 @@
 //! It binds its gRPC and collective listeners first, then prints one line with both addresses on stdout
 //! (`tessera worker listening on GRPC collectives on COLL`), which is how a parent that asked for port 0
 //! learns where it is. With `--exit-with-parent` it exits when its standard input closes, so a local
-//! cluster's workers never outlive the process that started them, however that process ends.
+//! cluster's workers never outlive the process that started them, however that process ends. With a cluster
+//! token, calls without it are refused (`UNAUTHENTICATED`) and logged.
 
 use std::{io::Write, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_proto::v1::worker_server::WorkerServer;
+use tessera_proto::{
+    auth::{ClusterToken, Guard},
+    v1::worker_server::WorkerServer,
+};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 
 use crate::server::{LocateModel, WorkerConfig, WorkerService};
 
@@ -54,6 +58,11 @@ pub struct WorkerArgs {
     /// Seconds the registration outlives this worker if it dies without deregistering.
     #[arg(long, default_value_t = 10, value_name = "SECONDS", requires = "etcd")]
     pub lease_ttl: u64,
+    /// File holding the cluster token that every call to this worker and every collective peer must carry
+    /// (default: the TESSERA_CLUSTER_TOKEN environment variable; without either, anyone who reaches the
+    /// ports is served).
+    #[arg(long, value_name = "FILE")]
+    pub cluster_token_file: Option<std::path::PathBuf>,
     /// Exit when standard input closes (used by `--tp N` local clusters).
     #[arg(long, hide = true)]
     pub exit_with_parent: bool,
@@ -95,6 +104,14 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
         (None, false) => coll_addr.to_string(),
     };
     let device: tessera_kernels::Device = a.device.parse()?;
+    let token = ClusterToken::resolve(a.cluster_token_file.as_deref())?;
+    if !token.is_set() {
+        tracing::warn!(
+            "no cluster token (--cluster-token-file or {}): anyone who can reach this worker's ports can load \
+             models, make it connect to any address, and run steps",
+            tessera_proto::auth::ENV
+        );
+    }
     let config = WorkerConfig {
         device,
         kv_cache_bytes: a
@@ -103,6 +120,7 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
             .context("--kv-cache-mib is more memory than this machine can address")?,
         collective_timeout: Duration::from_secs(a.collective_timeout.max(1)),
         builtin_models,
+        token: token.clone(),
     };
     let service = WorkerService::new(config, coll, coll_advertise.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -133,9 +151,10 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
     };
     let server = tonic::transport::Server::builder()
         .layer(tessera_telemetry::TraceContextLayer)
-        .add_service(
+        .add_service(InterceptedService::new(
             WorkerServer::new(service).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20),
-        )
+            Guard::new(token),
+        ))
         .serve_with_incoming_shutdown(TcpIncoming::from(grpc).with_nodelay(Some(true)), leave);
     let grace = async {
         if signalled_rx.await.is_ok() {

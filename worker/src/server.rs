@@ -44,6 +44,9 @@ pub struct WorkerConfig {
     /// Model names LoadModel accepts in place of a path (`builtin:stories260K`), and how to get the
     /// directory: a model compiled into the binary needs no shared volume.
     pub builtin_models: Vec<(&'static str, LocateModel)>,
+    /// The cluster token peers must prove in the collective handshake (gRPC calls are checked by the
+    /// server's [`tessera_proto::auth::Guard`]).
+    pub token: tessera_proto::auth::ClusterToken,
 }
 
 impl Default for WorkerConfig {
@@ -53,6 +56,7 @@ impl Default for WorkerConfig {
             kv_cache_bytes: 256 << 20,
             collective_timeout: Duration::from_secs(30),
             builtin_models: Vec::new(),
+            token: Default::default(),
         }
     }
 }
@@ -130,6 +134,7 @@ impl WorkerService {
                     &t.peers,
                     &r.group_id,
                     self.config.collective_timeout,
+                    &self.config.token,
                 )
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?,

@@ -2,7 +2,8 @@
 //! `rank + 1` and receiving from `rank - 1`.
 //!
 //! Connections are made once, when the group loads its model ([`rendezvous`]), and checked with a
-//! handshake naming the group and the sender's rank, so a stray or stale connection is refused. Every
+//! handshake naming the group and the sender's rank and proving the cluster token, so a stray, stale or
+//! stranger's connection is refused. Every
 //! message carries a sequence number and length: ranks that fall out of step get an error, not garbage.
 //! Every read and write has a timeout, and a peer that dies closes its socket: either way the collective
 //! returns an error within the timeout and never hangs.
@@ -14,9 +15,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tessera_proto::auth::ClusterToken;
+
 use crate::collective::{Collective, CollectiveError};
 
-const MAGIC: &[u8; 4] = b"TSRA";
+/// Version 2 of the handshake carries a proof of the cluster token; a version-1 peer is refused.
+const MAGIC: &[u8; 4] = b"TSR2";
+/// Most time a connection to the collective port may take to send its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages up to this size are written before reading: the sockets' buffers absorb them, so two ranks
 /// writing to each other at once cannot deadlock. Larger ones are written from a second thread while this
 /// one reads.
@@ -204,30 +210,56 @@ impl Collective for TcpCollective {
     }
 }
 
-fn handshake(group_id: &str, rank: usize) -> Vec<u8> {
+/// What a handshake's proof of the cluster token is bound to: a proof made for one group and rank is no
+/// use for another.
+fn proof_context(group_id: &str, rank: usize) -> Vec<u8> {
+    format!("tessera collective handshake: group {group_id}, rank {rank}").into_bytes()
+}
+
+fn handshake(group_id: &str, rank: usize, token: &ClusterToken) -> Vec<u8> {
     let mut h = MAGIC.to_vec();
     h.extend_from_slice(&(rank as u32).to_le_bytes());
     h.extend_from_slice(&(group_id.len() as u32).to_le_bytes());
     h.extend_from_slice(group_id.as_bytes());
+    h.extend_from_slice(&token.proof(&proof_context(group_id, rank)));
     h
 }
 
-/// Reads a handshake; returns the sender's rank if it is for `group_id`.
-async fn read_handshake(s: &mut tokio::net::TcpStream, group_id: &str) -> io::Result<Option<usize>> {
+/// Why a handshake was refused.
+#[derive(Debug)]
+enum Refusal {
+    NotAHandshake,
+    OtherGroup,
+    BadToken,
+}
+
+/// Reads a handshake; returns the sender's rank if it is for `group_id` and proves `token`.
+async fn read_handshake(
+    s: &mut tokio::net::TcpStream,
+    group_id: &str,
+    token: &ClusterToken,
+) -> io::Result<Result<usize, Refusal>> {
     use tokio::io::AsyncReadExt;
     let mut h = [0u8; 12];
     s.read_exact(&mut h).await?;
     if &h[..4] != MAGIC {
-        return Ok(None);
+        return Ok(Err(Refusal::NotAHandshake));
     }
     let rank = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
     let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
     if len > 1024 {
-        return Ok(None);
+        return Ok(Err(Refusal::NotAHandshake));
     }
-    let mut g = vec![0u8; len];
+    let mut g = vec![0u8; len + 32];
     s.read_exact(&mut g).await?;
-    Ok((g == group_id.as_bytes()).then_some(rank))
+    let (g, proof) = g.split_at(len);
+    if g != group_id.as_bytes() {
+        return Ok(Err(Refusal::OtherGroup));
+    }
+    if !token.accepts_proof(&proof_context(group_id, rank), proof) {
+        return Ok(Err(Refusal::BadToken));
+    }
+    Ok(Ok(rank))
 }
 
 /// Connects rank `rank` of the group `group_id` to its ring neighbours. `listener` is this worker's
@@ -239,6 +271,7 @@ pub async fn rendezvous(
     peers: &[String],
     group_id: &str,
     timeout: Duration,
+    token: &ClusterToken,
 ) -> Result<TcpCollective, CollectiveError> {
     use tokio::io::AsyncWriteExt;
     let world = peers.len();
@@ -254,7 +287,7 @@ pub async fn rendezvous(
         loop {
             match tokio::net::TcpStream::connect(right_addr).await {
                 Ok(mut s) => {
-                    s.write_all(&handshake(group_id, rank)).await?;
+                    s.write_all(&handshake(group_id, rank, token)).await?;
                     return Ok::<_, io::Error>(s);
                 }
                 Err(e) if Instant::now() < deadline => {
@@ -268,8 +301,10 @@ pub async fn rendezvous(
     let accept = async {
         loop {
             let (mut s, from) = listener.accept().await?;
-            match read_handshake(&mut s, group_id).await {
-                Ok(Some(r)) if r == left_rank => return Ok::<_, io::Error>(s),
+            // A stranger that connects and sends nothing must not hold up the peer behind it.
+            let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(&mut s, group_id, token)).await;
+            match read {
+                Ok(Ok(Ok(r))) if r == left_rank => return Ok::<_, io::Error>(s),
                 other => tracing::warn!(
                     "refusing collective connection from {from}: {other:?} (want rank {left_rank} of group {group_id})"
                 ),
@@ -319,7 +354,7 @@ pub fn loopback_ring(n: usize, timeout: Duration) -> Result<Vec<TcpCollective>, 
             .enumerate()
             .map(|(r, l)| {
                 let peers = peers.clone();
-                tokio::spawn(async move { rendezvous(&l, r, &peers, "loopback", timeout).await })
+                tokio::spawn(async move { rendezvous(&l, r, &peers, "loopback", timeout, &ClusterToken::none()).await })
             })
             .collect();
         let mut out = Vec::new();
@@ -396,5 +431,43 @@ mod tests {
         let e = ranks[0].all_reduce_sum(&mut data(0, 10)).unwrap_err().to_string();
         assert!(e.contains("timed out waiting for rank 1"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(3));
+    }
+
+    /// Rank `r` of a 2-rank ring whose ranks hold `tokens[r]`: each rank's rendezvous result.
+    fn rendezvous_with(tokens: [ClusterToken; 2]) -> Vec<Result<TcpCollective, CollectiveError>> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let listeners = [
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            ];
+            let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+            let tasks: Vec<_> = listeners
+                .into_iter()
+                .zip(tokens)
+                .enumerate()
+                .map(|(r, (l, t))| {
+                    let peers = peers.clone();
+                    tokio::spawn(async move { rendezvous(&l, r, &peers, "g", Duration::from_millis(500), &t).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn peers_meet_only_with_the_same_cluster_token() {
+        let token = ClusterToken::generate();
+        assert!(rendezvous_with([token.clone(), token.clone()]).iter().all(|r| r.is_ok()));
+        // A peer with another token, or none, is refused: neither rank completes its ring.
+        for other in [ClusterToken::generate(), ClusterToken::none()] {
+            let results = rendezvous_with([token.clone(), other]);
+            let e = results[0].as_ref().err().expect("rank 0 accepted a peer without the token").to_string();
+            assert!(e.contains("did not connect"), "{e}");
+        }
     }
 }

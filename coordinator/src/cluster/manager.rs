@@ -50,6 +50,8 @@ pub struct ManagerConfig {
     pub sched: SchedulerConfig,
     pub eos: Vec<u32>,
     pub timeouts: GroupTimeouts,
+    /// Carried on every call to a worker.
+    pub token: tessera_proto::auth::ClusterToken,
     /// Makes group ids unique across coordinator restarts.
     pub instance: String,
 }
@@ -352,9 +354,11 @@ impl Manager {
         w.state = State::Suspect { probing: true };
         let tx = self.tx.clone();
         let id = id.to_string();
+        let token = self.cfg.token.clone();
         tokio::spawn(async move {
             let alive = tokio::time::timeout(PROBE_TIMEOUT, async {
-                let mut c = WorkerClient::connect(format!("http://{address}")).await.ok()?;
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).ok()?;
+                let mut c = WorkerClient::with_interceptor(channel.connect().await.ok()?, token);
                 c.info(InfoRequest { create_nccl_id: false }).await.ok()
             })
             .await
@@ -429,19 +433,20 @@ impl Manager {
             self.tick_after(CLAIM_RETRY);
             return;
         }
-        let (tx, model, kv, block, timeouts) = (
+        let (tx, model, kv, block, timeouts, token) = (
             self.tx.clone(),
             self.cfg.model_path.clone(),
             self.cfg.kv_cache_bytes,
             self.cfg.block_size,
             self.cfg.timeouts,
+            self.cfg.token.clone(),
         );
         let (gid, addrs) = (gid.to_string(), g.addrs.clone());
         // Connecting and loading block (GroupClient has a runtime of its own): a plain thread.
         std::thread::Builder::new()
             .name("tessera-form".into())
             .spawn(move || {
-                let result = GroupClient::connect(&addrs, &model, kv, block, &gid, timeouts)
+                let result = GroupClient::connect(&addrs, &model, kv, block, &gid, timeouts, &token)
                     .map(Box::new)
                     .map_err(|e| format!("{e:#}"));
                 let _ = tx.send(Msg::Formed { group: gid, result });

@@ -10,12 +10,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use tessera_proto::auth::ClusterToken;
 use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
 use tessera_proto::v1::{
     self as pb, InfoReply, InfoRequest, LoadModelRequest, Rendezvous, StepRequest, TcpRendezvous, rendezvous::Kind,
     worker_client::WorkerClient,
 };
-use tonic::{Code, transport::Channel};
+use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
 use super::backend::{Backend, ModelInfo, RankFailure, StepFailure, WorkerTiming};
 
@@ -37,9 +38,12 @@ impl Default for GroupTimeouts {
     }
 }
 
+/// A worker's client: every call carries the cluster token.
+type Client = WorkerClient<InterceptedService<Channel, ClusterToken>>;
+
 struct Rank {
     addr: String,
-    client: WorkerClient<Channel>,
+    client: Client,
 }
 
 pub struct GroupClient {
@@ -69,8 +73,8 @@ fn describe(status: &tonic::Status) -> String {
 }
 
 impl GroupClient {
-    /// Connects to `addrs` (rank order) and loads `model_path` on all of them. Blocks the calling thread,
-    /// which must not be inside an async runtime; so do the steps.
+    /// Connects to `addrs` (rank order) and loads `model_path` on all of them, calling with `token`.
+    /// Blocks the calling thread, which must not be inside an async runtime; so do the steps.
     pub fn connect(
         addrs: &[String],
         model_path: &str,
@@ -78,10 +82,11 @@ impl GroupClient {
         block_size: u32,
         group_id: &str,
         timeouts: GroupTimeouts,
+        token: &ClusterToken,
     ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
-        let (ranks, info) =
-            rt.block_on(Self::connect_async(addrs, model_path, kv_cache_bytes, block_size, group_id, timeouts))?;
+        let connecting = Self::connect_async(addrs, model_path, kv_cache_bytes, block_size, group_id, timeouts, token);
+        let (ranks, info) = rt.block_on(connecting)?;
         Ok(GroupClient {
             rt,
             ranks,
@@ -102,6 +107,7 @@ impl GroupClient {
         block_size: u32,
         group_id: &str,
         timeouts: GroupTimeouts,
+        token: &ClusterToken,
     ) -> Result<(Vec<Rank>, ModelInfo)> {
         if addrs.is_empty() {
             bail!("a group needs at least one worker");
@@ -110,7 +116,7 @@ impl GroupClient {
         let mut peers = Vec::new();
         let mut devices = Vec::new();
         for (r, addr) in addrs.iter().enumerate() {
-            let (client, info) = connect_rank(r, addr, timeouts).await?;
+            let (client, info) = connect_rank(r, addr, timeouts, token).await?;
             peers.push(info.collective_address);
             devices.push(info.device);
             ranks.push(Rank { addr: addr.clone(), client });
@@ -290,7 +296,12 @@ impl Backend for GroupClient {
 }
 
 /// Connects to rank `r` at `addr` and asks its `Info`, refusing a worker of another protocol.
-async fn connect_rank(r: usize, addr: &str, timeouts: GroupTimeouts) -> Result<(WorkerClient<Channel>, InfoReply)> {
+async fn connect_rank(
+    r: usize,
+    addr: &str,
+    timeouts: GroupTimeouts,
+    token: &ClusterToken,
+) -> Result<(Client, InfoReply)> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .with_context(|| format!("worker address {addr:?}"))?
         .connect_timeout(timeouts.connect)
@@ -298,8 +309,9 @@ async fn connect_rank(r: usize, addr: &str, timeouts: GroupTimeouts) -> Result<(
         .connect()
         .await
         .with_context(|| format!("connecting to worker rank {r} at {addr}"))?;
-    let mut client =
-        WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+    let mut client = WorkerClient::with_interceptor(channel, token.clone())
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
     let info = tokio::time::timeout(timeouts.connect, client.info(InfoRequest { create_nccl_id: false }))
         .await
         .map_err(|_| anyhow!("worker rank {r} at {addr} did not answer Info within {:?}", timeouts.connect))?

@@ -102,3 +102,19 @@ privileged: false
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* The Secret holding the cluster token. */}}
+{{- define "tessera.clusterTokenSecret" -}}
+{{- default (printf "%s-cluster-token" (include "tessera.fullname" .)) .Values.clusterToken.existingSecret -}}
+{{- end }}
+
+{{/* The cluster token, from its Secret, for the coordinator and the workers. */}}
+{{- define "tessera.clusterTokenEnv" -}}
+{{- if .Values.clusterToken.enabled }}
+- name: TESSERA_CLUSTER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tessera.clusterTokenSecret" . }}
+      key: token
+{{- end }}
+{{- end }}
