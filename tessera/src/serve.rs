@@ -178,7 +178,7 @@ impl Frontend {
         // token per step (the engine and the compute pool have threads of their own).
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
-        rt.block_on(async move {
+        let served = rt.block_on(async move {
             let on_shutdown = background.map(|b| {
                 tokio::spawn(b.run);
                 b.on_shutdown
@@ -215,7 +215,11 @@ impl Frontend {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(3), f).await;
             }
             served
-        })
+        });
+        // Preparation still running on the blocking pool (a chat template on its fuel) ends by itself;
+        // the process does not wait for it.
+        rt.shutdown_timeout(Duration::from_secs(1));
+        served
     }
 }
 

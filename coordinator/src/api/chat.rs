@@ -18,6 +18,7 @@ use super::{
     chat_template::ChatMessage,
     error::ApiError,
     generate::{Job, run},
+    offload,
     reply::Kind,
     request::{self, ChatRequest, Content, MAX_TOP_LOGPROBS, Message},
     state::AppState,
@@ -28,8 +29,10 @@ pub(super) async fn chat(
     Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let prepared = tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_chat(&s, &caller, b));
-    match prepared {
+    let span = tracing::info_span!(target: "tessera::http", "validate");
+    let (state, who) = (s.clone(), caller.clone());
+    let prepare = move || span.in_scope(|| prepare_chat(&state, &who, b));
+    match offload::run(&offload::CHAT, "rendering the chat template and tokenizing", "messages", prepare).await {
         Ok(job) => run(s, &caller, job).await,
         Err(e) => e.into_response(),
     }

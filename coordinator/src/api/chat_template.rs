@@ -27,6 +27,10 @@ const NAME: &str = "chat";
 /// stopped within a second or so instead of holding a runtime thread and the CPU for minutes.
 pub const FUEL: u64 = 20_000_000;
 
+/// Most bytes a render may write: a prompt far past any model's context in tokens (a token is a few bytes
+/// of text), yet small next to the machine.
+pub const MAX_OUTPUT: usize = 16 << 20;
+
 impl ChatTemplate {
     /// The template in `tokenizer_config.json` (a string, or a list of named templates of which `default`
     /// is used), or `None` if the model has none.
@@ -69,13 +73,21 @@ impl ChatTemplate {
     /// Renders the prompt for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ApiError> {
         let t = self.env.get_template(NAME).map_err(|e| ApiError::internal(e.to_string()))?;
-        t.render(context! {
+        let mut out = Capped { text: Vec::new(), overflowed: false };
+        let ctx = context! {
             messages => messages,
             bos_token => self.bos,
             eos_token => self.eos,
             add_generation_prompt => true,
-        })
-        .map_err(|e| {
+        };
+        let rendered = t.render_captured_to(ctx, &mut out).map(drop);
+        if out.overflowed {
+            return Err(ApiError::param(
+                "messages",
+                format!("the model's chat template wrote more than {MAX_OUTPUT} bytes for these messages"),
+            ));
+        }
+        rendered.map_err(|e| {
             // raise_exception is the template telling the client its conversation is not acceptable.
             if e.kind() == ErrorKind::InvalidOperation {
                 ApiError::param("messages", e.detail().unwrap_or("the chat template rejected the messages").to_string())
@@ -87,7 +99,30 @@ impl ChatTemplate {
             } else {
                 ApiError::internal(format!("rendering the chat template failed: {e}"))
             }
-        })
+        })?;
+        String::from_utf8(out.text).map_err(|_| ApiError::internal("the chat template wrote text that is not UTF-8"))
+    }
+}
+
+/// Where a render writes: refuses to grow past [`MAX_OUTPUT`], so a template cannot fill memory with
+/// output its fuel would allow (one instruction can write a hundred megabytes).
+struct Capped {
+    text: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > MAX_OUTPUT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered prompt is too large"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -99,6 +134,18 @@ mod tests {
         ChatTemplate::from_config(&serde_json::json!({ "chat_template": src }), Some("<s>"), Some("</s>"))
             .unwrap()
             .unwrap()
+    }
+
+    #[test]
+    fn a_template_that_writes_too_much_is_stopped_with_a_400() {
+        // 100 MB per instruction is within minijinja's own limit, and a few instructions within the fuel.
+        let t = tpl("{% for i in range(10) %}{{ 'x' * 10000000 }}{% endfor %}");
+        let e = t.render(&[ChatMessage { role: "user".into(), content: "hi".into() }]).unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("chat template wrote more than"), "{}", e.message);
+        // Just under the cap is rendered in full.
+        let t = tpl("{{ 'x' * 16777000 }}");
+        assert_eq!(t.render(&[]).unwrap().len(), 16_777_000);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::{
     auth::{self, Caller},
     error::ApiError,
     generate::{Job, run},
+    offload,
     reply::Kind,
     request::{self, CompletionRequest, MAX_TOP_LOGPROBS, Prompt},
     state::AppState,
@@ -43,9 +44,10 @@ pub(super) async fn completions(
     Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let prepared =
-        tracing::info_span!(target: "tessera::http", "validate").in_scope(|| prepare_completion(&s, &caller, b));
-    match prepared {
+    let span = tracing::info_span!(target: "tessera::http", "validate");
+    let (state, who) = (s.clone(), caller.clone());
+    let prepare = move || span.in_scope(|| prepare_completion(&state, &who, b));
+    match offload::run(&offload::PROMPTS, "tokenizing the prompt", "prompt", prepare).await {
         Ok(job) => run(s, &caller, job).await,
         Err(e) => e.into_response(),
     }

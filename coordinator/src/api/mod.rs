@@ -8,7 +8,8 @@
 //! - `refusals`: bodies over the limit, unknown paths, wrong methods.
 //! - [`auth`]: API keys and the middleware that checks them; [`limits`]: per-key rate and concurrency limits.
 //! - `completions`, `chat`: the two generation endpoints, each validating and tokenizing its own request
-//!   ([`request`] parses and checks what both share; [`chat_template`] renders a conversation).
+//!   ([`request`] parses and checks what both share; [`chat_template`] renders a conversation), off the
+//!   async runtime ([`offload`]).
 //! - `generate`: runs a validated request for either endpoint; `admission` has the checks it must pass first.
 //! - `reply`: a request in flight, its choices, usage and billing; `whole` and `stream` assemble its answer
 //!   as one JSON body or as server-sent events ([`output`] builds the text and logprobs of a choice).
@@ -27,6 +28,7 @@ pub mod error;
 mod generate;
 pub mod limits;
 mod models;
+pub mod offload;
 pub mod output;
 mod probes;
 mod refusals;
