@@ -1,5 +1,5 @@
 //! Prometheus metrics of the coordinator, named as vLLM names them (under `tessera:`), each labelled with
-//! the served model.
+//! the served model twice: `model_name` as vLLM labels it, and `model`.
 //!
 //! Gauges are set by the engine loop after every step; counters and histograms are fed where the event
 //! happens (the engine loop for tokens and steps, the HTTP layer for request outcomes). Label values are
@@ -86,7 +86,13 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 
 impl Metrics {
     pub fn new(model: &str) -> Self {
-        let mut registry = Registry::with_labels([(Cow::Borrowed("model"), Cow::Owned(model.to_string()))].into_iter());
+        // `model_name` is vLLM's label, so its dashboards and autoscalers work unchanged; `model` is the one
+        // this project's Grafana dashboard (and existing alerts) select on.
+        let labels = [
+            (Cow::Borrowed("model"), Cow::Owned(model.to_string())),
+            (Cow::Borrowed("model_name"), Cow::Owned(model.to_string())),
+        ];
+        let mut registry = Registry::with_labels(labels.into_iter());
         let m = Metrics {
             num_requests_running: Gauge::default(),
             num_requests_waiting: Gauge::default(),
@@ -298,11 +304,11 @@ mod tests {
         m.request_success.get_or_create(&vec![("finished_reason", "stop")]).inc();
         let text = m.render();
         for name in [
-            "tessera:num_requests_running{model=\"stories260K\"} 0",
-            "tessera:prompt_tokens_total{model=\"stories260K\"} 5",
-            "tessera:time_to_first_token_seconds_count{model=\"stories260K\"} 1",
-            "tessera:request_success_total{model=\"stories260K\",finished_reason=\"stop\"} 1",
-            "tessera:kv_cache_usage_perc{model=\"stories260K\"} 0",
+            "tessera:num_requests_running{model=\"stories260K\",model_name=\"stories260K\"} 0",
+            "tessera:prompt_tokens_total{model=\"stories260K\",model_name=\"stories260K\"} 5",
+            "tessera:time_to_first_token_seconds_count{model=\"stories260K\",model_name=\"stories260K\"} 1",
+            "tessera:request_success_total{model=\"stories260K\",model_name=\"stories260K\",finished_reason=\"stop\"} 1",
+            "tessera:kv_cache_usage_perc{model=\"stories260K\",model_name=\"stories260K\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

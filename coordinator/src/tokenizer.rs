@@ -139,7 +139,12 @@ impl Tokenizer {
 
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, true).map_err(|e| TokenizerError::Tokenize(e.to_string()))
+        self.decode_with(ids, true)
+    }
+
+    /// Decodes ids to text, with or without the special tokens among them.
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Tokenize(e.to_string()))
     }
 
     pub fn is_eos(&self, id: u32) -> bool {

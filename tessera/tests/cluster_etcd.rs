@@ -158,10 +158,25 @@ fn four_workers_make_two_replicas_that_serve_like_one_process() {
         assert!(coord.metric(&client, "tessera:prefix_cache_hits_total").await > 0.0);
 
         let metrics = String::from_utf8(client.get(&coord.url("/metrics")).await.unwrap().body.to_vec()).unwrap();
-        assert!(metrics.contains("tessera:replicas_serving{model=\"stories260K\"} 2"), "{metrics}");
-        assert!(metrics.contains("tessera:cluster_workers{model=\"stories260K\",state=\"ignored\"} 2"));
-        assert!(metrics.contains("tessera:cluster_workers{model=\"stories260K\",state=\"serving\"} 4"));
-        assert!(metrics.contains("tessera:cluster_groups{model=\"stories260K\",state=\"serving\"} 2"));
+        assert!(
+            metrics.contains("tessera:replicas_serving{model=\"stories260K\",model_name=\"stories260K\"} 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(
+                "tessera:cluster_workers{model=\"stories260K\",model_name=\"stories260K\",state=\"ignored\"} 2"
+            )
+        );
+        assert!(
+            metrics.contains(
+                "tessera:cluster_workers{model=\"stories260K\",model_name=\"stories260K\",state=\"serving\"} 4"
+            )
+        );
+        assert!(
+            metrics.contains(
+                "tessera:cluster_groups{model=\"stories260K\",model_name=\"stories260K\",state=\"serving\"} 2"
+            )
+        );
         assert_eq!(client.get(&coord.url("/ready")).await.unwrap().status, 200);
     });
 }

@@ -268,7 +268,7 @@ fn a_client_that_disconnects_frees_its_blocks() {
     let s = Server::start(&[]);
     rt.block_on(async {
         assert_eq!(s.metric(&client, "tessera:kv_cache_usage_perc").await, 0.0);
-        let aborts = s.metric(&client, "tessera:request_success_total{model=\"stories260K\",finished_reason=\"abort\"}").await;
+        let aborts = s.metric(&client, "tessera:request_success_total{model=\"stories260K\",model_name=\"stories260K\",finished_reason=\"abort\"}").await;
         let body = json!({"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true, "stream": true});
         let mut seen = 0;
         let url = s.url("/v1/completions");
@@ -283,7 +283,7 @@ fn a_client_that_disconnects_frees_its_blocks() {
         loop {
             let usage = s.metric(&client, "tessera:kv_cache_usage_perc").await;
             let running = s.metric(&client, "tessera:num_requests_running").await;
-            let aborted = s.metric(&client, "tessera:request_success_total{model=\"stories260K\",finished_reason=\"abort\"}").await;
+            let aborted = s.metric(&client, "tessera:request_success_total{model=\"stories260K\",model_name=\"stories260K\",finished_reason=\"abort\"}").await;
             if usage == 0.0 && running == 0.0 && aborted == aborts + 1.0 {
                 break;
             }
@@ -395,7 +395,40 @@ fn chat_matches_transformers_on_tiny_llama3_and_a_model_without_template_gets_40
             // SentencePiece drops a leading space; decoded after the prompt (as served) the space stays.
             let text = v["choices"][0]["message"]["content"].as_str().unwrap();
             assert_eq!(text.trim_start(), case["greedy_text"].as_str().unwrap().trim_start());
+            // /tokenize renders and tokenizes the conversation as the chat endpoint does (and transformers).
+            let t = client.post_json(&s.url("/tokenize"), &json!({"model": "tiny-llama3", "messages": case["messages"]})).await.unwrap();
+            let t = t.json().unwrap();
+            assert_eq!(t["tokens"], case["prompt_ids"], "{t}");
+            assert_eq!(t["count"], case["prompt_ids"].as_array().unwrap().len());
+            // Fields OpenAI defines that change nothing here are accepted, and change nothing.
+            let extra = json!({"model": "tiny-llama3", "messages": case["messages"], "max_tokens": n, "temperature": 0,
+                "ignore_eos": true, "store": false, "metadata": {"team": "eval"}, "service_tier": "auto", "user": "u1",
+                "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"], "parallel_tool_calls": true});
+            let r = client.post_json(&s.url("/v1/chat/completions"), &extra).await.unwrap();
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json().unwrap()["choices"][0]["message"]["content"], v["choices"][0]["message"]["content"]);
         }
+        // A prompt, with and without special tokens, back to text through /detokenize.
+        let t = client.post_json(&s.url("/tokenize"), &json!({"prompt": "Hello there", "return_token_strs": true})).await.unwrap();
+        let t = t.json().unwrap();
+        let plain = client
+            .post_json(&s.url("/tokenize"), &json!({"prompt": "Hello there", "add_special_tokens": false}))
+            .await
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(t["count"].as_u64().unwrap(), plain["count"].as_u64().unwrap() + 1, "BOS: {t} {plain}");
+        assert_eq!(t["token_strs"].as_array().unwrap().len(), t["count"].as_u64().unwrap() as usize);
+        assert!(t["max_model_len"].as_u64().unwrap() > 0);
+        let d = client.post_json(&s.url("/detokenize"), &json!({"tokens": plain["tokens"]})).await.unwrap();
+        assert_eq!(d.json().unwrap()["prompt"], "Hello there");
+        // History with a tool call and its result reaches the template (here one that shows only content).
+        let history = json!([{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "22C"}]);
+        let r = client.post_json(&s.url("/tokenize"), &json!({"messages": history})).await.unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     });
     drop(s);
     let mistral = repo().join("testdata/models/tiny-mistral");
@@ -523,6 +556,7 @@ fn every_design_metric_is_exported_with_sane_values_after_a_request() {
         let v = get(name);
         assert_eq!(v.len(), 1, "{name}: {v:?}");
         assert!(v[0].1.contains("model=\"stories260K\""), "{name} lacks the model label");
+        assert!(v[0].1.contains("model_name=\"stories260K\""), "{name} lacks vLLM's model_name label");
         v[0].2
     };
     assert_eq!(one("tessera:num_requests_running"), 0.0);

@@ -74,6 +74,19 @@ fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
     if r.tools.as_ref().is_some_and(|t| !t.is_null()) || r.tool_choice.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::param("tools", "Tool calling is not supported by this server."));
     }
+    if r.functions.as_ref().is_some_and(|t| !t.is_null()) || r.function_call.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::param("functions", "Function calling is not supported by this server."));
+    }
+    for (param, v) in [("audio", &r.audio), ("web_search_options", &r.web_search_options)] {
+        if v.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::param(param, format!("`{param}` is not supported by this server.")));
+        }
+    }
+    if let Some(m) = &r.modalities
+        && m.iter().any(|m| m != "text")
+    {
+        return Err(ApiError::param("modalities", "Only the \"text\" modality is supported by this server."));
+    }
     if let Some(f) = &r.response_format
         && f.get("type").and_then(Value::as_str) != Some("text")
     {
@@ -86,7 +99,7 @@ fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
 }
 
 /// The conversation as the chat template takes it: a role and plain text per message.
-fn messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
+pub(super) fn messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::param("messages", "messages must contain at least one message."));
     }
@@ -95,17 +108,66 @@ fn messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
         if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
             return Err(ApiError::param(&format!("messages.[{i}].role"), format!("Invalid role {:?}.", m.role)));
         }
-        out.push(ChatMessage { role: m.role.clone(), content: message_text(i, m.content.as_ref())? });
+        let content = m.content.as_ref().map(|c| message_text(i, c)).transpose()?;
+        // OpenAI requires content of every message but an assistant's that calls tools instead.
+        let calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
+        if content.is_none() && !(m.role == "assistant" && calls) {
+            return Err(ApiError::param(&format!("messages.[{i}].content"), "Missing required parameter: content."));
+        }
+        if m.tool_calls.is_some() && m.role != "assistant" {
+            return Err(ApiError::param(
+                &format!("messages.[{i}].tool_calls"),
+                "Only assistant messages have tool_calls.",
+            ));
+        }
+        if m.role == "tool" && m.tool_call_id.is_none() {
+            return Err(ApiError::param(&format!("messages.[{i}].tool_call_id"), "A tool message needs tool_call_id."));
+        }
+        let tool_calls = match &m.tool_calls {
+            Some(c) => Some(template_tool_calls(i, c)?),
+            None => None,
+        };
+        out.push(ChatMessage {
+            role: m.role.clone(),
+            content,
+            name: m.name.clone(),
+            tool_calls,
+            tool_call_id: m.tool_call_id.clone(),
+        });
     }
     Ok(out)
 }
 
+/// An assistant's tool calls as chat templates read them: OpenAI sends each call's `arguments` as a JSON
+/// string, templates (as Hugging Face documents them, and as vLLM hands them over) expect the object.
+fn template_tool_calls(i: usize, calls: &[Value]) -> Result<Value, ApiError> {
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, call) in calls.iter().enumerate() {
+        let param = |field: &str| format!("messages.[{i}].tool_calls.[{j}]{field}");
+        let mut call = call.clone();
+        let function = call
+            .get_mut("function")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| ApiError::param(&param(".function"), "A tool call needs a function object."))?;
+        if !function.get("name").is_some_and(Value::is_string) {
+            return Err(ApiError::param(&param(".function.name"), "A tool call's function needs a name."));
+        }
+        if let Some(Value::String(args)) = function.get("arguments") {
+            let parsed: Value = serde_json::from_str(args).map_err(|e| {
+                ApiError::param(&param(".function.arguments"), format!("The arguments are not JSON: {e}"))
+            })?;
+            function.insert("arguments".into(), parsed);
+        }
+        out.push(call);
+    }
+    Ok(Value::Array(out))
+}
+
 /// Message `i`'s content as one text: the model reads text only, so other kinds of parts are refused.
-fn message_text(i: usize, content: Option<&Content>) -> Result<String, ApiError> {
+fn message_text(i: usize, content: &Content) -> Result<String, ApiError> {
     Ok(match content {
-        None => String::new(),
-        Some(Content::Text(t)) => t.clone(),
-        Some(Content::Parts(parts)) => {
+        Content::Text(t) => t.clone(),
+        Content::Parts(parts) => {
             let mut text = String::new();
             for p in parts {
                 match (p.kind.as_str(), &p.text) {

@@ -8,10 +8,26 @@ use serde::Serialize;
 
 use super::error::ApiError;
 
-#[derive(Serialize, Debug, Clone, PartialEq)]
+/// A message as Hugging Face's `apply_chat_template` hands it to the template: the fields a client sent,
+/// and no others (a template tests `message.tool_calls is defined`).
+#[derive(Serialize, Debug, Clone, PartialEq, Default)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    /// `None` (the template sees `none`) only for an assistant message that calls tools instead.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of `role` with text `content`.
+    pub fn text(role: &str, content: &str) -> Self {
+        ChatMessage { role: role.into(), content: Some(content.into()), ..Default::default() }
+    }
 }
 
 pub struct ChatTemplate {
@@ -140,7 +156,7 @@ mod tests {
     fn a_template_that_writes_too_much_is_stopped_with_a_400() {
         // 100 MB per instruction is within minijinja's own limit, and a few instructions within the fuel.
         let t = tpl("{% for i in range(10) %}{{ 'x' * 10000000 }}{% endfor %}");
-        let e = t.render(&[ChatMessage { role: "user".into(), content: "hi".into() }]).unwrap_err();
+        let e = t.render(&[ChatMessage::text("user", "hi")]).unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         assert!(e.message.contains("chat template wrote more than"), "{}", e.message);
         // Just under the cap is rendered in full.
@@ -152,7 +168,7 @@ mod tests {
     fn a_template_that_runs_too_long_is_stopped_with_a_400() {
         let t = tpl("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}hi");
         let started = std::time::Instant::now();
-        let e = t.render(&[ChatMessage { role: "user".into(), content: "hi".into() }]).unwrap_err();
+        let e = t.render(&[ChatMessage::text("user", "hi")]).unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         assert!(e.message.contains("chat template ran more than"), "{}", e.message);
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "stopped in {:?}", started.elapsed());
@@ -183,10 +199,7 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|m| ChatMessage {
-                    role: m["role"].as_str().unwrap().into(),
-                    content: m["content"].as_str().unwrap().into(),
-                })
+                .map(|m| ChatMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
                 .collect();
             assert_eq!(t.render(&msgs).unwrap(), case["prompt_text"].as_str().unwrap());
         }
@@ -197,10 +210,10 @@ mod tests {
         let t = tpl(
             "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with the user') }}{% endif %}{{ messages[0]['content'].strip() | upper }}",
         );
-        let e = t.render(&[ChatMessage { role: "assistant".into(), content: "x".into() }]).unwrap_err();
+        let e = t.render(&[ChatMessage::text("assistant", "x")]).unwrap_err();
         assert_eq!(e.status, 400);
         assert_eq!(e.message, "Conversation must start with the user");
-        assert_eq!(t.render(&[ChatMessage { role: "user".into(), content: "  hi ".into() }]).unwrap(), "HI");
+        assert_eq!(t.render(&[ChatMessage::text("user", "  hi ")]).unwrap(), "HI");
         assert!(ChatTemplate::from_config(&serde_json::json!({}), None, None).unwrap().is_none());
         assert!(ChatTemplate::from_config(&serde_json::json!({"chat_template": "{% if %}"}), None, None).is_err());
     }

@@ -13,7 +13,8 @@
 //! - `generate`: runs a validated request for either endpoint; `admission` has the checks it must pass first.
 //! - `reply`: a request in flight, its choices, usage and billing; `whole` and `stream` assemble its answer
 //!   as one JSON body or as server-sent events ([`output`] builds the text and logprobs of a choice).
-//! - `models`, `admin` (`/v1/usage`, `/v1/cluster`), `probes` (`/health`, `/ready`, `/metrics`): the rest.
+//! - `models`, `admin` (`/v1/usage`, `/v1/cluster`), `tokenize` (`/tokenize`, `/detokenize`), `probes`
+//!   (`/health`, `/ready`, `/metrics`): the rest.
 //! - [`error`]: the OpenAI-shaped error every module answers with.
 //! - [`server`]: accepts the connections the router answers, with their bounds and timeouts.
 
@@ -37,6 +38,7 @@ pub mod request;
 pub mod server;
 mod state;
 mod stream;
+mod tokenize;
 mod whole;
 
 use std::sync::Arc;
@@ -59,6 +61,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{model}", get(models::model))
         .route("/v1/usage", get(admin::usage))
         .route("/v1/cluster", get(admin::cluster))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.keys.clone(), state.limiter.clone(), state.engine.metrics.clone()),
             auth::require_key,

@@ -99,11 +99,19 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
+/// A chat message, with the fields OpenAI defines for it; the template gets them as sent.
 #[derive(Deserialize, Debug)]
-/// A chat message. Other fields OpenAI defines (`name`, …) are accepted and not used.
+#[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    pub name: Option<String>,
+    /// An assistant's calls, as OpenAI shapes them (`[{id, type: "function", function: {name, arguments}}]`).
+    pub tool_calls: Option<Vec<Value>>,
+    /// A tool message: which call it answers.
+    pub tool_call_id: Option<String>,
+    /// OpenAI's field for a refusal the assistant gave earlier in the conversation; not shown to the model.
+    pub refusal: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -134,6 +142,22 @@ pub struct ChatRequest {
     pub user: Option<String>,
     pub ignore_eos: Option<bool>,
     pub logit_bias: Option<serde_json::Map<String, Value>>,
+    // OpenAI's fields that change nothing here: accepted (with their types checked) and ignored.
+    pub metadata: Option<serde_json::Map<String, Value>>,
+    pub store: Option<bool>,
+    pub service_tier: Option<String>,
+    pub prompt_cache_key: Option<String>,
+    pub safety_identifier: Option<String>,
+    pub reasoning_effort: Option<String>,
+    /// Predicted output only speeds up what OpenAI would write anyway.
+    pub prediction: Option<Value>,
+    /// Only `["text"]` can be served.
+    pub modalities: Option<Vec<String>>,
+    // OpenAI's fields asking for what this server cannot do: each refused by name.
+    pub audio: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub web_search_options: Option<Value>,
 }
 
 /// A validated request, independent of the endpoint.
@@ -159,10 +183,13 @@ pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::invalid(None, "The request body must be a JSON object."));
     }
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
+        // OpenAI writes paths as `messages.[0].content`.
+        let path = e.path().to_string().replace('[', ".[");
         let inner = e.into_inner().to_string();
         let (param, msg) = if let Some(rest) = inner.strip_prefix("unknown field `") {
             let name = rest.split('`').next().unwrap_or_default().to_string();
+            // The path ends with the unknown field itself.
+            let name = if path == "." { name } else { path.clone() };
             (Some(name.clone()), format!("Unrecognized request argument supplied: {name}"))
         } else if let Some(rest) = inner.strip_prefix("missing field `") {
             let name = rest.split('`').next().unwrap_or_default().to_string();
