@@ -60,6 +60,7 @@ fn time_decode(backend: &mut dyn Backend, batch: usize, steps: usize) -> Result<
                     penalty_context: &[],
                     output_context: &[],
                     starts: false,
+                    score_prompt: None,
                 }
             })
             .collect();

@@ -199,6 +199,7 @@ impl Plan {
                     penalty_context: &[],
                     output_context: &[],
                     starts: false,
+                    score_prompt: None,
                 }])?;
                 s.push(out[0].sampled.token);
             }
@@ -215,6 +216,7 @@ impl Plan {
                         penalty_context: &[],
                         output_context: &[],
                         starts: false,
+                        score_prompt: None,
                     })
                     .collect();
                 let out = engine.step(&batch)?;
@@ -251,6 +253,7 @@ impl Plan {
                 penalty_context: &[],
                 output_context: &[],
                 starts: false,
+                score_prompt: None,
             }])?;
             best = best.min(t.elapsed().as_secs_f64());
             engine.release(id);

@@ -22,6 +22,10 @@ pub struct SamplingParams {
     pub top_logprobs: usize,
     /// (token, bias) added to the logits before sampling, after the penalties (OpenAI's `logit_bias`).
     pub logit_bias: Vec<(u32, f32)>,
+    /// Score the prompt's tokens too, with this many alternatives each (`echo` with `logprobs`, vLLM's
+    /// `prompt_logprobs`). The coordinator's: it becomes each prefill chunk's `StepSeq::score_prompt`,
+    /// and a worker never reads it here.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +42,7 @@ impl Default for SamplingParams {
             logprobs: false,
             top_logprobs: 0,
             logit_bias: Vec::new(),
+            prompt_logprobs: None,
         }
     }
 }
@@ -118,6 +123,25 @@ pub struct StepSeq<'a> {
     /// This step begins the sequence: earlier state is dropped and positions before `start_pos` are a
     /// cached prefix already in the block table. Implied by `start_pos == 0`.
     pub starts: bool,
+    /// Score the prompt tokens this chunk covers (prompt logprobs).
+    pub score_prompt: Option<ScorePrompt>,
+}
+
+/// Scoring the prompt tokens of a prefill chunk: every token the chunk's positions predict (the chunk's
+/// own tokens after its first, then `next_token`, the prompt token after the chunk, if there is one) gets
+/// its logprob under the logits of the position before it, and its `top` most likely alternatives.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScorePrompt {
+    pub top: usize,
+    pub next_token: Option<u32>,
+}
+
+/// The scored prompt tokens of one chunk: `tokens[i]` is the token at position `first_position + i`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptScores {
+    pub id: u64,
+    pub first_position: usize,
+    pub tokens: Vec<Sampled>,
 }
 
 impl StepSeq<'_> {

@@ -264,6 +264,7 @@ pub fn execute(a: GenerateArgs) -> Result<()> {
         logprobs: a.top_logprobs > 0,
         top_logprobs: a.top_logprobs,
         logit_bias: Vec::new(),
+        prompt_logprobs: None,
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let dir = a.model.dir()?;

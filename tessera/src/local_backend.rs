@@ -88,6 +88,10 @@ impl Backend for LocalBackend {
         vec![self.last]
     }
 
+    fn take_prompt_scores(&mut self) -> Vec<tessera_worker::PromptScores> {
+        self.engine.take_prompt_scores()
+    }
+
     /// On the CPU only: on a GPU a step costs about the same with a newcomer's prefill in it
     /// (memory-bound), so the scheduler would never run one in the middle.
     fn can_pause(&self) -> bool {

@@ -65,6 +65,7 @@ fn run(
                     penalty_context: if s == 0 { toks } else { &[] },
                     output_context: &[],
                     starts: false,
+                    score_prompt: None,
                 }
             })
             .collect();
@@ -369,6 +370,7 @@ fn a_group_refuses_a_bad_step_without_failing() {
         penalty_context: &[],
         output_context: &[],
         starts: false,
+        score_prompt: None,
     }];
     let e = group.step_full(&bad, false).unwrap_err().to_string();
     assert!(e.contains("refused the step") && e.contains("block 9999"), "{e}");
@@ -381,6 +383,7 @@ fn a_group_refuses_a_bad_step_without_failing() {
         penalty_context: &[],
         output_context: &[],
         starts: false,
+        score_prompt: None,
     }];
     assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
 }
@@ -446,6 +449,7 @@ fn calls_without_the_cluster_token_and_steps_for_one_rank_are_refused_and_the_gr
         penalty_context: &[],
         output_context: &[],
         starts: false,
+        score_prompt: None,
     }];
     assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
 }

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tessera_kernels::{Device, Tensor, ops};
-pub use tessera_proto::step::{SeqSampled, StepSeq};
+pub use tessera_proto::step::{PromptScores, SeqSampled, StepSeq};
 
 use crate::{
     collective::Collective,
@@ -81,11 +81,13 @@ pub struct Engine {
     comm: Box<dyn Collective>,
     seqs: HashMap<u64, SeqState>,
     paused: Option<PausedStep>,
+    /// Prompt tokens scored by the last step, until [`Engine::take_prompt_scores`] (rank 0 only).
+    scores: Vec<PromptScores>,
 }
 
 impl Engine {
     pub fn new(model: Model, cache: KvCache, comm: Box<dyn Collective>) -> Self {
-        Engine { model, cache, comm, seqs: HashMap::new(), paused: None }
+        Engine { model, cache, comm, seqs: HashMap::new(), paused: None, scores: Vec::new() }
     }
 
     /// Seconds spent in collectives since the last call.
@@ -96,6 +98,11 @@ impl Engine {
     /// Sequences with state on this engine.
     pub fn active_sequences(&self) -> usize {
         self.seqs.len()
+    }
+
+    /// The prompt tokens the last step scored, by sequence (rank 0; other ranks have none).
+    pub fn take_prompt_scores(&mut self) -> Vec<PromptScores> {
+        std::mem::take(&mut self.scores)
     }
 
     /// Drops a sequence's state (its blocks belong to the coordinator and need nothing here).
@@ -151,6 +158,17 @@ impl Engine {
             }
             if let Some(p) = s.sample {
                 p.validate().map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
+            }
+            if let Some(sp) = s.score_prompt {
+                if let Some(t) = sp.next_token.filter(|&t| t as usize >= c.vocab_size) {
+                    return bad(format!("next prompt token {t} outside the vocabulary of {}", c.vocab_size));
+                }
+                if sp.top > c.vocab_size {
+                    return bad(format!(
+                        "{} prompt logprob alternatives from a vocabulary of {}",
+                        sp.top, c.vocab_size
+                    ));
+                }
             }
             if let Some(p) = &self.paused {
                 if p.batch.iter().any(|&(id, ..)| id == s.id) {
@@ -269,6 +287,15 @@ impl Engine {
                 st.sampler = Some(sampler);
             }
         }
+        let scored = self.model.take_scores();
+        self.scores = if self.comm.rank() == 0 {
+            scored
+                .into_iter()
+                .map(|c| PromptScores { id: batch[c.index].id, first_position: c.first_position, tokens: c.tokens })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let Some(logits) = logits else {
             return Ok((Vec::new(), None));
         };
@@ -360,6 +387,7 @@ impl Engine {
                 start_pos: s.start_pos,
                 block_table: s.block_table,
                 logits: s.sample.is_some(),
+                score: s.score_prompt,
             })
             .collect();
         let _forward = tracing::info_span!(target: "tessera::worker", "forward", tokens = inputs.iter().map(|s| s.tokens.len()).sum::<usize>()).entered();

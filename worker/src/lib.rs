@@ -37,3 +37,4 @@ pub use engine::{Engine, SeqSampled, StepProgress, StepSeq};
 pub use error::{ModelError, StepError};
 pub use model::{Model, Shard};
 pub use sampling::{Sampled, SamplingParams};
+pub use tessera_proto::step::{PromptScores, ScorePrompt};

@@ -77,19 +77,7 @@ impl Sampler {
         let token = if p.is_greedy() { argmax(&l) } else { self.draw(&mut l, p) };
         self.observe_output(token);
 
-        let top_logprobs = if p.top_logprobs > 0 {
-            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-            let k = p.top_logprobs.min(idx.len());
-            let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-            if k < idx.len() {
-                idx.select_nth_unstable_by(k, by_logit_desc);
-                idx.truncate(k);
-            }
-            idx.sort_by(by_logit_desc);
-            idx.into_iter().map(|t| (t, logits[t as usize] - log_z)).collect()
-        } else {
-            Vec::new()
-        };
+        let top_logprobs = top(logits, p.top_logprobs, log_z);
         Sampled { token, logprob: want_lp.then(|| logits[token as usize] - log_z), top_logprobs }
     }
 
@@ -135,6 +123,29 @@ impl Sampler {
         }
         *cand.last().expect("at least one candidate")
     }
+}
+
+/// A token that was given rather than drawn (a prompt token): its logprob under the raw `logits` of the
+/// position before it, and the `k` most likely tokens there, exactly as a sampled token reports them.
+pub fn score(logits: &[f32], token: u32, k: usize) -> Sampled {
+    let log_z = log_sum_exp(logits);
+    Sampled { token, logprob: Some(logits[token as usize] - log_z), top_logprobs: top(logits, k, log_z) }
+}
+
+/// The `k` largest logits as (token, logprob), highest first; ties go to the lower id.
+fn top(logits: &[f32], k: usize, log_z: f32) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, by_logit_desc);
+        idx.truncate(k);
+    }
+    idx.sort_by(by_logit_desc);
+    idx.into_iter().map(|t| (t, logits[t as usize] - log_z)).collect()
 }
 
 fn log_sum_exp(v: &[f32]) -> f32 {

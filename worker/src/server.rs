@@ -12,6 +12,7 @@ use std::{
 };
 
 use tessera_kernels::Device;
+use tessera_proto::step::{Sampled, ScorePrompt};
 use tessera_proto::v1::{
     self as pb, HealthReply, HealthRequest, InfoReply, InfoRequest, LoadModelReply, LoadModelRequest, StepReply,
     StepRequest, health_reply::Status as HealthStatus, rendezvous::Kind, worker_server::Worker,
@@ -193,6 +194,7 @@ fn to_params(p: Option<&pb::SamplingParams>) -> SamplingParams {
         logprobs: p.logprobs,
         top_logprobs: p.top_logprobs as usize,
         logit_bias: p.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
+        prompt_logprobs: None,
     }
 }
 
@@ -343,6 +345,9 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             penalty_context: &s.penalty_context,
             output_context: &s.output_context,
             starts: s.starts,
+            score_prompt: s
+                .prompt_logprobs
+                .map(|top| ScorePrompt { top: top as usize, next_token: s.next_prompt_token }),
         })
         .collect();
     let (sampled, logits) = match engine.step_with_logits(&batch) {
@@ -360,20 +365,21 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
     let tokens = sampled
         .into_iter()
         .enumerate()
-        .map(|(i, s)| pb::SampledToken {
-            sequence_id: s.id,
-            token_id: s.sampled.token,
-            logprob: s.sampled.logprob.unwrap_or(0.0),
-            top_logprobs: s
-                .sampled
-                .top_logprobs
-                .iter()
-                .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
-                .collect(),
-            logits: match (r.return_logits, rows) {
+        .map(|(i, s)| {
+            let logits = match (r.return_logits, rows) {
                 (true, Some(rows)) => rows[i * vocab..(i + 1) * vocab].to_vec(),
                 _ => Vec::new(),
-            },
+            };
+            to_pb_token(s.id, &s.sampled, logits)
+        })
+        .collect();
+    let prompt_logprobs = engine
+        .take_prompt_scores()
+        .into_iter()
+        .map(|p| pb::PromptLogprobs {
+            sequence_id: p.id,
+            first_position: p.first_position as u32,
+            tokens: p.tokens.iter().map(|t| to_pb_token(p.id, t, Vec::new())).collect(),
         })
         .collect();
     Ok(StepReply {
@@ -381,5 +387,20 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
         forward_seconds: started.elapsed().as_secs_f64(),
         sample_seconds: 0.0,
         collective_seconds: engine.take_collective_seconds(),
+        prompt_logprobs,
     })
+}
+
+fn to_pb_token(sequence_id: u64, s: &Sampled, logits: Vec<f32>) -> pb::SampledToken {
+    pb::SampledToken {
+        sequence_id,
+        token_id: s.token,
+        logprob: s.logprob.unwrap_or(0.0),
+        top_logprobs: s
+            .top_logprobs
+            .iter()
+            .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+            .collect(),
+        logits,
+    }
 }

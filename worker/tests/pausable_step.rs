@@ -45,6 +45,7 @@ impl Seqs {
                     penalty_context: if start == 0 { &self.tokens[i] } else { &[] },
                     output_context: &[],
                     starts: false,
+                    score_prompt: None,
                 }
             })
             .collect()

@@ -20,6 +20,7 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
         penalty_context: &[],
         output_context: &[],
         starts: false,
+        score_prompt: None,
     };
     let leak = |v: Vec<u32>| -> &'static [u32] { Box::leak(v.into_boxed_slice()) };
     let t: &'static [u32] = leak(table.clone());
@@ -76,6 +77,7 @@ fn a_restarted_seeded_sequence_continues_its_stream() {
                 penalty_context: &prompt,
                 output_context: if restart { &generated } else { &[] },
                 starts: restart,
+                score_prompt: None,
             };
             let next = e.step(&[s]).unwrap()[0].sampled.token;
             restart = false;

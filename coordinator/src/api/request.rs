@@ -254,6 +254,7 @@ pub fn options(c: Common, logprobs: Option<usize>) -> Result<Options, ApiError> 
         logprobs: logprobs.is_some(),
         top_logprobs: logprobs.unwrap_or(0),
         logit_bias: logit_bias(c.logit_bias)?,
+        prompt_logprobs: None,
     };
     let stop = match c.stop {
         None => vec![],

@@ -4,7 +4,7 @@
 
 use std::{fmt, time::Duration};
 
-use tessera_proto::step::{SamplingParams, SeqSampled, StepSeq};
+use tessera_proto::step::{PromptScores, SamplingParams, ScorePrompt, SeqSampled, StepSeq};
 
 /// Facts about the loaded model a scheduler needs.
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +128,10 @@ pub trait Backend: Send {
     }
     /// Per rank, what the last step cost on the worker.
     fn last_timings(&self) -> Vec<WorkerTiming>;
+    /// The prompt tokens the last step scored (its sequences with `score_prompt`), taken once.
+    fn take_prompt_scores(&mut self) -> Vec<PromptScores> {
+        Vec::new()
+    }
 }
 
 /// A step's sequence with its own copies of what [`StepSeq`] borrows: a paused step keeps its batch while
@@ -141,6 +145,7 @@ pub struct OwnedStepSeq {
     penalty_context: Vec<u32>,
     output_context: Vec<u32>,
     starts: bool,
+    score_prompt: Option<ScorePrompt>,
 }
 
 impl OwnedStepSeq {
@@ -154,6 +159,7 @@ impl OwnedStepSeq {
             penalty_context: s.penalty_context.to_vec(),
             output_context: s.output_context.to_vec(),
             starts: s.starts,
+            score_prompt: s.score_prompt,
         }
     }
 
@@ -167,6 +173,7 @@ impl OwnedStepSeq {
             penalty_context: &self.penalty_context,
             output_context: &self.output_context,
             starts: self.starts,
+            score_prompt: self.score_prompt,
         }
     }
 }

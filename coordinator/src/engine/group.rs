@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use tessera_proto::auth::ClusterToken;
-use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
+use tessera_proto::step::{PromptScores, Sampled, SeqSampled, StepSeq};
 use tessera_proto::v1::{
     self as pb, InfoReply, InfoRequest, LoadModelRequest, Rendezvous, StepRequest, TcpRendezvous, rendezvous::Kind,
     worker_client::WorkerClient,
@@ -61,6 +61,8 @@ pub struct GroupClient {
     finished: Vec<u64>,
     /// Per rank, the worker's own timing of the last successful step.
     last: Vec<WorkerTiming>,
+    /// Prompt tokens rank 0 scored in the last step, until taken.
+    scores: Vec<PromptScores>,
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -97,6 +99,7 @@ impl GroupClient {
             failed: None,
             finished: Vec::new(),
             last: Vec::new(),
+            scores: Vec::new(),
         })
     }
 
@@ -236,18 +239,28 @@ impl GroupClient {
         }
         let reply = reply.ok_or_else(|| StepFailure::Internal("rank 0 sent no reply".into()))?;
         self.last = timings;
+        self.scores = reply
+            .prompt_logprobs
+            .iter()
+            .map(|p| PromptScores {
+                id: p.sequence_id,
+                first_position: p.first_position as usize,
+                tokens: p.tokens.iter().map(from_proto).collect(),
+            })
+            .collect();
         Ok(reply
             .tokens
             .into_iter()
-            .map(|t| {
-                let sampled = Sampled {
-                    token: t.token_id,
-                    logprob: Some(t.logprob),
-                    top_logprobs: t.top_logprobs.iter().map(|x| (x.token_id, x.logprob)).collect(),
-                };
-                (SeqSampled { id: t.sequence_id, sampled }, t.logits)
-            })
+            .map(|t| (SeqSampled { id: t.sequence_id, sampled: from_proto(&t) }, t.logits))
             .collect())
+    }
+}
+
+fn from_proto(t: &pb::SampledToken) -> Sampled {
+    Sampled {
+        token: t.token_id,
+        logprob: Some(t.logprob),
+        top_logprobs: t.top_logprobs.iter().map(|x| (x.token_id, x.logprob)).collect(),
     }
 }
 
@@ -274,6 +287,8 @@ fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
         penalty_context: s.penalty_context.to_vec(),
         output_context: s.output_context.to_vec(),
         starts: s.starts,
+        prompt_logprobs: s.score_prompt.map(|p| p.top as u32),
+        next_prompt_token: s.score_prompt.and_then(|p| p.next_token),
     }
 }
 
@@ -292,6 +307,10 @@ impl Backend for GroupClient {
 
     fn last_timings(&self) -> Vec<WorkerTiming> {
         self.last.clone()
+    }
+
+    fn take_prompt_scores(&mut self) -> Vec<PromptScores> {
+        std::mem::take(&mut self.scores)
     }
 }
 

@@ -39,7 +39,7 @@ mod step_cost;
 
 use std::time::Instant;
 
-use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
+use tessera_proto::step::{Sampled, ScorePrompt, SeqSampled, StepSeq};
 
 use crate::engine::contract::FinishReason;
 
@@ -358,7 +358,8 @@ impl Scheduler {
             let bs = self.blocks.block_size();
             if seq.blocks.is_empty() {
                 // Leave at least one token to compute, in a block of its own: shared blocks are never written.
-                let max_hit = (seq.tokens.len() - 1) / bs;
+                // A sequence that scores its prompt computes all of it: cached positions have no logits.
+                let max_hit = if seq.params.prompt_logprobs.is_some() { 0 } else { (seq.tokens.len() - 1) / bs };
                 let (hit, last) = self.blocks.lookup_prefix(&seq.tokens, max_hit);
                 seq.num_computed = hit.len() * bs;
                 seq.num_hashed = hit.len();
@@ -408,6 +409,13 @@ impl Scheduler {
             .map(|p| {
                 let s = self.running.iter().find(|s| s.id == p.id).expect("planned sequences are running");
                 let first = s.fresh;
+                // Prompt logprobs: every chunk that covers prompt positions scores them (again, after a
+                // recompute: whoever reads them keeps the first score of each position).
+                let score_prompt = s
+                    .params
+                    .prompt_logprobs
+                    .filter(|_| p.start < s.prompt_len)
+                    .map(|top| ScorePrompt { top, next_token: s.tokens[..s.prompt_len].get(p.end).copied() });
                 StepSeq {
                     id: s.id,
                     tokens: &s.tokens[p.start..p.end],
@@ -417,6 +425,7 @@ impl Scheduler {
                     penalty_context: if first { &s.tokens[..s.prompt_len] } else { &[] },
                     output_context: if first { &s.tokens[s.prompt_len..] } else { &[] },
                     starts: first,
+                    score_prompt,
                 }
             })
             .collect()
@@ -543,6 +552,31 @@ mod tests {
         );
         assert_eq!(out[0].finished, Some(FinishReason::Stop));
         assert!(s.is_idle());
+    }
+
+    #[test]
+    fn a_sequence_scoring_its_prompt_computes_all_of_it_in_scored_chunks() {
+        // Budget 5: the 12-token prompt goes in chunks of 5, 5 and 2.
+        let mut s = sched(32, 4, 5, 8);
+        let prompt: Vec<u32> = (10..22).collect();
+        s.add(Sequence::new(1, prompt.clone(), SamplingParams::greedy(), 1, false));
+        while !s.is_idle() {
+            let p = s.schedule();
+            step(&mut s, &p);
+        }
+        let scoring = SamplingParams { prompt_logprobs: Some(3), ..SamplingParams::greedy() };
+        s.add(Sequence::new(2, prompt.clone(), scoring, 2, false));
+        let mut chunks = Vec::new();
+        while !s.is_idle() {
+            let p = s.schedule();
+            let i = &s.inputs(&p)[0];
+            chunks.push((i.start_pos, i.tokens.len(), i.score_prompt));
+            step(&mut s, &p);
+        }
+        let score = |next: Option<u32>| Some(ScorePrompt { top: 3, next_token: next });
+        // From position 0 although the prompt is cached; each chunk names the prompt token after it; the
+        // decode step after the prompt scores nothing.
+        assert_eq!(chunks, [(0, 5, score(Some(15))), (5, 5, score(Some(20))), (10, 2, score(None)), (12, 1, None)]);
     }
 
     #[test]

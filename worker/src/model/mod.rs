@@ -6,6 +6,7 @@
 //! - [`shard`]: this rank's place in its group and the heads, features and vocabulary rows it holds;
 //! - [`block`], [`attention`], [`mlp`]: the decoder's parts;
 //! - [`pass`]: what the parts of one pass share (per-token inputs, the collective, the profiler);
+//! - [`scoring`]: prompt logprobs, the logits of every position of a chunk that asks for them;
 //! - [`profile`]: device time per op, for benchmarks.
 //!
 //! Sharding is Megatron-style: q/k/v and gate/up are split by output rows (heads, intermediate features),
@@ -20,9 +21,12 @@ pub mod block;
 pub mod mlp;
 pub mod pass;
 pub mod profile;
+pub mod scoring;
 pub mod shard;
 
-use std::{path::Path, time::Instant};
+use std::{path::Path, sync::Mutex, time::Instant};
+
+use tessera_proto::step::ScorePrompt;
 
 use tessera_kernels::{
     DType, Device, Tensor,
@@ -71,6 +75,8 @@ pub struct SeqInput<'a> {
     pub block_table: &'a [u32],
     /// Whether to compute logits for the last token.
     pub logits: bool,
+    /// Score the prompt tokens this chunk's positions predict ([`scoring`]).
+    pub score: Option<ScorePrompt>,
 }
 
 pub struct Model {
@@ -88,6 +94,8 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// Per-op device time, collected only while [`Model::profile_ops`] is on (benchmarks).
     profile: OpProfile,
+    /// The prompt scores of the last pass, until [`Model::take_scores`].
+    scored: Mutex<Vec<scoring::ScoredChunk>>,
 }
 
 impl Model {
@@ -180,6 +188,7 @@ impl Model {
             lm_head,
             inv_freq,
             profile: OpProfile::default(),
+            scored: Mutex::new(Vec::new()),
         })
     }
 
@@ -339,8 +348,14 @@ impl Model {
         self.logits(&x, seqs, &attn_seqs, comm, &mut at).map(Forward::Done)
     }
 
+    /// The prompt tokens the last pass scored (sequences with [`SeqInput::score`]), taken once.
+    pub fn take_scores(&self) -> Vec<scoring::ScoredChunk> {
+        std::mem::take(&mut *self.scored.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The final norm and the vocabulary projection for the last token of each sequence that samples
-    /// (only those need it: it is the most expensive projection), all-gathered across the group.
+    /// (only those need it: it is the most expensive projection), all-gathered across the group; before
+    /// them, the positions of chunks that score their prompt tokens.
     fn logits(
         &self,
         x: &Tensor,
@@ -349,22 +364,36 @@ impl Model {
         comm: &dyn Collective,
         at: &mut Instant,
     ) -> Result<Option<Tensor>, ModelError> {
-        let c = &self.config;
+        let scores = scoring::score_prompts(self, x, seqs, attn_seqs, comm, at)?;
+        *self.scored.lock().unwrap_or_else(|p| p.into_inner()) = scores;
         let rows: Vec<u32> = attn_seqs
             .iter()
             .zip(seqs)
             .filter(|(_, s)| s.logits)
             .map(|(a, _)| (a.q_start + a.q_len - 1) as u32)
             .collect();
-        let n = rows.len();
-        if n == 0 {
+        if rows.is_empty() {
             return Ok(None);
         }
-        let last = ops::rms_norm(&ops::gather_rows(x, &rows)?, &self.norm, c.rms_norm_eps)?;
+        self.vocab_rows(x, &rows, comm, at).map(Some)
+    }
+
+    /// Logits `[rows.len(), vocab]` of these rows of the residual stream: final norm, this rank's
+    /// vocabulary projection, and the all-gather of every rank's (on the device with a world of one).
+    fn vocab_rows(
+        &self,
+        x: &Tensor,
+        rows: &[u32],
+        comm: &dyn Collective,
+        at: &mut Instant,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let n = rows.len();
+        let last = ops::rms_norm(&ops::gather_rows(x, rows)?, &self.norm, c.rms_norm_eps)?;
         let local = ops::linear_to(&last, &self.lm_head, None, DType::F32)?;
         self.profile.lap(self.device, "final norm + lm_head", at)?;
         if comm.world_size() == 1 {
-            return Ok(Some(local));
+            return Ok(local);
         }
         let parts = comm.all_gather(&local.host_f32()?)?;
         // Each part is [n, local_vocab]; interleave rows back into [n, vocab].
@@ -375,7 +404,7 @@ impl Model {
                 full.extend_from_slice(&part[r * w..(r + 1) * w]);
             }
         }
-        Ok(Some(Tensor::from_f32(full, &[n, c.vocab_size])?))
+        Ok(Tensor::from_f32(full, &[n, c.vocab_size])?)
     }
 }
 

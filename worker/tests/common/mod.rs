@@ -117,6 +117,7 @@ pub fn run_batch(
                 penalty_context: if start == 0 { &prompts[i] } else { &[] },
                 output_context: &[],
                 starts: false,
+                score_prompt: None,
             });
         }
         let (sampled, logits) = engine.step_with_logits(&batch).unwrap();
