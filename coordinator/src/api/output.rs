@@ -1,21 +1,28 @@
 //! Turning a choice's tokens into the text a client sees: incremental detokenizing, stop strings (matched
 //! on text, across token boundaries, cut from the output), what can be streamed without revealing a stop
 //! string's beginning, and logprob entries in both of OpenAI's formats.
+//!
+//! A logprob entry is kept as the engine sent it (token ids and numbers, about 200 bytes with 20
+//! alternatives) and turned into text only while it is written out, straight into the response: a whole
+//! response with logprobs holds little more than its own bytes.
 
-use serde_json::{Value, json};
+use serde::{
+    Serialize, Serializer,
+    ser::{SerializeMap, SerializeSeq},
+};
 
 use crate::{
     engine::contract::FinishReason,
     tokenizer::{IncrementalDecoder, Tokenizer},
 };
 
-/// One token's logprob entry.
-#[derive(Debug, Clone)]
+/// One token's logprob entry, as the engine reported it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenLp {
-    pub text: String,
-    pub bytes: Vec<u8>,
+    pub token: u32,
     pub logprob: f32,
-    pub top: Vec<(String, Vec<u8>, f32)>,
+    /// The alternatives, most likely first.
+    pub top: Vec<(u32, f32)>,
     /// Byte offset of the token's text in the choice's text.
     pub offset: usize,
 }
@@ -42,9 +49,8 @@ pub struct ChoiceText {
     /// Completion tokens consumed into this choice.
     pub tokens: usize,
     pub finish: Option<FinishReason>,
+    /// Logprob entries: all of them for a whole response, those not yet sent for a stream.
     pub logprobs: Vec<TokenLp>,
-    /// Logprob entries not yet streamed.
-    unsent_lp: usize,
 }
 
 impl ChoiceText {
@@ -56,29 +62,19 @@ impl ChoiceText {
             tokens: 0,
             finish: None,
             logprobs: Vec::new(),
-            unsent_lp: 0,
         }
     }
 
     /// Adds a token; returns true if the text now contains a stop string (the choice is then finished with
     /// `stop` and the text cut before it).
-    pub fn push(&mut self, tok: &Tokenizer, id: u32, lp: Option<(f32, &[(u32, f32)])>, stops: &[String]) -> bool {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32, lp: Option<(f32, Vec<(u32, f32)>)>, stops: &[String]) -> bool {
         if self.finish.is_some() {
             return false;
         }
         self.tokens += 1;
         let before = self.text.len();
         if let Some((logprob, top)) = lp {
-            let (text, bytes) = token_text(tok, id);
-            let top = top
-                .iter()
-                .map(|&(t, l)| {
-                    let (s, b) = token_text(tok, t);
-                    (s, b, l)
-                })
-                .collect();
-            self.logprobs.push(TokenLp { text, bytes, logprob, top, offset: before });
-            self.unsent_lp += 1;
+            self.logprobs.push(TokenLp { token: id, logprob, top, offset: before });
         }
         let piece = self.decoder.push(tok, id).unwrap_or_default();
         self.text.push_str(&piece);
@@ -140,38 +136,121 @@ impl ChoiceText {
         delta
     }
 
-    /// Logprob entries not yet streamed.
-    pub fn take_logprobs(&mut self) -> &[TokenLp] {
-        let n = self.logprobs.len();
-        let start = n - self.unsent_lp.min(n);
-        self.unsent_lp = 0;
-        &self.logprobs[start..]
+    /// Logprob entries not yet streamed (a stream sends each once and keeps none).
+    pub fn take_logprobs(&mut self) -> Vec<TokenLp> {
+        std::mem::take(&mut self.logprobs)
     }
 }
 
-/// The legacy completions `logprobs` object.
-pub fn completion_logprobs(entries: &[TokenLp]) -> Value {
-    json!({
-        "tokens": entries.iter().map(|e| &e.text).collect::<Vec<_>>(),
-        "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
-        "top_logprobs": entries.iter().map(|e| {
-            e.top.iter().map(|(t, _, l)| (t.clone(), json!(l))).collect::<serde_json::Map<_, _>>()
-        }).collect::<Vec<_>>(),
-        "text_offset": entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
-    })
+/// A choice's `logprobs` object, in the shape its endpoint answers with, written from the entries as they
+/// are (the text of each token and alternative is looked up while writing).
+///
+/// The output is byte for byte what serializing a `serde_json::Value` of it gives (this crate's
+/// `serde_json` keeps object keys sorted): keys in sorted order, each logprob widened to `f64` (a
+/// non-finite one is `null`), and the legacy `top_logprobs` an object keyed by the alternatives' text, so
+/// that of two alternatives with the same text only the later one is kept.
+pub struct LogprobsJson<'a> {
+    pub chat: bool,
+    pub tok: &'a Tokenizer,
+    pub entries: &'a [TokenLp],
 }
 
-/// The chat `logprobs` object.
-pub fn chat_logprobs(entries: &[TokenLp]) -> Value {
-    json!({
-        "content": entries.iter().map(|e| json!({
-            "token": e.text,
-            "logprob": e.logprob,
-            "bytes": e.bytes,
-            "top_logprobs": e.top.iter().map(|(t, b, l)| json!({"token": t, "logprob": l, "bytes": b})).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "refusal": null,
-    })
+impl Serialize for LogprobsJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (tok, entries) = (self.tok, self.entries);
+        let mut m = s.serialize_map(Some(if self.chat { 2 } else { 4 }))?;
+        if self.chat {
+            m.serialize_entry("content", &column(entries, |e| ChatEntry { tok, e }))?;
+            m.serialize_entry("refusal", &())?;
+        } else {
+            m.serialize_entry("text_offset", &column(entries, |e| e.offset))?;
+            m.serialize_entry("token_logprobs", &column(entries, |e| f64::from(e.logprob)))?;
+            m.serialize_entry("tokens", &column(entries, |e| token_text(tok, e.token).0))?;
+            m.serialize_entry("top_logprobs", &column(entries, |e| TopMap { tok, top: &e.top }))?;
+        }
+        m.end()
+    }
+}
+
+/// A JSON array of one value per entry.
+struct Column<'a, F>(&'a [TokenLp], F);
+
+fn column<'a, F: Fn(&'a TokenLp) -> T, T: Serialize>(entries: &'a [TokenLp], value: F) -> Column<'a, F> {
+    Column(entries, value)
+}
+
+impl<'a, F, T> Serialize for Column<'a, F>
+where
+    F: Fn(&'a TokenLp) -> T,
+    T: Serialize,
+{
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for e in self.0 {
+            seq.serialize_element(&(self.1)(e))?;
+        }
+        seq.end()
+    }
+}
+
+/// The legacy completions' alternatives: `{text: logprob}`, keys sorted, the later of equal keys kept.
+struct TopMap<'a> {
+    tok: &'a Tokenizer,
+    top: &'a [(u32, f32)],
+}
+
+impl Serialize for TopMap<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut top: Vec<(String, f32)> = self.top.iter().map(|&(t, l)| (token_text(self.tok, t).0, l)).collect();
+        // Stable: among equal texts the later stays last, and is the one written.
+        top.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut m = s.serialize_map(None)?;
+        for (i, (text, l)) in top.iter().enumerate() {
+            if top.get(i + 1).is_none_or(|next| next.0 != *text) {
+                m.serialize_entry(text, &f64::from(*l))?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// One token of chat's `logprobs.content`.
+struct ChatEntry<'a> {
+    tok: &'a Tokenizer,
+    e: &'a TokenLp,
+}
+
+impl Serialize for ChatEntry<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (text, bytes) = token_text(self.tok, self.e.token);
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("bytes", &bytes)?;
+        m.serialize_entry("logprob", &f64::from(self.e.logprob))?;
+        m.serialize_entry("token", &text)?;
+        m.serialize_entry("top_logprobs", &ChatAlternatives(self.tok, &self.e.top))?;
+        m.end()
+    }
+}
+
+/// Chat's alternatives of one token: `[{bytes, logprob, token}]`.
+struct ChatAlternatives<'a>(&'a Tokenizer, &'a [(u32, f32)]);
+
+impl Serialize for ChatAlternatives<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.1.len()))?;
+        for &(t, l) in self.1 {
+            let (text, bytes) = token_text(self.0, t);
+            seq.serialize_element(&Alternative { bytes, logprob: f64::from(l), token: text })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct Alternative {
+    bytes: Vec<u8>,
+    logprob: f64,
+    token: String,
 }
 
 #[cfg(test)]
@@ -204,6 +283,70 @@ mod tests {
         assert_eq!(c.finish, Some(FinishReason::Stop));
         assert_eq!(c.text, streamed);
         assert!(c.text.ends_with("named "), "{:?}", c.text);
+    }
+
+    /// The `Value`s the logprobs objects were built as before they were written from the entries directly:
+    /// the format the writer must keep, byte for byte.
+    fn reference(tok: &Tokenizer, entries: &[TokenLp], chat: bool) -> serde_json::Value {
+        use serde_json::json;
+        let text = |id| token_text(tok, id);
+        if chat {
+            json!({
+                "content": entries.iter().map(|e| json!({
+                    "token": text(e.token).0,
+                    "logprob": e.logprob,
+                    "bytes": text(e.token).1,
+                    "top_logprobs": e.top.iter().map(|&(t, l)| json!({"token": text(t).0, "logprob": l, "bytes": text(t).1})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "refusal": null,
+            })
+        } else {
+            json!({
+                "tokens": entries.iter().map(|e| text(e.token).0).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                "top_logprobs": entries.iter().map(|e| {
+                    e.top.iter().map(|&(t, l)| (text(t).0, json!(l))).collect::<serde_json::Map<_, _>>()
+                }).collect::<Vec<_>>(),
+                "text_offset": entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            })
+        }
+    }
+
+    #[test]
+    fn logprobs_are_written_as_their_value_was_including_equal_texts_and_infinities() {
+        let t = tok();
+        let words = t.encode(" there was a little girl", false).unwrap();
+        // Bytes that are not characters alone: different tokens with the same text ("\u{fffd}").
+        let high_byte = |id: u32| t.id_to_token(id).is_some_and(|p| p.starts_with("<0x") && p.as_str() >= "<0x80>");
+        let bytes: Vec<u32> = (0..t.vocab_size() as u32).filter(|&id| high_byte(id)).take(3).collect();
+        assert_eq!(bytes.len(), 3);
+        assert_eq!(token_text(&t, bytes[0]).0, token_text(&t, bytes[1]).0);
+        let entries = [
+            TokenLp {
+                token: words[0],
+                logprob: -0.1,
+                top: vec![(words[0], -0.1), (words[1], -2.5), (bytes[0], -3.0)],
+                offset: 0,
+            },
+            TokenLp {
+                token: bytes[1],
+                logprob: f32::NEG_INFINITY,
+                top: vec![(bytes[0], -1.25), (words[2], -1e-7), (bytes[1], -7.0), (bytes[2], f32::NAN)],
+                offset: 6,
+            },
+            TokenLp { token: words[3], logprob: -0.333_333_34, top: vec![], offset: 6 },
+        ];
+        for chat in [false, true] {
+            for entries in [&entries[..], &entries[..0]] {
+                let written = serde_json::to_string(&LogprobsJson { chat, tok: &t, entries }).unwrap();
+                assert_eq!(written, reference(&t, entries, chat).to_string(), "chat: {chat}");
+                let value = serde_json::to_value(LogprobsJson { chat, tok: &t, entries }).unwrap();
+                assert_eq!(value, reference(&t, entries, chat));
+            }
+        }
+        // The later of two alternatives with the same text is the one kept.
+        let written = serde_json::to_string(&LogprobsJson { chat: false, tok: &t, entries: &entries[1..2] }).unwrap();
+        assert!(written.contains("\"\u{fffd}\":null}"), "{written}");
     }
 
     #[test]

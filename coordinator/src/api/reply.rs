@@ -2,7 +2,10 @@
 //! its usage, and its billing (per-key metrics, the ledger row, the key's reserved tokens), which happens
 //! once whether the reply completes, fails or is dropped by a client that went away.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc, Mutex, PoisonError,
+    atomic::{AtomicBool, Ordering},
+};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -32,7 +35,7 @@ pub(super) struct Reply {
     /// Per prompt.
     pub(super) cached_tokens: Vec<usize>,
     pub(super) opts: Options,
-    pub(super) rx: UnboundedReceiver<Event>,
+    pub(super) rx: Arc<Inbox>,
     pub(super) sent_role: Vec<bool>,
     pub(super) done: bool,
     /// An event received before the stream began, to be sent first.
@@ -131,7 +134,7 @@ impl Reply {
         }
         match ev {
             Event::Token { choice, token, logprob, top_logprobs } => {
-                let lp = self.opts.logprobs.map(|_| (logprob.unwrap_or(0.0), top_logprobs.as_slice()));
+                let lp = self.opts.logprobs.map(|_| (logprob.unwrap_or(0.0), top_logprobs));
                 if self.choices[choice].push(&self.s.tokenizer, token, lp, &stops) {
                     // Stop string: the engine may keep going a step; tell it to stop now.
                     self.abort(choice, Some(FinishReason::Stop));
@@ -194,6 +197,96 @@ impl Drop for Reply {
     }
 }
 
+/// The request's event channel, which a stream's watch (`stream::watch`) also looks at: the events the engine
+/// sent that the reply has not taken yet.
+pub(super) struct Inbox {
+    rx: Mutex<UnboundedReceiver<Event>>,
+    /// Closed by the watch because the client stopped reading.
+    stalled: AtomicBool,
+}
+
+/// What the watch found.
+pub(super) enum Backlog {
+    /// The engine may still send: look again later.
+    Open,
+    /// The engine has sent its last event for this request.
+    Closed,
+    /// More than the limit were waiting: the channel was closed (the engine drops the request's sequences
+    /// before its next step, as for a client that disconnected) and the waiting events dropped.
+    Stalled { pending: usize },
+}
+
+impl Inbox {
+    pub(super) fn new(rx: UnboundedReceiver<Event>) -> Arc<Self> {
+        Arc::new(Inbox { rx: Mutex::new(rx), stalled: AtomicBool::new(false) })
+    }
+
+    fn rx(&self) -> std::sync::MutexGuard<'_, UnboundedReceiver<Event>> {
+        self.rx.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next event; `None` once the engine holds no sender (or the channel was closed for a stall).
+    pub(super) async fn recv(&self) -> Option<Event> {
+        std::future::poll_fn(|cx| self.rx().poll_recv(cx)).await
+    }
+
+    /// Whether the watch closed the channel because the client stopped reading.
+    pub(super) fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
+    }
+
+    /// Closes the channel if more than `limit` events are waiting.
+    pub(super) fn check(&self, limit: usize) -> Backlog {
+        let mut rx = self.rx();
+        let pending = rx.len();
+        if pending > limit {
+            self.stalled.store(true, Ordering::Release);
+            rx.close();
+            while rx.try_recv().is_ok() {}
+            Backlog::Stalled { pending }
+        } else if rx.is_closed() {
+            Backlog::Closed
+        } else {
+            Backlog::Open
+        }
+    }
+}
+
 pub(super) fn backend_error(message: &str) -> ApiError {
     ApiError::unavailable(format!("The model replica failed while serving this request: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> Event {
+        Event::Token { choice: 0, token: 1, logprob: None, top_logprobs: vec![] }
+    }
+
+    #[tokio::test]
+    async fn an_inbox_with_too_many_events_waiting_is_closed_and_emptied() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let inbox = Inbox::new(rx);
+        (0..3).for_each(|_| tx.send(token()).unwrap());
+        assert!(matches!(inbox.check(3), Backlog::Open));
+        assert_eq!(inbox.recv().await, Some(token()));
+        (0..2).for_each(|_| tx.send(token()).unwrap());
+        assert!(matches!(inbox.check(3), Backlog::Stalled { pending: 4 }));
+        // The engine sees the channel closed, as for a client that went away, and the reply sees no more.
+        assert!(tx.is_closed() && tx.send(token()).is_err());
+        assert!(inbox.stalled());
+        assert_eq!(inbox.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn an_inbox_the_engine_is_done_with_needs_no_more_watching() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let inbox = Inbox::new(rx);
+        tx.send(token()).unwrap();
+        drop(tx);
+        assert!(matches!(inbox.check(3), Backlog::Closed));
+        assert!(!inbox.stalled());
+        assert_eq!(inbox.recv().await, Some(token()));
+    }
 }

@@ -2,8 +2,16 @@
 //! choice, shaped as OpenAI's `text_completion` or `chat.completion.chunk`, then the usage chunk if asked
 //! for, then `[DONE]`. A failure after the stream began can only be told in the stream: an error event,
 //! then `[DONE]`.
+//!
+//! A client that stops reading stops its request: while the socket's buffers are full the body is not polled
+//! and the engine's events wait in the request's channel; a watch stops the request once more than
+//! [`MAX_PENDING_EVENTS`] wait, so that neither the events nor the generation go on without bound.
 
-use std::convert::Infallible;
+use std::{
+    convert::Infallible,
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use axum::response::{
     IntoResponse, Response,
@@ -14,12 +22,23 @@ use serde_json::{Value, json};
 
 use super::{
     error::ApiError,
-    output::{chat_logprobs, completion_logprobs},
-    reply::{Kind, Reply, backend_error},
+    output::LogprobsJson,
+    reply::{Backlog, Inbox, Kind, Reply, backend_error},
 };
 use crate::engine::contract::Event;
 
 type Events = Vec<Result<SseEvent, Infallible>>;
+
+/// Events a stream may have waiting for its client before its request is stopped. A client that reads keeps
+/// the backlog near one step's events of its choices (at most 128); more wait only while it does not read
+/// and the socket's buffers are full. An event takes at most about 250 bytes (a token with 20 alternatives),
+/// so this bounds a stalled stream's backlog to about 4 MB, and still lets a client pause reading for over
+/// two seconds with 128 choices of a fast model (50 steps a second), minutes with one choice.
+pub(super) const MAX_PENDING_EVENTS: usize = 16_384;
+
+/// How often a stream's backlog is checked. The engine can add this long's events past the bound (one
+/// 128-choice stream of a fast model: some 600); a check is a lock and a load, once per stream per period.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// Waits for the request's first event before the stream begins: a request that no replica could serve
 /// (they all failed before its first token) gets a plain 503, not a stream that carries an error.
@@ -36,6 +55,7 @@ pub(super) async fn first_event_then_stream(mut r: Reply) -> Response {
 
 fn stream_reply(mut r: Reply) -> Response {
     r.sent_role = vec![false; r.choices.len()];
+    tokio::spawn(watch(Arc::downgrade(&r.rx), r.name.clone()));
     let events = stream::unfold(r, next_events).flatten();
     Sse::new(events).into_response()
 }
@@ -57,6 +77,25 @@ async fn next_events(mut r: Reply) -> Option<(stream::Iter<std::vec::IntoIter<Re
         event_chunks(&mut r, next)
     };
     Some((stream::iter(out), r))
+}
+
+/// Watches a stream's backlog until the stream ends or the engine is done with it, and stops the request
+/// when its client has stopped reading.
+async fn watch(inbox: Weak<Inbox>, name: String) {
+    let mut every = tokio::time::interval(WATCH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(inbox) = inbox.upgrade() else { return };
+        match inbox.check(MAX_PENDING_EVENTS) {
+            Backlog::Open => {}
+            Backlog::Closed => return,
+            Backlog::Stalled { pending } => {
+                tracing::warn!(target: "tessera::http", request = %name, pending, "the client stopped reading its stream: request stopped");
+                return;
+            }
+        }
+    }
 }
 
 /// Chat's first chunk of each choice, which opens the assistant's message before any text.
@@ -96,6 +135,19 @@ async fn closing_events(r: &mut Reply) -> Events {
 /// The chunks for one engine event, or for the engine having gone (`None`).
 fn event_chunks(r: &mut Reply, next: Option<Event>) -> Events {
     let i = match next.map(|ev| r.apply(ev)) {
+        None if r.rx.stalled() => {
+            return failed(
+                r,
+                ApiError::invalid(
+                    None,
+                    format!(
+                        "The client stopped reading the stream: more than {MAX_PENDING_EVENTS} events waited for it, \
+                         and the request was stopped."
+                    ),
+                )
+                .with_code("stream_not_read"),
+            );
+        }
         None => return failed(r, ApiError::internal("The engine stopped before the request finished.")),
         Some(Err(m)) => return failed(r, backend_error(&m)),
         Some(Ok(i)) => i,
@@ -126,15 +178,17 @@ fn failed(r: &mut Reply, e: ApiError) -> Events {
 
 /// A streaming chunk for choice `i` with `delta` text (and whatever logprobs are pending).
 fn chunk(r: &mut Reply, i: usize, delta: String, with_finish: bool) -> Option<Value> {
-    let lp_entries = r.choices[i].take_logprobs().to_vec();
+    let lp_entries = r.choices[i].take_logprobs();
     let finish = if with_finish { Reply::finish_str(&r.choices[i]) } else { Value::Null };
     if delta.is_empty() && lp_entries.is_empty() && finish.is_null() && r.kind == Kind::Completion {
         return None;
     }
-    let logprobs = match (r.opts.logprobs, r.kind) {
-        (None, _) => Value::Null,
-        (Some(_), Kind::Completion) => completion_logprobs(&lp_entries),
-        (Some(_), Kind::Chat) => chat_logprobs(&lp_entries),
+    let logprobs = match r.opts.logprobs {
+        None => Value::Null,
+        Some(_) => {
+            let lp = LogprobsJson { chat: r.kind == Kind::Chat, tok: &r.s.tokenizer, entries: &lp_entries };
+            serde_json::to_value(lp).unwrap_or(Value::Null)
+        }
     };
     let choice = match r.kind {
         Kind::Completion => json!({ "index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish }),

@@ -1,17 +1,29 @@
 //! The answer to a request that does not stream: every event until all choices finish, then one JSON body,
 //! a `text_completion` or a `chat.completion` as OpenAI shapes them.
+//!
+//! The body is serialized straight from the choices into the one buffer that becomes the response (no
+//! `serde_json::Value` tree of it first): with logprobs, such a tree took about ten times the bytes it
+//! wrote. Keys are declared in sorted order, as serializing a `Value` wrote them before.
 
 use axum::{
-    Json,
+    http::{HeaderValue, header},
     response::{IntoResponse, Response},
 };
-use serde_json::{Value, json};
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
 
 use super::{
     error::ApiError,
-    output::{chat_logprobs, completion_logprobs},
+    output::{ChoiceText, LogprobsJson},
     reply::{Kind, Reply, backend_error},
 };
+use crate::{engine::contract::FinishReason, tokenizer::Tokenizer};
+
+/// Bodies at least this large give their memory back to the system once sent (`malloc_trim`): glibc keeps
+/// freed memory in its arenas for reuse, and after a response of tens of megabytes that is tens of
+/// megabytes the process keeps for good. Below it, trimming costs more than it returns.
+const TRIM_AFTER_BYTES: usize = 4 << 20;
 
 pub(super) async fn whole_reply(mut r: Reply) -> Response {
     while !r.all_finished() {
@@ -23,39 +35,128 @@ pub(super) async fn whole_reply(mut r: Reply) -> Response {
         }
     }
     r.bill_completed().await;
-    let choices: Vec<Value> = r
-        .choices
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let logprobs = match (r.opts.logprobs, r.kind) {
-                (None, _) => Value::Null,
-                (Some(_), Kind::Completion) => completion_logprobs(&c.logprobs),
-                (Some(_), Kind::Chat) => chat_logprobs(&c.logprobs),
-            };
-            match r.kind {
-                Kind::Completion => {
-                    json!({ "index": i, "text": c.text, "logprobs": logprobs, "finish_reason": Reply::finish_str(c) })
-                }
-                Kind::Chat => json!({
-                    "index": i,
-                    "message": { "role": "assistant", "content": c.text, "refusal": null },
-                    "logprobs": logprobs,
-                    "finish_reason": Reply::finish_str(c),
-                }),
-            }
-        })
-        .collect();
-    let mut body = json!({
-        "id": r.name,
-        "object": if r.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
-        "created": r.created,
-        "model": r.s.model_name,
-        "choices": choices,
-        "usage": r.usage(),
-    });
-    if r.kind == Kind::Chat {
-        body["system_fingerprint"] = Value::Null;
-    }
-    Json(body).into_response()
+    let body = Body {
+        choices: Choices(&r),
+        created: r.created,
+        id: &r.name,
+        model: &r.s.model_name,
+        object: if r.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        system_fingerprint: (r.kind == Kind::Chat).then_some(()),
+        usage: r.usage(),
+    };
+    let bytes = match serde_json::to_vec(&body) {
+        Ok(b) => b,
+        Err(e) => return ApiError::internal(format!("The response could not be written: {e}")).into_response(),
+    };
+    // The choices (their text and logprob entries) are not needed any more: free them before the body is sent.
+    drop(r);
+    let body = if bytes.len() >= TRIM_AFTER_BYTES { Bytes::from_owner(TrimOnDrop(bytes)) } else { Bytes::from(bytes) };
+    let mut resp = body.into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
+
+#[derive(Serialize)]
+struct Body<'a> {
+    choices: Choices<'a>,
+    created: u64,
+    id: &'a str,
+    model: &'a str,
+    object: &'static str,
+    /// `null` in a chat completion, absent from a text completion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_fingerprint: Option<()>,
+    usage: Value,
+}
+
+struct Choices<'a>(&'a Reply);
+
+impl Serialize for Choices<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = self.0;
+        let chat = r.kind == Kind::Chat;
+        s.collect_seq(r.choices.iter().enumerate().map(|(index, c)| Choice {
+            chat,
+            index,
+            c,
+            tok: &r.s.tokenizer,
+            logprobs: r.opts.logprobs.is_some(),
+        }))
+    }
+}
+
+struct Choice<'a> {
+    chat: bool,
+    index: usize,
+    c: &'a ChoiceText,
+    tok: &'a Tokenizer,
+    logprobs: bool,
+}
+
+impl Serialize for Choice<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let logprobs =
+            self.logprobs.then_some(LogprobsJson { chat: self.chat, tok: self.tok, entries: &self.c.logprobs });
+        if self.chat {
+            ChatChoice {
+                finish_reason: self.c.finish,
+                index: self.index,
+                logprobs,
+                message: Message { content: &self.c.text, refusal: (), role: "assistant" },
+            }
+            .serialize(s)
+        } else {
+            CompletionChoice { finish_reason: self.c.finish, index: self.index, logprobs, text: &self.c.text }
+                .serialize(s)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    finish_reason: Option<FinishReason>,
+    index: usize,
+    logprobs: Option<LogprobsJson<'a>>,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    finish_reason: Option<FinishReason>,
+    index: usize,
+    logprobs: Option<LogprobsJson<'a>>,
+    message: Message<'a>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    content: &'a str,
+    refusal: (),
+    role: &'static str,
+}
+
+/// A large body's buffer, which trims the allocator's free memory when the body is dropped (sent, or the
+/// client went away).
+struct TrimOnDrop(Vec<u8>);
+
+impl AsRef<[u8]> for TrimOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for TrimOnDrop {
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self.0));
+        trim();
+    }
+}
+
+#[cfg(target_env = "gnu")]
+fn trim() {
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim() {}
