@@ -136,12 +136,14 @@ pub struct ScorePrompt {
     pub next_token: Option<u32>,
 }
 
-/// The scored prompt tokens of one chunk: `tokens[i]` is the token at position `first_position + i`.
+/// The scored prompt tokens of one chunk: `tokens[i]` is the token at position `first_position + i`, and
+/// `ranks[i]` its rank among the vocabulary there (1: the most likely).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PromptScores {
     pub id: u64,
     pub first_position: usize,
     pub tokens: Vec<Sampled>,
+    pub ranks: Vec<u32>,
 }
 
 impl StepSeq<'_> {

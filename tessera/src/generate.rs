@@ -165,6 +165,8 @@ pub fn generate(
             Some(Event::Token { token, top_logprobs, .. }) => out.token(tok, token, top_logprobs, &mut on_text)?,
             Some(Event::Finished { reason, .. }) => return out.finish(tok, reason, &mut on_text),
             Some(Event::Error { message, .. }) => bail!("{message}"),
+            // `generate` never asks for prompt logprobs.
+            Some(Event::Prompt { .. }) => {}
             None => bail!("the engine stopped without finishing the request"),
         }
     }

@@ -169,7 +169,6 @@ fn malformed_requests_get_the_right_4xx_and_the_server_keeps_serving() {
             400,
             Some("stream_options"),
         ),
-        ("echo", "POST", "/v1/completions", c(json!({"prompt": "x", "echo": true})), 400, Some("echo")),
         (
             "logit_bias key not a token id",
             "POST",
@@ -325,6 +324,23 @@ fn malformed_requests_get_the_right_4xx_and_the_server_keeps_serving() {
             400,
             Some("temprature"),
         ),
+        (
+            "prompt_logprobs negative",
+            "POST",
+            "/v1/completions",
+            c(json!({"prompt": "x", "prompt_logprobs": -1})),
+            400,
+            Some("prompt_logprobs"),
+        ),
+        (
+            "prompt_logprobs over 20",
+            "POST",
+            "/v1/completions",
+            c(json!({"prompt": "x", "prompt_logprobs": 21})),
+            400,
+            Some("prompt_logprobs"),
+        ),
+        ("echo not a boolean", "POST", "/v1/completions", c(json!({"prompt": "x", "echo": "yes"})), 400, Some("echo")),
         ("tokenize: neither prompt nor messages", "POST", "/tokenize", c(json!({})), 400, None),
         (
             "tokenize: both prompt and messages",

@@ -291,7 +291,12 @@ impl Engine {
         self.scores = if self.comm.rank() == 0 {
             scored
                 .into_iter()
-                .map(|c| PromptScores { id: batch[c.index].id, first_position: c.first_position, tokens: c.tokens })
+                .map(|c| PromptScores {
+                    id: batch[c.index].id,
+                    first_position: c.first_position,
+                    tokens: c.tokens,
+                    ranks: c.ranks,
+                })
                 .collect()
         } else {
             Vec::new()

@@ -126,10 +126,13 @@ impl Sampler {
 }
 
 /// A token that was given rather than drawn (a prompt token): its logprob under the raw `logits` of the
-/// position before it, and the `k` most likely tokens there, exactly as a sampled token reports them.
-pub fn score(logits: &[f32], token: u32, k: usize) -> Sampled {
+/// position before it, and the `k` most likely tokens there, exactly as a sampled token reports them; and
+/// its rank there (1 + the tokens more likely than it).
+pub fn score(logits: &[f32], token: u32, k: usize) -> (Sampled, u32) {
     let log_z = log_sum_exp(logits);
-    Sampled { token, logprob: Some(logits[token as usize] - log_z), top_logprobs: top(logits, k, log_z) }
+    let own = logits[token as usize];
+    let rank = 1 + logits.iter().filter(|&&l| l > own).count() as u32;
+    (Sampled { token, logprob: Some(own - log_z), top_logprobs: top(logits, k, log_z) }, rank)
 }
 
 /// The `k` largest logits as (token, logprob), highest first; ties go to the lower id.

@@ -380,6 +380,7 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             sequence_id: p.id,
             first_position: p.first_position as u32,
             tokens: p.tokens.iter().map(|t| to_pb_token(p.id, t, Vec::new())).collect(),
+            ranks: p.ranks,
         })
         .collect();
     Ok(StepReply {

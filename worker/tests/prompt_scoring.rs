@@ -12,8 +12,12 @@ use tessera_worker::{
 
 const TOP: usize = 5;
 
-/// For each position 1.. of `prompt`: its token's logprob after the prefix before it, and the top `TOP`.
-fn reference(dir: &std::path::Path, prompt: &[u32]) -> Vec<(f32, Vec<(u32, f32)>)> {
+/// A prompt token's logprob, its top alternatives and its rank, as the reference computes them.
+type Expected = (f32, Vec<(u32, f32)>, u32);
+
+/// For each position 1.. of `prompt`: its token's logprob after the prefix before it, the top `TOP`, and
+/// the token's rank.
+fn reference(dir: &std::path::Path, prompt: &[u32]) -> Vec<Expected> {
     let greedy = SamplingParams::greedy();
     (1..prompt.len())
         .map(|i| {
@@ -36,7 +40,9 @@ fn reference(dir: &std::path::Path, prompt: &[u32]) -> Vec<(f32, Vec<(u32, f32)>
             let mut ids: Vec<u32> = (0..row.len() as u32).collect();
             ids.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b)));
             let top = ids[..TOP].iter().map(|&t| (t, (row[t as usize] as f64 - lse) as f32)).collect();
-            ((row[prompt[i] as usize] as f64 - lse) as f32, top)
+            let own = row[prompt[i] as usize];
+            let rank = 1 + row.iter().filter(|&&x| x > own).count() as u32;
+            ((own as f64 - lse) as f32, top, rank)
         })
         .collect()
 }
@@ -81,14 +87,16 @@ fn chunked(engines: &mut [Engine], prompt: &[u32], chunk: usize) -> Vec<PromptSc
     out
 }
 
-fn check(prompt: &[u32], got: &[PromptScores], want: &[(f32, Vec<(u32, f32)>)]) {
+fn check(prompt: &[u32], got: &[PromptScores], want: &[Expected]) {
     let mut position = 1;
     let mut n = 0;
     for chunk in got {
         assert_eq!(chunk.id, 7);
         assert_eq!(chunk.first_position, position, "chunks score consecutive positions");
-        for t in &chunk.tokens {
-            let (lp, top) = &want[position - 1];
+        assert_eq!(chunk.ranks.len(), chunk.tokens.len());
+        for (t, rank) in chunk.tokens.iter().zip(&chunk.ranks) {
+            let (lp, top, want_rank) = &want[position - 1];
+            assert_eq!(rank, want_rank, "position {position}: rank");
             assert_eq!(t.token, prompt[position], "position {position} scores the prompt's own token");
             let got_lp = t.logprob.unwrap();
             assert!((got_lp - lp).abs() < 1e-4, "position {position}: logprob {got_lp} vs {lp}");

@@ -65,7 +65,7 @@ fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>)
         (None, None) => s.engine.info().max_position_embeddings.saturating_sub(prompt.len()).max(1),
     };
     let opts = request::options(r.common(), logprobs)?;
-    Ok(Job { kind: Kind::Chat, prompts: vec![prompt], max_tokens, opts })
+    Ok(Job { kind: Kind::Chat, prompts: vec![prompt], max_tokens, opts, echo: None })
 }
 
 /// Tools and structured output would change what the model is asked to produce; refusing them beats

@@ -57,37 +57,42 @@ fn prepare_completion(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejec
     let mut r: CompletionRequest = request::parse(&body(b, s.max_body_bytes)?)?;
     check_model(s, &r.model)?;
     auth::check_model(caller, &r.model)?;
-    if r.echo == Some(true) {
-        return Err(ApiError::param("echo", "echo is not supported by this server."));
-    }
     if r.suffix.is_some() {
         return Err(ApiError::param("suffix", "suffix is not supported by this server."));
     }
     if r.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::param("best_of", "best_of other than 1 is not supported by this server."));
     }
-    let logprobs = match r.logprobs {
-        None => None,
-        Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as usize),
-        Some(k) => {
-            return Err(ApiError::param(
-                "logprobs",
-                format!("{k} is not a valid value for 'logprobs': expected 0 to {MAX_TOP_LOGPROBS}."),
-            ));
-        }
-    };
+    let logprobs = alternatives("logprobs", r.logprobs)?;
+    let prompt_logprobs = alternatives("prompt_logprobs", r.prompt_logprobs)?;
+    let echo = r.echo.unwrap_or(false);
     // A list of prompts is a batch: each prompt gets its `n` completions, numbered on through the list.
-    let prompts: Vec<Vec<u32>> = match std::mem::replace(&mut r.prompt, Prompt::Tokens(vec![])) {
-        Prompt::Text(t) => vec![encode(s, &t)?],
-        Prompt::Tokens(ids) => vec![token_ids(s, ids)?],
-        Prompt::Texts(v) => v.iter().map(|t| encode(s, t)).collect::<Result<_, _>>()?,
-        Prompt::TokenLists(v) => v.into_iter().map(|ids| token_ids(s, ids)).collect::<Result<_, _>>()?,
-    };
+    // The prompts' own text, for echo: as sent, or (token prompts) as decoded.
+    let (prompts, texts): (Vec<Vec<u32>>, Vec<Option<String>>) =
+        match std::mem::replace(&mut r.prompt, Prompt::Tokens(vec![])) {
+            Prompt::Text(t) => (vec![encode(s, &t)?], vec![Some(t)]),
+            Prompt::Tokens(ids) => (vec![token_ids(s, ids)?], vec![None]),
+            Prompt::Texts(v) => {
+                (v.iter().map(|t| encode(s, t)).collect::<Result<_, _>>()?, v.into_iter().map(Some).collect())
+            }
+            Prompt::TokenLists(v) => {
+                let n = v.len();
+                (v.into_iter().map(|ids| token_ids(s, ids)).collect::<Result<_, _>>()?, vec![None; n])
+            }
+        };
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(ApiError::param("prompt", "The prompt must not be empty."));
     }
     let max_tokens = request::max_tokens("max_tokens", r.max_tokens)?.unwrap_or(16);
-    let opts = request::options(r.common(), logprobs)?;
+    let mut opts = request::options(r.common(), logprobs)?;
+    opts.echo = echo;
+    opts.prompt_logprobs = prompt_logprobs;
+    // The workers score the prompt when echo shows its logprobs, or when they are asked for on their own.
+    let scored = match (echo, logprobs, prompt_logprobs) {
+        (true, Some(k), p) => Some(k.max(p.unwrap_or(0))),
+        (_, _, p) => p,
+    };
+    opts.params.prompt_logprobs = scored;
     if prompts.len() * opts.n > MAX_CHOICES {
         return Err(ApiError::param(
             "prompt",
@@ -99,5 +104,18 @@ fn prepare_completion(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejec
             ),
         ));
     }
-    Ok(Job { kind: Kind::Completion, prompts, max_tokens, opts })
+    let echo = echo.then_some(texts);
+    Ok(Job { kind: Kind::Completion, prompts, max_tokens, opts, echo })
+}
+
+/// A count of alternatives per token (`logprobs`, `prompt_logprobs`): 0 to OpenAI's limit.
+fn alternatives(param: &str, v: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
+        Some(k) => Err(ApiError::param(
+            param,
+            format!("{k} is not a valid value for '{param}': expected 0 to {MAX_TOP_LOGPROBS}."),
+        )),
+    }
 }

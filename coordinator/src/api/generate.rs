@@ -11,7 +11,7 @@ use super::{
     admission,
     auth::Caller,
     error::ApiError,
-    output::ChoiceText,
+    output::{ChoiceText, PromptEcho},
     reply::{Inbox, Kind, Reply},
     request::Options,
     state::{AppState, unix_now},
@@ -27,6 +27,8 @@ pub(super) struct Job {
     /// The most tokens each choice may produce.
     pub(super) max_tokens: usize,
     pub(super) opts: Options,
+    /// Completions with `echo`: each prompt's text as the client sent it (`None`: sent as token ids).
+    pub(super) echo: Option<Vec<Option<String>>>,
 }
 
 /// Checks the request against the model and the pool, then runs it.
@@ -56,7 +58,12 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
     // Only the engine holds senders from here on: should its loop die without a last event, the channel
     // closes and the client gets an error instead of waiting forever.
     drop(tx);
-    let Job { kind, prompts, opts, .. } = job;
+    let Job { kind, prompts, opts, echo, .. } = job;
+    let prompt_echo = |p: usize| {
+        let scored = opts.params.prompt_logprobs.is_some();
+        let text = echo.as_ref().map(|t| t[p].as_deref());
+        (scored || text.is_some()).then(|| PromptEcho::new(&s.tokenizer, &prompts[p], text.flatten()))
+    };
     let reply = Reply {
         s: s.clone(),
         kind,
@@ -64,7 +71,10 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
         ids,
         created: unix_now(),
         prompt_tokens,
-        choices: prompts.iter().flat_map(|p| (0..opts.n).map(|_| ChoiceText::new(p))).collect(),
+        choices: (0..prompts.len())
+            .flat_map(|p| (0..opts.n).map(move |_| p))
+            .map(|p| ChoiceText::new(&prompts[p]).with_prompt(prompt_echo(p)))
+            .collect(),
         cached_tokens: vec![0; prompts.len()],
         opts,
         rx: Inbox::new(rx),

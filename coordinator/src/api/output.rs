@@ -11,6 +11,8 @@ use serde::{
     ser::{SerializeMap, SerializeSeq},
 };
 
+use tessera_proto::step::Sampled;
+
 use crate::{
     engine::contract::FinishReason,
     tokenizer::{IncrementalDecoder, Tokenizer},
@@ -41,6 +43,68 @@ pub fn token_text(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
     (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
+/// A choice's prompt, for `echo` and prompt logprobs: its text as the client sees it, its tokens with their
+/// offsets in that text, and each position's score once the workers have sent it (the first position has
+/// none: nothing comes before it).
+pub struct PromptEcho {
+    pub text: String,
+    tokens: Vec<u32>,
+    offsets: Vec<usize>,
+    scores: Vec<Option<Score>>,
+    /// The echo has gone out on the stream.
+    pub sent: bool,
+}
+
+/// A prompt token's logprob, its alternatives and its rank.
+#[derive(Debug, Clone, PartialEq)]
+struct Score {
+    logprob: f32,
+    top: Vec<(u32, f32)>,
+    rank: u32,
+}
+
+impl PromptEcho {
+    /// `text`: the prompt as the client sent it; `None` (sent as token ids) decodes it.
+    pub fn new(tok: &Tokenizer, prompt: &[u32], text: Option<&str>) -> Self {
+        let mut decoder = IncrementalDecoder::new(&[]);
+        let mut decoded = String::new();
+        let mut offsets = Vec::with_capacity(prompt.len());
+        for &t in prompt {
+            offsets.push(decoded.len());
+            decoded.push_str(&decoder.push(tok, t).unwrap_or_default());
+        }
+        decoded.push_str(&decoder.finish(tok).unwrap_or_default());
+        let text = text.map_or(decoded, str::to_string);
+        // Offsets are into the decoded text; the sent text may differ slightly (normalization), never past it.
+        let offsets = offsets.into_iter().map(|o| o.min(text.len())).collect();
+        PromptEcho { text, tokens: prompt.to_vec(), offsets, scores: vec![None; prompt.len()], sent: false }
+    }
+
+    /// Scores from the workers for positions `first..`; the first score of a position is kept (a recompute
+    /// after a preemption or a failover sends them again).
+    pub fn record(&mut self, first: usize, tokens: &[Sampled], ranks: &[u32]) {
+        for (i, (t, &rank)) in tokens.iter().zip(ranks).enumerate() {
+            if let Some(slot @ None) = self.scores.get_mut(first + i) {
+                *slot = Some(Score { logprob: t.logprob.unwrap_or(f32::NAN), top: t.top_logprobs.clone(), rank });
+            }
+        }
+    }
+
+    /// The prompt's logprob entries with `k` alternatives, in the legacy completions' shape: the first token
+    /// (and any position never scored) has a NaN logprob, written as `null` with `null` alternatives.
+    pub fn entries(&self, k: usize) -> Vec<TokenLp> {
+        self.tokens
+            .iter()
+            .zip(&self.offsets)
+            .zip(&self.scores)
+            .map(|((&token, &offset), score)| match score {
+                Some(s) => TokenLp { token, logprob: s.logprob, top: s.top[..k.min(s.top.len())].to_vec(), offset },
+                None => TokenLp { token, logprob: f32::NAN, top: Vec::new(), offset },
+            })
+            .collect()
+    }
+}
+
 pub struct ChoiceText {
     decoder: IncrementalDecoder,
     pub text: String,
@@ -51,6 +115,8 @@ pub struct ChoiceText {
     pub finish: Option<FinishReason>,
     /// Logprob entries: all of them for a whole response, those not yet sent for a stream.
     pub logprobs: Vec<TokenLp>,
+    /// The prompt, when the request echoes it or asks for its logprobs.
+    pub prompt: Option<PromptEcho>,
 }
 
 impl ChoiceText {
@@ -62,7 +128,13 @@ impl ChoiceText {
             tokens: 0,
             finish: None,
             logprobs: Vec::new(),
+            prompt: None,
         }
+    }
+
+    pub fn with_prompt(mut self, prompt: Option<PromptEcho>) -> Self {
+        self.prompt = prompt;
+        self
     }
 
     /// Adds a token; returns true if the text now contains a stop string (the choice is then finished with
@@ -155,7 +227,7 @@ pub struct LogprobsJson<'a> {
     pub entries: &'a [TokenLp],
 }
 
-impl Serialize for LogprobsJson<'_> {
+impl<'a> Serialize for LogprobsJson<'a> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (tok, entries) = (self.tok, self.entries);
         let mut m = s.serialize_map(Some(if self.chat { 2 } else { 4 }))?;
@@ -166,7 +238,64 @@ impl Serialize for LogprobsJson<'_> {
             m.serialize_entry("text_offset", &column(entries, |e| e.offset))?;
             m.serialize_entry("token_logprobs", &column(entries, |e| f64::from(e.logprob)))?;
             m.serialize_entry("tokens", &column(entries, |e| token_text(tok, e.token).0))?;
-            m.serialize_entry("top_logprobs", &column(entries, |e| TopMap { tok, top: &e.top }))?;
+            // A prompt's first token has no logprob, and no alternatives: `null` for both.
+            let top = |e: &'a TokenLp| (!e.logprob.is_nan()).then_some(TopMap { tok, top: &e.top });
+            m.serialize_entry("top_logprobs", &column(entries, top))?;
+        }
+        m.end()
+    }
+}
+
+/// vLLM's `prompt_logprobs` of a choice: `null` for the first token, then per token an object keyed by
+/// token id of the prompt's token and its alternatives, each `{logprob, rank, decoded_token}` (an
+/// alternative's rank is its place among them).
+pub struct PromptLogprobsJson<'a> {
+    pub tok: &'a Tokenizer,
+    pub prompt: &'a PromptEcho,
+    /// Alternatives per position.
+    pub k: usize,
+}
+
+impl Serialize for PromptLogprobsJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let p = self.prompt;
+        let mut seq = s.serialize_seq(Some(p.tokens.len()))?;
+        for (&token, score) in p.tokens.iter().zip(&p.scores) {
+            match score {
+                None => seq.serialize_element(&())?,
+                Some(sc) => seq.serialize_element(&PositionLogprobs { tok: self.tok, token, score: sc, k: self.k })?,
+            }
+        }
+        seq.end()
+    }
+}
+
+struct PositionLogprobs<'a> {
+    tok: &'a Tokenizer,
+    token: u32,
+    score: &'a Score,
+    k: usize,
+}
+
+impl Serialize for PositionLogprobs<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Entry {
+            decoded_token: String,
+            logprob: f64,
+            rank: u32,
+        }
+        let entry = |id: u32, logprob: f32, rank: u32| Entry {
+            decoded_token: token_text(self.tok, id).0,
+            logprob: f64::from(logprob),
+            rank,
+        };
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry(&self.token.to_string(), &entry(self.token, self.score.logprob, self.score.rank))?;
+        for (i, &(id, lp)) in self.score.top.iter().take(self.k).enumerate() {
+            if id != self.token {
+                m.serialize_entry(&id.to_string(), &entry(id, lp, i as u32 + 1))?;
+            }
         }
         m.end()
     }

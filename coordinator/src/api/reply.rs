@@ -148,6 +148,12 @@ impl Reply {
                 self.choices[choice].end(&self.s.tokenizer, reason, &stops);
                 Ok(choice)
             }
+            Event::Prompt { choice, first_position, tokens, ranks } => {
+                if let Some(p) = self.choices[choice].prompt.as_mut() {
+                    p.record(first_position, &tokens, &ranks);
+                }
+                Ok(choice)
+            }
             Event::Error { message, .. } => Err(message),
         }
     }

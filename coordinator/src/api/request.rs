@@ -67,6 +67,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
+    /// vLLM's: the prompt's own logprobs, with this many alternatives per token.
+    pub prompt_logprobs: Option<i64>,
     // Flattened fields cannot be combined with deny_unknown_fields in serde, so they are listed again.
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -171,6 +173,10 @@ pub struct Options {
     pub ignore_eos: bool,
     /// `Some(k)`: report each token's logprob and `k` alternatives.
     pub logprobs: Option<usize>,
+    /// Completions: the prompt goes before each choice's text (and its tokens before its logprobs).
+    pub echo: bool,
+    /// vLLM's `prompt_logprobs`: each prompt token's logprob, rank and `k` alternatives, in their own list.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Parses a JSON body into `T`, naming the offending field on failure.
@@ -285,6 +291,8 @@ pub fn options(c: Common, logprobs: Option<usize>) -> Result<Options, ApiError> 
         stop,
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs,
+        echo: false,
+        prompt_logprobs: None,
     })
 }
 

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::{
     error::ApiError,
-    output::LogprobsJson,
+    output::{LogprobsJson, PromptLogprobsJson},
     reply::{Backlog, Inbox, Kind, Reply, backend_error},
 };
 use crate::engine::contract::Event;
@@ -177,11 +177,34 @@ fn failed(r: &mut Reply, e: ApiError) -> Events {
 }
 
 /// A streaming chunk for choice `i` with `delta` text (and whatever logprobs are pending).
-fn chunk(r: &mut Reply, i: usize, delta: String, with_finish: bool) -> Option<Value> {
-    let lp_entries = r.choices[i].take_logprobs();
+fn chunk(r: &mut Reply, i: usize, mut delta: String, with_finish: bool) -> Option<Value> {
+    let mut lp_entries = r.choices[i].take_logprobs();
     let finish = if with_finish { Reply::finish_str(&r.choices[i]) } else { Value::Null };
     if delta.is_empty() && lp_entries.is_empty() && finish.is_null() && r.kind == Kind::Completion {
         return None;
+    }
+    let mut prompt_logprobs = None;
+    if r.kind == Kind::Completion
+        && let Some(p) = r.choices[i].prompt.as_mut()
+    {
+        // Echo: the prompt's text and entries go out with the choice's first chunk, and the completion's
+        // offsets count from after the prompt's text.
+        if r.opts.echo {
+            for e in &mut lp_entries {
+                e.offset += p.text.len();
+            }
+        }
+        if !std::mem::replace(&mut p.sent, true) {
+            if r.opts.echo {
+                delta.insert_str(0, &p.text);
+                if let Some(k) = r.opts.logprobs {
+                    lp_entries.splice(0..0, p.entries(k));
+                }
+            }
+            if let Some(k) = r.opts.prompt_logprobs {
+                prompt_logprobs = serde_json::to_value(PromptLogprobsJson { tok: &r.s.tokenizer, prompt: p, k }).ok();
+            }
+        }
     }
     let logprobs = match r.opts.logprobs {
         None => Value::Null,
@@ -191,7 +214,13 @@ fn chunk(r: &mut Reply, i: usize, delta: String, with_finish: bool) -> Option<Va
         }
     };
     let choice = match r.kind {
-        Kind::Completion => json!({ "index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish }),
+        Kind::Completion => {
+            let mut c = json!({ "index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish });
+            if let Some(p) = prompt_logprobs {
+                c["prompt_logprobs"] = p;
+            }
+            c
+        }
         Kind::Chat => {
             let mut d = serde_json::Map::new();
             if !r.sent_role[i] {

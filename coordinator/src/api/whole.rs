@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::{
     error::ApiError,
-    output::{ChoiceText, LogprobsJson},
+    output::{ChoiceText, LogprobsJson, PromptLogprobsJson, TokenLp},
     reply::{Kind, Reply, backend_error},
 };
 use crate::{engine::contract::FinishReason, tokenizer::Tokenizer};
@@ -81,6 +81,9 @@ impl Serialize for Choices<'_> {
             c,
             tok: &r.s.tokenizer,
             logprobs: r.opts.logprobs.is_some(),
+            echo: r.opts.echo,
+            logprobs_k: r.opts.logprobs.unwrap_or(0),
+            prompt_logprobs: r.opts.prompt_logprobs,
         }))
     }
 }
@@ -91,6 +94,11 @@ struct Choice<'a> {
     c: &'a ChoiceText,
     tok: &'a Tokenizer,
     logprobs: bool,
+    /// The prompt goes first, in the text and in the logprobs.
+    echo: bool,
+    /// Alternatives per token in `logprobs`, and in `prompt_logprobs` when asked for.
+    logprobs_k: usize,
+    prompt_logprobs: Option<usize>,
 }
 
 impl Serialize for Choice<'_> {
@@ -106,9 +114,43 @@ impl Serialize for Choice<'_> {
             }
             .serialize(s)
         } else {
-            CompletionChoice { finish_reason: self.c.finish, index: self.index, logprobs, text: &self.c.text }
-                .serialize(s)
+            let echo = self.c.prompt.as_ref().filter(|_| self.echo);
+            let Some(p) = echo else {
+                let prompt_logprobs = self.prompt_logprobs_json();
+                return CompletionChoice {
+                    finish_reason: self.c.finish,
+                    index: self.index,
+                    logprobs,
+                    prompt_logprobs,
+                    text: &self.c.text,
+                }
+                .serialize(s);
+            };
+            // The prompt's entries, then the completion's with their offsets moved past the prompt's text.
+            let entries: Vec<TokenLp> = if self.logprobs {
+                let shifted = self.c.logprobs.iter().map(|e| TokenLp { offset: e.offset + p.text.len(), ..e.clone() });
+                p.entries(self.logprobs_k).into_iter().chain(shifted).collect()
+            } else {
+                Vec::new()
+            };
+            let logprobs = self.logprobs.then_some(LogprobsJson { chat: false, tok: self.tok, entries: &entries });
+            let text = format!("{}{}", p.text, self.c.text);
+            CompletionChoice {
+                finish_reason: self.c.finish,
+                index: self.index,
+                logprobs,
+                prompt_logprobs: self.prompt_logprobs_json(),
+                text: &text,
+            }
+            .serialize(s)
         }
+    }
+}
+
+impl Choice<'_> {
+    fn prompt_logprobs_json(&self) -> Option<PromptLogprobsJson<'_>> {
+        let (prompt, k) = (self.c.prompt.as_ref()?, self.prompt_logprobs?);
+        Some(PromptLogprobsJson { tok: self.tok, prompt, k })
     }
 }
 
@@ -117,6 +159,9 @@ struct CompletionChoice<'a> {
     finish_reason: Option<FinishReason>,
     index: usize,
     logprobs: Option<LogprobsJson<'a>>,
+    /// vLLM's, present only when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_logprobs: Option<PromptLogprobsJson<'a>>,
     text: &'a str,
 }
 

@@ -7,7 +7,7 @@
 //! that the engine must see goes into [`GenRequest`] (or its `SamplingParams`, when workers must see it).
 
 use serde::Serialize;
-use tessera_proto::step::SamplingParams;
+use tessera_proto::step::{Sampled, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// Why a choice ended.
@@ -36,9 +36,31 @@ pub const MAX_CHOICES: usize = 128;
 /// What a handler hears about one of its choices.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token { choice: usize, token: u32, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
-    Finished { choice: usize, reason: FinishReason, prompt_tokens: usize, cached_tokens: usize },
-    Error { choice: usize, message: String },
+    /// Prompt tokens scored (the request asked for prompt logprobs): `tokens[i]` is the prompt's token at
+    /// position `first_position + i`, with its rank. Sent before the choice's first token; a prefill
+    /// recomputed after a preemption or a failover may send positions again.
+    Prompt {
+        choice: usize,
+        first_position: usize,
+        tokens: Vec<Sampled>,
+        ranks: Vec<u32>,
+    },
+    Token {
+        choice: usize,
+        token: u32,
+        logprob: Option<f32>,
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
+    Error {
+        choice: usize,
+        message: String,
+    },
 }
 
 pub struct GenRequest {

@@ -367,6 +367,8 @@ impl Loop {
         }
         match result {
             Ok(sampled) => {
+                // Prompt logprobs before the tokens they precede.
+                self.send_prompt_scores();
                 let mut outcomes = self.sched.apply(plan, sampled, &self.eos);
                 // Metrics first, events second: a client whose response completes must see its own request
                 // counted and no longer running.
@@ -434,6 +436,22 @@ impl Loop {
             if let Some(out) = out {
                 return Ok(out);
             }
+        }
+    }
+
+    /// The prompt tokens the step scored, to each choice's handler: only prompt positions (a recompute after
+    /// a preemption also covers generated tokens, which are not the prompt's).
+    fn send_prompt_scores(&mut self) {
+        for p in self.backend.take_prompt_scores() {
+            let Some(t) = self.tracks.get(&p.id) else { continue };
+            let n = t.prompt_tokens.saturating_sub(p.first_position).min(p.tokens.len());
+            if n == 0 {
+                continue;
+            }
+            let (mut tokens, mut ranks) = (p.tokens, p.ranks);
+            tokens.truncate(n);
+            ranks.truncate(n);
+            let _ = t.events.send(Event::Prompt { choice: t.choice, first_position: p.first_position, tokens, ranks });
         }
     }
 

@@ -246,6 +246,7 @@ impl GroupClient {
                 id: p.sequence_id,
                 first_position: p.first_position as usize,
                 tokens: p.tokens.iter().map(from_proto).collect(),
+                ranks: p.ranks.clone(),
             })
             .collect();
         Ok(reply

@@ -21,6 +21,8 @@ pub struct ScoredChunk {
     /// this chunk; the previous chunk's `next_token` scored it).
     pub first_position: usize,
     pub tokens: Vec<sampling::Sampled>,
+    /// Each token's rank among the vocabulary at its position (1: the most likely).
+    pub ranks: Vec<u32>,
 }
 
 pub(super) fn score_prompts(
@@ -43,15 +45,18 @@ pub(super) fn score_prompts(
             })
             .collect();
         let mut tokens = Vec::with_capacity(targets.len());
+        let mut ranks = Vec::with_capacity(targets.len());
         for tile in targets.chunks(TILE) {
             let rows: Vec<u32> = tile.iter().map(|&(r, _)| r).collect();
             let projected = model.vocab_rows(x, &rows, comm, at)?;
             let logits = projected.host_f32()?;
             for (i, &(_, t)) in tile.iter().enumerate() {
-                tokens.push(sampling::score(&logits[i * vocab..(i + 1) * vocab], t, score.top));
+                let (scored, rank) = sampling::score(&logits[i * vocab..(i + 1) * vocab], t, score.top);
+                tokens.push(scored);
+                ranks.push(rank);
             }
         }
-        out.push(ScoredChunk { index, first_position: s.start_pos + 1, tokens });
+        out.push(ScoredChunk { index, first_position: s.start_pos + 1, tokens, ranks });
     }
     Ok(out)
 }
