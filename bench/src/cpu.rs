@@ -190,34 +190,14 @@ impl Plan {
             // Untimed prefill of every sequence's context, then two warm-up steps. The token each prefill
             // samples is appended, so a decode step feeds the newest token at the next free position.
             for (i, s) in seqs.iter_mut().enumerate() {
-                let out = engine.step(&[StepSeq {
-                    id: i as u64,
-                    tokens: s,
-                    start_pos: 0,
-                    block_table: &tables[i],
-                    sample: Some(&greedy),
-                    penalty_context: &[],
-                    output_context: &[],
-                    starts: false,
-                    score_prompt: None,
-                }])?;
+                let out = engine.step(&[greedy_step(i as u64, s, 0, &tables[i], &greedy)])?;
                 s.push(out[0].sampled.token);
             }
             let step = |seqs: &mut Vec<Vec<u32>>, engine: &mut Engine| -> Result<()> {
                 let batch: Vec<StepSeq> = seqs
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| StepSeq {
-                        id: i as u64,
-                        tokens: &s[s.len() - 1..],
-                        start_pos: s.len() - 1,
-                        block_table: &tables[i],
-                        sample: Some(&greedy),
-                        penalty_context: &[],
-                        output_context: &[],
-                        starts: false,
-                        score_prompt: None,
-                    })
+                    .map(|(i, s)| greedy_step(i as u64, &s[s.len() - 1..], s.len() - 1, &tables[i], &greedy))
                     .collect();
                 let out = engine.step(&batch)?;
                 for o in out {
@@ -244,21 +224,32 @@ impl Plan {
         for rep in 0..3 {
             let id = 1_000 + rep;
             let t = Instant::now();
-            engine.step(&[StepSeq {
-                id,
-                tokens: &prompt,
-                start_pos: 0,
-                block_table: &tables[0],
-                sample: Some(&greedy),
-                penalty_context: &[],
-                output_context: &[],
-                starts: false,
-                score_prompt: None,
-            }])?;
+            engine.step(&[greedy_step(id, &prompt, 0, &tables[0], &greedy)])?;
             best = best.min(t.elapsed().as_secs_f64());
             engine.release(id);
         }
         Ok((decode, self.prefill as f64 / best))
+    }
+}
+
+/// One sequence's greedy step of `tokens` from `start_pos`, with nothing else asked of it.
+fn greedy_step<'a>(
+    id: u64,
+    tokens: &'a [u32],
+    start_pos: usize,
+    block_table: &'a [u32],
+    greedy: &'a SamplingParams,
+) -> StepSeq<'a> {
+    StepSeq {
+        id,
+        tokens,
+        start_pos,
+        block_table,
+        sample: Some(greedy),
+        penalty_context: &[],
+        output_context: &[],
+        starts: false,
+        score_prompt: None,
     }
 }
 

@@ -104,14 +104,7 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
         (None, false) => coll_addr.to_string(),
     };
     let device: tessera_kernels::Device = a.device.parse()?;
-    let token = ClusterToken::resolve(a.cluster_token_file.as_deref())?;
-    if !token.is_set() {
-        tracing::warn!(
-            "no cluster token (--cluster-token-file or {}): anyone who can reach this worker's ports can load \
-             models, make it connect to any address, and run steps",
-            tessera_proto::auth::ENV
-        );
-    }
+    let token = cluster_token(&a)?;
     let config = WorkerConfig {
         device,
         kv_cache_bytes: a
@@ -168,6 +161,19 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
         _ = grace => tracing::info!("stopped"),
     }
     Ok(())
+}
+
+/// The token callers must carry (`--cluster-token-file`, else the environment); without one, a warning.
+fn cluster_token(a: &WorkerArgs) -> Result<ClusterToken> {
+    let token = ClusterToken::resolve(a.cluster_token_file.as_deref())?;
+    if !token.is_set() {
+        tracing::warn!(
+            "no cluster token (--cluster-token-file or {}): anyone who can reach this worker's ports can load \
+             models, make it connect to any address, and run steps",
+            tessera_proto::auth::ENV
+        );
+    }
+    Ok(token)
 }
 
 /// What this worker registers in etcd under `--cluster`: its record, on a lease of `--lease-ttl`.

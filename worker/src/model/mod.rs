@@ -364,7 +364,16 @@ impl Model {
         comm: &dyn Collective,
         at: &mut Instant,
     ) -> Result<Option<Tensor>, ModelError> {
-        let scores = scoring::score_prompts(self, x, seqs, attn_seqs, comm, at)?;
+        let chunks: Vec<scoring::Chunk> = seqs
+            .iter()
+            .zip(attn_seqs)
+            .enumerate()
+            .filter_map(|(index, (s, a))| {
+                let score = s.score?;
+                Some(scoring::Chunk { index, first_row: a.q_start, tokens: s.tokens, start_pos: s.start_pos, score })
+            })
+            .collect();
+        let scores = scoring::score(&chunks, self.config.vocab_size, |rows| self.vocab_rows(x, rows, comm, at))?;
         *self.scored.lock().unwrap_or_else(|p| p.into_inner()) = scores;
         let rows: Vec<u32> = attn_seqs
             .iter()
