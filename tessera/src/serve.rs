@@ -62,6 +62,10 @@ pub struct HttpArgs {
     /// Seconds a request has to send its body once its head has arrived; slower ones get 408.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     pub body_timeout: f64,
+    /// Seconds a response may wait for its client to take any of it; a client that reads nothing for
+    /// longer loses its connection.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub write_timeout: f64,
     /// JSON file of API keys (see `tessera keys create`); without it the API is open to anyone who can
     /// reach it.
     #[arg(long, value_name = "FILE")]
@@ -103,7 +107,12 @@ impl Frontend {
                 http.max_num_seqs
             );
         }
-        for (flag, v) in [("--header-timeout", http.header_timeout), ("--body-timeout", http.body_timeout)] {
+        let timeouts = [
+            ("--header-timeout", http.header_timeout),
+            ("--body-timeout", http.body_timeout),
+            ("--write-timeout", http.write_timeout),
+        ];
+        for (flag, v) in timeouts {
             // A day is far past any client worth waiting for, and keeps the value a valid Duration.
             if !(v > 0.0 && v <= 86_400.0) {
                 bail!("{flag} must be more than 0 and at most 86400 seconds, not {v}");
@@ -198,6 +207,7 @@ impl Frontend {
             let limits = api::server::ConnectionLimits {
                 max_connections: http.max_connections,
                 header_timeout: Duration::from_secs_f64(http.header_timeout),
+                write_timeout: Duration::from_secs_f64(http.write_timeout),
             }
             .fitted_to_fd_limit();
             let url = format!("http://{local}/v1");

@@ -1,6 +1,7 @@
 //! Accepting and serving the API's HTTP/1 connections, with the bounds a public listener needs: at most
 //! `max_connections` open at once, a deadline for each request's head (which also closes a keep-alive
-//! connection that sits idle), and a graceful shutdown that lets requests in flight finish.
+//! connection that sits idle), a deadline for a client to take a response's bytes,
+//! and a graceful shutdown that lets requests in flight finish.
 //!
 //! `axum::serve` has none of these bounds: a few dozen clients that open connections and send nothing hold
 //! them (and their file descriptors) for ever, and once descriptors run out nothing else is answered, not
@@ -10,7 +11,9 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -20,6 +23,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpListener,
     sync::{Semaphore, watch},
 };
@@ -40,6 +44,10 @@ pub struct ConnectionLimits {
     /// next request's head. A connection that sends nothing, half a request line, or sits idle between
     /// requests is closed when it runs out.
     pub header_timeout: Duration,
+    /// Most time a response may wait for its client to take any of it (the socket's send buffer full). A
+    /// client that reads nothing for this long has stopped: its connection, its slot and its buffers are
+    /// freed.
+    pub write_timeout: Duration,
 }
 
 impl ConnectionLimits {
@@ -127,6 +135,7 @@ pub async fn serve(
         let mut closing = closed.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let stream = WriteDeadline { inner: stream, limit: limits.write_timeout, stalled: None };
             let conn = http.serve_connection(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
@@ -137,7 +146,7 @@ pub async fn serve(
                 }
             };
             if let Err(e) = result {
-                log_connection_error(&e, peer, limits.header_timeout);
+                log_connection_error(&e, peer, &limits);
             }
         });
     }
@@ -150,11 +159,82 @@ pub async fn serve(
     Ok(())
 }
 
-fn log_connection_error(e: &hyper::Error, peer: SocketAddr, header_timeout: Duration) {
+/// A connection whose writes fail once one has waited `limit` for the client to take bytes: hyper stops
+/// polling a response body while the socket is full, so without a deadline a client that stops reading
+/// holds its connection for ever.
+struct WriteDeadline {
+    inner: tokio::net::TcpStream,
+    limit: Duration,
+    /// Since when writes have been waiting.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn deadline<T>(&mut self, cx: &mut Context<'_>, written: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if written.is_ready() {
+            self.stalled = None;
+            return written;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took nothing for {} s", limit.as_secs_f64()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for WriteDeadline {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteDeadline {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.deadline(cx, written)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.deadline(cx, written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.deadline(cx, flushed)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn log_connection_error(e: &hyper::Error, peer: SocketAddr, limits: &ConnectionLimits) {
+    let stalled = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    if stalled {
+        let timeout_s = limits.write_timeout.as_secs_f64();
+        tracing::warn!(%peer, timeout_s, "closed a connection whose client stopped reading");
+        return;
+    }
     if e.is_timeout() {
         tracing::info!(
             %peer,
-            timeout_s = header_timeout.as_secs_f64(),
+            timeout_s = limits.header_timeout.as_secs_f64(),
             "closed a connection that sent no complete request head in time (or sat idle)"
         );
     } else if !(e.is_incomplete_message() || e.is_canceled()) {
@@ -192,7 +272,11 @@ mod tests {
 
     #[tokio::test]
     async fn idle_and_half_sent_connections_are_closed_and_the_server_answers_again() {
-        let limits = ConnectionLimits { max_connections: 4, header_timeout: Duration::from_millis(300) };
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(5),
+        };
         let (addr, _stop) = start(limits).await;
         let mut idle = Vec::new();
         for i in 0..8 {
@@ -214,7 +298,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_keep_alive_connection_that_sits_idle_is_closed() {
-        let limits = ConnectionLimits { max_connections: 4, header_timeout: Duration::from_millis(300) };
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(5),
+        };
         let (addr, _stop) = start(limits).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
@@ -245,7 +333,11 @@ mod tests {
             }),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let limits = ConnectionLimits { max_connections: 4, header_timeout: Duration::from_secs(5) };
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+        };
         let server = tokio::spawn(serve(listener, router, limits, async move {
             let _ = stopped.await;
         }));
@@ -261,10 +353,40 @@ mod tests {
         assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
     }
 
+    #[tokio::test]
+    async fn a_client_that_stops_reading_loses_its_connection_and_frees_its_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Far more than the socket buffers of both ends hold.
+        let big = axum::body::Bytes::from(vec![b'x'; 64 << 20]);
+        let router = Router::new()
+            .route("/big", get(move || std::future::ready(big.clone())))
+            .route("/health", get(|| async { "ok" }));
+        let limits = ConnectionLimits {
+            max_connections: 1,
+            header_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_millis(300),
+        };
+        tokio::spawn(serve(listener, router, limits, std::future::pending()));
+        let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stuck.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        // The only slot is the stuck client's until its write deadline passes.
+        let answered = tokio::time::timeout(Duration::from_secs(5), get_health(addr)).await;
+        assert!(answered.expect("the stuck client kept its connection").ends_with("ok"));
+        // It gets what the buffers held, then the end: not the whole body.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stuck.read_to_end(&mut got)).await.unwrap();
+        assert!(got.len() < 64 << 20, "the whole body was sent");
+    }
+
     #[test]
     fn the_connection_bound_fits_the_descriptor_limit() {
         let limit = fd_limit().expect("a finite open-file limit");
-        let l = ConnectionLimits { max_connections: usize::MAX, header_timeout: Duration::from_secs(1) };
+        let l = ConnectionLimits {
+            max_connections: usize::MAX,
+            header_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(1),
+        };
         assert_eq!(l.fitted_to_fd_limit().max_connections as u64, limit.saturating_sub(RESERVED_FDS).max(1));
         let small = ConnectionLimits { max_connections: 3, ..l };
         assert_eq!(small.fitted_to_fd_limit().max_connections, 3);
