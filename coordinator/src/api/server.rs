@@ -127,28 +127,8 @@ pub async fn serve(
                 }
             },
         };
-        // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
-        // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let http = http.clone();
-        let mut closing = closed.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let stream = WriteDeadline { inner: stream, limit: limits.write_timeout, stalled: None };
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { drop(closing.wait_for(|c| *c).await) } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                log_connection_error(&e, peer, &limits);
-            }
-        });
+        let conn = Connection { stream, peer, slot, closing: closed.clone() };
+        tokio::spawn(conn.serve(http.clone(), router.clone(), limits));
     }
     drop(listener);
     let _ = closing.send(true);
@@ -157,6 +137,38 @@ pub async fn serve(
         tracing::warn!(open = closing.receiver_count(), "connections still open 30 s after shutdown began");
     }
     Ok(())
+}
+
+/// An accepted connection, with its slot and its part in the shutdown.
+struct Connection {
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    closing: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Serves requests until the client closes, a deadline passes, or shutdown has let the current
+    /// response finish.
+    async fn serve(mut self, http: Arc<hyper::server::conn::http1::Builder>, router: Router, limits: ConnectionLimits) {
+        let _slot = self.slot;
+        // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back for up to a
+        // delayed-ACK period (40 ms), which shows up directly as inter-token latency.
+        let _ = self.stream.set_nodelay(true);
+        let stream = WriteDeadline { inner: self.stream, limit: limits.write_timeout, stalled: None };
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { drop(self.closing.wait_for(|c| *c).await) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            log_connection_error(&e, self.peer, &limits);
+        }
+    }
 }
 
 /// A connection whose writes fail once one has waited `limit` for the client to take bytes: hyper stops
