@@ -56,6 +56,8 @@ for _ in $(seq 100); do
   [ "$(metric tessera:num_requests_running)" = 0 ] && [ "$(metric tessera:num_requests_waiting)" = 0 ] && break
   sleep 0.1
 done
+# An idle server gives freed memory back every 5 s (`give_back_memory_when_idle`): let it.
+sleep 6
 running=$(metric tessera:num_requests_running); waiting=$(metric tessera:num_requests_waiting)
 kv=$(metric tessera:kv_cache_usage_perc)
 rss_end=$(rss)

@@ -187,11 +187,13 @@ impl Frontend {
         // token per step (the engine and the compute pool have threads of their own).
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+        let engine = state.engine.clone();
         let served = rt.block_on(async move {
             let on_shutdown = background.map(|b| {
                 tokio::spawn(b.run);
                 b.on_shutdown
             });
+            tokio::spawn(api::server::give_back_memory_when_idle(engine));
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let local = listener.local_addr()?;
             match &keys {

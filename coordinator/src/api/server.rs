@@ -139,6 +139,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// How often an idle server gives freed memory back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+/// glibc keeps memory freed by a burst of requests in its per-thread arenas, resident for good (the HTTP
+/// runtime's and the blocking pool's threads each have one). Once nothing is running or waiting, it is
+/// given back (`malloc_trim`), once per idle spell, so the process's RSS after a burst returns to about
+/// where it was.
+pub async fn give_back_memory_when_idle(engine: Arc<crate::replicas::Replicas>) {
+    let mut every = tokio::time::interval(TRIM_EVERY);
+    let mut trimmed = false;
+    loop {
+        every.tick().await;
+        let idle = engine.view().iter().all(|r| r.running == 0 && r.waiting == 0);
+        if idle && !trimmed {
+            super::whole::trim();
+        }
+        trimmed = idle;
+    }
+}
+
 /// An accepted connection, with its slot and its part in the shutdown.
 struct Connection {
     stream: tokio::net::TcpStream,

@@ -197,11 +197,12 @@ impl Drop for TrimOnDrop {
     }
 }
 
+/// Gives the allocator's free memory back to the system.
 #[cfg(target_env = "gnu")]
-fn trim() {
+pub(super) fn trim() {
     // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
     unsafe { libc::malloc_trim(0) };
 }
 
 #[cfg(not(target_env = "gnu"))]
-fn trim() {}
+pub(super) fn trim() {}
