@@ -1,5 +1,7 @@
 //! Tensor parallelism across real worker processes: real gRPC on loopback, real TCP collectives.
 
+mod common;
+
 use std::{
     io::Read,
     path::{Path, PathBuf},
@@ -180,21 +182,6 @@ fn long_tp2_generation(stderr: Stdio) -> (tempfile::TempDir, std::process::Child
     (tmp, child, stdout)
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        // Fields after the parenthesised command name: state, ppid, ...
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = rest.split(' ').nth(1).unwrap().parse().unwrap();
-        if ppid == pid {
-            out.push(p);
-        }
-    }
-    out
-}
-
 fn alive(pid: u32) -> bool {
     // A zombie has exited; only its parent's wait is missing.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
@@ -203,7 +190,7 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn a_worker_killed_mid_generation_fails_the_request_fast_and_leaves_no_process() {
     let (_model, mut child, mut stdout) = long_tp2_generation(Stdio::piped());
-    let workers = children_of(child.id());
+    let workers = common::children_of(child.id());
     assert_eq!(workers.len(), 2, "expected two worker processes, found {workers:?}");
     let victim = workers[1];
     let killed_at = Instant::now();
@@ -458,7 +445,7 @@ fn calls_without_the_cluster_token_and_steps_for_one_rank_are_refused_and_the_gr
 fn workers_exit_when_their_parent_is_killed_outright() {
     for signal in ["-9", "-2"] {
         let (_model, mut child, _stdout) = long_tp2_generation(Stdio::null());
-        let workers = children_of(child.id());
+        let workers = common::children_of(child.id());
         assert_eq!(workers.len(), 2);
         // SIGKILL gives the parent no chance to clean up; SIGINT sent to it alone (not its process group,
         // as a terminal's Ctrl-C would) ends it with the default action, also without cleanup.

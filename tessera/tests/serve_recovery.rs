@@ -13,25 +13,6 @@ use common::*;
 use serde_json::{Value, json};
 use tessera_bench::http_client::HttpClient;
 
-/// Worker processes of `pid`, from `/proc`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        // Fields after the parenthesised command name: state, ppid, ...
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let mut fields = rest.split(' ');
-        let state = fields.next().unwrap();
-        let ppid: u32 = fields.next().unwrap().parse().unwrap();
-        if ppid == pid && state != "Z" {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
 fn kill9(pid: u32) {
     assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
 }

@@ -195,3 +195,22 @@ pub fn create_key(tenant: &str, id: &str, models: Option<&str>) -> (String, Valu
     assert!(!out.lines().last().unwrap().contains(&secret), "the entry holds the hash, not the secret");
     (secret, entry)
 }
+
+/// The live child processes of `pid` (worker processes), from `/proc`, in pid order.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let mut fields = rest.split(' ');
+        let state = fields.next().unwrap();
+        let ppid: u32 = fields.next().unwrap().parse().unwrap();
+        if ppid == pid && state != "Z" {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
