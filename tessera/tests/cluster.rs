@@ -332,6 +332,21 @@ fn malformed_steps_get_invalid_argument_and_the_worker_keeps_serving() {
     });
 }
 
+/// Sequence 1's greedy step of `tokens` from position 0 over `block_table`.
+fn greedy_step<'a>(tokens: &'a [u32], block_table: &'a [u32], greedy: &'a SamplingParams) -> StepSeq<'a> {
+    StepSeq {
+        id: 1,
+        tokens,
+        start_pos: 0,
+        block_table,
+        sample: Some(greedy),
+        penalty_context: &[],
+        output_context: &[],
+        starts: false,
+        score_prompt: None,
+    }
+}
+
 #[test]
 fn a_group_refuses_a_bad_step_without_failing() {
     let cluster = LocalCluster::start_with(exe(), 2, 1, 4).unwrap();
@@ -348,30 +363,10 @@ fn a_group_refuses_a_bad_step_without_failing() {
     .unwrap();
     let greedy = SamplingParams::greedy();
     let prompt = [1u32, 403, 407, 261, 378];
-    let bad = [StepSeq {
-        id: 1,
-        tokens: &prompt,
-        start_pos: 0,
-        block_table: &[9999],
-        sample: Some(&greedy),
-        penalty_context: &[],
-        output_context: &[],
-        starts: false,
-        score_prompt: None,
-    }];
+    let bad = [greedy_step(&prompt, &[9999], &greedy)];
     let e = group.step_full(&bad, false).unwrap_err().to_string();
     assert!(e.contains("refused the step") && e.contains("block 9999"), "{e}");
-    let good = [StepSeq {
-        id: 1,
-        tokens: &prompt,
-        start_pos: 0,
-        block_table: &[0],
-        sample: Some(&greedy),
-        penalty_context: &[],
-        output_context: &[],
-        starts: false,
-        score_prompt: None,
-    }];
+    let good = [greedy_step(&prompt, &[0], &greedy)];
     assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
 }
 
@@ -427,17 +422,7 @@ fn calls_without_the_cluster_token_and_steps_for_one_rank_are_refused_and_the_gr
         }
     });
     let greedy = SamplingParams::greedy();
-    let good = [StepSeq {
-        id: 1,
-        tokens: &prompt,
-        start_pos: 0,
-        block_table: &[0],
-        sample: Some(&greedy),
-        penalty_context: &[],
-        output_context: &[],
-        starts: false,
-        score_prompt: None,
-    }];
+    let good = [greedy_step(&prompt, &[0], &greedy)];
     assert_eq!(group.step_full(&good, false).unwrap()[0].0.sampled.token, 432);
 }
 
