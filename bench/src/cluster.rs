@@ -61,6 +61,7 @@ fn time_decode(backend: &mut dyn Backend, batch: usize, steps: usize) -> Result<
                     output_context: &[],
                     starts: false,
                     score_prompt: None,
+                    allowed: None,
                 }
             })
             .collect();

@@ -250,6 +250,7 @@ fn greedy_step<'a>(
         output_context: &[],
         starts: false,
         score_prompt: None,
+        allowed: None,
     }
 }
 

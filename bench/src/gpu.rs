@@ -140,6 +140,7 @@ fn host_and_device_time(engine: &mut Engine, plan: &Plan, device: Device, vocab:
         output_context: &[],
         starts: false,
         score_prompt: None,
+        allowed: None,
     };
     engine.step(&[seq(&prompt, 0)])?;
     let next = [1u32];

@@ -10,6 +10,8 @@
 //! - [`engine`]: the engine contract (`engine::contract`: the request, its events, the finish reason),
 //!   the engine loop of each replica, and the backends its steps run on (`engine::group`: workers over
 //!   gRPC);
+//! - [`constrain`]: constrained decoding (structured outputs, forced tool calls): llguidance grammars and
+//!   the allowed-token mask of each constrained sequence;
 //! - [`scheduler`]: continuous batching with fair queuing across API keys, the paged KV block manager
 //!   with its prefix cache (`scheduler::blocks`) and the measured step cost (`scheduler::step_cost`);
 //! - [`cluster`]: cluster mode: etcd membership, claims, and the manager that forms groups of workers;
@@ -18,6 +20,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod constrain;
 pub mod engine;
 pub mod metrics;
 pub mod replicas;

@@ -486,6 +486,7 @@ mod tests {
             params: SamplingParams::greedy(),
             max_tokens: 4,
             ignore_eos: true,
+            constraint: None,
             n: 1,
             first_choice: 0,
             flow: None,

@@ -114,6 +114,11 @@ impl Tokenizer {
         Ok(Tokenizer { inner, bos_token_id, eos_token_ids, add_bos, bos_token, eos_token, config })
     }
 
+    /// The `tokenizers` tokenizer itself (constrained decoding reads its vocabulary).
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

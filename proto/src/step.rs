@@ -125,6 +125,15 @@ pub struct StepSeq<'a> {
     pub starts: bool,
     /// Score the prompt tokens this chunk covers (prompt logprobs).
     pub score_prompt: Option<ScorePrompt>,
+    /// Constrained decoding: the tokens the sampled one may be, as a bitmask over the vocabulary (bit
+    /// `t % 32` of word `t / 32` allows token `t`); every other token's logit is −∞ before sampling. Read
+    /// only with `sample`.
+    pub allowed: Option<&'a [u32]>,
+}
+
+/// Whether `mask` (as [`StepSeq::allowed`]) allows `token`.
+pub fn mask_allows(mask: &[u32], token: u32) -> bool {
+    mask.get(token as usize / 32).is_some_and(|w| w >> (token % 32) & 1 == 1)
 }
 
 /// Scoring the prompt tokens of a prefill chunk: every token the chunk's positions predict (the chunk's

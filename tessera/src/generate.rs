@@ -149,6 +149,7 @@ pub fn generate(
         params: req.params.clone(),
         max_tokens: req.max_tokens,
         ignore_eos: req.ignore_eos,
+        constraint: None,
         n: 1,
         first_choice: 0,
         flow: None,

@@ -182,6 +182,7 @@ impl Frontend {
             limiter: Default::default(),
             ledger: ledger.clone(),
             cluster,
+            grammars: Default::default(),
         });
         // HTTP and SSE threads: a few more than two on a large machine, where hundreds of streams each get a
         // token per step (the engine and the compute pool have threads of their own).

@@ -68,6 +68,7 @@ fn run(
                     output_context: &[],
                     starts: false,
                     score_prompt: None,
+                    allowed: None,
                 }
             })
             .collect();
@@ -344,6 +345,7 @@ fn greedy_step<'a>(tokens: &'a [u32], block_table: &'a [u32], greedy: &'a Sampli
         output_context: &[],
         starts: false,
         score_prompt: None,
+        allowed: None,
     }
 }
 

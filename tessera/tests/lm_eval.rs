@@ -11,21 +11,9 @@ use std::{collections::HashMap, path::Path, process::Command};
 use common::*;
 use serde_json::Value;
 
-/// A Python with lm_eval (and transformers, for its tokenizer): `TESSERA_PYTHON`, which .ci/run sets up.
+/// A Python with lm_eval (and transformers, for its tokenizer).
 fn python() -> Option<String> {
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python).args(["-c", "import lm_eval, transformers"]).output();
-    if probe.is_ok_and(|o| o.status.success()) {
-        return Some(python);
-    }
-    if std::env::var_os("TESSERA_SKIP_PYTHON").is_some() {
-        eprintln!("skipped: TESSERA_SKIP_PYTHON is set");
-        return None;
-    }
-    panic!(
-        "this test needs lm_eval: `python3 -m pip install 'lm_eval[api]' transformers`, or point TESSERA_PYTHON at a \
-         Python that has them (.ci/run does)"
-    );
+    python_with("lm_eval, transformers", "'lm_eval[api]' transformers")
 }
 
 /// Runs lm_eval's `model` on `task` against the server at `url`; the samples it logged, by doc id.

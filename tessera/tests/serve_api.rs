@@ -13,17 +13,7 @@ const LILY: &str = ", there was a little girl named Lily. She loved to play outs
 /// The official OpenAI Python client, streaming and not, completions and chat.
 #[test]
 fn the_openai_python_client_gets_the_lily_story() {
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = std::process::Command::new(&python).args(["-c", "import openai"]).output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        if std::env::var_os("TESSERA_SKIP_PYTHON").is_some() {
-            eprintln!("skipped: TESSERA_SKIP_PYTHON is set");
-            return;
-        }
-        panic!(
-            "this test needs the openai Python package: `python3 -m pip install openai`, or point TESSERA_PYTHON at a Python that has it (.ci/run does)"
-        );
-    }
+    let Some(python) = python_with("openai", "openai") else { return };
     let s = Server::start(&[]);
     let script = r#"
 import sys, openai

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tessera_kernels::{Device, Tensor, ops};
+use tessera_proto::step::mask_allows;
 pub use tessera_proto::step::{PromptScores, SeqSampled, StepSeq};
 
 use crate::{
@@ -158,6 +159,19 @@ impl Engine {
             }
             if let Some(p) = s.sample {
                 p.validate().map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
+            }
+            if let Some(mask) = s.allowed.filter(|_| s.sample.is_some()) {
+                let words = c.vocab_size.div_ceil(32);
+                if mask.len() != words {
+                    return bad(format!(
+                        "allowed-token mask of {} words for a vocabulary of {} ({words} words)",
+                        mask.len(),
+                        c.vocab_size
+                    ));
+                }
+                if !(0..c.vocab_size as u32).any(|t| mask_allows(mask, t)) {
+                    return bad("allowed-token mask allows no token".into());
+                }
             }
             if let Some(sp) = s.score_prompt {
                 if let Some(t) = sp.next_token.filter(|&t| t as usize >= c.vocab_size) {
@@ -309,7 +323,8 @@ impl Engine {
         }
         let sampling: Vec<(&StepSeq<'_>, &SamplingParams)> =
             batch.iter().filter_map(|s| s.sample.map(|p| (s, p))).collect();
-        if logits.device() != Device::Cpu && sampling.iter().all(|(_, p)| p.device_samplable()) {
+        // A mask needs the row on the host, as penalties do.
+        if logits.device() != Device::Cpu && sampling.iter().all(|(s, p)| p.device_samplable() && s.allowed.is_none()) {
             let out = self.sample_on_device(&logits, &sampling)?;
             return Ok((out, Some(logits)));
         }
@@ -318,7 +333,7 @@ impl Engine {
         let mut out = Vec::new();
         for ((s, p), row) in sampling.iter().zip(rows.chunks_exact(vocab)) {
             let sampler = self.seqs.get_mut(&s.id).and_then(|st| st.sampler.as_mut()).expect("created above");
-            out.push(SeqSampled { id: s.id, sampled: sampler.sample(row, p) });
+            out.push(SeqSampled { id: s.id, sampled: sampler.sample(row, p, s.allowed) });
         }
         drop(rows);
         Ok((out, Some(logits)))

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 /// Index of the largest value (the first one on ties), as `torch.argmax` picks: the kernels' definition,
 /// which the GPU's argmax kernel follows too.
 pub use tessera_kernels::cpu::sampling::argmax;
-pub use tessera_proto::step::{Sampled, SamplingParams};
+pub use tessera_proto::step::{Sampled, SamplingParams, mask_allows};
 
 /// Per-sequence sampling state: the RNG and what the penalties need to know.
 pub struct Sampler {
@@ -49,12 +49,21 @@ impl Sampler {
         *self.output_counts.entry(token).or_default() += 1;
     }
 
-    /// Picks the next token from `logits` and records it as output.
-    pub fn sample(&mut self, logits: &[f32], p: &SamplingParams) -> Sampled {
+    /// Picks the next token from `logits` and records it as output. With `allowed` (constrained decoding,
+    /// a bitmask as `StepSeq::allowed`) only an allowed token can be picked: the others' logits are −∞
+    /// before anything else, as vLLM applies a grammar's bitmask before its logits processors.
+    pub fn sample(&mut self, logits: &[f32], p: &SamplingParams, allowed: Option<&[u32]>) -> Sampled {
         let want_lp = p.logprobs || p.top_logprobs > 0;
         let log_z = if want_lp { log_sum_exp(logits) } else { 0.0 };
 
         let mut l = logits.to_vec();
+        if let Some(mask) = allowed {
+            for (t, v) in l.iter_mut().enumerate() {
+                if !mask_allows(mask, t as u32) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 if let Some(v) = l.get_mut(t as usize) {
@@ -92,6 +101,9 @@ impl Sampler {
             cand.truncate(p.top_k);
         }
         cand.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b)));
+        // Masked-out tokens (−∞) are no candidates: a rounding error in the draw below must not reach them.
+        let possible = cand.iter().take_while(|&&t| l[t as usize] > f32::NEG_INFINITY).count().max(1);
+        cand.truncate(possible);
         let max = l[cand[0] as usize];
         let mut probs: Vec<f32> = cand.iter().map(|&t| (l[t as usize] - max).exp()).collect();
         let z: f32 = probs.iter().sum();
@@ -168,7 +180,7 @@ mod tests {
     #[test]
     fn greedy_picks_argmax_and_reports_logprobs() {
         let p = SamplingParams { logprobs: true, top_logprobs: 3, ..SamplingParams::greedy() };
-        let s = Sampler::new(Some(1)).sample(&logits(), &p);
+        let s = Sampler::new(Some(1)).sample(&logits(), &p, None);
         assert_eq!(s.token, 1);
         let z: f32 = logits().iter().map(|x| x.exp()).sum();
         assert!((s.logprob.unwrap() - (3f32.exp() / z).ln()).abs() < 1e-6);
@@ -182,16 +194,17 @@ mod tests {
         s.observe_prompt(&[1]);
         // 3.0 / 2 = 1.5 < 2.9: token 5 wins.
         let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
-        assert_eq!(s.sample(&logits(), &p).token, 5);
+        assert_eq!(s.sample(&logits(), &p, None).token, 5);
         // Now 5 has been generated once; presence 0.5 pushes it to 2.4 < 2.5.
         let p = SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() };
-        assert_eq!(Sampler::new(None).sample(&logits(), &p).token, 1);
-        assert_eq!(s.sample(&logits(), &SamplingParams { repetition_penalty: 2.0, ..p }).token, 2);
+        assert_eq!(Sampler::new(None).sample(&logits(), &p, None).token, 1);
+        assert_eq!(s.sample(&logits(), &SamplingParams { repetition_penalty: 2.0, ..p }, None).token, 2);
     }
 
     #[test]
     fn logit_bias_moves_the_choice_and_leaves_the_reported_logprobs_raw() {
-        let raw = Sampler::new(None).sample(&logits(), &SamplingParams { top_logprobs: 2, ..SamplingParams::greedy() });
+        let raw =
+            Sampler::new(None).sample(&logits(), &SamplingParams { top_logprobs: 2, ..SamplingParams::greedy() }, None);
         // +100 on an unlikely token makes it certain, greedy or drawn; -100 on the best one hands its place
         // to the runner-up.
         let push = |t: u32, b: f32, temperature: f32| SamplingParams {
@@ -201,15 +214,18 @@ mod tests {
             ..SamplingParams::greedy()
         };
         let mut s = Sampler::new(Some(3));
-        let biased = s.sample(&logits(), &push(0, 100.0, 0.0));
+        let biased = s.sample(&logits(), &push(0, 100.0, 0.0), None);
         assert_eq!(biased.token, 0);
-        assert!((0..20).all(|_| s.sample(&logits(), &push(0, 100.0, 1.0)).token == 0));
-        assert_eq!(Sampler::new(None).sample(&logits(), &push(raw.token, -100.0, 0.0)).token, raw.top_logprobs[1].0);
+        assert!((0..20).all(|_| s.sample(&logits(), &push(0, 100.0, 1.0), None).token == 0));
+        assert_eq!(
+            Sampler::new(None).sample(&logits(), &push(raw.token, -100.0, 0.0), None).token,
+            raw.top_logprobs[1].0
+        );
         // What is reported is the model's distribution, not the biased one.
         assert_eq!(biased.top_logprobs, raw.top_logprobs);
         assert!(biased.logprob.unwrap() < raw.logprob.unwrap());
         // Out-of-vocabulary ids are the API's to refuse; here they change nothing.
-        assert_eq!(Sampler::new(None).sample(&logits(), &push(9999, 100.0, 0.0)).token, raw.token);
+        assert_eq!(Sampler::new(None).sample(&logits(), &push(9999, 100.0, 0.0), None).token, raw.token);
     }
 
     #[test]
@@ -217,7 +233,7 @@ mod tests {
         let p = SamplingParams { temperature: 0.8, seed: Some(7), ..Default::default() };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.seed);
-            (0..50).map(|_| s.sample(&logits(), p).token).collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&logits(), p, None).token).collect::<Vec<_>>()
         };
         assert_eq!(run(&p), run(&p));
         assert!(run(&p).iter().collect::<HashSet<_>>().len() > 2, "temperature 0.8 should vary");
@@ -236,7 +252,7 @@ mod tests {
         let l = [0.0f32, 1f32.ln(), 2f32.ln()]; // probabilities 1/4, 1/4, 1/2
         let mut counts = [0usize; 3];
         for _ in 0..20000 {
-            counts[s.sample(&l, &p).token as usize] += 1;
+            counts[s.sample(&l, &p, None).token as usize] += 1;
         }
         let f = counts.map(|c| c as f32 / 20000.0);
         assert!((f[0] - 0.25).abs() < 0.02 && (f[1] - 0.25).abs() < 0.02 && (f[2] - 0.5).abs() < 0.02, "{f:?}");
@@ -254,5 +270,28 @@ mod tests {
         let bias = SamplingParams { logit_bias: vec![(3, 101.0)], ..Default::default() };
         assert!(bias.validate().unwrap_err().contains("logit_bias for token 3"));
         assert!(SamplingParams::default().validate().is_ok());
+    }
+
+    #[test]
+    fn a_mask_leaves_only_allowed_tokens_however_the_rest_is_weighted() {
+        // Tokens 0 and 3: the two least likely, and 3 the least of all.
+        let mask = [0b1001u32];
+        let greedy = SamplingParams { logprobs: true, top_logprobs: 1, ..SamplingParams::greedy() };
+        let s = Sampler::new(None).sample(&logits(), &greedy, Some(&mask));
+        assert_eq!(s.token, 0);
+        // The reported logprobs stay the model's own.
+        let raw = Sampler::new(None).sample(&logits(), &greedy, None);
+        assert_eq!(s.top_logprobs, raw.top_logprobs);
+        let mut drawn = Sampler::new(Some(5));
+        for p in [
+            SamplingParams { temperature: 2.0, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_p: 0.1, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() },
+            SamplingParams { temperature: 1.0, logit_bias: vec![(1, 100.0)], ..Default::default() },
+        ] {
+            assert!((0..50).all(|_| [0, 3].contains(&drawn.sample(&logits(), &p, Some(&mask)).token)), "{p:?}");
+        }
+        // A mask allowing one token forces it.
+        assert_eq!(drawn.sample(&logits(), &SamplingParams::default(), Some(&[0b1000])).token, 3);
     }
 }

@@ -348,6 +348,7 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             score_prompt: s
                 .prompt_logprobs
                 .map(|top| ScorePrompt { top: top as usize, next_token: s.next_prompt_token }),
+            allowed: (!s.allowed_tokens.is_empty()).then_some(&s.allowed_tokens[..]),
         })
         .collect();
     let (sampled, logits) = match engine.step_with_logits(&batch) {

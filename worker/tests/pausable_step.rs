@@ -46,6 +46,7 @@ impl Seqs {
                     output_context: &[],
                     starts: false,
                     score_prompt: None,
+                    allowed: None,
                 }
             })
             .collect()

@@ -32,6 +32,7 @@ fn reference(dir: &std::path::Path, prompt: &[u32]) -> Vec<Expected> {
                 output_context: &[],
                 starts: false,
                 score_prompt: None,
+                allowed: None,
             };
             let (_, logits) = e.step_with_logits(&[step]).unwrap();
             let row = logits.unwrap().host_f32().unwrap().to_vec();
@@ -66,6 +67,7 @@ fn chunked(engines: &mut [Engine], prompt: &[u32], chunk: usize) -> Vec<PromptSc
             output_context: &[],
             starts: false,
             score_prompt: Some(ScorePrompt { top: TOP, next_token: prompt.get(end).copied() }),
+            allowed: None,
         };
         let scores: Vec<Vec<PromptScores>> = std::thread::scope(|sc| {
             let handles: Vec<_> = engines

@@ -21,6 +21,7 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
         output_context: &[],
         starts: false,
         score_prompt: None,
+        allowed: None,
     };
     let leak = |v: Vec<u32>| -> &'static [u32] { Box::leak(v.into_boxed_slice()) };
     let t: &'static [u32] = leak(table.clone());
@@ -78,6 +79,7 @@ fn a_restarted_seeded_sequence_continues_its_stream() {
                 output_context: if restart { &generated } else { &[] },
                 starts: restart,
                 score_prompt: None,
+                allowed: None,
             };
             let next = e.step(&[s]).unwrap()[0].sampled.token;
             restart = false;

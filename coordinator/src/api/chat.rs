@@ -22,6 +22,7 @@ use super::{
     reply::Kind,
     request::{self, ChatRequest, Content, MAX_TOP_LOGPROBS, Message},
     state::AppState,
+    structured,
 };
 
 pub(super) async fn chat(
@@ -65,7 +66,8 @@ fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>)
         (None, None) => s.engine.info().max_position_embeddings.saturating_sub(prompt.len()).max(1),
     };
     let opts = request::options(r.common(), logprobs)?;
-    Ok(Job { kind: Kind::Chat, prompts: vec![prompt], max_tokens, opts, echo: None })
+    let constraint = structured::constraint(s, r.response_format.as_ref(), r.structured_outputs.as_ref())?;
+    Ok(Job { kind: Kind::Chat, prompts: vec![prompt], max_tokens, opts, echo: None, constraint })
 }
 
 /// Tools and structured output would change what the model is asked to produce; refusing them beats
@@ -86,14 +88,6 @@ fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
         && m.iter().any(|m| m != "text")
     {
         return Err(ApiError::param("modalities", "Only the \"text\" modality is supported by this server."));
-    }
-    if let Some(f) = &r.response_format
-        && f.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return Err(ApiError::param(
-            "response_format",
-            "Only response_format {\"type\": \"text\"} is supported by this server.",
-        ));
     }
     Ok(())
 }

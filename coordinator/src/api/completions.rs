@@ -19,6 +19,7 @@ use super::{
     reply::Kind,
     request::{self, CompletionRequest, MAX_TOP_LOGPROBS, Prompt},
     state::AppState,
+    structured,
 };
 use crate::engine::contract::MAX_CHOICES;
 
@@ -105,7 +106,8 @@ fn prepare_completion(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejec
         ));
     }
     let echo = echo.then_some(texts);
-    Ok(Job { kind: Kind::Completion, prompts, max_tokens, opts, echo })
+    let constraint = structured::constraint(s, r.response_format.as_ref(), r.structured_outputs.as_ref())?;
+    Ok(Job { kind: Kind::Completion, prompts, max_tokens, opts, echo, constraint })
 }
 
 /// A count of alternatives per token (`logprobs`, `prompt_logprobs`): 0 to OpenAI's limit.

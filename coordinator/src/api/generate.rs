@@ -17,7 +17,10 @@ use super::{
     state::{AppState, unix_now},
     stream, whole,
 };
-use crate::engine::contract::{Event, GenRequest};
+use crate::{
+    constrain::Constraint,
+    engine::contract::{Event, GenRequest},
+};
 
 /// A request as its endpoint validated it, ready to run.
 pub(super) struct Job {
@@ -29,6 +32,8 @@ pub(super) struct Job {
     pub(super) opts: Options,
     /// Completions with `echo`: each prompt's text as the client sent it (`None`: sent as token ids).
     pub(super) echo: Option<Vec<Option<String>>>,
+    /// Structured outputs: what each choice must generate.
+    pub(super) constraint: Option<Constraint>,
 }
 
 /// Checks the request against the model and the pool, then runs it.
@@ -128,6 +133,7 @@ fn submit(
             params: opts.params.clone(),
             max_tokens: job.max_tokens,
             ignore_eos: opts.ignore_eos,
+            constraint: job.constraint.clone(),
             n: opts.n,
             first_choice: p * opts.n,
             flow: caller.key.as_ref().map(|k| k.id.clone()),
@@ -197,6 +203,7 @@ mod tests {
             limiter: Default::default(),
             ledger: None,
             cluster: None,
+            grammars: Default::default(),
         })
     }
 

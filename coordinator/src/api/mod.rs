@@ -38,6 +38,7 @@ pub mod request;
 pub mod server;
 mod state;
 mod stream;
+pub mod structured;
 mod tokenize;
 mod whole;
 

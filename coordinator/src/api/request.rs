@@ -69,6 +69,10 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     /// vLLM's: the prompt's own logprobs, with this many alternatives per token.
     pub prompt_logprobs: Option<i64>,
+    /// Structured outputs, as vLLM takes them on completions too.
+    pub response_format: Option<Value>,
+    /// vLLM's structured outputs (`json`, `regex`, `choice`, `grammar`, `json_object`).
+    pub structured_outputs: Option<Value>,
     // Flattened fields cannot be combined with deny_unknown_fields in serde, so they are listed again.
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -126,6 +130,8 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub response_format: Option<Value>,
+    /// vLLM's structured outputs (`json`, `regex`, `choice`, `grammar`, `json_object`).
+    pub structured_outputs: Option<Value>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,

@@ -3,12 +3,12 @@
 //! endpoints depend on it and the router on them, and nothing depends back on the router.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use super::{auth, chat_template::ChatTemplate, limits};
-use crate::{replicas::Replicas, tokenizer::Tokenizer};
+use crate::{constrain::Grammars, replicas::Replicas, tokenizer::Tokenizer};
 
 pub struct AppState {
     /// The model replicas requests are routed over.
@@ -34,6 +34,17 @@ pub struct AppState {
     pub ledger: Option<crate::usage::Ledger>,
     /// Cluster mode: the membership and groups behind the replicas (`GET /v1/cluster`).
     pub cluster: Option<Arc<dyn ClusterStatus>>,
+    /// The grammar compiler for structured outputs, built by the first request that needs it (mapping a
+    /// large vocabulary to bytes takes a moment, which a server that never sees one need not spend).
+    pub grammars: OnceLock<Result<Grammars, String>>,
+}
+
+impl AppState {
+    /// The grammar compiler, or why this model's tokenizer cannot have one.
+    pub fn grammars(&self) -> Result<&Grammars, String> {
+        let vocab = self.engine.info().vocab_size;
+        self.grammars.get_or_init(|| Grammars::new(&self.tokenizer, vocab)).as_ref().map_err(String::clone)
+    }
 }
 
 /// What `GET /v1/cluster` shows beyond the replicas: workers and groups, as the cluster manager sees them.

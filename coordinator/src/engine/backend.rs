@@ -146,6 +146,7 @@ pub struct OwnedStepSeq {
     output_context: Vec<u32>,
     starts: bool,
     score_prompt: Option<ScorePrompt>,
+    allowed: Option<Vec<u32>>,
 }
 
 impl OwnedStepSeq {
@@ -160,6 +161,7 @@ impl OwnedStepSeq {
             output_context: s.output_context.to_vec(),
             starts: s.starts,
             score_prompt: s.score_prompt,
+            allowed: s.allowed.map(<[u32]>::to_vec),
         }
     }
 
@@ -174,6 +176,7 @@ impl OwnedStepSeq {
             output_context: &self.output_context,
             starts: self.starts,
             score_prompt: self.score_prompt,
+            allowed: self.allowed.as_deref(),
         }
     }
 }

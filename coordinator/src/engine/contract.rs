@@ -10,6 +10,8 @@ use serde::Serialize;
 use tessera_proto::step::{Sampled, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::constrain::Constraint;
+
 /// Why a choice ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,6 +71,9 @@ pub struct GenRequest {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub ignore_eos: bool,
+    /// Structured outputs: what every choice's text must match, with the mask for its first token; each
+    /// choice follows its own copy.
+    pub constraint: Option<Constraint>,
     pub n: usize,
     /// The index its first choice has in the response: a completion of several prompts is a request per
     /// prompt, and their choices are numbered on through the prompts, as OpenAI numbers them.

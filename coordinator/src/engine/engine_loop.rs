@@ -170,6 +170,7 @@ impl Loop {
                     let mut seq = Sequence::new(id, r.prompt.clone(), params, r.max_tokens, r.ignore_eos)
                         .in_flow(r.flow.clone(), r.weight);
                     seq.arrival = arrival;
+                    seq.constraint = r.constraint.clone();
                     self.sched.add(seq);
                     self.enter_flow(&r.flow);
                     self.tracks.insert(
@@ -187,7 +188,7 @@ impl Loop {
                     );
                 }
             }
-            Command::Adopt(m) => {
+            Command::Adopt(mut m) => {
                 self.sched.add(m.sequence());
                 self.enter_flow(&m.track.flow);
                 self.tracks.insert(m.id, m.track);
@@ -258,6 +259,7 @@ impl Loop {
                 params: seq.params,
                 max_tokens: seq.max_tokens,
                 ignore_eos: seq.ignore_eos,
+                constraint: seq.constraint,
                 flow: seq.flow,
                 weight: seq.weight,
                 track,
@@ -370,6 +372,8 @@ impl Loop {
                 // Prompt logprobs before the tokens they precede.
                 self.send_prompt_scores();
                 let mut outcomes = self.sched.apply(plan, sampled, &self.eos);
+                // The next masks of the constrained sequences, before anything else can schedule them.
+                let stuck = self.sched.prepare_masks();
                 // Metrics first, events second: a client whose response completes must see its own request
                 // counted and no longer running.
                 self.publish();
@@ -380,6 +384,9 @@ impl Loop {
                 let now = Instant::now();
                 for o in outcomes {
                     self.emit(o, now);
+                }
+                for (id, message) in stuck {
+                    self.fail_sequence(id, &message, "grammar");
                 }
             }
             // The replica is lost; `run` hands its sequences over.
@@ -505,18 +512,23 @@ impl Loop {
         }
     }
 
+    /// Ends one sequence with an error its handler hears (`kind` labels the failure metric).
+    fn fail_sequence(&mut self, id: u64, message: &str, kind: &'static str) {
+        if self.sched.abort(id).is_some() {
+            self.backend.release(&[id]);
+        }
+        if let Some(t) = self.untrack(id) {
+            let _ = t.events.send(Event::Error { choice: t.choice, message: message.to_string() });
+            self.metrics.request_failure.get_or_create(&vec![("kind", kind)]).inc();
+        }
+    }
+
     /// A step the backend refused: it validated the batch and changed nothing, so the replica serves on and
     /// only the step's own sequences end, each with the reason.
     fn fail_refused(&mut self, plan: &[Planned], message: &str) {
         tracing::warn!(sequences = plan.len(), "step refused: {message}");
         for p in plan {
-            if self.sched.abort(p.id).is_some() {
-                self.backend.release(&[p.id]);
-            }
-            if let Some(t) = self.untrack(p.id) {
-                let _ = t.events.send(Event::Error { choice: t.choice, message: message.to_string() });
-                self.metrics.request_failure.get_or_create(&vec![("kind", "refused")]).inc();
-            }
+            self.fail_sequence(p.id, message, "refused");
         }
         self.publish();
     }
@@ -677,6 +689,7 @@ mod tests {
                 params: SamplingParams::greedy(),
                 max_tokens,
                 ignore_eos: true,
+                constraint: None,
                 n,
                 first_choice: 0,
                 flow: Some(flow.into()),

@@ -290,6 +290,7 @@ fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
         starts: s.starts,
         prompt_logprobs: s.score_prompt.map(|p| p.top as u32),
         next_prompt_token: s.score_prompt.and_then(|p| p.next_token),
+        allowed_tokens: s.allowed.filter(|_| s.sample.is_some()).map(<[u32]>::to_vec).unwrap_or_default(),
     }
 }
 

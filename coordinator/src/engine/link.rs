@@ -16,7 +16,7 @@ use tessera_proto::step::SamplingParams;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::contract::{Event, FinishReason, GenRequest};
-use crate::scheduler::Sequence;
+use crate::{constrain::Constraint, scheduler::Sequence};
 
 pub enum Command {
     Submit(Box<GenRequest>, Instant),
@@ -41,6 +41,8 @@ pub struct Migrant {
     pub(super) params: SamplingParams,
     pub(super) max_tokens: usize,
     pub(super) ignore_eos: bool,
+    /// Its constraint, after the tokens already sent.
+    pub(super) constraint: Option<Constraint>,
     pub(super) flow: Option<String>,
     pub(super) weight: f64,
     pub(super) track: Track,
@@ -62,7 +64,7 @@ impl Migrant {
     }
 
     /// The sequence to schedule again: prompt plus what was already sent, recomputed as after a preemption.
-    pub(super) fn sequence(&self) -> Sequence {
+    pub(super) fn sequence(&mut self) -> Sequence {
         let mut seq = Sequence::new(
             self.id,
             self.tokens[..self.prompt_len].to_vec(),
@@ -73,6 +75,7 @@ impl Migrant {
         .in_flow(self.flow.clone(), self.weight);
         seq.tokens = self.tokens.clone();
         seq.arrival = self.track.arrival;
+        seq.constraint = self.constraint.take();
         seq
     }
 }

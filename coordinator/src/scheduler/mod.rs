@@ -41,6 +41,7 @@ use std::time::Instant;
 
 use tessera_proto::step::{Sampled, ScorePrompt, SeqSampled, StepSeq};
 
+use crate::constrain::{self, Constraint};
 use crate::engine::contract::FinishReason;
 
 use self::{
@@ -390,6 +391,21 @@ impl Scheduler {
         }
     }
 
+    /// Computes the next allowed-token mask of every running constrained sequence that needs one (after a
+    /// step advanced them), all at once and in parallel. Returns the sequences whose grammar cannot go on,
+    /// with why; the caller ends them.
+    pub fn prepare_masks(&mut self) -> Vec<(u64, String)> {
+        let (ids, mut pending): (Vec<u64>, Vec<&mut Constraint>) = self
+            .running
+            .iter_mut()
+            .filter_map(|s| Some(s.id).zip(s.constraint.as_mut().filter(|c| c.needs_mask())))
+            .unzip();
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        constrain::prepare_all(&mut pending).into_iter().map(|(i, e)| (ids[i], e)).collect()
+    }
+
     /// Called when a step could not be planned although sequences are present. With several running,
     /// preempts the newest to free its blocks and returns `None`; with one running (or only waiting ones)
     /// that still cannot proceed, aborts it and returns its id: it can never fit the pool.
@@ -426,6 +442,7 @@ impl Scheduler {
                     output_context: if first { &s.tokens[s.prompt_len..] } else { &[] },
                     starts: first,
                     score_prompt,
+                    allowed: s.constraint.as_ref().filter(|_| p.sample).and_then(Constraint::mask),
                 }
             })
             .collect()
@@ -452,7 +469,15 @@ impl Scheduler {
             let cached_tokens = s.cached_tokens;
             let token = x.sampled.token;
             s.tokens.push(token);
-            let finished = if !s.ignore_eos && eos.contains(&token) {
+            // A constraint that is complete ends the choice as an end-of-sequence would; one the token broke
+            // (it was sampled without the mask, which cannot happen) ends it too rather than go on unchecked.
+            let complete = s.constraint.as_mut().is_some_and(|c| {
+                c.advance(token).unwrap_or_else(|e| {
+                    tracing::error!(sequence = s.id, "{e}");
+                    true
+                })
+            });
+            let finished = if (!s.ignore_eos && eos.contains(&token)) || complete {
                 Some(FinishReason::Stop)
             } else if s.generated().len() >= s.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
                 Some(FinishReason::Length)
@@ -472,6 +497,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constrain::Spec;
     use tessera_proto::step::SamplingParams;
 
     fn sched(blocks: usize, bs: usize, budget: usize, max_seqs: usize) -> Scheduler {
@@ -577,6 +603,40 @@ mod tests {
         // From position 0 although the prompt is cached; each chunk names the prompt token after it; the
         // decode step after the prompt scores nothing.
         assert_eq!(chunks, [(0, 5, score(Some(15))), (5, 5, score(Some(20))), (10, 2, score(None)), (12, 1, None)]);
+    }
+
+    #[test]
+    fn a_constrained_sequence_samples_under_its_mask_and_ends_when_its_grammar_is_complete() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K");
+        let tok = crate::tokenizer::Tokenizer::load(&dir).unwrap();
+        let grammars = crate::constrain::Grammars::new(&tok, 512).unwrap();
+        // The single-letter pieces (the mask allows one token per byte string: not their byte-fallback twins).
+        let byte = |b: u8| tok.hf().token_to_id(&(b as char).to_string()).unwrap();
+        let mut s = sched(32, 4, 4, 8);
+        let mut seq = seq(1, 6, 50);
+        seq.constraint = Some(grammars.compile(&Spec::Choice(vec!["ok".into()])).unwrap());
+        s.add(seq);
+        // The prefill chunk that does not sample carries no mask; the one that samples does.
+        let p = s.schedule();
+        assert!(s.inputs(&p)[0].allowed.is_none());
+        step(&mut s, &p);
+        let mut sampled = Vec::new();
+        for b in [b'o', b'k'] {
+            let p = s.schedule();
+            let mask = s.inputs(&p)[0].allowed.expect("a sampling step carries the mask").to_vec();
+            assert!(tessera_proto::step::mask_allows(&mask, byte(b)));
+            assert!(!tessera_proto::step::mask_allows(&mask, byte(b'x')));
+            let out = s.apply(
+                &p,
+                vec![SeqSampled { id: 1, sampled: Sampled { token: byte(b), logprob: None, top_logprobs: vec![] } }],
+                &[2],
+            );
+            assert!(s.prepare_masks().is_empty());
+            sampled.push(out[0].finished);
+        }
+        // "ok" completes the choice: it ends with `stop` without an end-of-sequence token.
+        assert_eq!(sampled, [None, Some(FinishReason::Stop)]);
+        assert!(s.is_idle());
     }
 
     #[test]

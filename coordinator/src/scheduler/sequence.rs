@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use tessera_proto::step::SamplingParams;
 
+use crate::constrain::Constraint;
+
 /// A sequence as the scheduler sees it.
 pub struct Sequence {
     pub id: u64,
@@ -15,6 +17,8 @@ pub struct Sequence {
     /// New tokens allowed.
     pub max_tokens: usize,
     pub ignore_eos: bool,
+    /// What its output must match (structured outputs): the mask for its next token, after the tokens so far.
+    pub constraint: Option<Constraint>,
     pub arrival: Instant,
     /// When it was first scheduled (end of queueing).
     pub first_scheduled: Option<Instant>,
@@ -45,6 +49,7 @@ impl Sequence {
             params,
             max_tokens,
             ignore_eos,
+            constraint: None,
             arrival: Instant::now(),
             first_scheduled: None,
             cached_tokens: 0,

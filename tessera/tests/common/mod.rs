@@ -214,3 +214,22 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     out.sort();
     out
 }
+
+/// A Python that can import `modules` (comma-separated, as in an `import` line): `TESSERA_PYTHON`, which
+/// .ci/run sets up, or `python3`. `None` (the test skips) only when `TESSERA_SKIP_PYTHON` is set; otherwise
+/// a missing package fails the test with how to install it.
+pub fn python_with(modules: &str, pip: &str) -> Option<String> {
+    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python).args(["-c", &format!("import {modules}")]).output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        return Some(python);
+    }
+    if std::env::var_os("TESSERA_SKIP_PYTHON").is_some() {
+        eprintln!("skipped: TESSERA_SKIP_PYTHON is set");
+        return None;
+    }
+    panic!(
+        "this test needs {modules}: `python3 -m pip install {pip}`, or point TESSERA_PYTHON at a Python that has \
+         them (.ci/run does)"
+    );
+}

@@ -118,6 +118,7 @@ pub fn run_batch(
                 output_context: &[],
                 starts: false,
                 score_prompt: None,
+                allowed: None,
             });
         }
         let (sampled, logits) = engine.step_with_logits(&batch).unwrap();
