@@ -15,6 +15,8 @@
 //! - [`scheduler`]: continuous batching with fair queuing across API keys, the paged KV block manager
 //!   with its prefix cache (`scheduler::blocks`) and the measured step cost (`scheduler::step_cost`);
 //! - [`cluster`]: cluster mode: etcd membership, claims, and the manager that forms groups of workers;
+//! - [`tool_calls`]: the tool-call formats models write (Llama 3 JSON, Mistral, Hermes/Qwen), parsed whole
+//!   or as a stream;
 //! - [`metrics`]: the Prometheus registry (vLLM's names under `tessera:`);
 //! - [`usage`]: the per-request usage ledger (SQLite) and its queries.
 
@@ -26,4 +28,5 @@ pub mod metrics;
 pub mod replicas;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod usage;
