@@ -54,6 +54,18 @@ pub struct ServeBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A JSON object merged into every request body (e.g. a `response_format`, to measure constrained
+    /// decoding).
+    #[arg(long, value_name = "JSON", value_parser = parse_object)]
+    pub extra_body: Option<serde_json::Map<String, Value>>,
+}
+
+fn parse_object(s: &str) -> Result<serde_json::Map<String, Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(_) => Err("expected a JSON object".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Serialize, Debug, Default)]
@@ -232,18 +244,17 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
                     break;
                 }
                 let prompt = prompt_tokens(i, a.prompt_len, a.vocab);
+                let mut body = json!({
+                    "model": model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
+                    "ignore_eos": true,
+                });
+                body.as_object_mut().expect("an object").extend(a.extra_body.clone().unwrap_or_default());
                 if a.no_stream {
-                    let body = json!({
-                        "model": model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
-                        "ignore_eos": true,
-                    });
                     one_whole(&client, &url, &body, &samples).await;
                     continue;
                 }
-                let body = json!({
-                    "model": model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
-                    "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
-                });
+                body["stream"] = json!(true);
+                body["stream_options"] = json!({"include_usage": true});
                 one(&client, &url, &body, &samples).await;
             }
         }));

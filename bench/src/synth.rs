@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use safetensors::{Dtype, tensor::TensorView};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Shape of a synthetic Llama.
 #[derive(Clone, Copy, Debug)]
@@ -116,27 +116,47 @@ pub fn write_model(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
     write_tokenizer(dir, s.vocab)
 }
 
-/// A word-level tokenizer over the model's vocabulary (`<unk>`, `<s>`, `</s>`, then `w3`, `w4`, ...), so the
-/// directory is a complete model that `tessera serve` can load and whose every token decodes to text.
+/// A SentencePiece-style tokenizer over the model's vocabulary, shaped as Llama 2's is: `<unk>`, `<s>`,
+/// `</s>`, the 256 byte-fallback tokens `<0x00>`..`<0xFF>`, then pieces (`▁` for a space) made of letters,
+/// digits and JSON punctuation, shortest first, until the vocabulary is full. So the directory is a complete
+/// model that `tessera serve` can load, every token decodes to text, and constrained decoding has a
+/// vocabulary of realistic size and variety to compute masks over. (No merges: text encodes a character
+/// at a time, which benchmarks do not mind; they send token ids.)
 pub fn write_tokenizer(dir: &Path, vocab: usize) -> Result<()> {
     let special = |id: usize, content: &str| json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-    let mut words = serde_json::Map::new();
-    for (i, w) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
-        words.insert(w.to_string(), json!(i));
+    let mut pieces: Vec<String> = ["<unk>", "<s>", "</s>"].iter().map(|s| s.to_string()).collect();
+    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    let alphabet: Vec<char> =
+        "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789{}[]\":,.".chars().collect();
+    let mut shorter: Vec<String> = vec![String::new()];
+    while pieces.len() < vocab {
+        let longer: Vec<String> =
+            shorter.iter().flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}"))).collect();
+        pieces.extend(longer.iter().take(vocab - pieces.len()).cloned());
+        shorter = longer;
     }
-    for i in 3..vocab {
-        words.insert(format!("w{i}"), json!(i));
-    }
+    pieces.truncate(vocab);
+    let words: serde_json::Map<String, Value> = pieces.iter().enumerate().map(|(i, p)| (p.clone(), json!(i))).collect();
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ]},
+        "pre_tokenizer": null,
         "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": words, "merges": []},
     });
     std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?)?;
     let config = json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": true});
@@ -151,16 +171,18 @@ mod tests {
     #[test]
     fn written_model_loads_and_counts_parameters() {
         let tmp = tempfile::tempdir().unwrap();
-        let shape = Shape { hidden: 32, intermediate: 64, layers: 2, heads: 4, kv_heads: 2, vocab: 100, context: 64 };
+        let shape = Shape { hidden: 32, intermediate: 64, layers: 2, heads: 4, kv_heads: 2, vocab: 400, context: 64 };
         write_model(tmp.path(), shape, 7).unwrap();
         let m = tessera_worker::Model::load(tmp.path(), tessera_worker::Shard::WHOLE).unwrap();
         let c = &m.config;
-        let expect = 2 * 100 * 32 + 32 + 2 * (32 * 32 * 2 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32);
+        let expect = 2 * 400 * 32 + 32 + 2 * (32 * 32 * 2 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32);
         assert_eq!(c.num_parameters(), expect);
         let tok = tessera_coordinator::tokenizer::Tokenizer::load(tmp.path()).unwrap();
-        assert_eq!(tok.vocab_size(), 100);
-        assert_eq!(tok.encode_prompt("w5 w99").unwrap(), [1, 5, 99]);
-        assert_eq!(tok.decode(&[5, 99]).unwrap(), "w5 w99");
+        assert_eq!(tok.vocab_size(), 400);
+        // A character at a time: `▁`, letters, and a byte token for what has no piece.
+        let ids = tok.encode_prompt("ab é").unwrap();
+        assert_eq!(ids[..4], [1, 259, 260, 261]);
+        assert_eq!(tok.decode(&ids).unwrap(), "ab é");
         assert_eq!(
             BENCH_SHAPE.hidden * BENCH_SHAPE.vocab * 2
                 + 12 * (768 * 768 * 2 + 2 * 768 * 256 + 3 * 768 * 2048 + 2 * 768)

@@ -12,6 +12,7 @@ use tessera_coordinator::{
     replicas::Replicas,
     scheduler::SchedulerConfig,
     tokenizer::Tokenizer,
+    tool_calls::Format,
 };
 
 use crate::{
@@ -74,9 +75,34 @@ pub struct HttpArgs {
     /// `tessera usage --db FILE` and `GET /v1/usage` (admin keys) read it.
     #[arg(long, value_name = "FILE")]
     pub usage_db: Option<std::path::PathBuf>,
+    /// A Jinja chat template file to use instead of the one in the model's `tokenizer_config.json`.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<std::path::PathBuf>,
+    /// The format the model writes tool calls in, for `tool_choice: "auto"` (default: read from the chat
+    /// template, when it shows one).
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(Format::names()))]
+    pub tool_call_parser: Option<String>,
     /// Set from the global --log-format.
     #[arg(skip)]
     pub log_json: bool,
+}
+
+/// Largest chat template file read (`--chat-template`): the templates models ship are a few kilobytes.
+const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
+/// The chat template: `--chat-template`'s file, or the model's own.
+fn chat_template(http: &HttpArgs, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>> {
+    let (bos, eos) = (tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref());
+    let Some(path) = &http.chat_template else {
+        return ChatTemplate::from_config(&tokenizer.config, bos, eos).map_err(anyhow::Error::msg);
+    };
+    let meta = std::fs::metadata(path).with_context(|| format!("--chat-template {}", path.display()))?;
+    if !meta.is_file() || meta.len() > MAX_TEMPLATE_BYTES {
+        bail!("--chat-template {}: not a file of at most {MAX_TEMPLATE_BYTES} bytes", path.display());
+    }
+    let source = std::fs::read_to_string(path).with_context(|| format!("--chat-template {}", path.display()))?;
+    ChatTemplate::from_config(&serde_json::json!({ "chat_template": source }), bos, eos)
+        .map_err(|e| anyhow::anyhow!("--chat-template {}: {e}", path.display()))
 }
 
 /// Everything the HTTP server needs before there is a replica: checked arguments, tokenizer, template,
@@ -132,12 +158,7 @@ impl Frontend {
         let keys = http.api_keys.as_deref().map(api::auth::KeyStore::open).transpose()?;
         let ledger = http.usage_db.as_deref().map(tessera_coordinator::usage::Ledger::open).transpose()?;
         let tokenizer = Tokenizer::load(dir)?;
-        let chat_template = ChatTemplate::from_config(
-            &tokenizer.config,
-            tokenizer.bos_token.as_deref(),
-            tokenizer.eos_token.as_deref(),
-        )
-        .map_err(anyhow::Error::msg)?;
+        let chat_template = chat_template(&http, &tokenizer)?;
         let addr: SocketAddr = format!("{}:{}", http.host, http.port)
             .parse()
             .with_context(|| format!("--host {} --port {}", http.host, http.port))?;
@@ -166,6 +187,10 @@ impl Frontend {
         background: Option<Background>,
     ) -> Result<()> {
         let Frontend { http, name, tokenizer, chat_template, keys, ledger, listener } = self;
+        let tool_format = match &http.tool_call_parser {
+            Some(name) => Format::from_name(name),
+            None => chat_template.as_ref().and_then(|t| Format::detect(t.source())),
+        };
         let state = Arc::new(AppState {
             engine: replicas,
             tokenizer: Arc::new(tokenizer),
@@ -183,6 +208,7 @@ impl Frontend {
             ledger: ledger.clone(),
             cluster,
             grammars: Default::default(),
+            tool_format,
         });
         // HTTP and SSE threads: a few more than two on a large machine, where hundreds of streams each get a
         // token per step (the engine and the compute pool have threads of their own).

@@ -393,7 +393,7 @@ fn chat_matches_transformers_on_tiny_llama3_and_a_model_without_template_gets_40
             // Fields OpenAI defines that change nothing here are accepted, and change nothing.
             let extra = json!({"model": "tiny-llama3", "messages": case["messages"], "max_tokens": n, "temperature": 0,
                 "ignore_eos": true, "store": false, "metadata": {"team": "eval"}, "service_tier": "auto", "user": "u1",
-                "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"], "parallel_tool_calls": true});
+                "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"]});
             let r = client.post_json(&s.url("/v1/chat/completions"), &extra).await.unwrap();
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
             assert_eq!(r.json().unwrap()["choices"][0]["message"]["content"], v["choices"][0]["message"]["content"]);

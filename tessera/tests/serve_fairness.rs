@@ -34,6 +34,7 @@ fn load(s: &Server, key: &str, concurrency: usize, requests: usize, max_tokens: 
         api_key: Some(key.to_string()),
         no_stream: false,
         json: true,
+        extra_body: None,
     }
 }
 

@@ -1,6 +1,6 @@
-//! `POST /v1/chat/completions`: the request's own checks (no tools, text responses only, text messages
-//! with known roles, `logprobs` and `top_logprobs`), the conversation rendered through the model's chat
-//! template and tokenized, then the shared run.
+//! `POST /v1/chat/completions`: the request's own checks (text messages with known roles, `logprobs` and
+//! `top_logprobs`, structured outputs, tools), the conversation rendered through the model's chat template
+//! (with the tools) and tokenized, then the shared run.
 
 use std::sync::Arc;
 
@@ -22,7 +22,7 @@ use super::{
     reply::Kind,
     request::{self, ChatRequest, Content, MAX_TOP_LOGPROBS, Message},
     state::AppState,
-    structured,
+    structured, tools,
 };
 
 pub(super) async fn chat(
@@ -50,7 +50,15 @@ fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>)
         )
     })?;
     refuse_unsupported(&r)?;
-    let text = template.render(&messages(&r.messages)?)?;
+    let structured = structured::constraint(s, r.response_format.as_ref(), r.structured_outputs.as_ref())?;
+    let tools = tools::read(
+        r.tools.as_ref(),
+        r.tool_choice.as_ref(),
+        r.parallel_tool_calls,
+        s.tool_format,
+        structured.is_some(),
+    )?;
+    let text = template.render_with_tools(&messages(&r.messages)?, tools.as_ref().map(|t| &t.tools))?;
     // The template writes the special tokens itself (e.g. "<s>"); like transformers, add none.
     let prompt = s.tokenizer.encode(&text, false).map_err(|e| ApiError::param("messages", e.to_string()))?;
     if prompt.is_empty() {
@@ -65,17 +73,19 @@ fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>)
         // Without a limit, a chat answer may run to the end of the context.
         (None, None) => s.engine.info().max_position_embeddings.saturating_sub(prompt.len()).max(1),
     };
-    let opts = request::options(r.common(), logprobs)?;
-    let constraint = structured::constraint(s, r.response_format.as_ref(), r.structured_outputs.as_ref())?;
+    let mut opts = request::options(r.common(), logprobs)?;
+    let (tool_output, forced) = tools.map(|t| (t.output, t.constraint)).unwrap_or_default();
+    let constraint = match forced {
+        Some(spec) => Some(structured::compile(s, "tool_choice", &spec)?),
+        None => structured,
+    };
+    opts.tool_output = tool_output;
     Ok(Job { kind: Kind::Chat, prompts: vec![prompt], max_tokens, opts, echo: None, constraint })
 }
 
-/// Tools and structured output would change what the model is asked to produce; refusing them beats
-/// answering as if they had not been asked for.
+/// What would change what the model is asked to produce and cannot be served: refusing it beats answering
+/// as if it had not been asked for.
 fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
-    if r.tools.as_ref().is_some_and(|t| !t.is_null()) || r.tool_choice.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::param("tools", "Tool calling is not supported by this server."));
-    }
     if r.functions.as_ref().is_some_and(|t| !t.is_null()) || r.function_call.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::param("functions", "Function calling is not supported by this server."));
     }

@@ -1,9 +1,11 @@
 //! Chat templates from `tokenizer_config.json`, rendered with minijinja the way Hugging Face's
 //! `apply_chat_template(..., add_generation_prompt=True)` renders them: `messages`, `bos_token`,
 //! `eos_token`, `add_generation_prompt`, a `raise_exception` function, and Python string methods
-//! (`.strip()`, `.startswith()` …) through minijinja-contrib's pycompat layer.
+//! (`.strip()`, `.startswith()` …) through minijinja-contrib's pycompat layer, `tools` when the request has
+//! them, and a `tojson` that writes what Python's `json.dumps` writes (`", "` and `": "` separators, key
+//! order kept, non-ASCII as is, `indent`), as the tool-calling templates expect.
 
-use minijinja::{Environment, ErrorKind, Value, context};
+use minijinja::{Environment, ErrorKind, Value, context, value::Kwargs};
 use serde::Serialize;
 
 use super::error::ApiError;
@@ -34,6 +36,61 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// The template's text (the tool-call format is read from it).
+    source: String,
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)`, as Hugging Face's
+/// template environment defines `tojson` (minijinja's own writes compact JSON and escapes HTML characters).
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut v = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    if sort_keys == Some(true) {
+        sort(&mut v);
+    }
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let mut ser =
+                serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(&pad));
+            serde::Serialize::serialize(&v, &mut ser)
+        }
+        None => serde::Serialize::serialize(&v, &mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter)),
+    };
+    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(Value::from_safe_string(String::from_utf8(out).expect("serde_json writes UTF-8")))
+}
+
+fn sort(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            o.sort_keys();
+            o.values_mut().for_each(sort);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(sort),
+        _ => {}
+    }
+}
+
+/// `json.dumps`' default separators: `", "` between items, `": "` after keys.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
 }
 
 const NAME: &str = "chat";
@@ -77,21 +134,39 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned(NAME, source)
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, source.clone())
             .map_err(|e| format!("tokenizer_config.json: `chat_template` does not compile: {e}"))?;
         Ok(Some(ChatTemplate {
             env,
             bos: bos.unwrap_or_default().to_string(),
             eos: eos.unwrap_or_default().to_string(),
+            source,
         }))
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders the prompt for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ApiError> {
+        self.render_with_tools(messages, None)
+    }
+
+    /// [`ChatTemplate::render`] with the request's `tools` (OpenAI's shape, `[{type: "function", function:
+    /// {...}}]`), which Hugging Face passes to the template as given; without them the template sees none.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, ApiError> {
         let t = self.env.get_template(NAME).map_err(|e| ApiError::internal(e.to_string()))?;
         let mut out = Capped { text: Vec::new(), overflowed: false };
         let ctx = context! {
             messages => messages,
+            tools => tools,
             bos_token => self.bos,
             eos_token => self.eos,
             add_generation_prompt => true,
@@ -203,6 +278,34 @@ mod tests {
                 .collect();
             assert_eq!(t.render(&msgs).unwrap(), case["prompt_text"].as_str().unwrap());
         }
+    }
+
+    #[test]
+    fn conversations_with_tools_render_as_transformers_renders_them() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/tools");
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+        let t = tpl(&std::fs::read_to_string(dir.join(golden["template"].as_str().unwrap())).unwrap());
+        for case in golden["cases"].as_array().unwrap() {
+            // As the API reads a request's messages (each call's arguments parsed into an object).
+            let messages: Vec<super::super::request::Message> =
+                serde_json::from_value(case["messages"].clone()).unwrap();
+            let msgs = super::super::chat::messages(&messages).unwrap();
+            let tools = Some(&case["tools"]).filter(|t| !t.is_null());
+            let name = case["name"].as_str().unwrap();
+            assert_eq!(t.render_with_tools(&msgs, tools).unwrap(), case["rendered"].as_str().unwrap(), "{name}");
+        }
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let t = tpl(
+            "{{ messages[0] | tojson }}|{{ {'b': [1, 2], 'a': '<é>'} | tojson(indent=2) }}|{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}",
+        );
+        assert_eq!(
+            t.render(&[ChatMessage::text("user", "hi \"x\"")]).unwrap(),
+            "{\"role\": \"user\", \"content\": \"hi \\\"x\\\"\"}|{\n  \"b\": [\n    1,\n    2\n  ],\n  \"a\": \"<é>\"\n}|{\"a\": 2, \"b\": 1}"
+        );
     }
 
     #[test]

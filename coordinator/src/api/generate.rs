@@ -15,7 +15,9 @@ use super::{
     reply::{Inbox, Kind, Reply},
     request::Options,
     state::{AppState, unix_now},
-    stream, whole,
+    stream,
+    tools::ToolStream,
+    whole,
 };
 use crate::{
     constrain::Constraint,
@@ -69,6 +71,10 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
         let text = echo.as_ref().map(|t| t[p].as_deref());
         (scored || text.is_some()).then(|| PromptEcho::new(&s.tokenizer, &prompts[p], text.flatten()))
     };
+    let tool_streams = match (&opts.tool_output, opts.stream) {
+        (Some(output), true) => (0..prompts.len() * opts.n).map(|_| ToolStream::new(output)).collect(),
+        _ => Vec::new(),
+    };
     let reply = Reply {
         s: s.clone(),
         kind,
@@ -84,6 +90,7 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
         opts,
         rx: Inbox::new(rx),
         sent_role: vec![false; 0],
+        tool_streams,
         done: false,
         pending: None,
         span,
@@ -204,6 +211,7 @@ mod tests {
             ledger: None,
             cluster: None,
             grammars: Default::default(),
+            tool_format: None,
         })
     }
 

@@ -40,6 +40,7 @@ mod state;
 mod stream;
 pub mod structured;
 mod tokenize;
+pub mod tools;
 mod whole;
 
 use std::sync::Arc;

@@ -10,7 +10,10 @@ use std::sync::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{auth::KeyEntry, error::ApiError, limits::Slot, output::ChoiceText, request::Options, state::AppState};
+use super::{
+    auth::KeyEntry, error::ApiError, limits::Slot, output::ChoiceText, request::Options, state::AppState,
+    tools::ToolStream,
+};
 use crate::engine::contract::{Event, FinishReason};
 
 /// Which endpoint a request came in on, and so the shape of its answer.
@@ -37,6 +40,8 @@ pub(super) struct Reply {
     pub(super) opts: Options,
     pub(super) rx: Arc<Inbox>,
     pub(super) sent_role: Vec<bool>,
+    /// A streamed chat with tools: each choice's tool-call state (empty otherwise).
+    pub(super) tool_streams: Vec<ToolStream>,
     pub(super) done: bool,
     /// An event received before the stream began, to be sent first.
     pub(super) pending: Option<Event>,

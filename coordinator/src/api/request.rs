@@ -183,6 +183,8 @@ pub struct Options {
     pub echo: bool,
     /// vLLM's `prompt_logprobs`: each prompt token's logprob, rank and `k` alternatives, in their own list.
     pub prompt_logprobs: Option<usize>,
+    /// Chat with tools: how the output becomes `tool_calls`.
+    pub tool_output: Option<super::tools::ToolOutput>,
 }
 
 /// Parses a JSON body into `T`, naming the offending field on failure.
@@ -299,6 +301,7 @@ pub fn options(c: Common, logprobs: Option<usize>) -> Result<Options, ApiError> 
         logprobs,
         echo: false,
         prompt_logprobs: None,
+        tool_output: None,
     })
 }
 

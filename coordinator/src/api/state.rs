@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{auth, chat_template::ChatTemplate, limits};
-use crate::{constrain::Grammars, replicas::Replicas, tokenizer::Tokenizer};
+use crate::{constrain::Grammars, replicas::Replicas, tokenizer::Tokenizer, tool_calls::Format};
 
 pub struct AppState {
     /// The model replicas requests are routed over.
@@ -37,6 +37,9 @@ pub struct AppState {
     /// The grammar compiler for structured outputs, built by the first request that needs it (mapping a
     /// large vocabulary to bytes takes a moment, which a server that never sees one need not spend).
     pub grammars: OnceLock<Result<Grammars, String>>,
+    /// The format the model writes tool calls in (`--tool-call-parser`, or read from its chat template):
+    /// what `tool_choice: "auto"` parses.
+    pub tool_format: Option<Format>,
 }
 
 impl AppState {

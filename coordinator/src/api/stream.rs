@@ -24,8 +24,9 @@ use super::{
     error::ApiError,
     output::{LogprobsJson, PromptLogprobsJson},
     reply::{Backlog, Inbox, Kind, Reply, backend_error},
+    tools,
 };
-use crate::engine::contract::Event;
+use crate::{engine::contract::Event, tool_calls::Delta};
 
 type Events = Vec<Result<SseEvent, Infallible>>;
 
@@ -179,7 +180,7 @@ fn failed(r: &mut Reply, e: ApiError) -> Events {
 /// A streaming chunk for choice `i` with `delta` text (and whatever logprobs are pending).
 fn chunk(r: &mut Reply, i: usize, mut delta: String, with_finish: bool) -> Option<Value> {
     let mut lp_entries = r.choices[i].take_logprobs();
-    let finish = if with_finish { Reply::finish_str(&r.choices[i]) } else { Value::Null };
+    let mut finish = if with_finish { Reply::finish_str(&r.choices[i]) } else { Value::Null };
     if delta.is_empty() && lp_entries.is_empty() && finish.is_null() && r.kind == Kind::Completion {
         return None;
     }
@@ -228,6 +229,21 @@ fn chunk(r: &mut Reply, i: usize, mut delta: String, with_finish: bool) -> Optio
                 r.sent_role[i] = true;
                 d.insert("role".into(), json!("assistant"));
                 d.insert("content".into(), json!(""));
+            } else if let Some(ts) = r.tool_streams.get_mut(i) {
+                let (content, calls) = tool_deltas(ts.push(&delta, with_finish), &r.name, i);
+                if !content.is_empty() {
+                    d.insert("content".into(), json!(content));
+                }
+                if !calls.is_empty() {
+                    d.insert("tool_calls".into(), Value::Array(calls));
+                }
+                // OpenAI ends a choice that called tools with `tool_calls`.
+                if finish == "stop" && ts.ends_with_calls() {
+                    finish = json!("tool_calls");
+                }
+                if d.is_empty() && finish.is_null() && lp_entries.is_empty() {
+                    return None;
+                }
             } else if !delta.is_empty() {
                 d.insert("content".into(), json!(delta));
             } else if finish.is_null() && lp_entries.is_empty() {
@@ -250,6 +266,26 @@ fn chunk(r: &mut Reply, i: usize, mut delta: String, with_finish: bool) -> Optio
         c["usage"] = Value::Null;
     }
     Some(c)
+}
+
+/// A streamed choice's text and call deltas (choice `choice` of response `response`), as a chat chunk's
+/// `content` and `tool_calls`: a call's first delta has its index, id, type and name; the rest add to its
+/// arguments.
+fn tool_deltas(deltas: Vec<Delta>, response: &str, choice: usize) -> (String, Vec<Value>) {
+    let (mut content, mut calls) = (String::new(), Vec::new());
+    for d in deltas {
+        match d {
+            Delta::Content(t) => content.push_str(&t),
+            Delta::CallStart { index, name } => calls.push(json!({
+                "index": index, "id": tools::call_id(response, choice, index), "type": "function",
+                "function": {"name": name, "arguments": ""},
+            })),
+            Delta::Arguments { index, fragment } => {
+                calls.push(json!({"index": index, "function": {"arguments": fragment}}));
+            }
+        }
+    }
+    (content, calls)
 }
 
 fn sse(v: &Value) -> Result<SseEvent, Infallible> {

@@ -17,6 +17,7 @@ use super::{
     error::ApiError,
     output::{ChoiceText, LogprobsJson, PromptLogprobsJson, TokenLp},
     reply::{Kind, Reply, backend_error},
+    tools::{self, ToolOutput},
 };
 use crate::{engine::contract::FinishReason, tokenizer::Tokenizer};
 
@@ -84,6 +85,8 @@ impl Serialize for Choices<'_> {
             echo: r.opts.echo,
             logprobs_k: r.opts.logprobs.unwrap_or(0),
             prompt_logprobs: r.opts.prompt_logprobs,
+            tools: r.opts.tool_output.as_ref(),
+            response: &r.name,
         }))
     }
 }
@@ -99,6 +102,10 @@ struct Choice<'a> {
     /// Alternatives per token in `logprobs`, and in `prompt_logprobs` when asked for.
     logprobs_k: usize,
     prompt_logprobs: Option<usize>,
+    /// Chat with tools: how the text becomes calls.
+    tools: Option<&'a ToolOutput>,
+    /// The response's id (call ids are made from it).
+    response: &'a str,
 }
 
 impl Serialize for Choice<'_> {
@@ -106,13 +113,30 @@ impl Serialize for Choice<'_> {
         let logprobs =
             self.logprobs.then_some(LogprobsJson { chat: self.chat, tok: self.tok, entries: &self.c.logprobs });
         if self.chat {
-            ChatChoice {
-                finish_reason: self.c.finish,
-                index: self.index,
-                logprobs,
-                message: Message { content: &self.c.text, refusal: (), role: "assistant" },
-            }
-            .serialize(s)
+            let Some(output) = self.tools else {
+                let message = Message { content: Some(&self.c.text), refusal: (), role: "assistant", tool_calls: None };
+                let finish_reason = self.c.finish.map(FinishReason::as_str);
+                return ChatChoice { finish_reason, index: self.index, logprobs, message }.serialize(s);
+            };
+            let (content, calls) = tools::split(output, &self.c.text);
+            let tool_calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| tools::call_json(tools::call_id(self.response, self.index, i), &c.name, &c.arguments))
+                .collect();
+            // OpenAI ends a choice that called tools with `tool_calls`, except when the request named the function.
+            let called = !tool_calls.is_empty() && !matches!(output, ToolOutput::Named(_));
+            let finish_reason = match self.c.finish {
+                Some(FinishReason::Stop) if called => Some("tool_calls"),
+                f => f.map(FinishReason::as_str),
+            };
+            let message = Message {
+                content: content.as_deref(),
+                refusal: (),
+                role: "assistant",
+                tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+            };
+            ChatChoice { finish_reason, index: self.index, logprobs, message }.serialize(s)
         } else {
             let echo = self.c.prompt.as_ref().filter(|_| self.echo);
             let Some(p) = echo else {
@@ -167,7 +191,7 @@ struct CompletionChoice<'a> {
 
 #[derive(Serialize)]
 struct ChatChoice<'a> {
-    finish_reason: Option<FinishReason>,
+    finish_reason: Option<&'static str>,
     index: usize,
     logprobs: Option<LogprobsJson<'a>>,
     message: Message<'a>,
@@ -175,9 +199,11 @@ struct ChatChoice<'a> {
 
 #[derive(Serialize)]
 struct Message<'a> {
-    content: &'a str,
+    content: Option<&'a str>,
     refusal: (),
     role: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<Value>>,
 }
 
 /// A large body's buffer, which trims the allocator's free memory when the body is dropped (sent, or the

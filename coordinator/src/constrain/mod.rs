@@ -47,7 +47,9 @@ impl Spec {
                 let mut schema = schema.clone();
                 if let Some(o) = schema.as_object_mut() {
                     let opts = o.entry("x-guidance").or_insert_with(|| json!({}));
-                    if let Some(opts) = opts.as_object_mut() {
+                    if let Some(opts) = opts.as_object_mut()
+                        && !opts.contains_key("whitespace_flexible")
+                    {
                         opts.entry("whitespace_pattern").or_insert_with(|| json!(JSON_WHITESPACE));
                     }
                 }
