@@ -64,3 +64,39 @@ fn stories_greedy_text_is_the_same_alone_batched_and_chunked_on_cuda() {
         assert_eq!(alone[0], chunked[i], "prompt {i}: alone vs chunked prefill");
     }
 }
+
+/// Constrained decoding on the GPU: a masked row is sampled on the host (as rows with penalties are), so
+/// the token is always an allowed one, greedy or drawn, batched with an unmasked row that stays on the
+/// device.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn a_mask_holds_on_cuda_beside_a_row_sampled_on_the_device() {
+    let dir = repo().join("models/stories260K");
+    let mut engine = engine_on(&dir, 2, Device::Cuda(0));
+    let prompt = [1u32, 403, 407, 261, 378];
+    let mut words = vec![0u32; 16];
+    for id in 400..=410u32 {
+        words[id as usize / 32] |= 1 << (id % 32);
+    }
+    let greedy = tessera_worker::SamplingParams::greedy();
+    let drawn = tessera_worker::SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() };
+    for p in [&greedy, &drawn] {
+        let (t0, t1) = (table(0), table(1));
+        let seq = |id, table: &[u32], allowed| tessera_worker::StepSeq {
+            id,
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: table,
+            sample: Some(p),
+            penalty_context: &prompt,
+            output_context: &[],
+            starts: true,
+            score_prompt: None,
+            allowed,
+        };
+        let out = engine.step(&[seq(1, &t0, Some(&words)), seq(2, &t1, None)]).unwrap();
+        assert!((400..=410).contains(&out[0].sampled.token), "{p:?}: {}", out[0].sampled.token);
+        engine.release(1);
+        engine.release(2);
+    }
+}

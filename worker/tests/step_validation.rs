@@ -40,6 +40,12 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
             other => panic!("expected Invalid({msg}), got {other:?}"),
         }
     }
+    // Masks of the wrong length, or allowing nothing, are refused (512 ids: 16 words).
+    let short =
+        StepSeq { sample: Some(&g), allowed: Some(leak(vec![u32::MAX; 15])), ..seq(7, leak(prompt.to_vec()), 0, t) };
+    assert!(e.step(&[short]).unwrap_err().to_string().contains("mask of 15 words"));
+    let none = StepSeq { sample: Some(&g), allowed: Some(leak(vec![0; 16])), ..seq(7, leak(prompt.to_vec()), 0, t) };
+    assert!(e.step(&[none]).unwrap_err().to_string().contains("allows no token"));
     let bad_p = SamplingParams { top_p: 2.0, ..g.clone() };
     let s = StepSeq { sample: Some(&bad_p), ..seq(7, leak(prompt.to_vec()), 0, t) };
     assert!(e.step(&[s]).unwrap_err().to_string().contains("top_p"));
@@ -49,6 +55,20 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
     let ok = StepSeq { sample: Some(&g), penalty_context: &prompt, ..seq(7, leak(prompt.to_vec()), 0, t) };
     let out = e.step(&[ok]).unwrap();
     assert_eq!(out[0].sampled.token, 432);
+    // A mask allowing only ids 400..=410 (not the greedy 432) makes the sampler pick among them.
+    let mut words = vec![0u32; 16];
+    for id in 400..=410u32 {
+        words[id as usize / 32] |= 1 << (id % 32);
+    }
+    let masked = StepSeq {
+        sample: Some(&g),
+        penalty_context: &prompt,
+        starts: true,
+        allowed: Some(leak(words)),
+        ..seq(8, leak(prompt.to_vec()), 0, leak(common::table(1)))
+    };
+    let token = e.step(&[masked]).unwrap()[0].sampled.token;
+    assert!((400..=410).contains(&token), "{token}");
     // A continuation at the wrong position is inconsistent with what the cache holds.
     let wrong = seq(7, &[432], 6, t);
     assert!(e.step(&[wrong]).unwrap_err().to_string().contains("cache holds 5"));

@@ -65,7 +65,10 @@ fn tool(i: usize, t: &Value) -> Result<(String, Value), ApiError> {
             "parameters" => v.is_object(),
             "strict" => v.is_boolean() || v.is_null(),
             _ => {
-                return Err(bad(&at(&format!(".function.{k}")), format!("Unrecognized request argument supplied: {k}")));
+                return Err(bad(
+                    &at(&format!(".function.{k}")),
+                    format!("Unrecognized request argument supplied: {k}"),
+                ));
             }
         };
         if !ok {

@@ -83,7 +83,7 @@ impl Grammars {
     /// Compiles `spec`, with the mask for the first token computed. The error is the compiler's message.
     pub fn compile(&self, spec: &Spec) -> Result<Constraint, String> {
         let parser = self.factory.create_parser(spec.grammar()?).map_err(|e| e.to_string())?;
-        let mut c = Constraint { matcher: Matcher::new(Ok(parser)), mask: None };
+        let mut c = Constraint { matcher: Box::new(Matcher::new(Ok(parser))), mask: None };
         c.prepare()?;
         Ok(c)
     }
@@ -91,7 +91,9 @@ impl Grammars {
 
 /// One choice's constraint: the parser state after the tokens it has generated, and the mask for the next.
 pub struct Constraint {
-    matcher: Matcher,
+    /// Boxed: the parser state is large, and a constraint lives in every scheduled sequence, whose list the
+    /// scheduler walks each step (unboxed, every sequence grew by the matcher, constrained or not).
+    matcher: Box<Matcher>,
     /// Bit `t % 32` of word `t / 32` allows token `t`; `None` until computed for the current position.
     mask: Option<Arc<[u32]>>,
 }
@@ -105,7 +107,7 @@ impl std::fmt::Debug for Constraint {
 impl Clone for Constraint {
     /// An independent copy (another choice of the same request).
     fn clone(&self) -> Self {
-        Constraint { matcher: self.matcher.deep_clone(), mask: self.mask.clone() }
+        Constraint { matcher: Box::new(self.matcher.deep_clone()), mask: self.mask.clone() }
     }
 }
 
@@ -206,6 +208,12 @@ mod tests {
         assert!(g.compile(&Spec::Regex("(unclosed".into())).is_err());
         assert!(g.compile(&Spec::JsonSchema(json!({"type": "no-such-type"}))).is_err());
         assert!(g.compile(&Spec::Grammar("start: undefined_rule".into())).is_err());
+    }
+
+    #[test]
+    fn a_constraint_costs_an_unconstrained_sequence_little_room() {
+        // The matcher itself is over a kilobyte.
+        assert!(std::mem::size_of::<Option<Constraint>>() <= 24);
     }
 
     #[test]
