@@ -147,7 +147,18 @@ pub fn structured_outputs(v: &Value) -> Result<Option<Spec>, ApiError> {
         let spec = match k.as_str() {
             "json" => Spec::JsonSchema(schema(&param, v)?),
             "regex" => Spec::Regex(bounded_text(&param, v)?.to_string()),
-            "grammar" => Spec::Grammar(bounded_text(&param, v)?.to_string()),
+            "grammar" => {
+                let g = bounded_text(&param, v)?;
+                // llama.cpp's GBNF (xgrammar's EBNF) writes rules as `name ::= ...`; the compiler reads Lark.
+                if g.contains("::=") {
+                    return Err(ApiError::param(
+                        &param,
+                        "GBNF grammars (`rule ::= ...`) are not supported: write the grammar in Lark syntax \
+                         (`start: rule`, `rule: \"a\" | /[0-9]+/`).",
+                    ));
+                }
+                Spec::Grammar(g.to_string())
+            }
             "choice" => {
                 let items = v.as_array().ok_or_else(|| {
                     ApiError::param(
@@ -301,6 +312,7 @@ mod tests {
             (json!({"choice": []}), "structured_outputs.choice"),
             (json!({"choice": ["a", 1]}), "structured_outputs.choice"),
             (json!({"regex": 5}), "structured_outputs.regex"),
+            (json!({"grammar": "root ::= \"a\""}), "structured_outputs.grammar"),
             (json!({"json": "{not json"}), "structured_outputs.json"),
             (json!({"json_object": "yes"}), "structured_outputs.json_object"),
             (json!({"xml": "<a/>"}), "structured_outputs.xml"),

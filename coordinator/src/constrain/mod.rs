@@ -1,5 +1,5 @@
 //! Constrained decoding: what a choice may generate (a JSON schema, a regular expression, one of a list of
-//! strings, a Lark/EBNF grammar), compiled by llguidance into a [`Constraint`] that gives the allowed-token
+//! strings, a Lark grammar), compiled by llguidance into a [`Constraint`] that gives the allowed-token
 //! mask before each sampled token and follows the tokens sampled.
 //!
 //! The API compiles a request's [`Spec`] once ([`Grammars::compile`], off the HTTP runtime, where a bad
@@ -26,7 +26,7 @@ pub enum Spec {
     Regex(String),
     /// Exactly one of these strings.
     Choice(Vec<String>),
-    /// Text of a Lark grammar (llguidance's dialect, which also reads GBNF rules).
+    /// Text of a Lark grammar (llguidance's dialect of Lark's EBNF: `start: ...` rules, `/regex/` terminals).
     Grammar(String),
 }
 
@@ -205,6 +205,10 @@ mod tests {
         assert!(text == "yes" || text == "no (maybe)", "{text:?}");
         let text = walk(&tok, g.compile(&Spec::Regex("[0-9]{3}-[a-z]{2}".into())).unwrap(), 50);
         assert!(text.len() == 6 && text.as_bytes()[3] == b'-', "{text:?}");
+        let lark = "start: item \",\" item\nitem: \"x\" /[0-9]{2}/";
+        let text = walk(&tok, g.compile(&Spec::Grammar(lark.into())).unwrap(), 20);
+        let ok = |s: &str| s.len() == 3 && s.starts_with('x') && s[1..].bytes().all(|b| b.is_ascii_digit());
+        assert!(text.split(',').count() == 2 && text.split(',').all(ok), "{text:?}");
         assert!(g.compile(&Spec::Regex("(unclosed".into())).is_err());
         assert!(g.compile(&Spec::JsonSchema(json!({"type": "no-such-type"}))).is_err());
         assert!(g.compile(&Spec::Grammar("start: undefined_rule".into())).is_err());
