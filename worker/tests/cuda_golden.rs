@@ -82,19 +82,20 @@ fn a_mask_holds_on_cuda_beside_a_row_sampled_on_the_device() {
     let drawn = tessera_worker::SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() };
     for p in [&greedy, &drawn] {
         let (t0, t1) = (table(0), table(1));
-        let seq = |id, table: &[u32], allowed| tessera_worker::StepSeq {
-            id,
+        let masked = tessera_worker::StepSeq {
+            id: 1,
             tokens: &prompt,
             start_pos: 0,
-            block_table: table,
+            block_table: &t0,
             sample: Some(p),
             penalty_context: &prompt,
             output_context: &[],
             starts: true,
             score_prompt: None,
-            allowed,
+            allowed: Some(&words),
         };
-        let out = engine.step(&[seq(1, &t0, Some(&words)), seq(2, &t1, None)]).unwrap();
+        let free = tessera_worker::StepSeq { id: 2, block_table: &t1, allowed: None, ..masked.clone() };
+        let out = engine.step(&[masked, free]).unwrap();
         assert!((400..=410).contains(&out[0].sampled.token), "{p:?}: {}", out[0].sampled.token);
         engine.release(1);
         engine.release(2);
