@@ -5,7 +5,7 @@
 //! same content and calls; [`super::parse`] is this parser fed the whole output at once.
 
 use super::json::{CallScanner, Step};
-use super::{Delta, Format};
+use super::types::{Delta, Format};
 
 const TOOL_CALL: &str = "<tool_call>";
 const TOOL_CALL_END: &str = "</tool_call>";
