@@ -1,8 +1,8 @@
 //! `POST /tokenize` and `POST /detokenize`, in vLLM's shapes, for clients that count or inspect tokens
 //! before they send a request (evaluators, context-window packing). `/tokenize` takes either a `prompt`
 //! (tokenized as `/v1/completions` would, special tokens added unless `add_special_tokens` is false) or
-//! `messages` (rendered through the chat template as `/v1/chat/completions` would, then tokenized without
-//! special tokens); `/detokenize` turns ids back into text, special tokens included.
+//! `messages` (with `tools`, rendered through the chat template as `/v1/chat/completions` would, then
+//! tokenized without special tokens); `/detokenize` turns ids back into text, special tokens included.
 
 use std::sync::Arc;
 
@@ -22,6 +22,7 @@ use super::{
     offload,
     request::{self, Message},
     state::AppState,
+    tools,
 };
 
 #[derive(Deserialize, Debug)]
@@ -30,6 +31,8 @@ struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<Message>>,
+    /// With `messages`: the tools the chat template shows, as a chat request sends them.
+    tools: Option<serde_json::Value>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
     return_token_strs: Option<bool>,
@@ -82,6 +85,9 @@ fn prepare_tokenize(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejecti
             if r.add_generation_prompt.is_some() {
                 return Err(ApiError::param("add_generation_prompt", "add_generation_prompt goes with messages."));
             }
+            if r.tools.is_some() {
+                return Err(ApiError::param("tools", "tools go with messages."));
+            }
             let tokens = if r.add_special_tokens.unwrap_or(true) {
                 s.tokenizer.encode_prompt(text)
             } else {
@@ -99,7 +105,10 @@ fn prepare_tokenize(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejecti
             let template = s.chat_template.as_ref().ok_or_else(|| {
                 ApiError::param("messages", format!("The model `{}` has no chat template.", s.model_name))
             })?;
-            let text = template.render(&chat::messages(messages)?)?;
+            // Checked as a chat request's are; "none" because no output is parsed here.
+            let none = serde_json::Value::from("none");
+            let tools = tools::read(r.tools.as_ref(), r.tools.as_ref().map(|_| &none), None, None, false)?;
+            let text = template.render_with_tools(&chat::messages(messages)?, tools.as_ref().map(|t| &t.tools))?;
             // The template writes the special tokens itself, as for chat requests.
             s.tokenizer
                 .encode(&text, r.add_special_tokens.unwrap_or(false))

@@ -9,12 +9,14 @@ not:
   the function's parameters; `finish_reason` is `tool_calls` (`stop` for a named function, as OpenAI's);
 - `auto`: the model's own `<tool_call>` blocks (forced here with a `structured_outputs` regex, since a
   random model never writes one) come back as calls, the text around them as content;
-- a conversation that carries earlier calls and their results is answered.
+- a conversation that carries earlier calls and their results is answered, and `/tokenize` counts its
+  prompt (with the tools) as the chat endpoint does.
 Exits non-zero, listing every failure.
 """
 
 import json
 import sys
+import urllib.request
 
 import jsonschema
 import openai
@@ -113,6 +115,15 @@ for stream in (False, True):
     content, calls, finish = ask(stream, tool_choice="none", tools=TOOLS[:1], messages=history, seed=2, max_tokens=8)
     if calls or finish != "length" or not content:
         failures.append(f"history, stream={stream}: content {content!r}, calls {calls}, finish_reason {finish}")
+
+# /tokenize renders messages with tools as the chat endpoint does: the same prompt length.
+usage = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS[:1], tool_choice="none",
+                                       max_tokens=1).usage
+req = urllib.request.Request(BASE + "/tokenize", method="POST", headers={"content-type": "application/json"},
+                             data=json.dumps({"model": MODEL, "messages": history, "tools": TOOLS[:1]}).encode())
+counted = json.load(urllib.request.urlopen(req))["count"]
+if counted != usage.prompt_tokens:
+    failures.append(f"/tokenize counted {counted} tokens with tools, the chat request {usage.prompt_tokens}")
 
 for f in failures:
     print(f)
