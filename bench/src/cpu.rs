@@ -233,7 +233,7 @@ impl Plan {
 }
 
 /// One sequence's greedy step of `tokens` from `start_pos`, with nothing else asked of it.
-fn greedy_step<'a>(
+pub fn greedy_step<'a>(
     id: u64,
     tokens: &'a [u32],
     start_pos: usize,

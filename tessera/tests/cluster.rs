@@ -335,18 +335,7 @@ fn malformed_steps_get_invalid_argument_and_the_worker_keeps_serving() {
 
 /// Sequence 1's greedy step of `tokens` from position 0 over `block_table`.
 fn greedy_step<'a>(tokens: &'a [u32], block_table: &'a [u32], greedy: &'a SamplingParams) -> StepSeq<'a> {
-    StepSeq {
-        id: 1,
-        tokens,
-        start_pos: 0,
-        block_table,
-        sample: Some(greedy),
-        penalty_context: &[],
-        output_context: &[],
-        starts: false,
-        score_prompt: None,
-        allowed: None,
-    }
+    tessera_bench::cpu::greedy_step(1, tokens, 0, block_table, greedy)
 }
 
 #[test]
