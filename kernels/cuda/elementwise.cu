@@ -109,3 +109,13 @@ extern "C" __global__ void silu_mul_packed_bf16(const bf16* gu, bf16* out, size_
         out[i] = f2bf(s * bf2f(gu[r * 2 * inter + inter + c]));
     }
 }
+
+// y[rows[r], col0 + c] += scale * d[r, c] for d of [n, w] and y of [?, y_cols]: a LoRA delta added to the rows
+// of one adapter. The rows are distinct (checked on the host), so no two threads write the same element.
+extern "C" __global__ void add_rows_scaled_bf16(bf16* y, const bf16* d, const u32* rows, size_t n, size_t y_cols,
+                                                size_t col0, size_t w, float scale) {
+    GRID_STRIDE(i, n * w) {
+        size_t dst = (size_t)rows[i / w] * y_cols + col0 + i % w;
+        y[dst] = f2bf(bf2f(y[dst]) + scale * bf2f(d[i]));
+    }
+}

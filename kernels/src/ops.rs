@@ -280,6 +280,43 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     Tensor::from_f32(out, &[rows.len(), w])
 }
 
+/// `y[rows[i], col0 + j] += scale · d[i, j]`: a low-rank (LoRA) delta `d` `[rows.len(), w]` added to some rows
+/// and a band of columns of `y` (one adapter's rows of a batch, one projection of a fused output). `rows`
+/// must be strictly increasing, so that no element is written twice.
+pub fn add_rows_scaled(y: &mut Tensor, rows: &[u32], col0: usize, d: &Tensor, scale: f32) -> Result<()> {
+    const OP: &str = "add_rows_scaled";
+    expect_rank(OP, "y", y, 2)?;
+    expect_rank(OP, "d", d, 2)?;
+    let (n, cols) = (y.dim(0), y.dim(1));
+    let w = d.dim(1);
+    if d.dim(0) != rows.len() || col0 + w > cols {
+        return Err(KernelError::shape(
+            OP,
+            format!("d {:?} for {} rows at column {col0} of y {:?}", d.shape(), rows.len(), y.shape()),
+        ));
+    }
+    if rows.windows(2).any(|p| p[0] >= p[1]) {
+        return Err(KernelError::index(OP, "rows must be strictly increasing".to_string()));
+    }
+    if let Some(&bad) = rows.last().filter(|&&r| r as usize >= n) {
+        return Err(KernelError::index(OP, format!("row {bad} of {n}")));
+    }
+    #[cfg(feature = "cuda")]
+    if cuda_all(OP, [&*y, d])?.is_some() {
+        let db = d.cuda_buffer().expect("checked");
+        return gpu::add_rows_scaled(y.cuda_buffer_mut().expect("checked"), cols, rows, col0, db, w, scale);
+    }
+    let ds = f32s(OP, d)?;
+    let ys = f32s_mut(OP, y)?;
+    for (i, &r) in rows.iter().enumerate() {
+        let dst = &mut ys[r as usize * cols + col0..r as usize * cols + col0 + w];
+        for (a, &b) in dst.iter_mut().zip(&ds[i * w..(i + 1) * w]) {
+            *a += scale * b;
+        }
+    }
+    Ok(())
+}
+
 /// Index of the largest value of each row of f32 logits `[rows, vocab]` (the first on ties).
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     const OP: &str = "argmax_rows";

@@ -209,6 +209,21 @@ fn elementwise_and_gathers_match_cpu() {
     check("gather_rows", &got, &ops::gather_rows(&cpu(&x, &[37, h]), &rows).unwrap());
 }
 
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn add_rows_scaled_matches_cpu() {
+    let mut r = rng("add_rows_scaled");
+    let (n, cols, col0, w) = (40, 96, 17, 48);
+    let y = randn(&mut r, n * cols, 1.0);
+    let rows: Vec<u32> = (0..n as u32).filter(|i| i % 3 != 1).collect();
+    let d = randn(&mut r, rows.len() * w, 1.0);
+    let mut got = gpu(&y, &[n, cols]);
+    ops::add_rows_scaled(&mut got, &rows, col0, &gpu(&d, &[rows.len(), w]), 0.5).unwrap();
+    let mut want = cpu(&y, &[n, cols]);
+    ops::add_rows_scaled(&mut want, &rows, col0, &cpu(&d, &[rows.len(), w]), 0.5).unwrap();
+    check("add_rows_scaled", &got, &want);
+}
+
 /// A mixed batch: decodes with long contexts (over the decode kernel's 2048-key chunk), prefill chunks
 /// that start mid-sequence and fresh prompts, with GQA and shuffled block tables; with and without a
 /// sliding window.

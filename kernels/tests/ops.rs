@@ -368,3 +368,31 @@ fn fused_projection_helpers_match_their_unfused_forms() {
 fn t_(data: Vec<f32>, shape: &[usize]) -> Tensor {
     t(data, shape)
 }
+
+#[test]
+fn add_rows_scaled_adds_a_scaled_delta_to_some_rows_and_a_band_of_columns() {
+    let mut r = rng(41);
+    let (n, cols, col0, w) = (9, 23, 5, 11);
+    let y0 = randn(&mut r, n * cols);
+    let rows = [0u32, 3, 4, 8];
+    let d = randn(&mut r, rows.len() * w);
+    let mut y = t(y0.clone(), &[n, cols]);
+    ops::add_rows_scaled(&mut y, &rows, col0, &t(d.clone(), &[rows.len(), w]), 0.75).unwrap();
+    let mut want = y0.clone();
+    for (i, &row) in rows.iter().enumerate() {
+        for j in 0..w {
+            want[row as usize * cols + col0 + j] += 0.75 * d[i * w + j];
+        }
+    }
+    let got = y.as_f32().unwrap();
+    assert_close(got, &want, 0.0, "add_rows_scaled");
+    // Rows not named and columns outside the band are untouched.
+    assert_eq!(got[cols..2 * cols], y0[cols..2 * cols]);
+    assert_eq!(got[..col0], y0[..col0]);
+
+    let dt = t(d, &[rows.len(), w]);
+    for (bad_rows, col0) in [(&[0u32, 0, 1, 2][..], 0), (&[3, 1, 4, 5][..], 0), (&[0, 1, 2, 9][..], 0), (&rows[..], 13)]
+    {
+        assert!(ops::add_rows_scaled(&mut y, bad_rows, col0, &dt, 1.0).is_err(), "{bad_rows:?} at {col0}");
+    }
+}

@@ -93,3 +93,43 @@ pub(crate) fn copy_cols(x: &Buffer, rows: usize, cols: usize, col0: usize, width
     }
     Ok(Buffer::new(g.clone(), DeviceData::BF16(out)))
 }
+
+/// `y[rows[r], col0 + c] += scale · d[r, c]` (bf16): a LoRA delta added to one adapter's rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rows_scaled(
+    y: &mut Buffer,
+    y_cols: usize,
+    rows: &[u32],
+    col0: usize,
+    d: &Buffer,
+    w: usize,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "add_rows_scaled";
+    let g = y.gpu.clone();
+    let n = rows.len() * w;
+    if n == 0 {
+        return Ok(());
+    }
+    let idx = g.upload_u32(rows)?;
+    let f = g.kernel("add_rows_scaled_bf16")?;
+    let (nr, yc, c0, w64) = (rows.len() as u64, y_cols as u64, col0 as u64, w as u64);
+    let ds = d.bf16(OP)?;
+    let ys = y.bf16_mut(OP)?;
+    // SAFETY: rows are distinct and inside y, and col0 + w <= y_cols (checked by `ops::add_rows_scaled`).
+    unsafe {
+        g.stream
+            .launch_builder(f)
+            .arg(ys)
+            .arg(ds)
+            .arg(&idx)
+            .arg(&nr)
+            .arg(&yc)
+            .arg(&c0)
+            .arg(&w64)
+            .arg(&scale)
+            .launch(Gpu::elementwise_cfg(n))
+    }
+    .map_err(|e| g.err(OP, e))?;
+    Ok(())
+}

@@ -21,7 +21,7 @@ mod rope;
 mod sampling;
 
 pub(crate) use attention::paged_attention;
-pub(crate) use elementwise::{add_inplace, copy_cols, silu_mul, silu_mul_packed};
+pub(crate) use elementwise::{add_inplace, add_rows_scaled, copy_cols, silu_mul, silu_mul_packed};
 pub(crate) use gather::{embedding, gather_rows, write_kv};
 pub(crate) use linear::linear;
 pub(crate) use memory::{
