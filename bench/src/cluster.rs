@@ -62,6 +62,7 @@ fn time_decode(backend: &mut dyn Backend, batch: usize, steps: usize) -> Result<
                     starts: false,
                     score_prompt: None,
                     allowed: None,
+                    adapter: 0,
                 }
             })
             .collect();

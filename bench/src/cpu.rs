@@ -251,6 +251,7 @@ pub fn greedy_step<'a>(
         starts: false,
         score_prompt: None,
         allowed: None,
+        adapter: 0,
     }
 }
 

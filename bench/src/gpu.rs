@@ -141,6 +141,7 @@ fn host_and_device_time(engine: &mut Engine, plan: &Plan, device: Device, vocab:
         starts: false,
         score_prompt: None,
         allowed: None,
+        adapter: 0,
     };
     engine.step(&[seq(&prompt, 0)])?;
     let next = [1u32];

@@ -12,6 +12,7 @@
 //!   gRPC);
 //! - [`constrain`]: constrained decoding (structured outputs, forced tool calls): llguidance grammars and
 //!   the allowed-token mask of each constrained sequence;
+//! - [`lora`]: the LoRA adapters served over the base model (names, worker ids, loading and unloading);
 //! - [`scheduler`]: continuous batching with fair queuing across API keys, the paged KV block manager
 //!   with its prefix cache (`scheduler::blocks`) and the measured step cost (`scheduler::step_cost`);
 //! - [`cluster`]: cluster mode: etcd membership, claims, and the manager that forms groups of workers;
@@ -24,6 +25,7 @@ pub mod api;
 pub mod cluster;
 pub mod constrain;
 pub mod engine;
+pub mod lora;
 pub mod metrics;
 pub mod replicas;
 pub mod scheduler;

@@ -32,8 +32,9 @@ use crate::{
         engine_loop,
         link::{Command, Hub, LoopHost, Migrant, ReplicaStats},
     },
+    lora::{AdapterSpec, Adapters, LoraError},
     metrics::Metrics,
-    scheduler::{SchedulerConfig, block_hash},
+    scheduler::{SchedulerConfig, block_hash, prefix_root},
 };
 
 /// A replica with this many times (plus one step's budget) the least busy one's outstanding tokens is
@@ -82,6 +83,8 @@ pub struct Replicas {
     on_failure: Mutex<Option<FailureHook>>,
     /// Sequences of failed replicas waiting for a replacement, once replacements are expected.
     parked: Mutex<Parking>,
+    /// The LoRA adapters served over the model: every replica loads them.
+    pub adapters: Adapters,
 }
 
 #[derive(Default)]
@@ -105,6 +108,7 @@ impl Replicas {
             model,
             on_failure: Mutex::new(None),
             parked: Mutex::new(Parking::default()),
+            adapters: Adapters::default(),
         })
     }
 
@@ -160,6 +164,13 @@ impl Replicas {
         keep_alive: Box<dyn Send>,
     ) -> u64 {
         let id = self.next_replica.fetch_add(1, Ordering::Relaxed);
+        let mut backend = backend;
+        // Before it takes requests: any of them may name an adapter.
+        for spec in self.adapters.specs() {
+            if let Err(e) = backend.load_adapter(&spec) {
+                tracing::error!(replica = id, adapter = %spec.name, error = %e, "LoRA adapter not loaded on a new replica");
+            }
+        }
         let info = backend.info();
         let stats = Arc::new(ReplicaStats::default());
         stats.blocks_total.store(info.num_blocks, Ordering::Relaxed);
@@ -180,6 +191,49 @@ impl Replicas {
             self.adopt_migrants(waiting, "the replica they waited for failed too");
         }
         id
+    }
+
+    /// Loads the LoRA adapter at `path` as `name` on every live replica (and on every replica that joins
+    /// later), and makes it usable once all have it; `base` is the model's own name, which no adapter may
+    /// take. A replica that fails to load it leaves the adapter unregistered and loaded nowhere.
+    pub async fn load_adapter(&self, name: &str, path: &str, base: &str) -> Result<AdapterSpec, LoraError> {
+        let spec = self.adapters.reserve(name, path, base)?;
+        let mut waits = Vec::new();
+        for r in self.lock().iter() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if r.tx.send(Command::LoadAdapter(spec.clone(), tx)).is_ok() {
+                waits.push((r.name.clone(), rx));
+            }
+        }
+        let mut error = None;
+        for (replica, rx) in waits {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error = error.or(Some(e)),
+                // The loop ended (a failed replica): it serves nothing, so it needs no adapter.
+                Err(_) => tracing::warn!(replica, "a replica stopped while loading an adapter"),
+            }
+        }
+        if let Some(e) = error {
+            let _ = self.adapters.remove(name);
+            self.broadcast(|| Command::UnloadAdapter(spec.id));
+            return Err(LoraError::Load(name.to_string(), e));
+        }
+        self.adapters.ready(name);
+        Ok(spec)
+    }
+
+    /// Stops routing requests to adapter `name`; each replica unloads it once its sequences of it finish.
+    pub fn unload_adapter(&self, name: &str) -> Result<AdapterSpec, LoraError> {
+        let spec = self.adapters.remove(name)?;
+        self.broadcast(|| Command::UnloadAdapter(spec.id));
+        Ok(spec)
+    }
+
+    fn broadcast(&self, command: impl Fn() -> Command) {
+        for r in self.lock().iter() {
+            let _ = r.tx.send(command());
+        }
     }
 
     pub fn next_request_id(&self) -> u64 {
@@ -227,7 +281,7 @@ impl Replicas {
     /// Queues a request on a replica; false if none takes it.
     pub fn submit(&self, req: GenRequest) -> bool {
         let charge = ((req.prompt.len() + req.max_tokens) * req.n) as i64;
-        let hashes = prefix_hashes(&req.prompt, self.model.block_size);
+        let hashes = prefix_hashes(prefix_root(req.adapter), &req.prompt, self.model.block_size);
         let mut live = self.lock();
         let mut cmd = Command::Submit(Box::new(req), std::time::Instant::now());
         let mut dead = Vec::new();
@@ -407,11 +461,11 @@ impl LoopHost for Replicas {
 }
 
 /// Chained hashes of a prompt's first full blocks (the prefix cache's own keys).
-fn prefix_hashes(prompt: &[u32], block_size: usize) -> Vec<u64> {
+fn prefix_hashes(root: u64, prompt: &[u32], block_size: usize) -> Vec<u64> {
     if block_size == 0 {
         return Vec::new();
     }
-    let mut prev = 0;
+    let mut prev = root;
     prompt
         .chunks_exact(block_size)
         .take(AFFINITY_BLOCKS)
@@ -487,6 +541,7 @@ mod tests {
             max_tokens: 4,
             ignore_eos: true,
             constraint: None,
+            adapter: 0,
             n: 1,
             first_choice: 0,
             flow: None,
@@ -528,20 +583,20 @@ mod tests {
     fn affinity_finds_the_longest_served_prefix() {
         let mut a = Affinity::default();
         let p: Vec<u32> = (0..64).collect();
-        let h = prefix_hashes(&p, 16);
+        let h = prefix_hashes(0, &p, 16);
         assert_eq!(h.len(), 4);
         a.record(&h[..2], 7);
         a.record(&h, 9);
         assert_eq!(a.lookup(&h), Some(9));
         let mut other = p.clone();
         other[40] = 1000;
-        let h2 = prefix_hashes(&other, 16);
+        let h2 = prefix_hashes(0, &other, 16);
         assert_eq!(h2[..2], h[..2]);
         assert_ne!(h2[2], h[2]);
         // Shares two blocks with a prompt replica 9 served last.
         assert_eq!(a.lookup(&h2), Some(9));
-        assert_eq!(a.lookup(&prefix_hashes(&[5; 32], 16)), None);
-        assert!(prefix_hashes(&p[..15], 16).is_empty());
+        assert_eq!(a.lookup(&prefix_hashes(0, &[5; 32], 16)), None);
+        assert!(prefix_hashes(0, &p[..15], 16).is_empty());
     }
 
     #[test]

@@ -129,6 +129,21 @@ pub struct StepSeq<'a> {
     /// `t % 32` of word `t / 32` allows token `t`); every other token's logit is −∞ before sampling. Read
     /// only with `sample`.
     pub allowed: Option<&'a [u32]>,
+    /// The LoRA adapter this sequence runs with, by the id its workers loaded it under; 0: the base model.
+    pub adapter: u32,
+}
+
+/// A LoRA adapter as the coordinator asks workers to load it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterSpec {
+    /// What steps name it by ([`StepSeq::adapter`]): never 0, never reused.
+    pub id: u32,
+    /// The name clients use in `model`.
+    pub name: String,
+    /// The PEFT adapter directory, as the workers see it.
+    pub path: String,
+    /// The largest rank accepted (`--max-lora-rank`).
+    pub max_rank: u32,
 }
 
 /// Whether `mask` (as [`StepSeq::allowed`]) allows `token`.

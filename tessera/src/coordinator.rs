@@ -83,6 +83,8 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         world_size: a.tp,
     };
     let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
+    // The workers see the adapters' paths, not this process: each group loads them as it forms.
+    front.register_adapters(&replicas, None)?;
     let connected = Arc::new(AtomicBool::new(false));
     let board = Arc::new(Board { status: Mutex::new(serde_json::Value::Null), etcd_connected: connected.clone() });
     let mut cfg = manager_config(&a, &front, model_path, config.max_position_embeddings, block_size);

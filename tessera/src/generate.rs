@@ -150,6 +150,7 @@ pub fn generate(
         max_tokens: req.max_tokens,
         ignore_eos: req.ignore_eos,
         constraint: None,
+        adapter: 0,
         n: 1,
         first_choice: 0,
         flow: None,

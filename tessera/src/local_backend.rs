@@ -2,8 +2,11 @@
 //! so `tessera serve` without `--tp` runs the same engine loop as a group of workers does. Its steps can
 //! pause on the CPU (a newcomer's step runs in the middle; `tessera_coordinator::engine::engine_loop`).
 
+use std::path::Path;
 use tessera_coordinator::engine::backend::{Backend, ModelInfo, StepFailure, WorkerTiming};
-use tessera_worker::{Engine, SeqSampled, StepError, StepProgress, StepSeq};
+
+use tessera_proto::step::AdapterSpec;
+use tessera_worker::{Engine, SeqSampled, StepError, StepProgress, StepSeq, lora::AdapterLimits};
 
 /// A refused step changed nothing (the engine validates the whole batch first); anything else is the
 /// engine's own failure.
@@ -106,5 +109,18 @@ impl Backend for LocalBackend {
         for &id in ids {
             self.engine.release(id);
         }
+    }
+
+    fn load_adapter(&mut self, spec: &AdapterSpec) -> Result<(), String> {
+        if self.engine.adapters().iter().any(|(id, _)| *id == spec.id) {
+            return Ok(());
+        }
+        let limits = AdapterLimits { max_rank: spec.max_rank as usize };
+        self.engine.load_adapter(spec.id, &spec.name, Path::new(&spec.path), limits).map_err(|e| e.to_string())
+    }
+
+    fn unload_adapter(&mut self, id: u32) -> Result<(), String> {
+        self.engine.unload_adapter(id);
+        Ok(())
     }
 }

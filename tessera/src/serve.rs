@@ -8,6 +8,8 @@ use clap::Args;
 
 use tessera_coordinator::{
     api::{self, AppState, chat_template::ChatTemplate},
+    engine::backend::Backend,
+    lora::LoraSettings,
     metrics::Metrics,
     replicas::Replicas,
     scheduler::SchedulerConfig,
@@ -82,6 +84,17 @@ pub struct HttpArgs {
     /// template, when it shows one).
     #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(Format::names()))]
     pub tool_call_parser: Option<String>,
+    /// A LoRA adapter to serve over the model, as NAME=DIR (a PEFT adapter directory; in cluster mode
+    /// as the workers see it): requests with `"model": "NAME"` use it. Repeatable; more can be loaded
+    /// while serving with POST /v1/load_lora_adapter.
+    #[arg(long = "lora", value_name = "NAME=DIR")]
+    pub lora: Vec<String>,
+    /// Most LoRA adapters loaded at once.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub max_loras: usize,
+    /// Largest LoRA rank accepted.
+    #[arg(long, default_value_t = 64, value_name = "R")]
+    pub max_lora_rank: u32,
     /// Set from the global --log-format.
     #[arg(skip)]
     pub log_json: bool,
@@ -165,6 +178,29 @@ impl Frontend {
         let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         listener.set_nonblocking(true)?;
         Ok(Frontend { http, name, tokenizer, chat_template, keys, ledger, listener })
+    }
+
+    /// Registers the `--lora` adapters with `replicas` (every replica added from now on loads them) and,
+    /// when given, loads them on `backend` now, so that a bad adapter is an error at start naming its file.
+    pub fn register_adapters(&self, replicas: &Replicas, backend: Option<&mut dyn Backend>) -> Result<()> {
+        let h = &self.http;
+        if h.max_loras == 0 || h.max_lora_rank == 0 {
+            bail!("--max-loras and --max-lora-rank must be at least 1");
+        }
+        replicas.adapters.configure(LoraSettings { max_loras: h.max_loras, max_rank: h.max_lora_rank });
+        let mut backend = backend;
+        for arg in &h.lora {
+            let Some((name, dir)) = arg.split_once('=').filter(|(n, d)| !n.is_empty() && !d.is_empty()) else {
+                bail!("--lora {arg}: expected NAME=DIR");
+            };
+            let spec =
+                replicas.adapters.reserve(name, dir, &self.name).map_err(|e| anyhow::anyhow!("--lora {arg}: {e}"))?;
+            if let Some(b) = backend.as_deref_mut() {
+                b.load_adapter(&spec).map_err(|e| anyhow::anyhow!("--lora {arg}: {e}"))?;
+            }
+            replicas.adapters.ready(name);
+        }
+        Ok(())
     }
 
     /// The scheduler settings of every replica of a model with a context of `max_model_len`.
@@ -283,10 +319,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
     };
     // A model that cannot start at all is an error now, not a replica restarted in the background.
-    let first = start()?;
+    let mut first = start()?;
     let info = first.backend.info();
     let cfg = front.scheduler_config(info.max_position_embeddings);
     let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
+    front.register_adapters(&replicas, Some(first.backend.as_mut()))?;
     let eos = front.tokenizer.eos_token_ids.clone();
     Supervisor { replicas: replicas.clone(), cfg, eos, start }.run(first);
     let banner = format!("tessera serving {} (tp = {})", front.name, a.model.tp);

@@ -69,6 +69,7 @@ fn run(
                     starts: false,
                     score_prompt: None,
                     allowed: None,
+                    adapter: 0,
                 }
             })
             .collect();

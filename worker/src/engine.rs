@@ -11,7 +11,11 @@
 //! step of decodes), and [`Engine::resume`] finishes it. Steps run in between are refused if they touch the
 //! paused step's sequences or cache blocks.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    sync::Arc,
+};
 
 use tessera_kernels::{Device, Tensor, ops};
 use tessera_proto::step::mask_allows;
@@ -21,6 +25,7 @@ use crate::{
     collective::Collective,
     error::{ModelError, StepError},
     kv_cache::KvCache,
+    lora::{Adapter, AdapterLimits},
     model::{Forward, ForwardState, Model, SeqInput},
     sampling::{Sampled, Sampler, SamplingParams},
 };
@@ -84,11 +89,40 @@ pub struct Engine {
     paused: Option<PausedStep>,
     /// Prompt tokens scored by the last step, until [`Engine::take_prompt_scores`] (rank 0 only).
     scores: Vec<PromptScores>,
+    /// LoRA adapters by the id the coordinator loaded them under (never 0, the base model).
+    adapters: HashMap<u32, Arc<Adapter>>,
 }
 
 impl Engine {
     pub fn new(model: Model, cache: KvCache, comm: Box<dyn Collective>) -> Self {
-        Engine { model, cache, comm, seqs: HashMap::new(), paused: None, scores: Vec::new() }
+        Engine { model, cache, comm, seqs: HashMap::new(), paused: None, scores: Vec::new(), adapters: HashMap::new() }
+    }
+
+    /// Loads the LoRA adapter in `dir` as this rank's shard under `id` (> 0), replacing nothing: an id
+    /// already taken is an error, as is an adapter that does not fit the model or `limits`.
+    pub fn load_adapter(&mut self, id: u32, name: &str, dir: &Path, limits: AdapterLimits) -> Result<(), ModelError> {
+        if id == 0 || self.adapters.contains_key(&id) {
+            return Err(ModelError::File {
+                path: dir.to_path_buf(),
+                message: format!("adapter id {id} is the base model's or already taken"),
+            });
+        }
+        let m = &self.model;
+        let adapter = Adapter::load(name, dir, &m.config, &m.layout, m.device, limits)?;
+        self.adapters.insert(id, Arc::new(adapter));
+        Ok(())
+    }
+
+    /// Forgets adapter `id`; false if it was not loaded. Steps naming it are refused from now on.
+    pub fn unload_adapter(&mut self, id: u32) -> bool {
+        self.adapters.remove(&id).is_some()
+    }
+
+    /// The loaded adapters' ids and names, by id.
+    pub fn adapters(&self) -> Vec<(u32, String)> {
+        let mut v: Vec<(u32, String)> = self.adapters.iter().map(|(&id, a)| (id, a.name.clone())).collect();
+        v.sort_unstable();
+        v
     }
 
     /// Seconds spent in collectives since the last call.
@@ -122,6 +156,9 @@ impl Engine {
             }
             if s.tokens.is_empty() {
                 return bad("no tokens".into());
+            }
+            if s.adapter != 0 && !self.adapters.contains_key(&s.adapter) {
+                return bad(format!("LoRA adapter {} is not loaded on this worker", s.adapter));
             }
             if let Some(&t) = s.tokens.iter().chain(s.penalty_context).find(|&&t| t as usize >= c.vocab_size) {
                 return bad(format!("token id {t} outside the vocabulary of {}", c.vocab_size));
@@ -402,14 +439,23 @@ impl Engine {
     ) -> Result<Forward, StepError> {
         let inputs: Vec<SeqInput> = batch
             .iter()
-            .map(|s| SeqInput {
-                tokens: s.tokens,
-                start_pos: s.start_pos,
-                block_table: s.block_table,
-                logits: s.sample.is_some(),
-                score: s.score_prompt,
+            .map(|s| {
+                let adapter = match s.adapter {
+                    0 => None,
+                    id => Some(self.adapters.get(&id).map(|a| &**a).ok_or_else(|| {
+                        StepError::Invalid(format!("sequence {}: LoRA adapter {id} was unloaded", s.id))
+                    })?),
+                };
+                Ok(SeqInput {
+                    tokens: s.tokens,
+                    start_pos: s.start_pos,
+                    block_table: s.block_table,
+                    logits: s.sample.is_some(),
+                    score: s.score_prompt,
+                    adapter,
+                })
             })
-            .collect();
+            .collect::<Result<_, StepError>>()?;
         let _forward = tracing::info_span!(target: "tessera::worker", "forward", tokens = inputs.iter().map(|s| s.tokens.len()).sum::<usize>()).entered();
         self.model.forward_pausable(&inputs, &mut self.cache, self.comm.as_ref(), resume, pause).map_err(|e| match e {
             ModelError::Kernel(k) => StepError::Kernel(k),

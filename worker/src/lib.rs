@@ -5,6 +5,7 @@
 //! - [`files`]: a model directory's files opened as untrusted input (regular files only, JSON bounded);
 //! - [`model`]: the decoder and its batched forward pass over a paged KV cache;
 //! - [`kv_cache`]: the pool of fixed-size KV blocks;
+//! - [`lora`]: LoRA adapters over the base weights, several in one batch;
 //! - [`sampling`]: logits → next token (penalties, temperature, top-k/p, min-p, seeds, logprobs);
 //! - [`collective`]: all-reduce / all-gather within a group;
 //! - [`engine`]: a model + cache + per-sequence state behind one `step` call;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod kv_cache;
+pub mod lora;
 pub mod model;
 pub mod nccl_collective;
 pub mod registration;

@@ -14,8 +14,9 @@ use std::{
 use tessera_kernels::Device;
 use tessera_proto::step::{Sampled, ScorePrompt};
 use tessera_proto::v1::{
-    self as pb, HealthReply, HealthRequest, InfoReply, InfoRequest, LoadModelReply, LoadModelRequest, StepReply,
-    StepRequest, health_reply::Status as HealthStatus, rendezvous::Kind, worker_server::Worker,
+    self as pb, HealthReply, HealthRequest, InfoReply, InfoRequest, LoadAdapterReply, LoadAdapterRequest,
+    LoadModelReply, LoadModelRequest, LoraAdapter, StepReply, StepRequest, UnloadAdapterReply, UnloadAdapterRequest,
+    health_reply::Status as HealthStatus, rendezvous::Kind, worker_server::Worker,
 };
 use tonic::{Request, Response, Status};
 
@@ -286,6 +287,32 @@ impl Worker for WorkerService {
         Ok(Response::new(reply))
     }
 
+    async fn load_adapter(&self, req: Request<LoadAdapterRequest>) -> Result<Response<LoadAdapterReply>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let a = r.adapter.ok_or_else(|| Status::invalid_argument("no adapter"))?;
+        let state = self.state.clone();
+        // Loading reads files: off the async threads, holding the engine (no step runs meanwhile).
+        tokio::task::spawn_blocking(move || {
+            let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+            let engine = serving(&mut guard, &r.group_id)?;
+            load_adapter(engine, &a).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            tracing::info!(adapter = %a.name, id = a.id, path = %a.path, "LoRA adapter loaded");
+            Ok(Response::new(LoadAdapterReply { load_seconds: started.elapsed().as_secs_f64() }))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("loading panicked: {e}")))?
+    }
+
+    async fn unload_adapter(&self, req: Request<UnloadAdapterRequest>) -> Result<Response<UnloadAdapterReply>, Status> {
+        let r = req.into_inner();
+        let mut guard = self.lock();
+        let engine = serving(&mut guard, &r.group_id)?;
+        let was_loaded = engine.unload_adapter(r.id);
+        tracing::info!(id = r.id, was_loaded, "LoRA adapter unloaded");
+        Ok(Response::new(UnloadAdapterReply { was_loaded }))
+    }
+
     async fn step(&self, req: Request<StepRequest>) -> Result<Response<StepReply>, Status> {
         let r = req.into_inner();
         let state = self.state.clone();
@@ -311,6 +338,27 @@ impl Worker for WorkerService {
 }
 
 /// Runs one step on the engine (on a rayon thread).
+/// The engine of a worker serving `group_id` (empty matches a group of one), or why there is none.
+fn serving<'a>(state: &'a mut State, group_id: &str) -> Result<&'a mut Engine, Status> {
+    match state {
+        State::Serving { engine, group_id: g, world, .. } => {
+            if (*world > 1 || !group_id.is_empty()) && group_id != g {
+                return Err(Status::failed_precondition(format!(
+                    "for group {group_id} but this worker serves group {g}"
+                )));
+            }
+            Ok(engine)
+        }
+        State::Idle => Err(Status::failed_precondition("no model loaded")),
+        State::Failed(m) => Err(Status::failed_precondition(format!("worker failed: {m}"))),
+    }
+}
+
+fn load_adapter(engine: &mut Engine, a: &LoraAdapter) -> Result<(), crate::ModelError> {
+    let limits = crate::lora::AdapterLimits { max_rank: a.max_rank as usize };
+    engine.load_adapter(a.id, &a.name, std::path::Path::new(&a.path), limits)
+}
+
 fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<StepReply, Status> {
     let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
     let engine = match &mut *guard {
@@ -349,6 +397,7 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
                 .prompt_logprobs
                 .map(|top| ScorePrompt { top: top as usize, next_token: s.next_prompt_token }),
             allowed: (!s.allowed_tokens.is_empty()).then_some(&s.allowed_tokens[..]),
+            adapter: s.adapter_id,
         })
         .collect();
     let (sampled, logits) = match engine.step_with_logits(&batch) {

@@ -70,6 +70,15 @@ impl WeightFiles {
             });
         };
 
+        Self::open_files(files)
+    }
+
+    /// Opens one safetensors file (a LoRA adapter's `adapter_model.safetensors`).
+    pub fn open_file(path: &Path) -> Result<Self, ModelError> {
+        Self::open_files(vec![path.to_path_buf()])
+    }
+
+    fn open_files(files: Vec<PathBuf>) -> Result<Self, ModelError> {
         let mut maps = Vec::new();
         let mut index = HashMap::new();
         for path in files {
@@ -91,6 +100,18 @@ impl WeightFiles {
 
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
+    }
+
+    /// Every tensor's name, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The full shape of `name`, as the file declares it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let &i = self.index.get(name)?;
+        let st = SafeTensors::deserialize(&self.maps[i].1).ok()?;
+        Some(st.tensor(name).ok()?.shape().to_vec())
     }
 
     /// Path of the file that holds `name` (or the directory's main file if none does), for messages.

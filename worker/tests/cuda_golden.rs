@@ -93,6 +93,7 @@ fn a_mask_holds_on_cuda_beside_a_row_sampled_on_the_device() {
             starts: true,
             score_prompt: None,
             allowed: Some(&words),
+            adapter: 0,
         };
         let free = tessera_worker::StepSeq { id: 2, block_table: &t1, allowed: None, ..masked.clone() };
         let out = engine.step(&[masked, free]).unwrap();

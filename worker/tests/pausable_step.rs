@@ -47,6 +47,7 @@ impl Seqs {
                     starts: false,
                     score_prompt: None,
                     allowed: None,
+                    adapter: 0,
                 }
             })
             .collect()

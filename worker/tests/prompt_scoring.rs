@@ -33,6 +33,7 @@ fn reference(dir: &std::path::Path, prompt: &[u32]) -> Vec<Expected> {
                 starts: false,
                 score_prompt: None,
                 allowed: None,
+                adapter: 0,
             };
             let (_, logits) = e.step_with_logits(&[step]).unwrap();
             let row = logits.unwrap().host_f32().unwrap().to_vec();
@@ -68,6 +69,7 @@ fn chunked(engines: &mut [Engine], prompt: &[u32], chunk: usize) -> Vec<PromptSc
             starts: false,
             score_prompt: Some(ScorePrompt { top: TOP, next_token: prompt.get(end).copied() }),
             allowed: None,
+            adapter: 0,
         };
         let scores: Vec<Vec<PromptScores>> = std::thread::scope(|sc| {
             let handles: Vec<_> = engines

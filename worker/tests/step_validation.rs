@@ -22,6 +22,7 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
         starts: false,
         score_prompt: None,
         allowed: None,
+        adapter: 0,
     };
     let leak = |v: Vec<u32>| -> &'static [u32] { Box::leak(v.into_boxed_slice()) };
     let t: &'static [u32] = leak(table.clone());
@@ -65,6 +66,7 @@ fn bad_steps_are_refused_and_the_engine_keeps_working() {
         penalty_context: &prompt,
         starts: true,
         allowed: Some(leak(words)),
+        adapter: 0,
         ..seq(8, leak(prompt.to_vec()), 0, leak(common::table(1)))
     };
     let token = e.step(&[masked]).unwrap()[0].sampled.token;
@@ -100,6 +102,7 @@ fn a_restarted_seeded_sequence_continues_its_stream() {
                 starts: restart,
                 score_prompt: None,
                 allowed: None,
+                adapter: 0,
             };
             let next = e.step(&[s]).unwrap()[0].sampled.token;
             restart = false;

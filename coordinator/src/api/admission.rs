@@ -24,8 +24,13 @@ pub(super) fn body(b: Result<Bytes, BytesRejection>, limit: usize) -> Result<Byt
     })
 }
 
-pub(super) fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
-    if model != s.model_name { Err(ApiError::model_not_found(model)) } else { Ok(()) }
+/// The LoRA adapter a request's `model` names: 0 for the base model, else the adapter's id; 404 for a
+/// name this server does not serve.
+pub(super) fn check_model(s: &AppState, model: &str) -> Result<u32, ApiError> {
+    if model == s.model_name {
+        return Ok(0);
+    }
+    s.engine.adapters.resolve(model).ok_or_else(|| ApiError::model_not_found(model))
 }
 
 /// Checks the request against the model and the pool.

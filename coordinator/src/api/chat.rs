@@ -41,7 +41,7 @@ pub(super) async fn chat(
 
 fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>) -> Result<Job, ApiError> {
     let mut r: ChatRequest = request::parse(&body(b, s.max_body_bytes)?)?;
-    check_model(s, &r.model)?;
+    let adapter = check_model(s, &r.model)?;
     auth::check_model(caller, &r.model)?;
     let template = s.chat_template.as_ref().ok_or_else(|| {
         ApiError::invalid(
@@ -80,7 +80,8 @@ fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>)
         None => structured,
     };
     opts.tool_output = tool_output;
-    Ok(Job { kind: Kind::Chat, prompts: vec![prompt], max_tokens, opts, echo: None, constraint })
+    let model = std::mem::take(&mut r.model);
+    Ok(Job { kind: Kind::Chat, model, adapter, prompts: vec![prompt], max_tokens, opts, echo: None, constraint })
 }
 
 /// What would change what the model is asked to produce and cannot be served: refusing it beats answering

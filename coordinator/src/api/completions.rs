@@ -56,7 +56,7 @@ pub(super) async fn completions(
 
 fn prepare_completion(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>) -> Result<Job, ApiError> {
     let mut r: CompletionRequest = request::parse(&body(b, s.max_body_bytes)?)?;
-    check_model(s, &r.model)?;
+    let adapter = check_model(s, &r.model)?;
     auth::check_model(caller, &r.model)?;
     if r.suffix.is_some() {
         return Err(ApiError::param("suffix", "suffix is not supported by this server."));
@@ -107,7 +107,8 @@ fn prepare_completion(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejec
     }
     let echo = echo.then_some(texts);
     let constraint = structured::constraint(s, r.response_format.as_ref(), r.structured_outputs.as_ref())?;
-    Ok(Job { kind: Kind::Completion, prompts, max_tokens, opts, echo, constraint })
+    let model = std::mem::take(&mut r.model);
+    Ok(Job { kind: Kind::Completion, model, adapter, prompts, max_tokens, opts, echo, constraint })
 }
 
 /// A count of alternatives per token (`logprobs`, `prompt_logprobs`): 0 to OpenAI's limit.

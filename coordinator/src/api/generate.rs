@@ -27,6 +27,10 @@ use crate::{
 /// A request as its endpoint validated it, ready to run.
 pub(super) struct Job {
     pub(super) kind: Kind,
+    /// The model as the request named it: the base model's name, or a LoRA adapter's.
+    pub(super) model: String,
+    /// That adapter's id (0: the base model).
+    pub(super) adapter: u32,
     /// One, except for a batch of completions.
     pub(super) prompts: Vec<Vec<u32>>,
     /// The most tokens each choice may produce.
@@ -57,7 +61,7 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let ids: Vec<u64> = job.prompts.iter().map(|_| s.engine.next_request_id()).collect();
-    let span = request_span(&s, ids[0], prompt_tokens);
+    let span = request_span(&job.model, ids[0], prompt_tokens);
     let queue = tracing::info_span!(target: "tessera::http", parent: &span, "queue");
     if let Err(e) = submit(&s, caller, &job, &ids, &tx, &span) {
         return e.into_response();
@@ -65,7 +69,7 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
     // Only the engine holds senders from here on: should its loop die without a last event, the channel
     // closes and the client gets an error instead of waiting forever.
     drop(tx);
-    let Job { kind, prompts, opts, echo, .. } = job;
+    let Job { kind, model, prompts, opts, echo, .. } = job;
     let prompt_echo = |p: usize| {
         let scored = opts.params.prompt_logprobs.is_some();
         let text = echo.as_ref().map(|t| t[p].as_deref());
@@ -78,6 +82,7 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
     let reply = Reply {
         s: s.clone(),
         kind,
+        model,
         name: format!("{}-{:x}{:06x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, s.instance, ids[0]),
         ids,
         created: unix_now(),
@@ -109,13 +114,13 @@ pub(super) async fn run(s: Arc<AppState>, caller: &Caller, job: Job) -> Response
 }
 
 /// The request's span; `Reply` records the outcome in its empty fields when the request ends.
-fn request_span(s: &AppState, first_id: u64, prompt_tokens: usize) -> tracing::Span {
+fn request_span(model: &str, first_id: u64, prompt_tokens: usize) -> tracing::Span {
     tracing::info_span!(
         target: "tessera::http",
         "generate",
         // Signed: OpenTelemetry exports unsigned integers as strings.
         request_id = first_id as i64,
-        model = %s.model_name,
+        model = %model,
         prompt_tokens = prompt_tokens as i64,
         completion_tokens = tracing::field::Empty,
         cached_tokens = tracing::field::Empty,
@@ -141,6 +146,7 @@ fn submit(
             max_tokens: job.max_tokens,
             ignore_eos: opts.ignore_eos,
             constraint: job.constraint.clone(),
+            adapter: job.adapter,
             n: opts.n,
             first_choice: p * opts.n,
             flow: caller.key.as_ref().map(|k| k.id.clone()),

@@ -13,12 +13,14 @@
 //! - `generate`: runs a validated request for either endpoint; `admission` has the checks it must pass first.
 //! - `reply`: a request in flight, its choices, usage and billing; `whole` and `stream` assemble its answer
 //!   as one JSON body or as server-sent events ([`output`] builds the text and logprobs of a choice).
+//! - `adapters` (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`): LoRA adapters loaded while serving.
 //! - `models`, `admin` (`/v1/usage`, `/v1/cluster`), `tokenize` (`/tokenize`, `/detokenize`), `probes`
 //!   (`/health`, `/ready`, `/metrics`): the rest.
 //! - [`error`]: the OpenAI-shaped error every module answers with.
 //! - [`server`]: accepts the connections the router answers, with their bounds and timeouts.
 
 mod access_log;
+mod adapters;
 mod admin;
 mod admission;
 pub mod auth;
@@ -63,6 +65,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{model}", get(models::model))
         .route("/v1/usage", get(admin::usage))
         .route("/v1/cluster", get(admin::cluster))
+        .route("/v1/load_lora_adapter", post(adapters::load))
+        .route("/v1/unload_lora_adapter", post(adapters::unload))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -27,6 +27,9 @@ pub(super) enum Kind {
 pub(super) struct Reply {
     pub(super) s: Arc<AppState>,
     pub(super) kind: Kind,
+    /// The model as the request named it (the base model, or a LoRA adapter): what the response, the
+    /// ledger and the per-key metrics say.
+    pub(super) model: String,
     /// The engine request of each prompt (one, except for a batch of completions); choice `i` is choice
     /// `i % n` of request `i / n`.
     pub(super) ids: Vec<u64>,
@@ -91,12 +94,22 @@ impl Reply {
         let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
         if let Some(k) = &self.key {
             let m = &self.s.engine.metrics;
-            m.key_requests.get_or_create(&vec![("key_id", k.id.clone()), ("status", status.to_string())]).inc();
+            m.key_requests
+                .get_or_create(&vec![
+                    ("key_id", k.id.clone()),
+                    ("status", status.to_string()),
+                    ("adapter", self.adapter()),
+                ])
+                .inc();
             for (kind, n) in
                 [("prompt", self.prompt_tokens), ("cached", self.cached_tokens()), ("completion", completion)]
             {
                 m.key_tokens
-                    .get_or_create(&vec![("key_id", k.id.clone()), ("kind", kind.to_string())])
+                    .get_or_create(&vec![
+                        ("key_id", k.id.clone()),
+                        ("kind", kind.to_string()),
+                        ("adapter", self.adapter()),
+                    ])
                     .inc_by(n as u64);
             }
         }
@@ -105,7 +118,7 @@ impl Reply {
             request_id: self.name.clone(),
             key_id: self.key.as_ref().map(|k| k.id.clone()),
             tenant: self.key.as_ref().map(|k| k.tenant.clone()),
-            model: self.s.model_name.clone(),
+            model: self.model.clone(),
             prompt_tokens: self.prompt_tokens as u64,
             cached_tokens: self.cached_tokens() as u64,
             completion_tokens: completion as u64,
@@ -114,6 +127,12 @@ impl Reply {
             started_at: self.started_at,
             ended_at: crate::usage::unix_seconds(),
         })
+    }
+
+    /// The per-key metrics' `adapter` label: the LoRA adapter's name, empty for the base model (whose
+    /// name every series carries already).
+    fn adapter(&self) -> String {
+        if self.model == self.s.model_name { String::new() } else { self.model.clone() }
     }
 
     /// Bills a completed request and waits for its ledger row to be committed, so that a response the

@@ -119,7 +119,7 @@ async fn closing_events(r: &mut Reply) -> Events {
             "id": r.name,
             "object": if r.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
             "created": r.created,
-            "model": r.s.model_name,
+            "model": r.model,
             "choices": [],
             "usage": r.usage(),
         });
@@ -256,7 +256,7 @@ fn chunk(r: &mut Reply, i: usize, mut delta: String, with_finish: bool) -> Optio
         "id": r.name,
         "object": if r.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
         "created": r.created,
-        "model": r.s.model_name,
+        "model": r.model,
         "choices": [choice],
     });
     if r.kind == Kind::Chat {

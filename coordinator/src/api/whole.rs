@@ -40,7 +40,7 @@ pub(super) async fn whole_reply(mut r: Reply) -> Response {
         choices: Choices(&r),
         created: r.created,
         id: &r.name,
-        model: &r.s.model_name,
+        model: &r.model,
         object: if r.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         system_fingerprint: (r.kind == Kind::Chat).then_some(()),
         usage: r.usage(),

@@ -4,7 +4,7 @@
 
 use std::{fmt, time::Duration};
 
-use tessera_proto::step::{PromptScores, SamplingParams, ScorePrompt, SeqSampled, StepSeq};
+use tessera_proto::step::{AdapterSpec, PromptScores, SamplingParams, ScorePrompt, SeqSampled, StepSeq};
 
 /// Facts about the loaded model a scheduler needs.
 #[derive(Clone, Copy, Debug)]
@@ -132,6 +132,15 @@ pub trait Backend: Send {
     fn take_prompt_scores(&mut self) -> Vec<PromptScores> {
         Vec::new()
     }
+    /// Loads a LoRA adapter on every rank, between steps; loading one already loaded (same id) does
+    /// nothing. The message of a failure names the file and field or tensor at fault.
+    fn load_adapter(&mut self, spec: &AdapterSpec) -> Result<(), String> {
+        Err(format!("this backend cannot load LoRA adapters (asked for {})", spec.name))
+    }
+    /// Forgets a LoRA adapter on every rank; steps naming it are refused from then on.
+    fn unload_adapter(&mut self, _id: u32) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A step's sequence with its own copies of what [`StepSeq`] borrows: a paused step keeps its batch while
@@ -147,6 +156,7 @@ pub struct OwnedStepSeq {
     starts: bool,
     score_prompt: Option<ScorePrompt>,
     allowed: Option<Vec<u32>>,
+    adapter: u32,
 }
 
 impl OwnedStepSeq {
@@ -162,6 +172,7 @@ impl OwnedStepSeq {
             starts: s.starts,
             score_prompt: s.score_prompt,
             allowed: s.allowed.map(<[u32]>::to_vec),
+            adapter: s.adapter,
         }
     }
 
@@ -177,6 +188,7 @@ impl OwnedStepSeq {
             starts: self.starts,
             score_prompt: self.score_prompt,
             allowed: self.allowed.as_deref(),
+            adapter: self.adapter,
         }
     }
 }

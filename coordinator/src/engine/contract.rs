@@ -74,6 +74,8 @@ pub struct GenRequest {
     /// Structured outputs: what every choice's text must match, with the mask for its first token; each
     /// choice follows its own copy.
     pub constraint: Option<Constraint>,
+    /// The LoRA adapter to run with, by its workers' id ([`crate::lora`]); 0: the base model.
+    pub adapter: u32,
     pub n: usize,
     /// The index its first choice has in the response: a completion of several prompts is a request per
     /// prompt, and their choices are numbered on through the prompts, as OpenAI numbers them.

@@ -74,6 +74,7 @@ pub fn spawn(
         published: Default::default(),
         failed: None,
         deferred: Vec::new(),
+        unloading: Vec::new(),
     };
     if on_cpu {
         // The loop runs as a worker of its own compute pool: a step's forward pass then runs on the loop's
@@ -123,6 +124,8 @@ struct Loop {
     failed: Option<String>,
     /// Commands that arrived while a step was paused, for after it.
     deferred: Vec<Command>,
+    /// LoRA adapters to unload once their sequences here have finished.
+    unloading: Vec<u32>,
 }
 
 impl Loop {
@@ -151,6 +154,9 @@ impl Loop {
                 self.drop_abandoned();
                 self.step(&rx);
                 self.publish();
+                if !self.unloading.is_empty() {
+                    self.unload_idle_adapters();
+                }
             }
             if let Some(reason) = self.failed.take() {
                 self.hand_over(&reason, rx);
@@ -171,6 +177,7 @@ impl Loop {
                         .in_flow(r.flow.clone(), r.weight);
                     seq.arrival = arrival;
                     seq.constraint = r.constraint.clone();
+                    seq.adapter = r.adapter;
                     self.sched.add(seq);
                     self.enter_flow(&r.flow);
                     self.tracks.insert(
@@ -196,6 +203,33 @@ impl Loop {
             Command::Abort { seq, reason } => self.finish_abort(seq, reason),
             Command::Fail(reason) => {
                 self.failed.get_or_insert(reason);
+            }
+            Command::LoadAdapter(spec, reply) => {
+                let t = Instant::now();
+                let result = self.backend.load_adapter(&spec);
+                match &result {
+                    Ok(()) => {
+                        tracing::info!(adapter = %spec.name, id = spec.id, seconds = t.elapsed().as_secs_f64(), "LoRA adapter loaded")
+                    }
+                    Err(e) => tracing::warn!(adapter = %spec.name, error = %e, "LoRA adapter not loaded"),
+                }
+                let _ = reply.send(result);
+            }
+            Command::UnloadAdapter(id) => {
+                self.unloading.push(id);
+                self.unload_idle_adapters();
+            }
+        }
+    }
+
+    /// Unloads the adapters waiting to go that no sequence here uses any more.
+    fn unload_idle_adapters(&mut self) {
+        let (idle, busy): (Vec<u32>, Vec<u32>) =
+            std::mem::take(&mut self.unloading).into_iter().partition(|&id| !self.sched.uses_adapter(id));
+        self.unloading = busy;
+        for id in idle {
+            if let Err(e) = self.backend.unload_adapter(id) {
+                tracing::warn!(id, error = %e, "LoRA adapter not unloaded");
             }
         }
     }
@@ -239,7 +273,10 @@ impl Loop {
                     self.take_all(&mut migrants);
                 }
                 Command::Abort { seq, .. } => migrants.retain(|m| m.id != seq),
-                Command::Fail(_) => {}
+                Command::LoadAdapter(_, reply) => {
+                    let _ = reply.send(Err(format!("the replica failed: {reason}")));
+                }
+                Command::Fail(_) | Command::UnloadAdapter(_) => {}
             }
         }
         drop(rx);
@@ -260,6 +297,7 @@ impl Loop {
                 max_tokens: seq.max_tokens,
                 ignore_eos: seq.ignore_eos,
                 constraint: seq.constraint,
+                adapter: seq.adapter,
                 flow: seq.flow,
                 weight: seq.weight,
                 track,
@@ -584,6 +622,10 @@ mod tests {
     struct Stepped {
         go: mpsc::Receiver<Go>,
         entered: mpsc::Sender<Vec<u64>>,
+        /// Adapters loaded, refusing steps that name any other (as a worker does); each load and unload is
+        /// reported on `adapter_log`.
+        adapters: std::collections::HashSet<u32>,
+        adapter_log: mpsc::Sender<String>,
     }
 
     impl Stepped {
@@ -592,6 +634,9 @@ mod tests {
             batch: &[StepSeq<'_>],
             pause: &(dyn Fn() -> bool + Sync),
         ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
+            if let Some(s) = batch.iter().find(|s| s.adapter != 0 && !self.adapters.contains(&s.adapter)) {
+                return Err(StepFailure::Refused(format!("adapter {} is not loaded", s.adapter)));
+            }
             let _ = self.entered.send(batch.iter().map(|s| s.id).collect());
             let go = self.go.recv().map_err(|_| StepFailure::Internal("the test is over".into()))?;
             match go {
@@ -640,6 +685,19 @@ mod tests {
         fn last_timings(&self) -> Vec<WorkerTiming> {
             Vec::new()
         }
+        fn load_adapter(&mut self, spec: &tessera_proto::step::AdapterSpec) -> Result<(), String> {
+            if spec.path.contains("bad") {
+                return Err(format!("{}: no adapter_config.json", spec.path));
+            }
+            self.adapters.insert(spec.id);
+            let _ = self.adapter_log.send(format!("load {}", spec.id));
+            Ok(())
+        }
+        fn unload_adapter(&mut self, id: u32) -> Result<(), String> {
+            self.adapters.remove(&id);
+            let _ = self.adapter_log.send(format!("unload {id}"));
+            Ok(())
+        }
     }
 
     fn token(rx: &mut UnboundedReceiver<Event>) -> u32 {
@@ -661,18 +719,20 @@ mod tests {
         metrics: Arc<Metrics>,
         go: mpsc::Sender<Go>,
         entered: mpsc::Receiver<Vec<u64>>,
+        adapter_log: mpsc::Receiver<String>,
     }
 
     impl Harness {
         fn new(max_num_seqs: usize) -> Self {
             let (go, steps) = mpsc::channel();
             let (entered_tx, entered) = mpsc::channel();
-            let backend = Stepped { go: steps, entered: entered_tx };
+            let (log_tx, adapter_log) = mpsc::channel();
+            let backend = Stepped { go: steps, entered: entered_tx, adapters: Default::default(), adapter_log: log_tx };
             let metrics = Arc::new(Metrics::new("m"));
             let replicas = Replicas::new(backend.info(), metrics.clone());
             let cfg = SchedulerConfig { max_num_seqs, max_batched_tokens: 64, max_model_len: 64 };
             replicas.add(Box::new(backend), cfg, vec![], "g", vec![], Box::new(()));
-            Harness { replicas, metrics, go, entered }
+            Harness { replicas, metrics, go, entered, adapter_log }
         }
 
         /// Submits a request of `flow` reporting to `events`; returns the token its sequence samples.
@@ -682,6 +742,18 @@ mod tests {
 
         /// A request of `n` choices: the tokens of its sequences.
         fn submit_n(&self, flow: &str, max_tokens: usize, n: usize, events: &UnboundedSender<Event>) -> Vec<u32> {
+            self.submit_with(flow, max_tokens, n, 0, events)
+        }
+
+        /// [`Harness::submit_n`] with LoRA adapter `adapter`.
+        fn submit_with(
+            &self,
+            flow: &str,
+            max_tokens: usize,
+            n: usize,
+            adapter: u32,
+            events: &UnboundedSender<Event>,
+        ) -> Vec<u32> {
             let id = self.replicas.next_request_id();
             let req = GenRequest {
                 id,
@@ -690,6 +762,7 @@ mod tests {
                 max_tokens,
                 ignore_eos: true,
                 constraint: None,
+                adapter,
                 n,
                 first_choice: 0,
                 flow: Some(flow.into()),
@@ -893,5 +966,35 @@ mod tests {
         assert_eq!(token(&mut a), a1);
         assert_eq!(h.step(), [a1, a2]);
         assert_eq!(h.metrics.steps_paused.get(), 0);
+    }
+
+    #[test]
+    fn an_adapter_unloaded_while_in_use_goes_once_its_sequences_finish_and_a_failed_load_leaves_nothing() {
+        let h = Harness::new(4);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = rt.block_on(h.replicas.load_adapter("broken", "/bad/dir", "m")).unwrap_err();
+        assert!(err.to_string().contains("/bad/dir: no adapter_config.json"), "{err}");
+        assert_eq!(h.replicas.adapters.resolve("broken"), None, "a failed load registers nothing");
+        // Replicas that did load a failed adapter drop it again (here none had).
+        assert_eq!(h.adapter_log.recv().unwrap(), "unload 1");
+        let spec = rt.block_on(h.replicas.load_adapter("sql", "/adapters/sql", "m")).unwrap();
+        assert_eq!(spec.id, 2, "ids are never reused");
+        assert_eq!(h.adapter_log.recv().unwrap(), "load 2");
+        assert_eq!(h.replicas.adapters.resolve("sql"), Some(spec.id));
+
+        let (tx, mut rx) = unbounded_channel();
+        h.submit_with("a", 3, 1, spec.id, &tx);
+        h.step();
+        assert!(matches!(next(&mut rx), Event::Token { .. }));
+        h.replicas.unload_adapter("sql").unwrap();
+        assert_eq!(h.replicas.adapters.resolve("sql"), None, "new requests cannot name it");
+        // The loop takes the unload in before its next step, and keeps the adapter for the sequence.
+        h.step();
+        assert!(matches!(next(&mut rx), Event::Token { .. }));
+        assert_eq!(h.adapter_log.try_recv(), Err(mpsc::TryRecvError::Empty), "unloaded under a running sequence");
+        h.step();
+        assert!(matches!(next(&mut rx), Event::Token { .. }));
+        assert!(matches!(next(&mut rx), Event::Finished { .. }));
+        assert_eq!(h.adapter_log.recv().unwrap(), format!("unload {}", spec.id));
     }
 }

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use tessera_proto::auth::ClusterToken;
-use tessera_proto::step::{PromptScores, Sampled, SeqSampled, StepSeq};
+use tessera_proto::step::{AdapterSpec, PromptScores, Sampled, SeqSampled, StepSeq};
 use tessera_proto::v1::{
-    self as pb, InfoReply, InfoRequest, LoadModelRequest, Rendezvous, StepRequest, TcpRendezvous, rendezvous::Kind,
-    worker_client::WorkerClient,
+    self as pb, InfoReply, InfoRequest, LoadAdapterRequest, LoadModelRequest, LoraAdapter, Rendezvous, StepRequest,
+    TcpRendezvous, UnloadAdapterRequest, rendezvous::Kind, worker_client::WorkerClient,
 };
 use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
@@ -63,6 +63,8 @@ pub struct GroupClient {
     last: Vec<WorkerTiming>,
     /// Prompt tokens rank 0 scored in the last step, until taken.
     scores: Vec<PromptScores>,
+    /// LoRA adapters every rank has loaded, by id.
+    adapters: std::collections::HashSet<u32>,
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -100,6 +102,7 @@ impl GroupClient {
             finished: Vec::new(),
             last: Vec::new(),
             scores: Vec::new(),
+            adapters: Default::default(),
         })
     }
 
@@ -291,6 +294,7 @@ fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
         prompt_logprobs: s.score_prompt.map(|p| p.top as u32),
         next_prompt_token: s.score_prompt.and_then(|p| p.next_token),
         allowed_tokens: s.allowed.filter(|_| s.sample.is_some()).map(<[u32]>::to_vec).unwrap_or_default(),
+        adapter_id: s.adapter,
     }
 }
 
@@ -313,6 +317,62 @@ impl Backend for GroupClient {
 
     fn take_prompt_scores(&mut self) -> Vec<PromptScores> {
         std::mem::take(&mut self.scores)
+    }
+
+    fn load_adapter(&mut self, spec: &AdapterSpec) -> Result<(), String> {
+        if self.adapters.contains(&spec.id) {
+            return Ok(());
+        }
+        let adapter =
+            LoraAdapter { id: spec.id, name: spec.name.clone(), path: spec.path.clone(), max_rank: spec.max_rank };
+        let timeout = self.timeouts.load;
+        let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
+            let mut client = rank.client.clone();
+            let req = LoadAdapterRequest { adapter: Some(adapter.clone()), group_id: self.group_id.clone() };
+            let addr = rank.addr.clone();
+            async move {
+                match tokio::time::timeout(timeout, client.load_adapter(req)).await {
+                    Err(_) => Err(format!("worker rank {r} at {addr} did not load the adapter within {timeout:?}")),
+                    Ok(Err(s)) => Err(format!("worker rank {r} at {addr}: {}", s.message())),
+                    Ok(Ok(_)) => Ok(()),
+                }
+            }
+        });
+        let results = self.rt.block_on(futures_util::future::join_all(calls));
+        let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        if errors.is_empty() {
+            self.adapters.insert(spec.id);
+            return Ok(());
+        }
+        // Ranks that did load it forget it again: a group holds an adapter on every rank or on none.
+        let _ = self.unload_on_ranks(spec.id);
+        Err(errors.join("; "))
+    }
+
+    fn unload_adapter(&mut self, id: u32) -> Result<(), String> {
+        self.adapters.remove(&id);
+        self.unload_on_ranks(id)
+    }
+}
+
+impl GroupClient {
+    fn unload_on_ranks(&mut self, id: u32) -> Result<(), String> {
+        let timeout = self.timeouts.connect;
+        let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
+            let mut client = rank.client.clone();
+            let req = UnloadAdapterRequest { id, group_id: self.group_id.clone() };
+            let addr = rank.addr.clone();
+            async move {
+                match tokio::time::timeout(timeout, client.unload_adapter(req)).await {
+                    Err(_) => Err(format!("worker rank {r} at {addr} did not unload the adapter within {timeout:?}")),
+                    Ok(Err(s)) => Err(format!("worker rank {r} at {addr}: {}", s.message())),
+                    Ok(Ok(_)) => Ok(()),
+                }
+            }
+        });
+        let errors: Vec<String> =
+            self.rt.block_on(futures_util::future::join_all(calls)).into_iter().filter_map(Result::err).collect();
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
     time::Instant,
 };
 
-use tessera_proto::step::SamplingParams;
+use tessera_proto::step::{AdapterSpec, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::contract::{Event, FinishReason, GenRequest};
@@ -29,6 +29,10 @@ pub enum Command {
     Adopt(Box<Migrant>),
     /// The replica is lost (its group lost a worker): hand everything over and stop.
     Fail(String),
+    /// Load a LoRA adapter on the backend between steps, and say how it went.
+    LoadAdapter(AdapterSpec, tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Unload a LoRA adapter once no sequence of this replica uses it.
+    UnloadAdapter(u32),
 }
 
 /// A sequence on its way from a failed replica to another: what it was asked, what it produced so far, and
@@ -43,6 +47,7 @@ pub struct Migrant {
     pub(super) ignore_eos: bool,
     /// Its constraint, after the tokens already sent.
     pub(super) constraint: Option<Constraint>,
+    pub(super) adapter: u32,
     pub(super) flow: Option<String>,
     pub(super) weight: f64,
     pub(super) track: Track,
@@ -76,6 +81,7 @@ impl Migrant {
         seq.tokens = self.tokens.clone();
         seq.arrival = self.track.arrival;
         seq.constraint = self.constraint.take();
+        seq.adapter = self.adapter;
         seq
     }
 }

@@ -10,7 +10,19 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-/// Hash of a full block given the hash of the prefix before it (`0` for the first block).
+/// The hash a prefix chain starts from: `0` for the base model, and for a LoRA adapter one of its own, so
+/// that blocks computed under one adapter (or the base) are never served to a sequence of another. Adapter
+/// ids are never reused, so a cached block cannot outlive the adapter it was computed with under its id.
+pub fn prefix_root(adapter: u32) -> u64 {
+    if adapter == 0 {
+        return 0;
+    }
+    let mut h = DefaultHasher::new();
+    ("lora adapter", adapter).hash(&mut h);
+    h.finish()
+}
+
+/// Hash of a full block given the hash of the prefix before it ([`prefix_root`] for the first block).
 pub fn block_hash(prev: u64, tokens: &[u32]) -> u64 {
     let mut h = DefaultHasher::new();
     prev.hash(&mut h);
@@ -126,9 +138,10 @@ impl BlockManager {
     }
 
     /// Maps as many leading full blocks of `tokens` as the cache holds, at most `max_blocks`, taking a
-    /// reference to each. Returns the blocks (in order) and the prefix hash after the last one.
-    pub fn lookup_prefix(&mut self, tokens: &[u32], max_blocks: usize) -> (Vec<u32>, u64) {
-        let mut prev = 0;
+    /// reference to each, the chain starting from `root` ([`prefix_root`]). Returns the blocks (in order)
+    /// and the prefix hash after the last one.
+    pub fn lookup_prefix(&mut self, root: u64, tokens: &[u32], max_blocks: usize) -> (Vec<u32>, u64) {
+        let mut prev = root;
         let mut found = Vec::new();
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
             self.stats.queries += 1;
@@ -188,20 +201,35 @@ mod tests {
         let h0 = m.register(a[0], 0, &toks[0..2]);
         m.register(a[1], h0, &toks[2..4]);
         // Same first two blocks, different third token.
-        let (hit, _) = m.lookup_prefix(&[1, 2, 3, 4, 9], 8);
+        let (hit, _) = m.lookup_prefix(0, &[1, 2, 3, 4, 9], 8);
         assert_eq!(hit, a[..2]);
         assert_eq!(m.stats, CacheStats { queries: 2, hits: 2 });
         // A different first block misses everything after it, even with equal later tokens.
-        let (miss, _) = m.lookup_prefix(&[7, 7, 3, 4], 8);
+        let (miss, _) = m.lookup_prefix(0, &[7, 7, 3, 4], 8);
         assert!(miss.is_empty());
         // Both users must release before the block is reusable; then it stays cached (evictable).
         m.release(&a);
         assert_eq!(m.num_used(), 2, "still held by the second user");
         m.release(&hit);
         assert_eq!(m.num_used(), 0);
-        let (again, _) = m.lookup_prefix(&toks, 8);
+        let (again, _) = m.lookup_prefix(0, &toks, 8);
         assert_eq!(again, a[..2], "cached blocks survive release");
         m.release(&again);
+    }
+
+    #[test]
+    fn blocks_of_one_adapter_are_never_served_to_another_or_to_the_base() {
+        let mut m = BlockManager::new(8, 2);
+        let toks = [1, 2, 3, 4, 5];
+        let a = m.allocate_n(2).unwrap();
+        let h0 = m.register(a[0], prefix_root(3), &toks[0..2]);
+        m.register(a[1], h0, &toks[2..4]);
+        assert!(m.lookup_prefix(prefix_root(0), &toks, 8).0.is_empty(), "the base model");
+        assert!(m.lookup_prefix(prefix_root(4), &toks, 8).0.is_empty(), "another adapter");
+        let (hit, _) = m.lookup_prefix(prefix_root(3), &toks, 8);
+        assert_eq!(hit, a, "the same adapter");
+        assert_ne!(prefix_root(3), prefix_root(4));
+        assert_eq!(prefix_root(0), 0);
     }
 
     #[test]
@@ -216,8 +244,8 @@ mod tests {
         // Pool is all evictable; allocating evicts `a` (released first).
         let c = m.allocate().unwrap();
         assert_eq!(c, a);
-        assert!(m.lookup_prefix(&[10], 1).0.is_empty(), "evicted prefix must miss");
-        assert_eq!(m.lookup_prefix(&[20], 1).0, [b]);
+        assert!(m.lookup_prefix(0, &[10], 1).0.is_empty(), "evicted prefix must miss");
+        assert_eq!(m.lookup_prefix(0, &[20], 1).0, [b]);
     }
 
     #[test]
@@ -228,6 +256,6 @@ mod tests {
         // Forge an entry whose hash matches but whose tokens do not.
         m.cached.get_mut(&a).unwrap().tokens = vec![9, 9];
         assert_eq!(m.by_hash[&h], a);
-        assert!(m.lookup_prefix(&[1, 2], 1).0.is_empty());
+        assert!(m.lookup_prefix(0, &[1, 2], 1).0.is_empty());
     }
 }

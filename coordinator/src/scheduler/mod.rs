@@ -49,7 +49,10 @@ use self::{
     queue::{FairQueue, fairness_victim},
     step_cost::StepCost,
 };
-pub use self::{blocks::block_hash, sequence::Sequence};
+pub use self::{
+    blocks::{block_hash, prefix_root},
+    sequence::Sequence,
+};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SchedulerConfig {
@@ -180,6 +183,11 @@ impl Scheduler {
     /// Ids of every sequence, running or waiting.
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.running.iter().chain(self.waiting.iter()).map(|s| s.id)
+    }
+
+    /// Whether any sequence, running or waiting, runs with LoRA adapter `id`.
+    pub fn uses_adapter(&self, id: u32) -> bool {
+        self.running.iter().chain(self.waiting.iter()).any(|s| s.adapter == id)
     }
 
     pub fn get(&self, id: u64) -> Option<&Sequence> {
@@ -361,7 +369,7 @@ impl Scheduler {
                 // Leave at least one token to compute, in a block of its own: shared blocks are never written.
                 // A sequence that scores its prompt computes all of it: cached positions have no logits.
                 let max_hit = if seq.params.prompt_logprobs.is_some() { 0 } else { (seq.tokens.len() - 1) / bs };
-                let (hit, last) = self.blocks.lookup_prefix(&seq.tokens, max_hit);
+                let (hit, last) = self.blocks.lookup_prefix(blocks::prefix_root(seq.adapter), &seq.tokens, max_hit);
                 seq.num_computed = hit.len() * bs;
                 seq.num_hashed = hit.len();
                 seq.last_hash = last;
@@ -443,6 +451,7 @@ impl Scheduler {
                     starts: first,
                     score_prompt,
                     allowed: s.constraint.as_ref().filter(|_| p.sample).and_then(Constraint::mask),
+                    adapter: s.adapter,
                 }
             })
             .collect()

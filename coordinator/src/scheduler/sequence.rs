@@ -19,6 +19,9 @@ pub struct Sequence {
     pub ignore_eos: bool,
     /// What its output must match (structured outputs): the mask for its next token, after the tokens so far.
     pub constraint: Option<Constraint>,
+    /// The LoRA adapter it runs with (its workers' id for it; 0: the base model). Its prefix-cache chain
+    /// is the adapter's own.
+    pub adapter: u32,
     pub arrival: Instant,
     /// When it was first scheduled (end of queueing).
     pub first_scheduled: Option<Instant>,
@@ -50,6 +53,7 @@ impl Sequence {
             max_tokens,
             ignore_eos,
             constraint: None,
+            adapter: 0,
             arrival: Instant::now(),
             first_scheduled: None,
             cached_tokens: 0,

@@ -10,7 +10,7 @@ use super::{
     pass::{Ctx, WeightSource, optional, stack},
     shard::ShardLayout,
 };
-use crate::{config::ModelConfig, error::ModelError, kv_cache::KvCache, weights::Slice};
+use crate::{config::ModelConfig, error::ModelError, kv_cache::KvCache, lora::Target, weights::Slice};
 
 pub struct Attention {
     /// q, k and v one above the other: one projection.
@@ -73,8 +73,13 @@ impl Attention {
     ) -> Result<Tensor, ModelError> {
         let (t, hd) = (ctx.rows, ctx.shape.head_dim);
         let (nh, nkv) = (ctx.shape.num_heads, ctx.shape.num_kv_heads);
-        let qkv = ops::linear(h, &self.qkv, self.qkv_bias.as_ref())?;
+        let mut qkv = ops::linear(h, &self.qkv, self.qkv_bias.as_ref())?;
         ctx.lap("qkv projection", at)?;
+        if !ctx.lora.is_empty() {
+            let targets = [(Target::Q, 0), (Target::K, nh * hd), (Target::V, (nh + nkv) * hd)];
+            ctx.lora.apply(&mut qkv, h, layer, &targets)?;
+            ctx.lap("qkv LoRA", at)?;
+        }
         let [q, k, v]: [Tensor; 3] = ops::split_cols(&qkv, &[nh * hd, nkv * hd, nkv * hd])?
             .try_into()
             .map_err(|_| ModelError::Sharding("split of the fused qkv projection".into()))?;
@@ -94,6 +99,11 @@ impl Attention {
         ctx.lap("attention", at)?;
         let mut o = ops::linear(&attn, &self.o, self.o_bias.as_ref())?;
         ctx.lap("o projection", at)?;
+        if !ctx.lora.is_empty() {
+            // This rank's columns of A: a partial delta that the all-reduce below sums with the others.
+            ctx.lora.apply(&mut o, &attn, layer, &[(Target::O, 0)])?;
+            ctx.lap("o LoRA", at)?;
+        }
         ctx.comm.all_reduce_tensor(&mut o)?;
         ctx.lap("all-reduce", at)?;
         Ok(o)

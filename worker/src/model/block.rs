@@ -87,7 +87,7 @@ impl Block {
                 Some(ops::add_rms_norm(x, &o, &self.post_norm, eps)?)
             }
             Sublayer::Mlp => {
-                let down = self.mlp.forward(h, ctx, at)?;
+                let down = self.mlp.forward(h, ctx, layer, at)?;
                 match next {
                     Some(next) => Some(ops::add_rms_norm(x, &down, &next.input_norm, eps)?),
                     None => {

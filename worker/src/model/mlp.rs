@@ -9,7 +9,7 @@ use super::{
     pass::{Ctx, WeightSource, optional, stack},
     shard::ShardLayout,
 };
-use crate::{config::ModelConfig, error::ModelError, weights::Slice};
+use crate::{config::ModelConfig, error::ModelError, lora::Target, weights::Slice};
 
 pub struct Mlp {
     /// gate and up one above the other: one projection.
@@ -56,14 +56,24 @@ impl Mlp {
     }
 
     /// The MLP's output for the normed input `h`, summed across the group.
-    pub fn forward(&self, h: &Tensor, ctx: &Ctx<'_>, at: &mut Instant) -> Result<Tensor, ModelError> {
-        let gate_up = ops::linear(h, &self.gate_up, self.gate_up_bias.as_ref())?;
+    pub fn forward(&self, h: &Tensor, ctx: &Ctx<'_>, layer: usize, at: &mut Instant) -> Result<Tensor, ModelError> {
+        let mut gate_up = ops::linear(h, &self.gate_up, self.gate_up_bias.as_ref())?;
         ctx.lap("gate/up projection", at)?;
+        if !ctx.lora.is_empty() {
+            let inter = gate_up.dim(1) / 2;
+            ctx.lora.apply(&mut gate_up, h, layer, &[(Target::Gate, 0), (Target::Up, inter)])?;
+            ctx.lap("gate/up LoRA", at)?;
+        }
         let act = ops::silu_mul_packed(&gate_up)?;
         drop(gate_up);
         ctx.lap("silu * up", at)?;
         let mut down = ops::linear(&act, &self.down, self.down_bias.as_ref())?;
         ctx.lap("down projection", at)?;
+        if !ctx.lora.is_empty() {
+            // A partial delta, as for o: the all-reduce completes it.
+            ctx.lora.apply(&mut down, &act, layer, &[(Target::Down, 0)])?;
+            ctx.lap("down LoRA", at)?;
+        }
         ctx.comm.all_reduce_tensor(&mut down)?;
         ctx.lap("all-reduce", at)?;
         Ok(down)

@@ -44,6 +44,7 @@ use crate::{
     config::ModelConfig,
     error::ModelError,
     kv_cache::{KvCache, KvGeometry},
+    lora::{Adapter, LoraBatch},
     weights::{Slice, WeightFiles},
 };
 
@@ -77,6 +78,8 @@ pub struct SeqInput<'a> {
     pub logits: bool,
     /// Score the prompt tokens this chunk's positions predict ([`scoring`]).
     pub score: Option<ScorePrompt>,
+    /// The LoRA adapter over the base weights for this sequence (none: the base model).
+    pub adapter: Option<&'a Adapter>,
 }
 
 pub struct Model {
@@ -321,6 +324,7 @@ impl Model {
             Some(state) => state,
             None => self.forward_start(seqs, cache.block_size, &mut at)?,
         };
+        let lora = LoraBatch::new(seqs.iter().map(|s| (s.adapter, s.tokens.len())));
         let ctx = Ctx {
             tokens: &tokens,
             attn_seqs: &attn_seqs,
@@ -328,6 +332,7 @@ impl Model {
             eps: self.config.rms_norm_eps,
             rows,
             comm,
+            lora: &lora,
             device: self.device,
             profile: &self.profile,
         };

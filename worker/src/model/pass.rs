@@ -10,7 +10,7 @@ use tessera_kernels::{
 };
 
 use super::profile::OpProfile;
-use crate::{collective::Collective, error::ModelError, weights::Slice};
+use crate::{collective::Collective, error::ModelError, lora::LoraBatch, weights::Slice};
 
 /// Where a model's weights come from: `(name, full shape, this rank's slice)` → the slice, on the device.
 pub type WeightSource<'a> = dyn Fn(&str, &[usize], Slice) -> Result<Tensor, ModelError> + 'a;
@@ -51,6 +51,8 @@ pub struct Ctx<'a> {
     /// Tokens in the batch.
     pub rows: usize,
     pub comm: &'a dyn Collective,
+    /// Which rows use which LoRA adapter (empty: the base model for every row).
+    pub lora: &'a LoraBatch<'a>,
     pub device: Device,
     pub profile: &'a OpProfile,
 }

@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use tessera_worker::{Engine, Model, SamplingParams, Shard, StepSeq, collective::Single, kv_cache::KvCache};
+use tessera_kernels::Tensor;
+use tessera_worker::{
+    Engine, Model, SamplingParams, SeqSampled, Shard, StepSeq, collective::Single, kv_cache::KvCache,
+};
 
 /// The repository root: `TESSERA_REPO` when set (test binaries carried to another machine), else where
 /// this crate was built.
@@ -82,6 +85,58 @@ pub fn run_batch(
     chunk: Option<usize>,
     greedy: &SamplingParams,
 ) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    run_batch_with(engine, prompts, &vec![0; prompts.len()], n_new, chunk, greedy)
+}
+
+/// What runs a test's steps: one engine, or a tensor-parallel group of engines in this process.
+pub trait Stepper {
+    /// Rank 0's sampled tokens and logits.
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> (Vec<SeqSampled>, Option<Tensor>);
+    fn release(&mut self, id: u64);
+}
+
+impl Stepper for Engine {
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> (Vec<SeqSampled>, Option<Tensor>) {
+        self.step_with_logits(batch).unwrap()
+    }
+    fn release(&mut self, id: u64) {
+        Engine::release(self, id)
+    }
+}
+
+/// A group's ranks step together (each on its own thread: their collectives meet); rank 0 answers. Each
+/// rank computes in a pool of its own, as a worker process does: ranks blocked in a collective inside one
+/// shared pool could wait on each other's stolen work.
+impl Stepper for Vec<Engine> {
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> (Vec<SeqSampled>, Option<Tensor>) {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = self
+                .iter_mut()
+                .map(|e| {
+                    sc.spawn(|| {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+                        pool.install(|| e.step_with_logits(batch).unwrap())
+                    })
+                })
+                .collect();
+            let mut out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            out.swap_remove(0)
+        })
+    }
+    fn release(&mut self, id: u64) {
+        self.iter_mut().for_each(|e| e.release(id))
+    }
+}
+
+/// [`run_batch`] with a LoRA adapter id per prompt (0: the base model).
+pub fn run_batch_with(
+    engine: &mut dyn Stepper,
+    prompts: &[Vec<u32>],
+    adapters: &[u32],
+    n_new: usize,
+    chunk: Option<usize>,
+    greedy: &SamplingParams,
+) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let tables: Vec<Vec<u32>> = (0..prompts.len()).map(table).collect();
     let mut fed = vec![0usize; prompts.len()];
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -119,9 +174,10 @@ pub fn run_batch(
                 starts: false,
                 score_prompt: None,
                 allowed: None,
+                adapter: adapters[i],
             });
         }
-        let (sampled, logits) = engine.step_with_logits(&batch).unwrap();
+        let (sampled, logits) = engine.step(&batch);
         if let Some(l) = logits {
             let vocab = l.shape()[1];
             for (row, s) in sampled.iter().enumerate() {
