@@ -66,6 +66,44 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end -}}
 
+{{/* The LoRA adapters' volume, and where it is mounted. */}}
+{{- define "tessera.loraVolume" -}}
+{{- if eq .Values.lora.source "pvc" }}
+- name: adapters
+  persistentVolumeClaim:
+    claimName: {{ required "lora.pvc.claimName is required with lora.source=pvc" .Values.lora.pvc.claimName }}
+    readOnly: true
+{{- else if eq .Values.lora.source "hostPath" }}
+- name: adapters
+  hostPath:
+    path: {{ required "lora.hostPath.path is required with lora.source=hostPath" .Values.lora.hostPath.path }}
+    type: Directory
+{{- end }}
+{{- end }}
+
+{{- define "tessera.loraMount" -}}
+{{- if ne .Values.lora.source "none" }}
+- name: adapters
+  mountPath: /adapters
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* --lora NAME=/adapters/PATH for each adapter loaded at start, and the limits. */}}
+{{- define "tessera.loraArgs" -}}
+{{- if and .Values.lora.adapters (eq .Values.lora.source "none") }}
+{{- fail "lora.adapters needs lora.source (pvc or hostPath): the adapters' files come from that volume" }}
+{{- end }}
+{{- range .Values.lora.adapters }}
+- --lora
+- {{ printf "%s=/adapters/%s" .name (.path | trimSuffix "/") | quote }}
+{{- end }}
+- --max-loras
+- {{ .Values.lora.maxLoras | quote }}
+- --max-lora-rank
+- {{ .Values.lora.maxLoraRank | quote }}
+{{- end }}
+
 {{- define "tessera.modelMount" -}}
 {{- if ne .Values.model.source "builtin" }}
 - name: model
