@@ -38,7 +38,8 @@ pub struct ServeBenchArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// Model name (default: the first one `/v1/models` lists).
+    /// Model name (default: the first one `/v1/models` lists); several, comma-separated, take turns
+    /// request by request (LoRA adapters over one base).
     #[arg(long)]
     pub model: Option<String>,
     /// Vocabulary to draw prompt ids from (ids 3..vocab).
@@ -74,6 +75,8 @@ pub struct Percentiles {
     pub p90: f64,
     pub p99: f64,
     pub mean: f64,
+    /// The longest (for inter-token latency: the longest any stream waited between two tokens).
+    pub max: f64,
 }
 
 fn percentiles(mut v: Vec<f64>) -> Percentiles {
@@ -82,7 +85,8 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
     }
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
-    Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99), mean: v.iter().sum::<f64>() / v.len() as f64 }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99), mean, max: v[v.len() - 1] }
 }
 
 #[derive(Serialize, Debug)]
@@ -220,13 +224,13 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
         None => HttpClient::new(),
     };
     let base = a.url.trim_end_matches('/').to_string();
-    let model = match &a.model {
-        Some(m) => m.clone(),
+    let models: Arc<Vec<String>> = Arc::new(match &a.model {
+        Some(m) => m.split(',').map(str::to_string).collect(),
         None => {
             let v = client.get(&format!("{base}/v1/models")).await?.json()?;
-            v["data"][0]["id"].as_str().context("/v1/models lists no model")?.to_string()
+            vec![v["data"][0]["id"].as_str().context("/v1/models lists no model")?.to_string()]
         }
-    };
+    });
     let metrics_before =
         client.get(&format!("{base}/metrics")).await.ok().map(|r| String::from_utf8_lossy(&r.body).into_owned());
     let next = Arc::new(AtomicUsize::new(0));
@@ -235,8 +239,8 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency {
-        let (client, next, samples, url, model, a) =
-            (client.clone(), next.clone(), samples.clone(), url.clone(), model.clone(), a.clone());
+        let (client, next, samples, url, models, a) =
+            (client.clone(), next.clone(), samples.clone(), url.clone(), models.clone(), a.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -245,7 +249,7 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
                 }
                 let prompt = prompt_tokens(i, a.prompt_len, a.vocab);
                 let mut body = json!({
-                    "model": model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
+                    "model": models[i % models.len()], "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
                     "ignore_eos": true,
                 });
                 body.as_object_mut().expect("an object").extend(a.extra_body.clone().unwrap_or_default());
@@ -269,7 +273,7 @@ pub async fn run_load(a: &ServeBenchArgs) -> Result<ServeReport> {
     let s = std::mem::take(&mut *samples.lock().expect("samples"));
     let ms = |v: Vec<f64>| {
         let p = percentiles(v);
-        Percentiles { p50: p.p50 * 1e3, p90: p.p90 * 1e3, p99: p.p99 * 1e3, mean: p.mean * 1e3 }
+        Percentiles { p50: p.p50 * 1e3, p90: p.p90 * 1e3, p99: p.p99 * 1e3, mean: p.mean * 1e3, max: p.max * 1e3 }
     };
     Ok(ServeReport {
         concurrency: a.concurrency,

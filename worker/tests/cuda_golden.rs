@@ -102,3 +102,36 @@ fn a_mask_holds_on_cuda_beside_a_row_sampled_on_the_device() {
         engine.release(2);
     }
 }
+
+/// LoRA adapters on `cuda:0` (bf16) against peft's float32 logits (testdata/lora/golden.json), each in a
+/// batch mixing every adapter of tiny-llama3 with the base model: the gather, the two small GEMMs and the
+/// scaled add run on the device.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn lora_adapters_in_a_mixed_batch_follow_peft_on_cuda() {
+    let dir = repo().join("testdata/models/tiny-llama3");
+    let fixtures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("testdata/lora/golden.json")).unwrap()).unwrap();
+    let adapters = fixtures["models"]["tiny-llama3"].as_object().unwrap();
+    let mut engine = engine_on(&dir, 16, Device::Cuda(0));
+    let (mut prompts, mut which, mut want) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (name, cases)) in adapters.iter().enumerate() {
+        let limits = tessera_worker::lora::AdapterLimits { max_rank: 64 };
+        engine.load_adapter(i as u32 + 1, name, &repo().join("testdata/lora/tiny-llama3").join(name), limits).unwrap();
+        for c in golden_cases(cases) {
+            prompts.push(c.prompt_ids);
+            which.push(i as u32 + 1);
+            want.push((name.clone(), c.logits));
+        }
+    }
+    prompts.push(golden(&dir)[0].prompt_ids.clone());
+    which.push(0);
+    let (_, logits) =
+        run_batch_with(&mut engine, &prompts, &which, 1, Some(4), &tessera_worker::SamplingParams::greedy());
+    for (k, (name, w)) in want.iter().enumerate() {
+        let norm: f32 = w.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let diff: f32 = logits[k].iter().zip(w).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+        println!("{name}: logits rel err {:.2e}", diff / norm);
+        assert!(diff / norm < 3e-2, "{name}: last-prompt logits rel err {}", diff / norm);
+    }
+}

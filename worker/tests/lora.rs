@@ -28,7 +28,6 @@ struct Adapter {
 
 fn adapters(model: &str) -> Vec<Adapter> {
     let g: Value = serde_json::from_str(&std::fs::read_to_string(lora_dir().join("golden.json")).unwrap()).unwrap();
-    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
     let models = g["models"][model].as_object().unwrap();
     assert!(!models.is_empty());
     models
@@ -36,21 +35,7 @@ fn adapters(model: &str) -> Vec<Adapter> {
         .map(|(name, cases)| Adapter {
             name: name.clone(),
             dir: lora_dir().join(model).join(name),
-            cases: cases
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| GoldenCase {
-                    prompt_ids: ids(&c["prompt_ids"]),
-                    greedy_ids: ids(&c["greedy_ids"]),
-                    logits: c["last_prompt_logits"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect(),
-                })
-                .collect(),
+            cases: golden_cases(cases),
         })
         .collect()
 }

@@ -325,48 +325,49 @@ impl Backend for GroupClient {
         }
         let adapter =
             LoraAdapter { id: spec.id, name: spec.name.clone(), path: spec.path.clone(), max_rank: spec.max_rank };
-        let timeout = self.timeouts.load;
-        let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
-            let mut client = rank.client.clone();
-            let req = LoadAdapterRequest { adapter: Some(adapter.clone()), group_id: self.group_id.clone() };
-            let addr = rank.addr.clone();
-            async move {
-                match tokio::time::timeout(timeout, client.load_adapter(req)).await {
-                    Err(_) => Err(format!("worker rank {r} at {addr} did not load the adapter within {timeout:?}")),
-                    Ok(Err(s)) => Err(format!("worker rank {r} at {addr}: {}", s.message())),
-                    Ok(Ok(_)) => Ok(()),
-                }
-            }
+        let group_id = self.group_id.clone();
+        let loaded = self.on_every_rank("load the adapter", self.timeouts.load, |mut client| {
+            let req = LoadAdapterRequest { adapter: Some(adapter.clone()), group_id: group_id.clone() };
+            async move { client.load_adapter(req).await.map(drop) }
         });
-        let results = self.rt.block_on(futures_util::future::join_all(calls));
-        let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-        if errors.is_empty() {
-            self.adapters.insert(spec.id);
-            return Ok(());
+        match loaded {
+            Ok(()) => {
+                self.adapters.insert(spec.id);
+                Ok(())
+            }
+            Err(e) => {
+                // Ranks that did load it forget it again: a group holds an adapter on every rank or on none.
+                let _ = self.unload_adapter(spec.id);
+                Err(e)
+            }
         }
-        // Ranks that did load it forget it again: a group holds an adapter on every rank or on none.
-        let _ = self.unload_on_ranks(spec.id);
-        Err(errors.join("; "))
     }
 
     fn unload_adapter(&mut self, id: u32) -> Result<(), String> {
         self.adapters.remove(&id);
-        self.unload_on_ranks(id)
+        let group_id = self.group_id.clone();
+        self.on_every_rank("unload the adapter", self.timeouts.connect, |mut client| {
+            let req = UnloadAdapterRequest { id, group_id: group_id.clone() };
+            async move { client.unload_adapter(req).await.map(drop) }
+        })
     }
 }
 
 impl GroupClient {
-    fn unload_on_ranks(&mut self, id: u32) -> Result<(), String> {
-        let timeout = self.timeouts.connect;
+    /// Makes `call` on every rank at once, each within `timeout`; the failures, named by rank, joined.
+    fn on_every_rank<F, Fut>(&self, what: &str, timeout: Duration, call: F) -> Result<(), String>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+    {
         let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
-            let mut client = rank.client.clone();
-            let req = UnloadAdapterRequest { id, group_id: self.group_id.clone() };
-            let addr = rank.addr.clone();
+            let reply = call(rank.client.clone());
+            let addr = &rank.addr;
             async move {
-                match tokio::time::timeout(timeout, client.unload_adapter(req)).await {
-                    Err(_) => Err(format!("worker rank {r} at {addr} did not unload the adapter within {timeout:?}")),
+                match tokio::time::timeout(timeout, reply).await {
+                    Err(_) => Err(format!("worker rank {r} at {addr} did not {what} within {timeout:?}")),
                     Ok(Err(s)) => Err(format!("worker rank {r} at {addr}: {}", s.message())),
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(())) => Ok(()),
                 }
             }
         });

@@ -33,8 +33,13 @@ pub struct GoldenCase {
 
 pub fn golden(dir: &std::path::Path) -> Vec<GoldenCase> {
     let g: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    golden_cases(&g["cases"])
+}
+
+/// A golden file's list of cases (`prompt_ids`, `greedy_ids`, `last_prompt_logits` each).
+pub fn golden_cases(cases: &Value) -> Vec<GoldenCase> {
     let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    g["cases"]
+    cases
         .as_array()
         .unwrap()
         .iter()
