@@ -1,7 +1,8 @@
 //! Tessera's benchmarks, behind `tessera bench`: the engine on this machine's CPU against the memory
 //! bandwidth roofline ([`cpu`]), worker processes against the in-process engine ([`cluster`]), a
 //! Llama-3-8B-shaped random model on a GPU against its measured copy bandwidth and GEMM rate ([`gpu`]), and
-//! a load generator for a running server ([`load`], over [`http_client`]). [`synth`] writes random-weight
+//! a load generator for a running server ([`load`], over [`http_client`]), and what LoRA adapters cost a
+//! step ([`lora`]). [`synth`] writes random-weight
 //! models of any shape. `BENCHMARKS.md` records what they measured.
 //!
 //! The binary lends what it owns through [`Host`]: its built-in model and its ways of starting a model.
@@ -12,6 +13,7 @@ pub mod gpu;
 pub mod host;
 pub mod http_client;
 pub mod load;
+pub mod lora;
 pub mod synth;
 
 use anyhow::Result;
@@ -39,6 +41,8 @@ pub enum BenchCommand {
     /// A random model of a large shape (Llama 3 8B by default) built on a device: decode and prefill
     /// throughput against the measured copy bandwidth and GEMM rate.
     Gpu(gpu::GpuBenchArgs),
+    /// Decode steps with the batch spread over random LoRA adapters against the base alone, alternating.
+    Lora(lora::LoraBenchArgs),
 }
 
 /// Runs the benchmark `a` asks for.
@@ -47,6 +51,7 @@ pub fn run(a: BenchArgs, host: &dyn Host) -> Result<()> {
         Some(BenchCommand::Cluster(c)) => cluster::run(c, host),
         Some(BenchCommand::Serve(c)) => load::run(c),
         Some(BenchCommand::Gpu(c)) => gpu::run(c),
+        Some(BenchCommand::Lora(c)) => lora::run(c),
         None => cpu::run(a.cpu, host),
     }
 }

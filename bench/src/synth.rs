@@ -29,10 +29,10 @@ pub const LLAMA3_8B: Shape =
     Shape { hidden: 4096, intermediate: 14336, layers: 32, heads: 32, kv_heads: 8, vocab: 128_256, context: 8192 };
 
 /// A small, fast generator (SplitMix64): weights only need to be reproducible and non-degenerate.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next_f32(&mut self) -> f32 {
+    pub fn next_f32(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -317,6 +317,78 @@ pub fn add_rows_scaled(y: &mut Tensor, rows: &[u32], col0: usize, d: &Tensor, sc
     Ok(())
 }
 
+/// One adapter's LoRA delta for [`add_lora`]: rows of the batch (strictly increasing), the first column of
+/// the output band, the adapter's `a` (`[rank, in]`) and `b` (`[out, rank]`), and its scale.
+pub struct LoraJob<'a> {
+    pub rows: &'a [u32],
+    pub col0: usize,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f32,
+}
+
+/// `y[rows, col0..col0 + out] += scale · (x[rows]·aᵀ)·bᵀ` for every job: the LoRA deltas of one projection
+/// (`x` its input, `y` its output), for each adapter of a batch and each target of a fused projection.
+pub fn add_lora(y: &mut Tensor, x: &Tensor, jobs: &[LoraJob<'_>]) -> Result<()> {
+    const OP: &str = "add_lora";
+    expect_rank(OP, "y", y, 2)?;
+    expect_rank(OP, "x", x, 2)?;
+    let (n, y_cols, x_cols) = (y.dim(0), y.dim(1), x.dim(1));
+    if x.dim(0) != n {
+        return Err(KernelError::shape(OP, format!("x {:?} for y {:?}", x.shape(), y.shape())));
+    }
+    for j in jobs {
+        expect_rank(OP, "a", j.a, 2)?;
+        expect_rank(OP, "b", j.b, 2)?;
+        let (r, out) = (j.a.dim(0), j.b.dim(0));
+        if j.a.dim(1) != x_cols || j.b.dim(1) != r || j.col0 + out > y_cols {
+            return Err(KernelError::shape(
+                OP,
+                format!(
+                    "a {:?}, b {:?} at column {} for x {:?}, y {:?}",
+                    j.a.shape(),
+                    j.b.shape(),
+                    j.col0,
+                    x.shape(),
+                    y.shape()
+                ),
+            ));
+        }
+        if j.rows.windows(2).any(|p| p[0] >= p[1]) {
+            return Err(KernelError::index(OP, "rows must be strictly increasing".to_string()));
+        }
+        if let Some(&bad) = j.rows.last().filter(|&&r| r as usize >= n) {
+            return Err(KernelError::index(OP, format!("row {bad} of {n}")));
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if y.device() != Device::Cpu {
+        // On the GPU each job is a gather, two cuBLAS GEMMs and a scaled add.
+        for j in jobs.iter().filter(|j| !j.rows.is_empty()) {
+            let u = linear(&gather_rows(x, j.rows)?, j.a, None)?;
+            add_rows_scaled(y, j.rows, j.col0, &linear(&u, j.b, None)?, j.scale)?;
+        }
+        return Ok(());
+    }
+    let xs = f32s(OP, x)?;
+    let cpu_jobs = jobs
+        .iter()
+        .map(|j| {
+            Ok(cpu::lora::Job {
+                rows: j.rows,
+                col0: j.col0,
+                a: f32s(OP, j.a)?,
+                b: f32s(OP, j.b)?,
+                rank: j.a.dim(0),
+                out: j.b.dim(0),
+                scale: j.scale,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    cpu::lora::add_lora(f32s_mut(OP, y)?, y_cols, xs, x_cols, &cpu_jobs);
+    Ok(())
+}
+
 /// Index of the largest value of each row of f32 logits `[rows, vocab]` (the first on ties).
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     const OP: &str = "argmax_rows";

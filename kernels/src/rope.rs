@@ -1,5 +1,6 @@
 //! Rotary-embedding frequency tables, with the scaling variants Hugging Face configs name:
-//! `default`, `linear`, `dynamic` (NTK-aware) and `llama3`.
+//! `default`, `linear`, `dynamic` (NTK-aware) and `llama3`, and per-frequency factors as GGUF files carry
+//! them (llama.cpp's `rope_freqs` tensor).
 //!
 //! The formulas follow `transformers.modeling_rope_utils` so that positions rotate exactly as in the
 //! reference implementation; the rotation itself is [`crate::ops::rope_inplace`].
@@ -15,6 +16,9 @@ pub enum RopeScaling {
     Dynamic { factor: f32, max_position_embeddings: usize },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between.
     Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    /// Each frequency divided by its own factor (`dim / 2` of them), as llama.cpp applies a GGUF file's
+    /// `rope_freqs.weight` (where its converter writes llama3 scaling).
+    Factors(Vec<f32>),
 }
 
 /// Everything needed to produce the inverse frequencies of a model's rotary embedding.
@@ -50,6 +54,7 @@ impl Rope {
         match self.scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => plain,
             RopeScaling::Linear { factor } => plain.into_iter().map(|f| f / factor).collect(),
+            RopeScaling::Factors(ref factors) => plain.into_iter().zip(factors).map(|(f, k)| f / k).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old = original_max_position_embeddings as f32;
                 let low_wavelen = old / low_freq_factor;
@@ -97,6 +102,16 @@ mod tests {
         let lin = rope(RopeScaling::Linear { factor: 4.0 }).inv_freq(1);
         for (a, b) in plain.iter().zip(&lin) {
             assert!((a / 4.0 - b).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn factors_divide_each_frequency_by_its_own() {
+        let plain = rope(RopeScaling::None).inv_freq(1);
+        let factors: Vec<f32> = (0..8).map(|i| 1.0 + i as f32).collect();
+        let scaled = rope(RopeScaling::Factors(factors.clone())).inv_freq(1);
+        for ((p, s), k) in plain.iter().zip(&scaled).zip(&factors) {
+            assert_eq!(*s, p / k);
         }
     }
 

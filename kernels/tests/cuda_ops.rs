@@ -224,6 +224,30 @@ fn add_rows_scaled_matches_cpu() {
     check("add_rows_scaled", &got, &want);
 }
 
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn add_lora_matches_cpu() {
+    let mut r = rng("add_lora");
+    let (n, x_cols, y_cols) = (24, 64, 96);
+    let x = randn(&mut r, n * x_cols, 1.0);
+    let y = randn(&mut r, n * y_cols, 1.0);
+    let (a1, b1) = (randn(&mut r, 16 * x_cols, 0.1), randn(&mut r, 48 * 16, 0.1));
+    let (a2, b2) = (randn(&mut r, 8 * x_cols, 0.1), randn(&mut r, 40 * 8, 0.1));
+    let (rows1, rows2): (Vec<u32>, Vec<u32>) = (0..n as u32).partition(|i| i % 2 == 0);
+    let run = |dev: fn(&[f32], &[usize]) -> Tensor| {
+        let (ta1, tb1, ta2, tb2) =
+            (dev(&a1, &[16, x_cols]), dev(&b1, &[48, 16]), dev(&a2, &[8, x_cols]), dev(&b2, &[40, 8]));
+        let jobs = [
+            ops::LoraJob { rows: &rows1, col0: 0, a: &ta1, b: &tb1, scale: 2.0 },
+            ops::LoraJob { rows: &rows2, col0: 50, a: &ta2, b: &tb2, scale: 0.5 },
+        ];
+        let mut out = dev(&y, &[n, y_cols]);
+        ops::add_lora(&mut out, &dev(&x, &[n, x_cols]), &jobs).unwrap();
+        out
+    };
+    check("add_lora", &run(gpu), &run(cpu));
+}
+
 /// A mixed batch: decodes with long contexts (over the decode kernel's 2048-key chunk), prefill chunks
 /// that start mid-sequence and fresh prompts, with GQA and shuffled block tables; with and without a
 /// sliding window.

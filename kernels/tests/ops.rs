@@ -396,3 +396,61 @@ fn add_rows_scaled_adds_a_scaled_delta_to_some_rows_and_a_band_of_columns() {
         assert!(ops::add_rows_scaled(&mut y, bad_rows, col0, &dt, 1.0).is_err(), "{bad_rows:?} at {col0}");
     }
 }
+
+#[test]
+fn add_lora_adds_each_adapters_low_rank_delta_to_its_rows_and_band() {
+    let mut r = rng(43);
+    let (n, x_cols, y_cols) = (40, 24, 37);
+    let x = randn(&mut r, n * x_cols);
+    let y0 = randn(&mut r, n * y_cols);
+    // (rows, col0, rank, out, scale): two adapters over the same band (different rows), one over a band
+    // further right, one with rows enough to be split into tasks, one with a rank not a multiple of 8.
+    let specs: Vec<(Vec<u32>, usize, usize, usize, f32)> = vec![
+        (vec![0, 3, 4], 0, 8, 20, 2.0),
+        (vec![1, 2, 9], 0, 4, 20, 0.5),
+        (vec![0, 9, 39], 20, 16, 17, 1.25),
+        ((10..39).collect(), 5, 3, 11, 0.75),
+    ];
+    let weights: Vec<(Vec<f32>, Vec<f32>)> =
+        specs.iter().map(|(_, _, rank, out, _)| (randn(&mut r, rank * x_cols), randn(&mut r, out * rank))).collect();
+    let tensors: Vec<(Tensor, Tensor)> = specs
+        .iter()
+        .zip(&weights)
+        .map(|((_, _, rank, out, _), (a, b))| (t(a.clone(), &[*rank, x_cols]), t(b.clone(), &[*out, *rank])))
+        .collect();
+    let jobs: Vec<ops::LoraJob<'_>> = specs
+        .iter()
+        .zip(&tensors)
+        .map(|((rows, col0, _, _, scale), (a, b))| ops::LoraJob { rows, col0: *col0, a, b, scale: *scale })
+        .collect();
+    let mut y = t(y0.clone(), &[n, y_cols]);
+    ops::add_lora(&mut y, &t(x.clone(), &[n, x_cols]), &jobs).unwrap();
+
+    let mut want = y0.clone();
+    for ((rows, col0, rank, out, scale), (a, b)) in specs.iter().zip(&weights) {
+        for &row in rows {
+            let row = row as usize;
+            let u: Vec<f32> =
+                (0..*rank).map(|k| (0..x_cols).map(|i| a[k * x_cols + i] * x[row * x_cols + i]).sum()).collect();
+            for c in 0..*out {
+                let d: f32 = (0..*rank).map(|k| b[c * rank + k] * u[k]).sum();
+                want[row * y_cols + col0 + c] += scale * d;
+            }
+        }
+    }
+    assert_close(y.as_f32().unwrap(), &want, 1e-5, "add_lora");
+    // A row no adapter names is untouched.
+    assert_eq!(y.as_f32().unwrap()[5 * y_cols..6 * y_cols], y0[5 * y_cols..6 * y_cols]);
+
+    let xt = t(x, &[n, x_cols]);
+    let (a, b) = &tensors[0];
+    let bad = [
+        ops::LoraJob { rows: &[3, 1], col0: 0, a, b, scale: 1.0 },
+        ops::LoraJob { rows: &[40], col0: 0, a, b, scale: 1.0 },
+        ops::LoraJob { rows: &[1], col0: 30, a, b, scale: 1.0 },
+        ops::LoraJob { rows: &[1], col0: 0, a: b, b: a, scale: 1.0 },
+    ];
+    for job in bad {
+        assert!(ops::add_lora(&mut y, &xt, std::slice::from_ref(&job)).is_err(), "rows {:?} at {}", job.rows, job.col0);
+    }
+}

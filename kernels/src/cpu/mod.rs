@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub mod rope;

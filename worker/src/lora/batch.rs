@@ -1,9 +1,12 @@
 //! A batch's adapters: which rows (tokens) use which adapter, and adding each adapter's low-rank delta
-//! `scale · x·Aᵀ·Bᵀ` to a projection's output for its rows only, gathered by adapter as S-LoRA and Punica
-//! do: per adapter one gather of its rows, two small GEMMs, and a scaled add back into the rows it came
-//! from. Rows of the base model are untouched, and a batch without adapters costs nothing.
+//! `scale · x·Aᵀ·Bᵀ` to a projection's output for its rows only, grouped by adapter as S-LoRA and Punica
+//! do (`ops::add_lora`: on the CPU straight from the rows, on a GPU a gather, two GEMMs and a scaled add
+//! per adapter). Rows of the base model are untouched, and a batch without adapters costs nothing.
 
-use tessera_kernels::{Tensor, ops};
+use tessera_kernels::{
+    Tensor,
+    ops::{self, LoraJob},
+};
 
 use super::adapter::{Adapter, Target};
 use crate::error::ModelError;
@@ -44,7 +47,8 @@ impl<'a> LoraBatch<'a> {
 
     /// Adds, for every adapter of the batch, its delta for each of `targets` to `y`: `x` is the
     /// projection's input `[rows, in]`, `y` its (fused) output `[rows, out]`, and each target's output
-    /// starts at column `col0` of `y`.
+    /// starts at column `col0` of `y`. One call for all of them: on the CPU their deltas are computed in
+    /// parallel.
     pub fn apply(
         &self,
         y: &mut Tensor,
@@ -52,18 +56,18 @@ impl<'a> LoraBatch<'a> {
         layer: usize,
         targets: &[(Target, usize)],
     ) -> Result<(), ModelError> {
-        for g in &self.groups {
-            if !targets.iter().any(|&(t, _)| g.adapter.pair(layer, t).is_some()) {
-                continue;
-            }
-            let xg = ops::gather_rows(x, &g.rows)?;
-            for &(t, col0) in targets {
-                if let Some(p) = g.adapter.pair(layer, t) {
-                    let u = ops::linear(&xg, &p.a, None)?;
-                    let d = ops::linear(&u, &p.b, None)?;
-                    ops::add_rows_scaled(y, &g.rows, col0, &d, g.adapter.scale)?;
-                }
-            }
+        let jobs: Vec<LoraJob<'_>> = self
+            .groups
+            .iter()
+            .flat_map(|g| {
+                targets.iter().filter_map(move |&(t, col0)| {
+                    let p = g.adapter.pair(layer, t)?;
+                    Some(LoraJob { rows: &g.rows, col0, a: &p.a, b: &p.b, scale: g.adapter.scale })
+                })
+            })
+            .collect();
+        if !jobs.is_empty() {
+            ops::add_lora(y, x, &jobs)?;
         }
         Ok(())
     }
