@@ -142,6 +142,30 @@ fn fine_tunes_are_served_by_name_and_each_key_reaches_only_its_own() {
         assert_eq!(r.status, 200);
         assert_eq!(r.json().unwrap()["model"], "qv-r8");
 
+        // Only an admin key loads or unloads adapters.
+        let body = json!({"lora_name": "x", "lora_path": lora("qv-r8").to_str().unwrap()});
+        let r = as_sql.post_json(&s.url("/v1/load_lora_adapter"), &body).await.unwrap();
+        assert_eq!(r.status.as_u16(), 403, "{}", String::from_utf8_lossy(&r.body));
+        let r = as_sql.post_json(&s.url("/v1/unload_lora_adapter"), &json!({"lora_name": "qv-r8"})).await.unwrap();
+        assert_eq!(r.status.as_u16(), 403);
+
+        // The prefix cache keeps each adapter's blocks to itself: a prompt of several blocks that the base
+        // has just computed is computed again for an adapter, and only a second run of the same adapter
+        // hits its own blocks.
+        let long: Vec<u64> = (0..70).map(|i| 3 + (i * 37) % 500).collect();
+        let cached = |model: &'static str| {
+            let (as_both, long, s) = (&as_both, &long, &s);
+            async move {
+                let (status, v) = complete_ids(as_both, s, model, long, 2).await;
+                assert_eq!(status, 200, "{v}");
+                v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap()
+            }
+        };
+        assert_eq!(cached(BASE).await, 0);
+        assert!(cached(BASE).await >= 64, "the base hits its own blocks");
+        assert_eq!(cached("all-r4-rslora").await, 0, "an adapter was served the base's KV blocks");
+        assert!(cached("all-r4-rslora").await >= 64, "an adapter hits its own blocks");
+
         // The ledger and the per-key metrics name the adapter.
         let conn = rusqlite::Connection::open(&db).unwrap();
         let by_key: Vec<(String, String)> = conn
