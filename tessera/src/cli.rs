@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{bench_host::Host, coordinator, default_model, generate, keys, serve, usage};
+use crate::{bench_host::Host, coordinator, default_model, generate, keys, perplexity, serve, usage};
 
 #[derive(Parser, Debug)]
 #[command(name = "tessera", version, about = "Tessera: a distributed LLM server for the Llama family")]
@@ -35,6 +35,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Generate a completion for one prompt and print it (streamed, or as JSON).
     Generate(generate::GenerateArgs),
+    /// A model's perplexity on a text file, as llama.cpp's llama-perplexity computes it.
+    Perplexity(perplexity::PerplexityArgs),
     /// Benchmarks: the engine against the memory-bandwidth roofline; `cluster` (worker processes); `serve` (load generator).
     Bench(tessera_bench::BenchArgs),
     /// Serve one tensor-parallel shard to a coordinator over gRPC.
@@ -52,7 +54,7 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Generate(_) | Command::Bench(_));
+    let quiet = matches!(cli.command, Command::Generate(_) | Command::Perplexity(_) | Command::Bench(_));
     let service = if matches!(cli.command, Command::Worker(_)) { "tessera-worker" } else { "tessera-coordinator" };
     let _telemetry = match init_telemetry(&cli, if quiet { "warn" } else { "info" }, service) {
         Ok(t) => t,
@@ -79,10 +81,12 @@ pub fn main() -> ExitCode {
     match &mut command {
         Command::Serve(a) => a.model.worker_args = worker_args,
         Command::Generate(a) => a.model.worker_args = worker_args,
+        Command::Perplexity(a) => a.model.worker_args = worker_args,
         _ => {}
     }
     let result = match command {
         Command::Generate(a) => generate::execute(a),
+        Command::Perplexity(a) => perplexity::execute(a),
         Command::Bench(a) => tessera_bench::run(a, &Host),
         Command::Worker(a) => tessera_worker::command::run(a, default_model::builtin()),
         Command::Coordinator(mut a) => {

@@ -6,6 +6,7 @@
 //!   `tessera coordinator` shares); [`supervisor`] restarts its replica when it fails;
 //! - [`coordinator`]: `tessera coordinator`, the server over the replicas formed from workers in etcd;
 //! - [`generate`]: `tessera generate`, one prompt's completion;
+//! - [`perplexity`]: `tessera perplexity`, a model's perplexity on a text as llama.cpp computes it;
 //! - [`keys`], [`usage`]: `tessera keys create` and `tessera usage`;
 //! - [`runner`]: where a command's model runs: in this process ([`local_backend`]) or on `--tp N` local
 //!   worker processes ([`local_cluster`]);
@@ -22,6 +23,7 @@ pub mod generate;
 pub mod keys;
 pub mod local_backend;
 pub mod local_cluster;
+pub mod perplexity;
 pub mod runner;
 pub mod serve;
 pub mod supervisor;
