@@ -9,11 +9,14 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_coordinator::engine::backend::Backend;
-use tessera_proto::step::{SamplingParams, StepSeq};
+use tessera_coordinator::engine::{backend::Backend, step_delta::Sent};
+use tessera_proto::{
+    step::{SamplingParams, StepSeq},
+    v1::StepRequest,
+};
 use tessera_worker::{Collective, tcp_collective};
 
-use crate::host::Host;
+use crate::{cpu::greedy_step, host::Host};
 
 #[derive(Args, Debug)]
 pub struct ClusterBenchArgs {
@@ -112,6 +115,23 @@ pub fn time_all_reduce(bytes: usize, reps: usize) -> Result<f64> {
     Ok(worst)
 }
 
+/// The size of a decode step's `StepRequest` for `seqs` sequences of `context` tokens (16-token blocks,
+/// sampling with a temperature, top-p and a seed): sent in full, and the next step carrying what changed.
+pub fn step_bytes(seqs: usize, context: usize) -> (usize, usize) {
+    use prost::Message;
+    let params = SamplingParams { temperature: 0.7, top_p: 0.9, seed: Some(7), ..Default::default() };
+    let blocks = context.div_ceil(16);
+    let tables: Vec<Vec<u32>> = (0..seqs).map(|i| ((i * blocks) as u32..((i + 1) * blocks) as u32).collect()).collect();
+    let mut sent = Sent::default();
+    let mut request = |pos: usize| {
+        let sequences =
+            (0..seqs).map(|i| sent.encode(&greedy_step(i as u64, &[1], pos, &tables[i], &params))).collect();
+        StepRequest { step_id: 1, sequences, group_id: "g".into(), ..Default::default() }.encoded_len()
+    };
+    let full = request(context - 2);
+    (full, request(context - 1))
+}
+
 pub fn run(a: ClusterBenchArgs, host: &dyn Host) -> Result<()> {
     let (name, dir) = match &a.model {
         Some(d) => (d.display().to_string(), d.clone()),
@@ -133,6 +153,14 @@ pub fn run(a: ClusterBenchArgs, host: &dyn Host) -> Result<()> {
     for (label, b, dt) in &rows {
         let base = rows.iter().find(|r| r.0 == "in-process" && r.1 == *b).map_or(*dt, |r| r.2);
         println!("{label:<16} {b:>6} {:>12.1} {:>14.1} {:>8.2}", dt * 1e6, (dt - base) * 1e6, dt / base);
+    }
+    for &(seqs, context) in &[(32, 160), (256, 4096)] {
+        let (full, incremental) = step_bytes(seqs, context);
+        println!(
+            "Step message, {seqs} decoding sequences of {context}-token contexts: {full} bytes in full, {incremental} \
+             carrying what changed ({:.1}x smaller)",
+            full as f64 / incremental as f64
+        );
     }
     // With 2 ranks a ring all-reduce sends half the buffer each way twice, so buffer bytes / time is both the
     // algorithm and the bus bandwidth.

@@ -329,6 +329,23 @@ fn malformed_steps_get_invalid_argument_and_the_worker_keeps_serving() {
         };
         let r = c.step(step(good)).await.unwrap().into_inner();
         assert_eq!(r.tokens[0].token_id, 432);
+        // Later steps carry what changed: the new token, no block table, no sampling parameters; the
+        // worker uses what it kept (the golden second token).
+        let delta = SequenceStep {
+            sequence_id: 9,
+            token_ids: vec![432],
+            start_position: 5,
+            sample: true,
+            incremental: true,
+            ..Default::default()
+        };
+        let r = c.step(step(delta.clone())).await.unwrap().into_inner();
+        assert_eq!(r.tokens[0].token_id, 383);
+        // An incremental step of a sequence the worker holds nothing of: refused, with the ids to resend.
+        let e = c.step(step(SequenceStep { sequence_id: 77, ..delta })).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("77") && e.message().contains("send them in full"), "{}", e.message());
+        assert_eq!(e.metadata().get("tessera-resend").and_then(|v| v.to_str().ok()), Some("77"));
         let info = c.info(InfoRequest::default()).await.unwrap().into_inner();
         assert_eq!(info.num_kv_blocks, blocks);
     });

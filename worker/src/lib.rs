@@ -5,6 +5,8 @@
 //! - [`files`]: a model directory's files opened as untrusted input (regular files only, JSON bounded);
 //! - [`model`]: the decoder and its batched forward pass over a paged KV cache;
 //! - [`kv_cache`]: the pool of fixed-size KV blocks;
+//! - [`kept`]: what a worker keeps of each sequence between steps (block table, sampling parameters), so
+//!   steps carry only what changed;
 //! - [`lora`]: LoRA adapters over the base weights, several in one batch;
 //! - [`sampling`]: logits → next token (penalties, temperature, top-k/p, min-p, seeds, logprobs);
 //! - [`collective`]: all-reduce / all-gather within a group;
@@ -23,6 +25,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod kept;
 pub mod kv_cache;
 pub mod lora;
 pub mod model;

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Engine, Model, SamplingParams, Shard, StepError, StepSeq,
     collective::{Collective, Single},
+    kept::KeptSequences,
     kv_cache::{DEFAULT_BLOCK_SIZE, KvCache},
     nccl_collective::NcclCollective,
     tcp_collective,
@@ -65,7 +66,15 @@ impl Default for WorkerConfig {
 
 enum State {
     Idle,
-    Serving { engine: Box<Engine>, model: String, rank: u32, world: u32, group_id: String },
+    Serving {
+        engine: Box<Engine>,
+        /// Block tables and sampling parameters of the sequences, for steps that carry only what changed.
+        kept: KeptSequences,
+        model: String,
+        rank: u32,
+        world: u32,
+        group_id: String,
+    },
     Failed(String),
 }
 
@@ -279,6 +288,7 @@ impl Worker for WorkerService {
         tracing::info!(model = %r.model_path, rank, world, blocks = reply.num_kv_blocks, "model loaded");
         *self.lock() = State::Serving {
             engine: Box::new(engine),
+            kept: KeptSequences::default(),
             model: r.model_path,
             rank: r.rank,
             world: r.world_size,
@@ -361,8 +371,8 @@ fn load_adapter(engine: &mut Engine, a: &LoraAdapter) -> Result<(), crate::Model
 
 fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<StepReply, Status> {
     let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
-    let engine = match &mut *guard {
-        State::Serving { engine, group_id, world, .. } => {
+    let (engine, kept) = match &mut *guard {
+        State::Serving { engine, kept, group_id, world, .. } => {
             // A step one rank runs and its peers do not breaks the group's collectives for every later step,
             // so a rank of a group only runs steps addressed to that group.
             if (*world > 1 || !r.group_id.is_empty()) && r.group_id != *group_id {
@@ -371,7 +381,7 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
                     r.group_id
                 )));
             }
-            engine
+            (engine, kept)
         }
         State::Idle => return Err(Status::failed_precondition("no model loaded")),
         State::Failed(m) => return Err(Status::failed_precondition(format!("worker failed earlier: {m}"))),
@@ -379,17 +389,30 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
     for id in &r.finished_sequence_ids {
         engine.release(*id);
     }
-    let params: Vec<SamplingParams> = r.sequences.iter().map(|s| to_params(s.sampling.as_ref())).collect();
+    kept.release(r.finished_sequence_ids.iter().copied());
+    let expanded = match kept.apply(&r.sequences, |p| to_params(Some(p))) {
+        Ok(e) => e,
+        Err(unknown) => {
+            let ids = unknown.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            let mut status = Status::failed_precondition(format!(
+                "incremental steps of sequences this worker holds nothing of: {ids}; send them in full"
+            ));
+            if let Ok(v) = ids.parse() {
+                status.metadata_mut().insert("tessera-resend", v);
+            }
+            return Err(status);
+        }
+    };
     let batch: Vec<StepSeq> = r
         .sequences
         .iter()
-        .zip(&params)
-        .map(|(s, p)| StepSeq {
+        .zip(expanded.tables.iter().zip(&expanded.sampling))
+        .map(|(s, ((_, table), p))| StepSeq {
             id: s.sequence_id,
             tokens: &s.token_ids,
             start_pos: s.start_position as usize,
-            block_table: &s.block_table,
-            sample: s.sample.then_some(p),
+            block_table: table,
+            sample: p.as_ref(),
             penalty_context: &s.penalty_context,
             output_context: &s.output_context,
             starts: s.starts,
@@ -400,9 +423,17 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             adapter: s.adapter_id,
         })
         .collect();
-    let (sampled, logits) = match engine.step_with_logits(&batch) {
+    let result = engine.step_with_logits(&batch);
+    drop(batch);
+    let ids: Vec<u64> = expanded.tables.iter().map(|(id, _)| *id).collect();
+    kept.restore(expanded.tables);
+    let (sampled, logits) = match result {
         Ok(x) => x,
-        Err(StepError::Invalid(m)) => return Err(Status::invalid_argument(m)),
+        Err(StepError::Invalid(m)) => {
+            // The coordinator fails a refused step's sequences: what was kept of them goes too.
+            kept.release(ids);
+            return Err(Status::invalid_argument(m));
+        }
         Err(e @ StepError::Collective(_)) => {
             let m = e.to_string();
             *guard = State::Failed(m.clone());

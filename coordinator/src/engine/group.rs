@@ -18,7 +18,10 @@ use tessera_proto::v1::{
 };
 use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
-use super::backend::{Backend, ModelInfo, RankFailure, StepFailure, WorkerTiming};
+use super::{
+    backend::{Backend, ModelInfo, RankFailure, StepFailure, WorkerTiming},
+    step_delta::{Sent, resend_ids},
+};
 
 /// Timeouts of a group.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +68,8 @@ pub struct GroupClient {
     scores: Vec<PromptScores>,
     /// LoRA adapters every rank has loaded, by id.
     adapters: std::collections::HashSet<u32>,
+    /// What the ranks hold of each sequence, so steps carry what changed.
+    sent: Sent,
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -103,6 +108,7 @@ impl GroupClient {
             last: Vec::new(),
             scores: Vec::new(),
             adapters: Default::default(),
+            sent: Sent::default(),
         })
     }
 
@@ -181,6 +187,8 @@ impl GroupClient {
     }
 
     /// Runs a step; with `return_logits` rank 0 also returns the logits rows of the sampled positions.
+    /// Sequences the workers already hold go as what changed (`step_delta`); should rank 0 say it holds
+    /// some of them not, those are sent again in full, once.
     pub fn step_full(
         &mut self,
         batch: &[StepSeq<'_>],
@@ -189,10 +197,43 @@ impl GroupClient {
         if let Some(f) = &self.failed {
             return Err(StepFailure::Retired(f.clone()));
         }
+        let finished = std::mem::take(&mut self.finished);
+        let mut resent = false;
+        loop {
+            match self.step_once(batch, &finished, return_logits) {
+                Err(Resend(ids)) if !resent => {
+                    tracing::warn!(sequences = ?ids, "workers hold no state of these sequences: sending them in full");
+                    self.sent.forget(ids);
+                    resent = true;
+                }
+                Err(Resend(ids)) => {
+                    return Err(StepFailure::Refused(format!(
+                        "worker rank 0 at {} holds no state of sequences {ids:?}, even sent in full",
+                        self.ranks[0].addr
+                    )));
+                }
+                Ok(result) => {
+                    if result.is_err() {
+                        // A refused step fails its sequences, and the workers drop what they held of them.
+                        self.sent.forget(batch.iter().map(|s| s.id));
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// One try of [`GroupClient::step_full`]; `Err(Resend)` when rank 0 asks for sequences in full.
+    fn step_once(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        finished: &[u64],
+        return_logits: bool,
+    ) -> Result<StepResult, Resend> {
         let req = StepRequest {
             step_id: self.next_step,
-            sequences: batch.iter().map(to_proto).collect(),
-            finished_sequence_ids: std::mem::take(&mut self.finished),
+            sequences: batch.iter().map(|s| self.sent.encode(s)).collect(),
+            finished_sequence_ids: finished.to_vec(),
             group_id: self.group_id.clone(),
             return_logits,
         };
@@ -214,10 +255,15 @@ impl GroupClient {
                 Err(_) => errors.push(RankFailure::Timeout { rank: r, address, timeout }),
                 // A refused step changed nothing on any rank (they all validate the same batch).
                 Ok(Err(s)) if s.code() == Code::InvalidArgument && r == 0 => {
-                    return Err(StepFailure::Refused(format!(
+                    return Ok(Err(StepFailure::Refused(format!(
                         "worker rank 0 at {address} refused the step: {}",
                         s.message()
-                    )));
+                    ))));
+                }
+                // Rank 0 holds nothing of some incremental sequences (so neither do its peers, which saw
+                // the same steps): nothing ran.
+                Ok(Err(s)) if s.code() == Code::FailedPrecondition && r == 0 && resend_ids(&s).is_some() => {
+                    return Err(Resend(resend_ids(&s).unwrap_or_default()));
                 }
                 // A rank that died or is unreachable is the cause; its peers' collective errors follow.
                 Ok(Err(s)) if s.code() == Code::Aborted => {
@@ -238,9 +284,11 @@ impl GroupClient {
             RankFailure::sort(&mut errors);
             let failure = StepFailure::Group(errors);
             self.failed = Some(failure.to_string());
-            return Err(failure);
+            return Ok(Err(failure));
         }
-        let reply = reply.ok_or_else(|| StepFailure::Internal("rank 0 sent no reply".into()))?;
+        let Some(reply) = reply else {
+            return Ok(Err(StepFailure::Internal("rank 0 sent no reply".into())));
+        };
         self.last = timings;
         self.scores = reply
             .prompt_logprobs
@@ -252,49 +300,25 @@ impl GroupClient {
                 ranks: p.ranks.clone(),
             })
             .collect();
-        Ok(reply
+        Ok(Ok(reply
             .tokens
             .into_iter()
             .map(|t| (SeqSampled { id: t.sequence_id, sampled: from_proto(&t) }, t.logits))
-            .collect())
+            .collect()))
     }
 }
+
+/// Rank 0 asked for these sequences in full.
+struct Resend(Vec<u64>);
+
+/// What a step that ran gives: each sampled token with its logits row (when asked for), or how it failed.
+type StepResult = Result<Vec<(SeqSampled, Vec<f32>)>, StepFailure>;
 
 fn from_proto(t: &pb::SampledToken) -> Sampled {
     Sampled {
         token: t.token_id,
         logprob: Some(t.logprob),
         top_logprobs: t.top_logprobs.iter().map(|x| (x.token_id, x.logprob)).collect(),
-    }
-}
-
-fn to_proto(s: &StepSeq<'_>) -> pb::SequenceStep {
-    pb::SequenceStep {
-        sequence_id: s.id,
-        token_ids: s.tokens.to_vec(),
-        start_position: s.start_pos as u32,
-        block_table: s.block_table.to_vec(),
-        sample: s.sample.is_some(),
-        sampling: s.sample.map(|p| pb::SamplingParams {
-            temperature: p.temperature,
-            top_p: p.top_p,
-            top_k: p.top_k as u32,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-            seed: p.seed,
-            top_logprobs: p.top_logprobs as u32,
-            logprobs: p.logprobs,
-            logit_bias: p.logit_bias.iter().copied().collect(),
-        }),
-        penalty_context: s.penalty_context.to_vec(),
-        output_context: s.output_context.to_vec(),
-        starts: s.starts,
-        prompt_logprobs: s.score_prompt.map(|p| p.top as u32),
-        next_prompt_token: s.score_prompt.and_then(|p| p.next_token),
-        allowed_tokens: s.allowed.filter(|_| s.sample.is_some()).map(<[u32]>::to_vec).unwrap_or_default(),
-        adapter_id: s.adapter,
     }
 }
 
@@ -309,6 +333,7 @@ impl Backend for GroupClient {
 
     fn release(&mut self, ids: &[u64]) {
         self.finished.extend_from_slice(ids);
+        self.sent.forget(ids.iter().copied());
     }
 
     fn last_timings(&self) -> Vec<WorkerTiming> {

@@ -4,10 +4,12 @@
 //!   reason, sequence ids): the one file to read first;
 //! - [`engine_loop`]: the thread that owns a replica's backend and scheduler and turns requests into steps;
 //! - [`backend`]: where steps run (the [`backend::Backend`] trait) and what a model tells the scheduler;
-//! - [`group`]: the backend that is a tensor-parallel group of worker processes over gRPC.
+//! - [`group`]: the backend that is a tensor-parallel group of worker processes over gRPC, whose steps
+//!   carry only what changed ([`step_delta`]).
 
 pub mod backend;
 pub mod contract;
 pub mod engine_loop;
 pub mod group;
 pub mod link;
+pub mod step_delta;
