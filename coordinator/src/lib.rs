@@ -6,6 +6,7 @@
 //! - [`api`]: the OpenAI-compatible HTTP API: parsing and validation (`api::request`), chat templates,
 //!   API keys and their limits, response and SSE assembly, OpenAI-shaped errors;
 //! - [`tokenizer`]: text ↔ token ids (the `tokenizers` crate, BOS/EOS rules, incremental detokenizing);
+//!   [`gguf_tokenizer`] builds one from a GGUF file's metadata;
 //! - [`replicas`]: routing over model replicas (least outstanding tokens, prefix affinity) and failover;
 //! - [`engine`]: the engine contract (`engine::contract`: the request, its events, the finish reason),
 //!   the engine loop of each replica, and the backends its steps run on (`engine::group`: workers over
@@ -25,6 +26,7 @@ pub mod api;
 pub mod cluster;
 pub mod constrain;
 pub mod engine;
+pub mod gguf_tokenizer;
 pub mod lora;
 pub mod metrics;
 pub mod replicas;

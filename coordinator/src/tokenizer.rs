@@ -1,5 +1,8 @@
 //! Text ↔ token ids for a model directory: `tokenizer.json` through the `tokenizers` crate, special tokens
 //! and BOS handling from `tokenizer_config.json`, EOS ids from `generation_config.json`/`config.json`.
+//! For a GGUF file, the same from its `tokenizer.*` metadata ([`crate::gguf_tokenizer`]); a Hugging Face
+//! `tokenizer.json` in the file's directory wins over the file's own (the directory is then read as a model
+//! directory's would be), as llama.cpp users sometimes ship the original tokenizer beside a GGUF.
 //!
 //! [`IncrementalDecoder`] turns a growing list of ids into text pieces for streaming. It decodes a short
 //! window of earlier tokens together with the new ones (so word-boundary spaces come out right) and holds
@@ -16,6 +19,9 @@ pub enum TokenizerError {
     File { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenize(String),
+    /// A GGUF file's tokenizer metadata (the message names the file and the key).
+    #[error("{0}")]
+    Gguf(String),
 }
 
 pub struct Tokenizer {
@@ -81,7 +87,36 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl Tokenizer {
-    pub fn load(dir: &Path) -> Result<Self, TokenizerError> {
+    /// The tokenizer of a model directory, or of a GGUF file (unless a `tokenizer.json` sits beside it).
+    pub fn load(path: &Path) -> Result<Self, TokenizerError> {
+        if !path.is_file() {
+            return Self::load_dir(path);
+        }
+        if let Some(dir) = path.parent()
+            && check_file(&dir.join("tokenizer.json"))?
+        {
+            return Self::load_dir(dir);
+        }
+        let g = crate::gguf_tokenizer::load(path).map_err(TokenizerError::Gguf)?;
+        // What the API layer reads from tokenizer_config.json.
+        let mut config = serde_json::json!({
+            "add_bos_token": g.add_bos, "bos_token": g.bos_token, "eos_token": g.eos_token,
+        });
+        if let Some(t) = &g.chat_template {
+            config["chat_template"] = Value::String(t.clone());
+        }
+        Ok(Tokenizer {
+            inner: g.tokenizer,
+            bos_token_id: g.bos_token_id,
+            eos_token_ids: g.eos_token_ids,
+            add_bos: g.add_bos,
+            bos_token: g.bos_token,
+            eos_token: g.eos_token,
+            config,
+        })
+    }
+
+    fn load_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
         if !check_file(&path)? {
             return Err(TokenizerError::File {

@@ -32,9 +32,9 @@ pub struct CoordinatorArgs {
     /// Cluster name: workers registered under /tessera/NAME/workers/ are this coordinator's.
     #[arg(long, default_value = "default", value_name = "NAME")]
     pub cluster: String,
-    /// Hugging Face model directory, at the same path on the workers (default: the built-in stories260K,
-    /// which every worker carries).
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model directory or GGUF file, at the same path on the workers (default: the built-in
+    /// stories260K, which every worker carries).
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Workers per replica (tensor-parallel degree).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -141,7 +141,7 @@ fn resolve_model(a: &CoordinatorArgs) -> Result<(PathBuf, String, tessera_worker
         }
         None => (crate::default_model::path()?, crate::default_model::BUILTIN.to_string()),
     };
-    let config = tessera_worker::config::ModelConfig::load(&dir)?;
+    let config = tessera_worker::Model::config_at(&dir)?;
     tessera_worker::model::ShardLayout::new(&config, tessera_worker::model::Shard { rank: 0, world: a.tp })?;
     Ok((dir, model_path, config))
 }

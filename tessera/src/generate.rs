@@ -272,8 +272,8 @@ pub fn execute(a: GenerateArgs) -> Result<()> {
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let dir = a.model.dir()?;
-    if !dir.is_dir() {
-        return Err(tessera_worker::ModelError::NoDirectory(dir).into());
+    if !(dir.is_dir() || dir.is_file()) {
+        return Err(tessera_worker::ModelError::NoModel(dir).into());
     }
     let tok = Tokenizer::load(&dir)?;
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {

@@ -16,8 +16,8 @@ use crate::{default_model, local_backend::LocalBackend, local_cluster::LocalClus
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (default: the built-in stories260K).
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model directory, or a GGUF file (default: the built-in stories260K).
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// KV cache budget in MiB (per worker).
     #[arg(long, default_value_t = 256, value_name = "MIB")]
@@ -50,7 +50,7 @@ pub fn mib_to_bytes(mib: usize) -> Result<usize> {
         .with_context(|| format!("--kv-cache-mib {mib} is more memory than this machine can address"))
 }
 
-/// Loads a model directory into an in-process engine on `device` with `kv_cache_mib` of KV cache.
+/// Loads a model (directory or GGUF file) into an in-process engine on `device` with `kv_cache_mib` of KV cache.
 pub fn load_local(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<LocalBackend> {
     let model =
         Model::load_on(dir, Shard::WHOLE, device).with_context(|| format!("loading model {}", dir.display()))?;
@@ -100,7 +100,7 @@ impl Runner {
             bail!("--tp must be at least 1");
         }
         // Refuse a split the model cannot take before starting any process.
-        let config = tessera_worker::config::ModelConfig::load(dir)?;
+        let config = Model::config_at(dir)?;
         tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let device: tessera_kernels::Device = args.device.parse()?;

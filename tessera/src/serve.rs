@@ -39,7 +39,8 @@ pub struct HttpArgs {
     /// HTTP port.
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// The model name clients send in `model` (default: the model directory's name).
+    /// The model name clients send in `model` (default: the model directory's name, or the GGUF file's
+    /// without its extension).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
     /// Most sequences decoding at once (per replica).
@@ -131,7 +132,8 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// `dir` is the model directory; `default_model` says it is the built-in one (named after it).
+    /// `dir` is the model directory or GGUF file; `default_model` says it is the built-in one (named after
+    /// it).
     pub fn prepare(http: HttpArgs, dir: &std::path::Path, default_model: bool) -> Result<Self> {
         if http.max_num_seqs == 0 || http.max_num_batched_tokens == 0 {
             bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
@@ -160,18 +162,20 @@ impl Frontend {
         if http.max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
-        if !dir.is_dir() {
-            return Err(tessera_worker::ModelError::NoDirectory(dir.to_path_buf()).into());
+        if !(dir.is_dir() || dir.is_file()) {
+            return Err(tessera_worker::ModelError::NoModel(dir.to_path_buf()).into());
         }
+        let base_name = if dir.is_file() { dir.file_stem() } else { dir.file_name() };
         let name = match &http.served_model_name {
             Some(n) => n.clone(),
             None if default_model => crate::default_model::NAME.to_string(),
-            None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+            None => base_name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
         };
         let keys = http.api_keys.as_deref().map(api::auth::KeyStore::open).transpose()?;
         let ledger = http.usage_db.as_deref().map(tessera_coordinator::usage::Ledger::open).transpose()?;
         let tokenizer = Tokenizer::load(dir)?;
-        let chat_template = chat_template(&http, &tokenizer)?;
+        let chat_template =
+            chat_template(&http, &tokenizer).with_context(|| format!("the chat template of {}", dir.display()))?;
         let addr: SocketAddr = format!("{}:{}", http.host, http.port)
             .parse()
             .with_context(|| format!("--host {} --port {}", http.host, http.port))?;

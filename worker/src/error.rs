@@ -7,6 +7,12 @@ use std::path::PathBuf;
 pub enum ModelError {
     #[error("model directory {0} does not exist or is not a directory")]
     NoDirectory(PathBuf),
+    #[error("model {0} does not exist, or is neither a model directory nor a GGUF file")]
+    NoModel(PathBuf),
+    /// A GGUF file that cannot be read, or a metadata key missing or of the wrong type (the message names
+    /// the file and the key or tensor).
+    #[error(transparent)]
+    Gguf(#[from] tessera_gguf::GgufError),
     #[error("{path}: cannot read: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]

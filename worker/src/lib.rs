@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: `config.json` for Llama, Mistral and Qwen2;
 //! - [`weights`]: memory-mapped safetensors, single or sharded, sliced per rank;
+//! - [`gguf_model`]: a model from one GGUF file (llama.cpp's format): config, tensor names, dequantizing;
 //! - [`files`]: a model directory's files opened as untrusted input (regular files only, JSON bounded);
 //! - [`model`]: the decoder and its batched forward pass over a paged KV cache;
 //! - [`kv_cache`]: the pool of fixed-size KV blocks;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod gguf_model;
 pub mod kept;
 pub mod kv_cache;
 pub mod lora;

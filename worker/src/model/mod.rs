@@ -43,6 +43,7 @@ use crate::{
     collective::Collective,
     config::ModelConfig,
     error::ModelError,
+    gguf_model::GgufModel,
     kv_cache::{KvCache, KvGeometry},
     lora::{Adapter, LoraBatch},
     weights::{Slice, WeightFiles},
@@ -102,20 +103,45 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads the shard `shard` of the model in `dir` on the CPU.
-    pub fn load(dir: &Path, shard: Shard) -> Result<Self, ModelError> {
-        Self::load_on(dir, shard, Device::Cpu)
+    /// Loads the shard `shard` of the model at `path` (a model directory or a GGUF file) on the CPU.
+    pub fn load(path: &Path, shard: Shard) -> Result<Self, ModelError> {
+        Self::load_on(path, shard, Device::Cpu)
     }
 
-    /// Loads the shard `shard` of the model in `dir` onto `device`.
-    pub fn load_on(dir: &Path, shard: Shard, device: Device) -> Result<Self, ModelError> {
-        if !dir.is_dir() {
-            return Err(ModelError::NoDirectory(dir.to_path_buf()));
+    /// Loads the shard `shard` of the model at `path` onto `device`: a Hugging Face model directory, or a
+    /// GGUF file ([`crate::gguf_model`]).
+    pub fn load_on(path: &Path, shard: Shard, device: Device) -> Result<Self, ModelError> {
+        if path.is_file() {
+            tessera_kernels::ensure_available(device)?;
+            return Self::from_gguf(&GgufModel::open(path)?, shard, device);
+        }
+        if !path.is_dir() {
+            return Err(ModelError::NoModel(path.to_path_buf()));
         }
         tessera_kernels::ensure_available(device)?;
-        let config = ModelConfig::load(dir)?;
-        let files = WeightFiles::open(dir)?;
+        let config = ModelConfig::load(path)?;
+        let files = WeightFiles::open(path)?;
         Self::from_weights(config, &files, shard, device)
+    }
+
+    /// The config of the model at `path`: a directory's `config.json`, or a GGUF file's metadata.
+    pub fn config_at(path: &Path) -> Result<ModelConfig, ModelError> {
+        if path.is_file() {
+            crate::gguf_model::read_config(path)
+        } else if path.is_dir() {
+            ModelConfig::load(path)
+        } else {
+            Err(ModelError::NoModel(path.to_path_buf()))
+        }
+    }
+
+    /// The shard `shard` of an opened GGUF model, dequantized to f32 (bf16 on a GPU) as it is loaded.
+    pub fn from_gguf(gguf: &GgufModel, shard: Shard, device: Device) -> Result<Self, ModelError> {
+        let dtype = Self::weight_dtype(device);
+        Self::build(gguf.config.clone(), shard, device, &|name, shape, slice| {
+            let t = gguf.load(name, shape, slice)?;
+            if device == Device::Cpu { Ok(t) } else { Ok(t.to_dtype(dtype)?.to_device(device)?) }
+        })
     }
 
     pub fn from_weights(

@@ -1,0 +1,418 @@
+//! A model from one GGUF file (llama.cpp's format), for the `llama` and `qwen2` architectures as llama.cpp's
+//! converter (`convert_hf_to_gguf.py`) writes them: the metadata read into a [`ModelConfig`], and the
+//! tensors handed to the decoder under the Hugging Face names and layout it asks for, so that
+//! `Model::load_on` builds the same model from a `.gguf` file as from a model directory.
+//!
+//! - **Config**: `general.architecture` (`llama` or `qwen2`), then under that prefix `context_length`,
+//!   `embedding_length`, `feed_forward_length`, `block_count`, `attention.head_count`,
+//!   `attention.layer_norm_rms_epsilon` (required); `attention.head_count_kv` (default: the head count),
+//!   `attention.key_length`/`value_length` (default: embedding / heads), `rope.dimension_count` (must be the
+//!   head size: partial rotary is not supported), `rope.freq_base` (default 10000), `rope.scaling.type` and
+//!   `rope.scaling.factor` (`none` and `linear`; also the older `rope.scale_linear`), `vocab_size` (default:
+//!   the length of `tokenizer.ggml.tokens`). A missing required key, or any key of the wrong type, is an
+//!   error naming the file and the key. Biases are read when the file has them (q/k/v for qwen2 always;
+//!   for llama q/k/v, o and the MLP's each when present); the embedding is tied when there is no
+//!   `output.weight`. llama3 RoPE scaling: the converter writes no `rope.scaling.*` keys for it but a
+//!   `rope_freqs.weight` tensor of per-frequency factors, which is applied as llama.cpp applies it
+//!   (each frequency divided by its factor, [`RopeScaling::Factors`]). Mixture-of-experts files (`llama` with
+//!   `expert_count`, as Mixtral converts) and fused `attn_qkv` tensors are refused by name.
+//! - **Tensors**: `token_embd`, `output_norm`, `output`, and per block `blk.N.attn_q`/`attn_k`/`attn_v`/
+//!   `attn_output`/`ffn_gate`/`ffn_up`/`ffn_down`/`attn_norm`/`ffn_norm` (`.weight`, `.bias`) are the
+//!   Hugging Face tensors of the same role. GGUF lists dimensions fastest first (`ne[0]` is the row length),
+//!   so a Hugging Face `[rows, cols]` weight is `[cols, rows]` there with the same bytes; every tensor's shape
+//!   is checked against the config (an error names the tensor).
+//! - **q and k of `llama`**: the converter (`LlamaModel.permute`) reorders the rows of each head of q and k
+//!   (and their biases) from Hugging Face's "rotate half" layout, where dimension `i` pairs with `i + d/2`,
+//!   to GGML's interleaved one, where `2i` pairs with `2i + 1`: Hugging Face row `s·d/2 + i` of a head is
+//!   stored as row `2i + s`. Loading puts each row back. `qwen2` is not permuted.
+//! - **Dequantizing**: each tensor, of any type `tessera_gguf` dequantizes (F32, F16, BF16, Q4_0 … Q8_0, the
+//!   K-quants), is turned into f32 when it is loaded, row by row (in parallel), and only this rank's rows or
+//!   columns of it ([`Slice`], as `WeightFiles::load` reads a safetensors file). Keeping quantized weights in
+//!   memory in their own format, with kernels that read them, is a later step: today a quantized file takes
+//!   as much memory as an f32 (CPU) or bf16 (GPU) model once loaded.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use tessera_gguf::{GgmlType, GgufFile, Metadata};
+use tessera_kernels::{
+    Tensor,
+    rope::{Rope, RopeScaling},
+};
+
+use crate::{
+    config::{Architecture, ModelConfig},
+    error::ModelError,
+    weights::Slice,
+};
+
+/// A GGUF model file opened, with its config.
+pub struct GgufModel {
+    file: GgufFile,
+    pub config: ModelConfig,
+    /// Whether q and k were permuted by the converter (the `llama` architecture).
+    permuted: bool,
+}
+
+/// Reads only the config of the GGUF file at `path`.
+pub fn read_config(path: &Path) -> Result<ModelConfig, ModelError> {
+    Ok(GgufModel::open(path)?.config)
+}
+
+impl GgufModel {
+    /// Opens (memory-maps) the file and reads its config; no tensor is read yet.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        // A regular file first: opening a FIFO would block.
+        crate::files::ensure_regular(path)?;
+        let file = GgufFile::open(path)?;
+        let (config, permuted) = config(&file)?;
+        Ok(GgufModel { file, config, permuted })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The tensor the decoder calls `name` (a Hugging Face name), checked to have the full shape `shape`
+    /// (Hugging Face order), dequantized to f32: the part `slice` of it.
+    pub fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<Tensor, ModelError> {
+        let gguf = gguf_name(name).ok_or_else(|| self.tensor_err(name, "no GGUF tensor holds this weight".into()))?;
+        let err = |message: String| self.tensor_err(&gguf, format!("({name}) {message}"));
+        let t = self.file.tensor(&gguf).ok_or_else(|| err("missing".into()))?;
+        // ggml order, fastest first, with trailing dimensions of one dropped.
+        let mut ne: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+        while ne.len() > shape.len() && ne.last() == Some(&1) {
+            ne.pop();
+        }
+        let hf_shape: Vec<usize> = ne.iter().rev().copied().collect();
+        if hf_shape != shape {
+            return Err(err(format!(
+                "expected shape {shape:?} (GGUF order {:?}), found {hf_shape:?} (GGUF order {ne:?})",
+                shape.iter().rev().collect::<Vec<_>>()
+            )));
+        }
+        let ty = t.ggml_type();
+        if !ty.can_dequantize() {
+            return Err(err(format!("type {ty} cannot be dequantized")));
+        }
+        let (rows, cols) = match *shape {
+            [n] => (1, n),
+            [r, c] => (r, c),
+            _ => return Err(err(format!("expected a 1-D or 2-D tensor, found shape {shape:?}"))),
+        };
+        // 1-D tensors are one row; their Rows slice is a range of elements.
+        let (r0, r1, c0, c1) = match &slice {
+            Slice::Full => (0, rows, 0, cols),
+            Slice::Rows(r) if shape.len() == 1 => (0, 1, r.start, r.end),
+            Slice::Rows(r) => (r.start, r.end, 0, cols),
+            Slice::Cols(c) => (0, rows, c.start, c.end),
+        };
+        if r0 > r1 || r1 > rows || c0 > c1 || c1 > cols {
+            return Err(err(format!("slice {slice:?} outside shape {shape:?}")));
+        }
+        let row_bytes = ty.bytes_for(cols as u64).ok_or_else(|| err("row size overflows".into()))? as usize;
+        let data = t.data();
+        let heads = self.permuted_heads(name);
+        let dequant =
+            |bytes: &[u8], out: &mut [f32]| tessera_gguf::dequantize(ty, bytes, out).map_err(|e| err(e.to_string()));
+        let out = if shape.len() == 1 {
+            let mut all = vec![0f32; cols];
+            dequant(data, &mut all)?;
+            match heads {
+                Some(h) => (c0..c1).map(|i| all[unpermuted(i, cols / h)]).collect(),
+                None => all[c0..c1].to_vec(),
+            }
+        } else {
+            let width = c1 - c0;
+            let mut out = vec![0f32; (r1 - r0) * width];
+            let whole_rows = width == cols;
+            out.par_chunks_mut(width.max(1)).enumerate().try_for_each_init(
+                || if whole_rows { Vec::new() } else { vec![0f32; cols] },
+                |row_buf, (i, dst)| {
+                    let r = r0 + i;
+                    let src = match heads {
+                        Some(h) => unpermuted(r, rows / h),
+                        None => r,
+                    };
+                    let bytes = &data[src * row_bytes..(src + 1) * row_bytes];
+                    if whole_rows {
+                        dequant(bytes, dst)
+                    } else {
+                        dequant(bytes, row_buf)?;
+                        dst.copy_from_slice(&row_buf[c0..c1]);
+                        Ok(())
+                    }
+                },
+            )?;
+            out
+        };
+        let out_shape = if shape.len() == 1 { vec![c1 - c0] } else { vec![r1 - r0, c1 - c0] };
+        Ok(Tensor::from_f32(out, &out_shape)?)
+    }
+
+    /// For q and k of a permuted file, the number of heads whose rows were permuted.
+    fn permuted_heads(&self, name: &str) -> Option<usize> {
+        if !self.permuted {
+            return None;
+        }
+        if name.contains(".self_attn.q_proj.") {
+            Some(self.config.num_heads)
+        } else if name.contains(".self_attn.k_proj.") {
+            Some(self.config.num_kv_heads)
+        } else {
+            None
+        }
+    }
+
+    fn tensor_err(&self, tensor: &str, message: String) -> ModelError {
+        ModelError::Tensor { path: self.file.path().to_path_buf(), tensor: tensor.into(), message }
+    }
+}
+
+/// Where Hugging Face row `r` of a tensor whose heads are `head_dim` rows each is stored after the
+/// converter's `LlamaModel.permute`: row `s·d/2 + i` of a head went to row `2i + s` of the same head.
+fn unpermuted(r: usize, head_dim: usize) -> usize {
+    let half = head_dim / 2;
+    let (head, j) = (r / head_dim, r % head_dim);
+    head * head_dim + 2 * (j % half) + j / half
+}
+
+/// The GGUF name of the tensor the decoder calls `name`.
+fn gguf_name(name: &str) -> Option<String> {
+    match name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let part = match part {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}.{kind}"))
+}
+
+/// The metadata's model config, and whether q/k were permuted.
+fn config(file: &GgufFile) -> Result<(ModelConfig, bool), ModelError> {
+    let md = file.metadata();
+    let path = file.path().to_path_buf();
+    let field = |key: &str, message: String| ModelError::Field { path: path.clone(), field: key.into(), message };
+    let arch_name = md.get_str("general.architecture")?;
+    let (architecture, permuted) = match arch_name {
+        "llama" => (Architecture::Llama, true),
+        "qwen2" => (Architecture::Qwen2, false),
+        other => {
+            return Err(field(
+                "general.architecture",
+                format!("unsupported architecture {other:?}; supported: llama, qwen2"),
+            ));
+        }
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    // A positive integer: zero heads or layers would make a model that cannot run.
+    let positive = |k: &str| -> Result<usize, ModelError> {
+        let k = key(k);
+        match md.get_usize(&k)? {
+            0 => Err(field(&k, "must be positive, found 0".into())),
+            n => Ok(n),
+        }
+    };
+    let optional_positive = |k: &str| -> Result<Option<usize>, ModelError> {
+        if md.contains_key(&key(k)) { positive(k).map(Some) } else { Ok(None) }
+    };
+    let experts = key("expert_count");
+    if md.optional(&experts, Metadata::get_u32)?.unwrap_or(0) > 0 {
+        return Err(field(&experts, "mixture-of-experts models are not supported".into()));
+    }
+    if file.tensor("blk.0.attn_qkv.weight").is_some() {
+        return Err(ModelError::Tensor {
+            path: path.clone(),
+            tensor: "blk.0.attn_qkv.weight".into(),
+            message: "fused q/k/v tensors (converted with --fuse-qkv) are not supported".into(),
+        });
+    }
+
+    let max_position_embeddings = positive("context_length")?;
+    if max_position_embeddings > u32::MAX as usize {
+        return Err(field(&key("context_length"), format!("{max_position_embeddings} is more than {}", u32::MAX)));
+    }
+    let hidden_size = positive("embedding_length")?;
+    let intermediate_size = positive("feed_forward_length")?;
+    let num_layers = positive("block_count")?;
+    let num_heads = positive("attention.head_count")?;
+    let num_kv_heads = optional_positive("attention.head_count_kv")?.unwrap_or(num_heads);
+    if !num_heads.is_multiple_of(num_kv_heads) {
+        return Err(field(
+            &key("attention.head_count_kv"),
+            format!("{num_kv_heads} does not divide {} = {num_heads}", key("attention.head_count")),
+        ));
+    }
+    let head_dim = match optional_positive("attention.key_length")? {
+        Some(d) => d,
+        None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
+        None => {
+            return Err(field(
+                &key("attention.key_length"),
+                format!("missing, and the embedding length {hidden_size} is not a multiple of {num_heads} heads"),
+            ));
+        }
+    };
+    if let Some(v) = optional_positive("attention.value_length")?
+        && v != head_dim
+    {
+        return Err(field(&key("attention.value_length"), format!("{v} differs from the key length {head_dim}")));
+    }
+    if !head_dim.is_multiple_of(2) {
+        return Err(field(&key("attention.key_length"), format!("{head_dim} is odd; RoPE needs an even head size")));
+    }
+    if let Some(d) = optional_positive("rope.dimension_count")?
+        && d != head_dim
+    {
+        return Err(field(
+            &key("rope.dimension_count"),
+            format!("{d} differs from the head size {head_dim}: partial rotary embeddings are not supported"),
+        ));
+    }
+    let rms_key = key("attention.layer_norm_rms_epsilon");
+    let rms_norm_eps = md.get_f32(&rms_key)?;
+    if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
+        return Err(field(&rms_key, format!("must be a positive number, found {rms_norm_eps}")));
+    }
+    let rope = rope(file, arch_name, head_dim)?;
+
+    let vocab_key = key("vocab_size");
+    let vocab_size = match md.optional(&vocab_key, Metadata::get_usize)? {
+        Some(0) => return Err(field(&vocab_key, "must be positive, found 0".into())),
+        Some(n) => n,
+        None => match md.get_array("tokenizer.ggml.tokens") {
+            Ok(tokens) if !tokens.is_empty() => tokens.len(),
+            Ok(_) => return Err(field("tokenizer.ggml.tokens", "is empty".into())),
+            Err(_) => {
+                return Err(field(&vocab_key, "missing, and so is the vocabulary (tokenizer.ggml.tokens)".into()));
+            }
+        },
+    };
+
+    let has = |name: &str| file.tensor(name).is_some();
+    let qkv_bias = architecture == Architecture::Qwen2 || has("blk.0.attn_q.bias");
+    let token_id = |k: &str| md.optional(k, Metadata::get_u32);
+    Ok((
+        ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope,
+            sliding_window: None,
+            qkv_bias,
+            o_bias: has("blk.0.attn_output.bias"),
+            mlp_bias: has("blk.0.ffn_gate.bias"),
+            tie_word_embeddings: !has("output.weight"),
+            bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+        },
+        permuted,
+    ))
+}
+
+/// RoPE: the base, and the scaling from `rope.scaling.*` or a `rope_freqs.weight` tensor.
+fn rope(file: &GgufFile, arch: &str, head_dim: usize) -> Result<Rope, ModelError> {
+    let md = file.metadata();
+    let path: PathBuf = file.path().to_path_buf();
+    let field = |key: &str, message: String| ModelError::Field { path: path.clone(), field: key.into(), message };
+    let key = |k: &str| format!("{arch}.{k}");
+    let theta_key = key("rope.freq_base");
+    let theta = md.optional(&theta_key, Metadata::get_f32)?.unwrap_or(10_000.0);
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(field(&theta_key, format!("must be a positive number, found {theta}")));
+    }
+    let factor_key = key("rope.scaling.factor");
+    let factor = || -> Result<f32, ModelError> {
+        match md.get_f32(&factor_key)? {
+            f if f >= 1.0 && f.is_finite() => Ok(f),
+            f => Err(field(&factor_key, format!("must be at least 1, found {f}"))),
+        }
+    };
+    let type_key = key("rope.scaling.type");
+    let mut scaling = match md.optional(&type_key, Metadata::get_str)? {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear { factor: factor()? },
+        Some(other) => {
+            return Err(field(&type_key, format!("unsupported RoPE scaling {other:?}; supported: none, linear")));
+        }
+    };
+    // Older files: a linear factor without a type.
+    let legacy_key = key("rope.scale_linear");
+    if scaling == RopeScaling::None
+        && let Some(f) = md.optional(&legacy_key, Metadata::get_f32)?
+        && f != 1.0
+    {
+        if !(f >= 1.0 && f.is_finite()) {
+            return Err(field(&legacy_key, format!("must be at least 1, found {f}")));
+        }
+        scaling = RopeScaling::Linear { factor: f };
+    }
+    if let Some(t) = file.tensor("rope_freqs.weight") {
+        let err =
+            |message: String| ModelError::Tensor { path: path.clone(), tensor: "rope_freqs.weight".into(), message };
+        if scaling != RopeScaling::None {
+            return Err(err(format!("per-frequency factors and {type_key} together are not supported")));
+        }
+        if t.shape() != [head_dim as u64 / 2] || t.ggml_type() != GgmlType::F32 {
+            return Err(err(format!(
+                "expected {} f32 factors (half the head size), found shape {:?} of type {}",
+                head_dim / 2,
+                t.shape(),
+                t.ggml_type()
+            )));
+        }
+        let factors = t.dequantize()?;
+        if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(err(format!("factor {f} is not a positive number")));
+        }
+        scaling = RopeScaling::Factors(factors);
+    }
+    Ok(Rope { dim: head_dim, theta: theta as f64, scaling })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_the_converters_interleaving() {
+        // LlamaModel.permute on one head of 8 rows: reshape(1, 2, 4).swapaxes(1, 2): [0 4 1 5 2 6 3 7].
+        let stored: Vec<usize> = vec![0, 4, 1, 5, 2, 6, 3, 7];
+        for head in 0..2 {
+            for r in 0..8 {
+                assert_eq!(stored[unpermuted(head * 8 + r, 8) - head * 8], r);
+            }
+        }
+    }
+
+    #[test]
+    fn names_map_to_gguf_names() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.bias").unwrap(), "blk.3.attn_q.bias");
+        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert_eq!(gguf_name("model.layers.0.mlp.experts.weight"), None);
+    }
+}
