@@ -43,7 +43,7 @@ use tessera_kernels::{
 use crate::{
     config::{Architecture, ModelConfig},
     error::ModelError,
-    weights::Slice,
+    weights::{Bounds, Slice},
 };
 
 /// A GGUF model file opened, with its config.
@@ -96,21 +96,7 @@ impl GgufModel {
         if !ty.can_dequantize() {
             return Err(err(format!("type {ty} cannot be dequantized")));
         }
-        let (rows, cols) = match *shape {
-            [n] => (1, n),
-            [r, c] => (r, c),
-            _ => return Err(err(format!("expected a 1-D or 2-D tensor, found shape {shape:?}"))),
-        };
-        // 1-D tensors are one row; their Rows slice is a range of elements.
-        let (r0, r1, c0, c1) = match &slice {
-            Slice::Full => (0, rows, 0, cols),
-            Slice::Rows(r) if shape.len() == 1 => (0, 1, r.start, r.end),
-            Slice::Rows(r) => (r.start, r.end, 0, cols),
-            Slice::Cols(c) => (0, rows, c.start, c.end),
-        };
-        if r0 > r1 || r1 > rows || c0 > c1 || c1 > cols {
-            return Err(err(format!("slice {slice:?} outside shape {shape:?}")));
-        }
+        let Bounds { rows, cols, r0, r1, c0, c1 } = slice.bounds(shape).map_err(err)?;
         let row_bytes = ty.bytes_for(cols as u64).ok_or_else(|| err("row size overflows".into()))? as usize;
         let data = t.data();
         let heads = self.permuted_heads(name);

@@ -25,6 +25,40 @@ pub enum Slice {
     Cols(Range<usize>),
 }
 
+/// The part of a tensor of `shape` (1-D or 2-D) that a slice covers.
+pub struct Bounds {
+    /// The full shape as rows × columns (a 1-D tensor is one row).
+    pub rows: usize,
+    pub cols: usize,
+    /// Rows `[r0, r1)` and columns `[c0, c1)`.
+    pub r0: usize,
+    pub r1: usize,
+    pub c0: usize,
+    pub c1: usize,
+}
+
+impl Slice {
+    /// Where this slice lies in a tensor of `shape`, or why it cannot (the message names the shape).
+    pub fn bounds(&self, shape: &[usize]) -> Result<Bounds, String> {
+        let (rows, cols) = match *shape {
+            [n] => (1, n),
+            [r, c] => (r, c),
+            _ => return Err(format!("expected a 1-D or 2-D tensor, found shape {shape:?}")),
+        };
+        // 1-D tensors are one row; their Rows slice is a range of elements.
+        let (r0, r1, c0, c1) = match self {
+            Slice::Full => (0, rows, 0, cols),
+            Slice::Rows(r) if shape.len() == 1 => (0, 1, r.start, r.end),
+            Slice::Rows(r) => (r.start, r.end, 0, cols),
+            Slice::Cols(c) => (0, rows, c.start, c.end),
+        };
+        if r0 > r1 || r1 > rows || c0 > c1 || c1 > cols {
+            return Err(format!("slice {self:?} outside shape {shape:?}"));
+        }
+        Ok(Bounds { rows, cols, r0, r1, c0, c1 })
+    }
+}
+
 /// The safetensors files of a model directory and which file holds each tensor.
 pub struct WeightFiles {
     maps: Vec<(PathBuf, Mmap)>,
@@ -142,22 +176,7 @@ impl WeightFiles {
         };
         let es = view.dtype().bitsize() / 8;
         let data = view.data();
-        let (rows, cols) = match shape {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            _ => {
-                return Err(err(format!("expected a 1-D or 2-D tensor, found shape {shape:?}")));
-            }
-        };
-        let (r0, r1, c0, c1) = match &slice {
-            Slice::Full => (0, rows, 0, cols),
-            Slice::Rows(r) if shape.len() == 1 => (0, 1, r.start, r.end),
-            Slice::Rows(r) => (r.start, r.end, 0, cols),
-            Slice::Cols(c) => (0, rows, c.start, c.end),
-        };
-        if r0 > r1 || r1 > rows || c0 > c1 || c1 > cols {
-            return Err(err(format!("slice {slice:?} outside shape {shape:?}")));
-        }
+        let Bounds { cols, r0, r1, c0, c1, .. } = slice.bounds(shape).map_err(err)?;
         let mut out = Vec::with_capacity((r1 - r0) * (c1 - c0));
         for r in r0..r1 {
             let row = &data[(r * cols + c0) * es..(r * cols + c1) * es];
