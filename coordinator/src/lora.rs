@@ -113,10 +113,23 @@ impl Adapters {
         Ok(spec)
     }
 
-    /// Every replica has it: requests may use it.
-    pub fn ready(&self, name: &str) {
-        if let Some(e) = self.lock().by_name.get_mut(name) {
-            e.ready = true;
+    /// Every replica has adapter `id` of `name`: requests may use it. False when `name` has been unloaded
+    /// (or taken by another id) meanwhile.
+    pub fn ready(&self, name: &str, id: u32) -> bool {
+        match self.lock().by_name.get_mut(name) {
+            Some(e) if e.spec.id == id => {
+                e.ready = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes `name` out if it is still adapter `id` (a load that failed, not a later one of that name).
+    pub fn remove_id(&self, name: &str, id: u32) {
+        let mut g = self.lock();
+        if g.by_name.get(name).is_some_and(|e| e.spec.id == id) {
+            g.by_name.remove(name);
         }
     }
 
@@ -152,7 +165,7 @@ mod tests {
         let x = a.reserve("sql", "/a/sql", "base").unwrap();
         assert_eq!((x.id, x.max_rank), (1, 16));
         assert_eq!(a.resolve("sql"), None, "not ready until every replica has it");
-        a.ready("sql");
+        assert!(a.ready("sql", 1));
         assert_eq!(a.resolve("sql"), Some(1));
         assert_eq!(a.reserve("sql", "/b", "base"), Err(LoraError::Exists("sql".into())));
         assert_eq!(a.reserve("base", "/b", "base"), Err(LoraError::BaseName("base".into())));
@@ -168,5 +181,10 @@ mod tests {
         // Ids are never reused: blocks cached under id 1 can never serve the new `sql`.
         let z = a.reserve("sql", "/a/sql2", "base").unwrap();
         assert!(z.id > y.id && z.id != x.id);
+        // The first load of `sql` finishing late touches the second neither way.
+        assert!(!a.ready("sql", 1), "id 1 was unloaded");
+        a.remove_id("sql", 1);
+        assert!(a.ready("sql", z.id));
+        assert_eq!(a.resolve("sql"), Some(z.id));
     }
 }

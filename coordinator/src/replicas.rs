@@ -164,13 +164,6 @@ impl Replicas {
         keep_alive: Box<dyn Send>,
     ) -> u64 {
         let id = self.next_replica.fetch_add(1, Ordering::Relaxed);
-        let mut backend = backend;
-        // Before it takes requests: any of them may name an adapter.
-        for spec in self.adapters.specs() {
-            if let Err(e) = backend.load_adapter(&spec) {
-                tracing::error!(replica = id, adapter = %spec.name, error = %e, "LoRA adapter not loaded on a new replica");
-            }
-        }
         let info = backend.info();
         let stats = Arc::new(ReplicaStats::default());
         stats.blocks_total.store(info.num_blocks, Ordering::Relaxed);
@@ -182,7 +175,17 @@ impl Replicas {
             keep_alive,
             Hub { replica: id, stats: stats.clone(), host: self.clone() },
         );
-        self.lock().push(Replica { id, name: name.to_string(), workers, tx, stats, info });
+        let mut live = self.lock();
+        // Under the routing lock, as `load_adapter` registers an adapter and walks the replicas: an adapter
+        // registered before this point is queued to the new loop here, one registered after finds the
+        // replica in the list. The loop loads them before any request (its channel keeps order), on its
+        // own thread: a group's load is a blocking RPC, and this may be called from a runtime.
+        for spec in self.adapters.specs() {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let _ = tx.send(Command::LoadAdapter(spec, reply));
+        }
+        live.push(Replica { id, name: name.to_string(), workers, tx, stats, info });
+        drop(live);
         tracing::info!(replica = id, group = name, "replica serving");
         self.refresh_gauges();
         let waiting = std::mem::take(&mut self.parking().migrants);
@@ -197,14 +200,19 @@ impl Replicas {
     /// later), and makes it usable once all have it; `base` is the model's own name, which no adapter may
     /// take. A replica that fails to load it leaves the adapter unregistered and loaded nowhere.
     pub async fn load_adapter(&self, name: &str, path: &str, base: &str) -> Result<AdapterSpec, LoraError> {
-        let spec = self.adapters.reserve(name, path, base)?;
-        let mut waits = Vec::new();
-        for r in self.lock().iter() {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if r.tx.send(Command::LoadAdapter(spec.clone(), tx)).is_ok() {
-                waits.push((r.name.clone(), rx));
+        let (spec, waits) = {
+            // Registered and sent under the routing lock: see `add`.
+            let live = self.lock();
+            let spec = self.adapters.reserve(name, path, base)?;
+            let mut waits = Vec::new();
+            for r in live.iter() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if r.tx.send(Command::LoadAdapter(spec.clone(), tx)).is_ok() {
+                    waits.push((r.name.clone(), rx));
+                }
             }
-        }
+            (spec, waits)
+        };
         let mut error = None;
         for (replica, rx) in waits {
             match rx.await {
@@ -215,11 +223,14 @@ impl Replicas {
             }
         }
         if let Some(e) = error {
-            let _ = self.adapters.remove(name);
+            self.adapters.remove_id(name, spec.id);
             self.broadcast(|| Command::UnloadAdapter(spec.id));
             return Err(LoraError::Load(name.to_string(), e));
         }
-        self.adapters.ready(name);
+        if !self.adapters.ready(name, spec.id) {
+            // Unloaded while it loaded: the unload has already been sent.
+            return Err(LoraError::NotFound(name.to_string()));
+        }
         Ok(spec)
     }
 

@@ -202,7 +202,7 @@ impl Frontend {
             if let Some(b) = backend.as_deref_mut() {
                 b.load_adapter(&spec).map_err(|e| anyhow::anyhow!("--lora {arg}: {e}"))?;
             }
-            replicas.adapters.ready(name);
+            replicas.adapters.ready(name, spec.id);
         }
         Ok(())
     }

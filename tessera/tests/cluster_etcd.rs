@@ -15,10 +15,11 @@ use std::{
 use common::{
     Server,
     etcd::{self, Etcd, Worker},
-    rt,
+    repo, rt,
 };
 use serde_json::{Value, json};
 use tessera_bench::http_client::HttpClient;
+use tessera_coordinator::{api::output::token_text, tokenizer::Tokenizer};
 
 fn prompts(n: usize) -> Vec<String> {
     let names = ["Lily", "Tom", "Ben", "Sue", "Max", "Anna", "Sam", "Mia"];
@@ -494,5 +495,59 @@ fn a_model_the_workers_cannot_load_is_retried_with_backoff_and_explained() {
         assert!(w["last_error"].as_str().unwrap().contains("model.safetensors"), "{v:#}");
         assert_eq!(etcd::replicas(&v), 0);
         assert_eq!(client.get(&coord.url("/ready")).await.unwrap().status, 503);
+    });
+}
+
+/// LoRA adapters in cluster mode: one given at start (`--lora`, as the chart passes it) and one loaded
+/// while serving reach a tp = 2 group formed from etcd, and answer as `peft` does (the group loads them
+/// on its own thread: the manager that forms it runs on the coordinator's runtime).
+#[test]
+fn a_group_formed_from_etcd_serves_adapters_given_at_start_and_loaded_later() {
+    let model = repo().join("testdata/models/tiny-llama3");
+    let adapter = |name: &str| repo().join("testdata/lora/tiny-llama3").join(name);
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("testdata/lora/golden.json")).unwrap()).unwrap();
+    rt().block_on(async {
+        let client = HttpClient::new();
+        let etcd = Etcd::start();
+        let _workers: Vec<Worker> = (1..=2).map(|i| Worker::start(&etcd, "lora", &format!("w{i}"))).collect();
+        let at_start = format!("qv-r8={}", adapter("qv-r8").display());
+        let coord = Server::coordinator(&[
+            "--etcd",
+            &etcd.endpoint,
+            "--cluster",
+            "lora",
+            "--tp",
+            "2",
+            "--model",
+            model.to_str().unwrap(),
+            "--lora",
+            &at_start,
+        ]);
+        etcd::wait_for(&client, &coord, Duration::from_secs(60), "one replica", |v| etcd::replicas(v) == 1).await;
+        let body = json!({"lora_name": "all-r4-rslora", "lora_path": adapter("all-r4-rslora").to_str().unwrap()});
+        let r = client.post_json(&coord.url("/v1/load_lora_adapter"), &body).await.unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        for name in ["qv-r8", "all-r4-rslora"] {
+            let case = &golden["models"]["tiny-llama3"][name][0];
+            let n = case["greedy_ids"].as_array().unwrap().len();
+            let body = json!({"model": name, "prompt": case["prompt_ids"], "max_tokens": n, "temperature": 0,
+                "ignore_eos": true, "logprobs": 0});
+            let r = client.post_json(&coord.url("/v1/completions"), &body).await.unwrap();
+            let v = r.json().unwrap();
+            assert_eq!(r.status, 200, "{name}: {v}");
+            // Same tokens as peft's greedy ids, each as completions' logprobs show a token.
+            assert_eq!(v["usage"]["completion_tokens"], n, "{name}: {v}");
+            let tok = Tokenizer::load(&model).unwrap();
+            let want: Vec<String> = case["greedy_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| token_text(&tok, x.as_u64().unwrap() as u32).0)
+                .collect();
+            let got: Vec<&str> =
+                v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+            assert_eq!(got, want, "{name}: tokens differ from peft's");
+        }
     });
 }

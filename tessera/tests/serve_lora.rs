@@ -111,13 +111,24 @@ fn fine_tunes_are_served_by_name_and_each_key_reaches_only_its_own() {
         // Three adapters and the base model in one batch, each exactly as peft computes it.
         check_all(&as_admin, &s, &["qv-r8", "all-r4-rslora", "mlp-o-r16", BASE]).await;
 
-        let models = as_sql.get(&s.url("/v1/models")).await.unwrap().json().unwrap();
+        let models = as_admin.get(&s.url("/v1/models")).await.unwrap().json().unwrap();
         let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
         assert_eq!(ids, [BASE, "all-r4-rslora", "mlp-o-r16", "qv-r8"]);
         let card = &models["data"][3];
         assert_eq!((card["parent"].as_str(), card["object"].as_str()), (Some(BASE), Some("model")));
-        assert_eq!(card["root"].as_str().unwrap(), lora("qv-r8").to_str().unwrap());
+        assert_eq!(card["root"].as_str().unwrap(), lora("qv-r8").to_str().unwrap(), "admins see the directory");
         assert!(models["data"][0]["parent"].is_null(), "the base has no parent");
+        // A customer's key lists its own fine-tune only, without where it lives on the server, and learns
+        // nothing of other tenants' adapters: 403 for every name outside its list, served or not.
+        let mine = as_sql.get(&s.url("/v1/models")).await.unwrap().json().unwrap();
+        assert_eq!(mine["data"].as_array().unwrap().len(), 1, "{mine}");
+        assert_eq!(mine["data"][0]["id"], "qv-r8");
+        assert!(mine["data"][0]["root"].is_null(), "{mine}");
+        assert_eq!(as_sql.get(&s.url("/v1/models/mlp-o-r16")).await.unwrap().status.as_u16(), 404);
+        for other in ["mlp-o-r16", "no-such-adapter"] {
+            let (status, v) = complete_ids(&as_sql, &s, other, &cases("qv-r8")[0].0, 1).await;
+            assert_eq!(status, 403, "{other}: {v}");
+        }
         let one = as_sql.get(&s.url("/v1/models/qv-r8")).await.unwrap();
         assert_eq!(
             (one.status.as_u16(), one.json().unwrap()["parent"].as_str().map(String::from)),

@@ -49,6 +49,7 @@ fn admin_only(s: &AppState, caller: &auth::Caller) -> Result<(), ApiError> {
 fn refused(e: LoraError) -> ApiError {
     match e {
         LoraError::NotFound(_) => ApiError::not_found_message(e.to_string()),
+        LoraError::Load(..) => ApiError::param("lora_path", e.to_string()),
         _ => ApiError::param("lora_name", e.to_string()),
     }
 }
@@ -74,7 +75,12 @@ pub(super) async fn load(
         if r.lora_path.is_empty() {
             return Err(ApiError::param("lora_path", "lora_path must name the adapter's directory."));
         }
-        let spec = s.engine.load_adapter(&r.lora_name, &r.lora_path, &s.model_name).await.map_err(refused)?;
+        // On a task of its own: a client that hangs up must not stop a load halfway (its name registered,
+        // some replicas loaded and never cleaned up).
+        let (engine, base) = (s.engine.clone(), s.model_name.clone());
+        let load = tokio::spawn(async move { engine.load_adapter(&r.lora_name, &r.lora_path, &base).await });
+        let spec =
+            load.await.map_err(|e| ApiError::internal(format!("loading the adapter failed: {e}")))?.map_err(refused)?;
         tracing::info!(adapter = %spec.name, id = spec.id, path = %spec.path, "LoRA adapter serving");
         Ok(text(format!("Success: LoRA adapter '{}' added successfully.", spec.name)))
     };

@@ -41,8 +41,10 @@ pub(super) async fn chat(
 
 fn prepare_chat(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>) -> Result<Job, ApiError> {
     let mut r: ChatRequest = request::parse(&body(b, s.max_body_bytes)?)?;
-    let adapter = check_model(s, &r.model)?;
+    // The key's own list first: a name outside it is 403 whether or not this server serves it, so a
+    // key learns nothing of other tenants' adapters.
     auth::check_model(caller, &r.model)?;
+    let adapter = check_model(s, &r.model)?;
     let template = s.chat_template.as_ref().ok_or_else(|| {
         ApiError::invalid(
             None,

@@ -56,8 +56,10 @@ pub(super) async fn completions(
 
 fn prepare_completion(s: &AppState, caller: &Caller, b: Result<Bytes, BytesRejection>) -> Result<Job, ApiError> {
     let mut r: CompletionRequest = request::parse(&body(b, s.max_body_bytes)?)?;
-    let adapter = check_model(s, &r.model)?;
+    // The key's own list first: a name outside it is 403 whether or not this server serves it, so a
+    // key learns nothing of other tenants' adapters.
     auth::check_model(caller, &r.model)?;
+    let adapter = check_model(s, &r.model)?;
     if r.suffix.is_some() {
         return Err(ApiError::param("suffix", "suffix is not supported by this server."));
     }

@@ -57,8 +57,8 @@ struct DetokenizeRequest {
 fn check(s: &AppState, caller: &Caller, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         Some(m) => {
-            check_model(s, m)?;
-            auth::check_model(caller, m)
+            auth::check_model(caller, m)?;
+            check_model(s, m).map(drop)
         }
         None => auth::check_model(caller, &s.model_name),
     }

@@ -75,6 +75,7 @@ pub fn spawn(
         failed: None,
         deferred: Vec::new(),
         unloading: Vec::new(),
+        adapters: Default::default(),
     };
     if on_cpu {
         // The loop runs as a worker of its own compute pool: a step's forward pass then runs on the loop's
@@ -126,6 +127,8 @@ struct Loop {
     deferred: Vec<Command>,
     /// LoRA adapters to unload once their sequences here have finished.
     unloading: Vec<u32>,
+    /// LoRA adapters the backend holds.
+    adapters: std::collections::HashSet<u32>,
 }
 
 impl Loop {
@@ -194,11 +197,14 @@ impl Loop {
                         },
                     );
                 }
+                self.refuse_without_adapter(r.adapter, (0..r.n).map(|c| seq_id(r.id, c)));
             }
             Command::Adopt(mut m) => {
+                let (id, adapter) = (m.id, m.adapter);
                 self.sched.add(m.sequence());
                 self.enter_flow(&m.track.flow);
                 self.tracks.insert(m.id, m.track);
+                self.refuse_without_adapter(adapter, [id]);
             }
             Command::Abort { seq, reason } => self.finish_abort(seq, reason),
             Command::Fail(reason) => {
@@ -209,7 +215,8 @@ impl Loop {
                 let result = self.backend.load_adapter(&spec);
                 match &result {
                     Ok(()) => {
-                        tracing::info!(adapter = %spec.name, id = spec.id, seconds = t.elapsed().as_secs_f64(), "LoRA adapter loaded")
+                        self.adapters.insert(spec.id);
+                        tracing::info!(adapter = %spec.name, id = spec.id, seconds = t.elapsed().as_secs_f64(), "LoRA adapter loaded");
                     }
                     Err(e) => tracing::warn!(adapter = %spec.name, error = %e, "LoRA adapter not loaded"),
                 }
@@ -222,12 +229,27 @@ impl Loop {
         }
     }
 
+    /// Fails sequences `ids` (just taken in) if their adapter is not loaded here (it was unloaded, or
+    /// failed to load on this replica): a step naming it would be refused whole, failing its other
+    /// sequences too.
+    fn refuse_without_adapter(&mut self, adapter: u32, ids: impl IntoIterator<Item = u64>) {
+        if adapter == 0 || self.adapters.contains(&adapter) {
+            return;
+        }
+        let message =
+            format!("LoRA adapter {adapter} is not loaded on this replica (it was unloaded, or failed to load here)");
+        for id in ids {
+            self.fail_sequence(id, &message, "adapter");
+        }
+    }
+
     /// Unloads the adapters waiting to go that no sequence here uses any more.
     fn unload_idle_adapters(&mut self) {
         let (idle, busy): (Vec<u32>, Vec<u32>) =
             std::mem::take(&mut self.unloading).into_iter().partition(|&id| !self.sched.uses_adapter(id));
         self.unloading = busy;
         for id in idle {
+            self.adapters.remove(&id);
             if let Err(e) = self.backend.unload_adapter(id) {
                 tracing::warn!(id, error = %e, "LoRA adapter not unloaded");
             }
@@ -273,10 +295,8 @@ impl Loop {
                     self.take_all(&mut migrants);
                 }
                 Command::Abort { seq, .. } => migrants.retain(|m| m.id != seq),
-                Command::LoadAdapter(_, reply) => {
-                    let _ = reply.send(Err(format!("the replica failed: {reason}")));
-                }
-                Command::Fail(_) | Command::UnloadAdapter(_) => {}
+                // A replica that is gone needs no adapter: dropping the reply says so.
+                Command::Fail(_) | Command::LoadAdapter(..) | Command::UnloadAdapter(_) => {}
             }
         }
         drop(rx);
@@ -996,5 +1016,18 @@ mod tests {
         assert!(matches!(next(&mut rx), Event::Token { .. }));
         assert!(matches!(next(&mut rx), Event::Finished { .. }));
         assert_eq!(h.adapter_log.recv().unwrap(), format!("unload {}", spec.id));
+
+        // A request that resolved the adapter before its unload and arrives after it fails alone; a step
+        // naming the adapter would be refused whole.
+        let (late_tx, mut late) = unbounded_channel();
+        h.submit_with("b", 2, 1, spec.id, &late_tx);
+        match next(&mut late) {
+            Event::Error { message, .. } => assert!(message.contains("is not loaded"), "{message}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let (base_tx, mut base) = unbounded_channel();
+        h.submit("c", 1, &base_tx);
+        h.step();
+        assert!(matches!(next(&mut base), Event::Token { .. }));
     }
 }

@@ -202,8 +202,9 @@ impl GroupClient {
         loop {
             match self.step_once(batch, &finished, return_logits) {
                 Err(Resend(ids)) if !resent => {
-                    tracing::warn!(sequences = ?ids, "workers hold no state of these sequences: sending them in full");
-                    self.sent.forget(ids);
+                    // Nothing ran, yet `Sent` recorded the whole batch as held: all of it goes again in full.
+                    tracing::warn!(sequences = ?ids, "workers hold no state of these sequences: sending the step in full");
+                    self.sent.forget(batch.iter().map(|s| s.id));
                     resent = true;
                 }
                 Err(Resend(ids)) => {
@@ -262,8 +263,11 @@ impl GroupClient {
                 }
                 // Rank 0 holds nothing of some incremental sequences (so neither do its peers, which saw
                 // the same steps): nothing ran.
-                Ok(Err(s)) if s.code() == Code::FailedPrecondition && r == 0 && resend_ids(&s).is_some() => {
-                    return Err(Resend(resend_ids(&s).unwrap_or_default()));
+                Ok(Err(s)) if s.code() == Code::FailedPrecondition && r == 0 => {
+                    if let Some(ids) = resend_ids(&s) {
+                        return Err(Resend(ids));
+                    }
+                    errors.push(RankFailure::Lost { rank: r, address, message: describe(&s) })
                 }
                 // A rank that died or is unreachable is the cause; its peers' collective errors follow.
                 Ok(Err(s)) if s.code() == Code::Aborted => {
