@@ -112,7 +112,7 @@ impl Backend for LocalBackend {
     }
 
     fn load_adapter(&mut self, spec: &AdapterSpec) -> Result<(), String> {
-        if self.engine.adapters().iter().any(|(id, _)| *id == spec.id) {
+        if self.engine.has_adapter(spec.id) {
             return Ok(());
         }
         let limits = AdapterLimits { max_rank: spec.max_rank as usize };

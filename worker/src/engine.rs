@@ -118,6 +118,11 @@ impl Engine {
         self.adapters.remove(&id).is_some()
     }
 
+    /// Whether adapter `id` is loaded.
+    pub fn has_adapter(&self, id: u32) -> bool {
+        self.adapters.contains_key(&id)
+    }
+
     /// The loaded adapters' ids and names, by id.
     pub fn adapters(&self) -> Vec<(u32, String)> {
         let mut v: Vec<(u32, String)> = self.adapters.iter().map(|(&id, a)| (id, a.name.clone())).collect();

@@ -305,7 +305,7 @@ impl Worker for WorkerService {
         // Loading reads files: off the async threads, holding the engine (no step runs meanwhile).
         tokio::task::spawn_blocking(move || {
             let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
-            let engine = serving(&mut guard, &r.group_id)?;
+            let (engine, _) = serving(&mut guard, &r.group_id, "adapter load")?;
             load_adapter(engine, &a).map_err(|e| Status::invalid_argument(e.to_string()))?;
             tracing::info!(adapter = %a.name, id = a.id, path = %a.path, "LoRA adapter loaded");
             Ok(Response::new(LoadAdapterReply { load_seconds: started.elapsed().as_secs_f64() }))
@@ -316,11 +316,17 @@ impl Worker for WorkerService {
 
     async fn unload_adapter(&self, req: Request<UnloadAdapterRequest>) -> Result<Response<UnloadAdapterReply>, Status> {
         let r = req.into_inner();
-        let mut guard = self.lock();
-        let engine = serving(&mut guard, &r.group_id)?;
-        let was_loaded = engine.unload_adapter(r.id);
-        tracing::info!(id = r.id, was_loaded, "LoRA adapter unloaded");
-        Ok(Response::new(UnloadAdapterReply { was_loaded }))
+        let state = self.state.clone();
+        // The engine's lock is held for a whole step: wait for it off the async threads.
+        tokio::task::spawn_blocking(move || {
+            let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+            let (engine, _) = serving(&mut guard, &r.group_id, "unload")?;
+            let was_loaded = engine.unload_adapter(r.id);
+            tracing::info!(id = r.id, was_loaded, "LoRA adapter unloaded");
+            Ok(Response::new(UnloadAdapterReply { was_loaded }))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("unloading panicked: {e}")))?
     }
 
     async fn step(&self, req: Request<StepRequest>) -> Result<Response<StepReply>, Status> {
@@ -349,18 +355,24 @@ impl Worker for WorkerService {
 
 /// Runs one step on the engine (on a rayon thread).
 /// The engine of a worker serving `group_id` (empty matches a group of one), or why there is none.
-fn serving<'a>(state: &'a mut State, group_id: &str) -> Result<&'a mut Engine, Status> {
+/// A call (`what`) for group `group_id`: a step one rank runs and its peers do not breaks the group's
+/// collectives for every later step, so a rank of a group only takes calls addressed to that group.
+fn serving<'a>(
+    state: &'a mut State,
+    group_id: &str,
+    what: &str,
+) -> Result<(&'a mut Engine, &'a mut KeptSequences), Status> {
     match state {
-        State::Serving { engine, group_id: g, world, .. } => {
+        State::Serving { engine, kept, group_id: g, world, .. } => {
             if (*world > 1 || !group_id.is_empty()) && group_id != g {
                 return Err(Status::failed_precondition(format!(
-                    "for group {group_id} but this worker serves group {g}"
+                    "{what} for group {group_id} but this worker serves group {g}"
                 )));
             }
-            Ok(engine)
+            Ok((engine, kept))
         }
         State::Idle => Err(Status::failed_precondition("no model loaded")),
-        State::Failed(m) => Err(Status::failed_precondition(format!("worker failed: {m}"))),
+        State::Failed(m) => Err(Status::failed_precondition(format!("worker failed earlier: {m}"))),
     }
 }
 
@@ -371,21 +383,18 @@ fn load_adapter(engine: &mut Engine, a: &LoraAdapter) -> Result<(), crate::Model
 
 fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<StepReply, Status> {
     let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
-    let (engine, kept) = match &mut *guard {
-        State::Serving { engine, kept, group_id, world, .. } => {
-            // A step one rank runs and its peers do not breaks the group's collectives for every later step,
-            // so a rank of a group only runs steps addressed to that group.
-            if (*world > 1 || !r.group_id.is_empty()) && r.group_id != *group_id {
-                return Err(Status::failed_precondition(format!(
-                    "step for group {} but this worker serves group {group_id}",
-                    r.group_id
-                )));
-            }
-            (engine, kept)
-        }
-        State::Idle => return Err(Status::failed_precondition("no model loaded")),
-        State::Failed(m) => return Err(Status::failed_precondition(format!("worker failed earlier: {m}"))),
-    };
+    let (engine, kept) = serving(&mut guard, &r.group_id, "step")?;
+    if let Some(s) = r
+        .sequences
+        .iter()
+        .find(|s| if s.incremental { !s.block_table.is_empty() || s.starts } else { !s.appended_blocks.is_empty() })
+    {
+        return Err(Status::invalid_argument(format!(
+            "sequence {}: an incremental step carries appended_blocks and never begins a sequence; a full one \
+             carries block_table",
+            s.sequence_id
+        )));
+    }
     for id in &r.finished_sequence_ids {
         engine.release(*id);
     }

@@ -136,16 +136,16 @@ impl WeightFiles {
         self.index.contains_key(name)
     }
 
-    /// Every tensor's name, in no particular order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
-    }
-
     /// The full shape of `name`, as the file declares it.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let &i = self.index.get(name)?;
         let st = SafeTensors::deserialize(&self.maps[i].1).ok()?;
         Some(st.tensor(name).ok()?.shape().to_vec())
+    }
+
+    /// Every tensor's name, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
     }
 
     /// Path of the file that holds `name` (or the directory's main file if none does), for messages.

@@ -117,11 +117,16 @@ fn parse_config(path: &Path) -> Result<AdapterConfig, ModelError> {
     {
         return Err(err("peft_type", format!("{t} adapters are not supported; only LORA")));
     }
-    let rank = obj
+    let r = obj
         .get("r")
         .and_then(Value::as_u64)
-        .filter(|&r| r > 0 && r <= 1 << 16)
-        .ok_or_else(|| err("r", "missing, or not a positive integer".into()))? as usize;
+        .filter(|&r| r > 0)
+        .ok_or_else(|| err("r", "missing, or not a positive integer".into()))?;
+    // Bounded before anything is allocated by it; `--max-lora-rank` bounds it again, more tightly.
+    if r > 1 << 16 {
+        return Err(err("r", format!("rank {r} is above the largest supported, {}", 1 << 16)));
+    }
+    let rank = r as usize;
     let alpha = match obj.get("lora_alpha") {
         None | Some(Value::Null) => 8.0,
         Some(a) => a.as_f64().filter(|a| a.is_finite()).ok_or_else(|| err("lora_alpha", "not a number".into()))?,
