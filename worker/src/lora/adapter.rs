@@ -206,7 +206,10 @@ impl Adapter {
         limits: AdapterLimits,
     ) -> Result<Adapter, ModelError> {
         if !dir.is_dir() {
-            return Err(ModelError::NoDirectory(dir.to_path_buf()));
+            return Err(ModelError::File {
+                path: dir.to_path_buf(),
+                message: "no such LoRA adapter directory (adapter_config.json and adapter_model.safetensors)".into(),
+            });
         }
         let config_path = dir.join("adapter_config.json");
         let cfg = parse_config(&config_path)?;
