@@ -120,7 +120,6 @@ impl Backend for LocalBackend {
     }
 
     fn unload_adapter(&mut self, id: u32) -> Result<(), String> {
-        self.engine.unload_adapter(id);
-        Ok(())
+        self.engine.unload_adapter(id).map(drop).map_err(|e| e.to_string())
     }
 }

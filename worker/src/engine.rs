@@ -54,6 +54,8 @@ struct PausedStep {
     /// Cache blocks its sequences read, and of those the ones it writes.
     reads: HashSet<u32>,
     writes: HashSet<u32>,
+    /// LoRA adapters its sequences run with.
+    adapters: HashSet<u32>,
 }
 
 impl PausedStep {
@@ -63,6 +65,7 @@ impl PausedStep {
             batch: batch.iter().map(|s| (s.id, s.start_pos, s.tokens.len())).collect(),
             reads: batch.iter().flat_map(|s| s.block_table.iter().copied()).collect(),
             writes: batch.iter().flat_map(|s| written_blocks(s, block_size)).collect(),
+            adapters: batch.iter().map(|s| s.adapter).filter(|&a| a != 0).collect(),
         }
     }
 }
@@ -113,9 +116,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Forgets adapter `id`; false if it was not loaded. Steps naming it are refused from now on.
-    pub fn unload_adapter(&mut self, id: u32) -> bool {
-        self.adapters.remove(&id).is_some()
+    /// Forgets adapter `id`; false if it was not loaded. Steps naming it are refused from now on. Refused
+    /// while the paused step uses it: its resume would find the adapter gone halfway through the layers.
+    pub fn unload_adapter(&mut self, id: u32) -> Result<bool, StepError> {
+        if self.paused.as_ref().is_some_and(|p| p.adapters.contains(&id)) {
+            return Err(StepError::Invalid(format!("LoRA adapter {id} is in the paused step: resume it first")));
+        }
+        Ok(self.adapters.remove(&id).is_some())
     }
 
     /// Whether adapter `id` is loaded.

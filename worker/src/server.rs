@@ -321,7 +321,7 @@ impl Worker for WorkerService {
         tokio::task::spawn_blocking(move || {
             let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
             let (engine, _) = serving(&mut guard, &r.group_id, "unload")?;
-            let was_loaded = engine.unload_adapter(r.id);
+            let was_loaded = engine.unload_adapter(r.id).map_err(|e| Status::failed_precondition(e.to_string()))?;
             tracing::info!(id = r.id, was_loaded, "LoRA adapter unloaded");
             Ok(Response::new(UnloadAdapterReply { was_loaded }))
         })

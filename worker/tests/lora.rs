@@ -146,8 +146,8 @@ fn an_unloaded_adapter_is_refused_and_a_reload_serves_it_again() {
     let list = adapters(model);
     let mut e = engine(&model_dir(model), 4);
     load_all(&mut e, &list);
-    assert!(e.unload_adapter(2));
-    assert!(!e.unload_adapter(2), "already gone");
+    assert!(e.unload_adapter(2).unwrap());
+    assert!(!e.unload_adapter(2).unwrap(), "already gone");
     let case = &list[1].cases[0];
     let table = table(0);
     let greedy = SamplingParams::greedy();
@@ -272,4 +272,36 @@ fn bad_adapters_are_refused_with_the_file_and_field_or_tensor_named() {
     assert!(err.contains("adapter_model.safetensors"), "{err}");
     let err = load_error(Path::new("/no/such/adapter"), LIMITS);
     assert!(err.contains("/no/such/adapter") && err.contains("no such LoRA adapter directory"), "{err}");
+}
+
+#[test]
+fn an_adapter_in_a_paused_step_is_not_unloaded_until_the_step_finishes() {
+    let model = "tiny-llama3";
+    let list = adapters(model);
+    let mut e = engine(&model_dir(model), 2);
+    load_all(&mut e, &list);
+    let case = &list[0].cases[0];
+    let (table, greedy) = (table(0), SamplingParams::greedy());
+    let step = tessera_worker::StepSeq {
+        id: 3,
+        tokens: &case.prompt_ids,
+        start_pos: 0,
+        block_table: &table,
+        sample: Some(&greedy),
+        penalty_context: &[],
+        output_context: &[],
+        starts: true,
+        score_prompt: None,
+        allowed: None,
+        adapter: 1,
+    };
+    let paused = e.step_pausable(std::slice::from_ref(&step), &|| true).unwrap();
+    assert_eq!(paused, tessera_worker::StepProgress::Paused);
+    let err = e.unload_adapter(1).unwrap_err().to_string();
+    assert!(err.contains("paused step"), "{err}");
+    assert!(e.unload_adapter(2).unwrap(), "an adapter the paused step does not use goes");
+    let done = e.resume(std::slice::from_ref(&step), &|| false).unwrap();
+    let tessera_worker::StepProgress::Done(sampled) = done else { panic!("still paused") };
+    assert_eq!(sampled[0].sampled.token, case.greedy_ids[0], "the paused step finished with its adapter");
+    assert!(e.unload_adapter(1).unwrap());
 }
