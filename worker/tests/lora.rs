@@ -151,19 +151,7 @@ fn an_unloaded_adapter_is_refused_and_a_reload_serves_it_again() {
     let case = &list[1].cases[0];
     let table = table(0);
     let greedy = SamplingParams::greedy();
-    let step = tessera_worker::StepSeq {
-        id: 5,
-        tokens: &case.prompt_ids,
-        start_pos: 0,
-        block_table: &table,
-        sample: Some(&greedy),
-        penalty_context: &[],
-        output_context: &[],
-        starts: true,
-        score_prompt: None,
-        allowed: None,
-        adapter: 2,
-    };
+    let step = prompt_step(5, &case.prompt_ids, &table, &greedy, 2);
     let err = e.step(&[step]).unwrap_err().to_string();
     assert!(err.contains("LoRA adapter 2 is not loaded"), "{err}");
     // Under a new id, as the coordinator reloads it; the others were not disturbed.
@@ -176,6 +164,29 @@ fn an_unloaded_adapter_is_refused_and_a_reload_serves_it_again() {
     let (ids, logits) = run_batch_with(&mut e, std::slice::from_ref(&other.prompt_ids), &[1], n, None, &greedy);
     check("untouched", &ids[0], &logits[0], other);
     assert_eq!(e.adapters().iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 3, 7]);
+}
+
+/// A greedy step of a whole prompt that begins sequence `id` under `adapter`.
+fn prompt_step<'a>(
+    id: u64,
+    prompt: &'a [u32],
+    table: &'a [u32],
+    greedy: &'a SamplingParams,
+    adapter: u32,
+) -> tessera_worker::StepSeq<'a> {
+    tessera_worker::StepSeq {
+        id,
+        tokens: prompt,
+        start_pos: 0,
+        block_table: table,
+        sample: Some(greedy),
+        penalty_context: &[],
+        output_context: &[],
+        starts: true,
+        score_prompt: None,
+        allowed: None,
+        adapter,
+    }
 }
 
 /// A copy of a fixture adapter in a temporary directory, changed by `edit(config, tensors)`.
@@ -282,19 +293,7 @@ fn an_adapter_in_a_paused_step_is_not_unloaded_until_the_step_finishes() {
     load_all(&mut e, &list);
     let case = &list[0].cases[0];
     let (table, greedy) = (table(0), SamplingParams::greedy());
-    let step = tessera_worker::StepSeq {
-        id: 3,
-        tokens: &case.prompt_ids,
-        start_pos: 0,
-        block_table: &table,
-        sample: Some(&greedy),
-        penalty_context: &[],
-        output_context: &[],
-        starts: true,
-        score_prompt: None,
-        allowed: None,
-        adapter: 1,
-    };
+    let step = prompt_step(3, &case.prompt_ids, &table, &greedy, 1);
     let paused = e.step_pausable(std::slice::from_ref(&step), &|| true).unwrap();
     assert_eq!(paused, tessera_worker::StepProgress::Paused);
     let err = e.unload_adapter(1).unwrap_err().to_string();
