@@ -228,12 +228,21 @@ fn adapters_load_and_unload_while_another_stream_runs() {
         };
         // A long stream on the base runs through every load and unload and loses nothing.
         let (prompt, _) = &cases(BASE)[0];
-        let stream_body = json!({"model": BASE, "prompt": prompt, "max_tokens": 300, "temperature": 0,
+        let stream_body = json!({"model": BASE, "prompt": prompt, "max_tokens": 1000, "temperature": 0,
             "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
         let (mut finish, mut usage) = (None, None);
+        // The loads start once the stream has a token, and the first must end before the stream does.
+        let (first_token, streaming_now) = tokio::sync::oneshot::channel::<()>();
+        let mut first_token = Some(first_token);
+        let stream_over = std::sync::atomic::AtomicBool::new(false);
         let url = s.url("/v1/completions");
         let streaming = client.post_stream(&url, &stream_body, |ev| {
-            if ev.data != "[DONE]" {
+            if let Some(tx) = first_token.take() {
+                let _ = tx.send(());
+            }
+            if ev.data == "[DONE]" {
+                stream_over.store(true, std::sync::atomic::Ordering::SeqCst);
+            } else {
                 let v: Value = serde_json::from_str(&ev.data).unwrap();
                 if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
                     finish = Some(f.to_string());
@@ -245,8 +254,10 @@ fn adapters_load_and_unload_while_another_stream_runs() {
             true
         });
         let admin = async {
+            streaming_now.await.unwrap();
             let (status, text) = load("qv-r8", lora("qv-r8")).await;
             assert_eq!((status, text.as_str()), (200, "Success: LoRA adapter 'qv-r8' added successfully."));
+            assert!(!stream_over.load(std::sync::atomic::Ordering::SeqCst), "the load ran while the stream did");
             check_all(&client, &s, &["qv-r8"]).await;
 
             let (status, text) = load("qv-r8", lora("qv-r8")).await;
@@ -279,7 +290,7 @@ fn adapters_load_and_unload_while_another_stream_runs() {
         };
         let (status, ()) = tokio::join!(streaming, admin);
         assert_eq!(status.unwrap(), 200);
-        assert_eq!((finish.as_deref(), usage), (Some("length"), Some(json!(300))), "the stream on the base model");
+        assert_eq!((finish.as_deref(), usage), (Some("length"), Some(json!(1000))), "the stream on the base model");
     });
 }
 
