@@ -78,12 +78,7 @@ impl Deref for Backing {
 pub struct GgufFile {
     path: PathBuf,
     bytes: Backing,
-    version: u32,
-    alignment: u64,
-    data_offset: u64,
-    metadata: Metadata,
-    tensors: Vec<TensorInfo>,
-    by_name: HashMap<String, usize>,
+    header: Header,
 }
 
 impl fmt::Debug for GgufFile {
@@ -91,11 +86,11 @@ impl fmt::Debug for GgufFile {
         f.debug_struct("GgufFile")
             .field("path", &self.path)
             .field("size", &self.bytes.len())
-            .field("version", &self.version)
-            .field("alignment", &self.alignment)
-            .field("data_offset", &self.data_offset)
-            .field("metadata_keys", &self.metadata.len())
-            .field("tensors", &self.tensors.len())
+            .field("version", &self.header.version)
+            .field("alignment", &self.header.alignment)
+            .field("data_offset", &self.header.data_offset)
+            .field("metadata_keys", &self.header.metadata.len())
+            .field("tensors", &self.header.tensors.len())
             .finish()
     }
 }
@@ -128,16 +123,7 @@ impl GgufFile {
 
     fn parse(path: PathBuf, bytes: Backing) -> Result<Self, GgufError> {
         let header = Parser { path: &path, bytes: &bytes, pos: 0 }.parse()?;
-        Ok(GgufFile {
-            bytes,
-            version: header.version,
-            alignment: header.alignment,
-            data_offset: header.data_offset,
-            metadata: header.metadata,
-            tensors: header.tensors,
-            by_name: header.by_name,
-            path,
-        })
+        Ok(GgufFile { bytes, header, path })
     }
 
     /// The path the file was opened from (or the name given to [`GgufFile::from_bytes`]).
@@ -147,17 +133,17 @@ impl GgufFile {
 
     /// The GGUF version, 2 or 3.
     pub fn version(&self) -> u32 {
-        self.version
+        self.header.version
     }
 
     /// The data section's alignment (`general.alignment`, or 32).
     pub fn alignment(&self) -> u64 {
-        self.alignment
+        self.header.alignment
     }
 
     /// Where the data section starts in the file.
     pub fn data_offset(&self) -> u64 {
-        self.data_offset
+        self.header.data_offset
     }
 
     /// The file's size in bytes.
@@ -172,22 +158,22 @@ impl GgufFile {
 
     /// The metadata, in file order.
     pub fn metadata(&self) -> &Metadata {
-        &self.metadata
+        &self.header.metadata
     }
 
     /// The tensors, in the order of the file's tensor table.
     pub fn tensors(&self) -> impl ExactSizeIterator<Item = Tensor<'_>> + '_ {
-        self.tensors.iter().map(move |info| Tensor { file: self, info })
+        self.header.tensors.iter().map(move |info| Tensor { file: self, info })
     }
 
     /// The tensor named `name`.
     pub fn tensor(&self, name: &str) -> Option<Tensor<'_>> {
-        self.by_name.get(name).map(|&i| Tensor { file: self, info: &self.tensors[i] })
+        self.header.by_name.get(name).map(|&i| Tensor { file: self, info: &self.header.tensors[i] })
     }
 
     /// The tensor table without the data.
     pub fn tensor_infos(&self) -> &[TensorInfo] {
-        &self.tensors
+        &self.header.tensors
     }
 }
 
@@ -262,7 +248,7 @@ impl<'a> Tensor<'a> {
 
     /// Where the data starts in the file.
     pub fn file_offset(&self) -> u64 {
-        self.file.data_offset + self.info.offset
+        self.file.header.data_offset + self.info.offset
     }
 
     /// The tensor's bytes, in the file's (ggml) layout.
@@ -286,7 +272,7 @@ impl<'a> Tensor<'a> {
     }
 }
 
-/// What the parser found, before the file is wrapped up.
+/// What the parser found: everything but the bytes.
 struct Header {
     version: u32,
     alignment: u64,
