@@ -6,6 +6,7 @@
 //! | [`reader`] | [`GgufFile::open`]: memory-maps a file, parses and validates the GGUF v2/v3 header as untrusted input, and hands out [`Tensor`] views (name, shape, type, bytes in the map) |
 //! | [`metadata`] | the key/value pairs: [`Value`], [`Array`], [`GgufString`], and [`Metadata`] with typed getters (`get_u32`, `get_str`, `get_f32_array`, ...) |
 //! | [`quants`] | [`GgmlType`] (llama.cpp's type ids, block and type sizes) and [`dequantize`] / [`quantize`], one plain function per block format: the reference faster kernels are checked against |
+//! | `kquants` | the Q4_K and Q6_K quantizers behind [`quantize`], as llama.cpp's reference quantizer searches for their scales |
 //! | [`error`] | [`GgufError`]: every failure of reading a file or its metadata, each message naming the file and the key or tensor concerned |
 //!
 //! ```no_run
@@ -29,6 +30,7 @@
 //! own Python package (gguf-py); `scripts/make_gguf_fixtures.py` regenerates them.
 
 pub mod error;
+mod kquants;
 pub mod metadata;
 pub mod quants;
 pub mod reader;

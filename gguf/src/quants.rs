@@ -6,7 +6,8 @@
 //! `ggml-common.h`: all fields little-endian, `ggml_half` an IEEE f16). The float types are "blocks" of one.
 //!
 //! [`dequantize`] handles F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K.
-//! [`quantize`] handles F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0. Every other type (Q8_1, Q8_K, the
+//! [`quantize`] handles F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and Q4_K and Q6_K (in
+//! [`crate::kquants`], llama.cpp's reference quantizer without an importance matrix). Every other type (Q8_1, Q8_K, the
 //! IQ*, TQ*, MXFP4, NVFP4, Q1_0, Q2_0 and integer types) is named, sized and can be read from a file, but
 //! (de)quantizing it is a [`QuantError`] naming the type.
 //!
@@ -17,9 +18,8 @@
 //! done in f32 in the same order as ggml's C (Rust never fuses a multiply and an add), so it matches
 //! llama.cpp's scalar C code as well.
 //!
-//! K-quant *quantization* (Q2_K..Q6_K) is left out on purpose: llama.cpp's `quantize_row_q*_K_ref` search
-//! for scales iteratively (`make_qx_quants`, `make_qkx2_quants`), and gguf-py has no reference for them
-//! (its `Q2_K`..`Q6_K` classes only dequantize), so there is nothing to check a port against bit for bit.
+//! gguf-py has no K-quant quantizer, so Q4_K and Q6_K are checked against llama.cpp's own
+//! (`llama_model_quantize`) instead; Q2_K, Q3_K and Q5_K are not quantized here.
 //!
 //! Corner cases, none of which the fixtures exercise: f32 to f16 uses the `half` crate's round to nearest
 //! even (as ggml does), but a NaN's payload may differ from ggml's; for Q4_0/Q5_0 the sign of a zero scale
@@ -242,7 +242,7 @@ impl GgmlType {
     /// Whether [`quantize`] supports the type.
     pub const fn can_quantize(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q6_K)
     }
 
     /// Bytes that `n_elements` values take; `None` if that is not a whole number of blocks or overflows.
@@ -356,6 +356,8 @@ pub fn quantize(ty: GgmlType, src: &[f32], out: &mut Vec<u8>) -> Result<(), Quan
         Q5_0 => quantize_blocks(src, out, quantize_q5_0),
         Q5_1 => quantize_blocks(src, out, quantize_q5_1),
         Q8_0 => quantize_blocks(src, out, quantize_q8_0),
+        Q4_K => quantize_blocks(src, out, crate::kquants::quantize_q4_k),
+        Q6_K => quantize_blocks(src, out, crate::kquants::quantize_q6_k),
         _ => return Err(QuantError::QuantizeUnsupported(ty)),
     }
     Ok(())
@@ -538,7 +540,7 @@ fn dequantize_q3_k(b: &[u8; 110], y: &mut [f32; QK_K]) {
 /// bytes (`get_scale_min_k4` in ggml): sub-blocks 0..4 use the low six bits of bytes `j` and `j + 4`;
 /// sub-blocks 4..8 take their low four bits from the nibbles of byte `j + 4` and their high two bits from
 /// the top bits of bytes `j - 4` and `j`.
-fn k4_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn k4_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
