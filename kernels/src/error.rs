@@ -18,6 +18,8 @@ pub enum KernelError {
     Device { op: &'static str, device: Device },
     #[error("{op}: index out of range: {detail}")]
     Index { op: &'static str, detail: String },
+    #[error("{op}: {detail}")]
+    Unsupported { op: &'static str, detail: String },
     #[error(transparent)]
     BadDevice(#[from] ParseDeviceError),
     #[error("device {0} is not available: {1}")]

@@ -24,7 +24,7 @@ pub mod rope;
 mod tensor;
 
 pub use device::{Device, ParseDeviceError};
-pub use dtype::DType;
+pub use dtype::{DType, GgmlType};
 pub use error::{KernelError, Result};
 pub use tensor::Tensor;
 

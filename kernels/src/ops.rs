@@ -44,7 +44,8 @@ fn expect_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<
     Ok(())
 }
 
-/// `x[m, k] · w[n, k]ᵀ + bias[n]` → `[m, n]`. Weights are laid out as in Hugging Face checkpoints.
+/// `x[m, k] · w[n, k]ᵀ + bias[n]` → `[m, n]`. Weights are laid out as in Hugging Face checkpoints; on the CPU
+/// they may be a quantized matrix ([`Tensor::from_quant`]), multiplied by [`cpu::quant`].
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     linear_to(x, w, bias, x.dtype())
 }
@@ -62,6 +63,15 @@ pub fn linear_to(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> R
         && b.shape() != [n]
     {
         return Err(KernelError::shape(OP, format!("bias {:?} for {n} outputs", b.shape())));
+    }
+    if let Some((ty, bytes)) = w.quant_bytes() {
+        if out != DType::F32 {
+            return Err(KernelError::DType { op: OP, expected: DType::F32, got: out });
+        }
+        let mut out = vec![0f32; m * n];
+        let b = bias.map(|b| f32s(OP, b)).transpose()?;
+        cpu::quant::linear(f32s(OP, x)?, ty, bytes, b, &mut out, m, k, n);
+        return Tensor::from_f32(out, &[m, n]);
     }
     #[cfg(feature = "cuda")]
     if let Some([xb, wb]) = cuda_all(OP, [x, w])? {
@@ -218,6 +228,28 @@ pub fn split_cols(x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
     Ok(out)
 }
 
+/// The rank-2 CPU f32 tensors side by side: `[rows, Σ widths]`, the inverse of [`split_cols`].
+pub fn concat_cols(parts: &[&Tensor]) -> Result<Tensor> {
+    const OP: &str = "concat_cols";
+    let rows = parts.first().map_or(0, |p| p.shape().first().copied().unwrap_or(0));
+    let mut xs = Vec::with_capacity(parts.len());
+    for p in parts {
+        expect_rank(OP, "part", p, 2)?;
+        if p.dim(0) != rows {
+            return Err(KernelError::shape(OP, format!("{:?} beside {rows} rows", p.shape())));
+        }
+        xs.push((f32s(OP, p)?, p.dim(1)));
+    }
+    let cols: usize = xs.iter().map(|(_, w)| w).sum();
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for (x, w) in &xs {
+            out.extend_from_slice(&x[r * w..(r + 1) * w]);
+        }
+    }
+    Tensor::from_f32(out, &[rows, cols])
+}
+
 /// Softmax over the last dimension, in place.
 pub fn softmax_inplace(x: &mut Tensor) -> Result<()> {
     const OP: &str = "softmax";
@@ -259,6 +291,15 @@ pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
         return Ok(Tensor::from_cuda(gpu::embedding(ids, b, h)?, &[ids.len(), h]));
     }
     let mut out = vec![0f32; ids.len() * h];
+    if let Some((ty, bytes)) = table.quant_bytes() {
+        let rb = cpu::quant::row_bytes(ty, h);
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(h)) {
+            let src = &bytes[id as usize * rb..(id as usize + 1) * rb];
+            tessera_gguf::dequantize(ty, src, row)
+                .map_err(|e| KernelError::Unsupported { op: OP, detail: e.to_string() })?;
+        }
+        return Tensor::from_f32(out, &[ids.len(), h]);
+    }
     cpu::elementwise::embedding(ids, f32s(OP, table)?, h, &mut out);
     Tensor::from_f32(out, &[ids.len(), h])
 }

@@ -4,11 +4,16 @@
 //! out of the type keeps each kernel (CPU or CUDA) to one indexing scheme. Reshape is free; anything that
 //! would need a strided view is an explicit copy.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use half::{bf16, f16};
 
-use crate::{device::Device, dtype::DType, error::KernelError, error::Result};
+use crate::{
+    device::Device,
+    dtype::{DType, GgmlType},
+    error::KernelError,
+    error::Result,
+};
 
 /// Backing memory of a tensor; ops dispatch on it.
 #[derive(Clone, Debug)]
@@ -16,6 +21,9 @@ pub(crate) enum Storage {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    /// A weight matrix's blocks in a llama.cpp format, row after row; shared on clone (a tied embedding
+    /// and `lm_head` are one table).
+    Quant(GgmlType, Arc<Vec<u8>>),
     #[cfg(feature = "cuda")]
     Cuda(crate::cuda::Buffer),
 }
@@ -69,6 +77,35 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), storage: Storage::F16(data) })
     }
 
+    /// A CPU weight matrix `[rows, cols]` kept in the block format `ty`: `bytes` holds each row's
+    /// `cols / block_size` blocks, row after row. Only the formats [`crate::cpu::quant`] computes with are
+    /// accepted.
+    pub fn from_quant(ty: GgmlType, bytes: Vec<u8>, shape: &[usize]) -> Result<Self> {
+        const OP: &str = "Tensor::from_quant";
+        if !crate::cpu::quant::supported(ty) {
+            return Err(KernelError::Unsupported { op: OP, detail: format!("no kernels for {ty} weights") });
+        }
+        let &[rows, cols] = shape else {
+            return Err(KernelError::shape(OP, format!("a quantized tensor is a matrix, not {shape:?}")));
+        };
+        if !cols.is_multiple_of(ty.block_size()) {
+            return Err(KernelError::shape(OP, format!("rows of {cols} values are not whole {ty} blocks")));
+        }
+        let want = rows.checked_mul(DType::Quant(ty).bytes_for(cols));
+        if want != Some(bytes.len()) {
+            return Err(KernelError::shape(OP, format!("{} bytes for {shape:?} in {ty}", bytes.len())));
+        }
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Quant(ty, Arc::new(bytes)) })
+    }
+
+    /// The block format and bytes of a quantized tensor (`None` for any other).
+    pub fn quant_bytes(&self) -> Option<(GgmlType, &[u8])> {
+        match &self.storage {
+            Storage::Quant(ty, b) => Some((*ty, b)),
+            _ => None,
+        }
+    }
+
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
         crate::ensure_available(device)?;
@@ -85,6 +122,7 @@ impl Tensor {
             DType::F32 => Storage::F32(zeroed(n, 0.0)?),
             DType::BF16 => Storage::BF16(zeroed(n, bf16::ZERO)?),
             DType::F16 => Storage::F16(zeroed(n, f16::ZERO)?),
+            DType::Quant(_) => return Err(KernelError::DType { op: "zeros", expected: DType::F32, got: dtype }),
         };
         Ok(Tensor { shape: shape.to_vec(), storage })
     }
@@ -149,6 +187,7 @@ impl Tensor {
             Storage::F32(_) => DType::F32,
             Storage::BF16(_) => DType::BF16,
             Storage::F16(_) => DType::F16,
+            Storage::Quant(ty, _) => DType::Quant(*ty),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.dtype(),
         }
@@ -164,7 +203,7 @@ impl Tensor {
 
     /// Bytes of element data.
     pub fn size_in_bytes(&self) -> usize {
-        self.numel() * self.dtype().size()
+        self.dtype().bytes_for(self.numel())
     }
 
     /// The same data under another shape with the same number of elements.
@@ -189,6 +228,16 @@ impl Tensor {
             DType::F32 => Storage::F32(f),
             DType::BF16 => Storage::BF16(f.into_iter().map(bf16::from_f32).collect()),
             DType::F16 => Storage::F16(f.into_iter().map(f16::from_f32).collect()),
+            DType::Quant(ty) => {
+                // Rows are contiguous and whole blocks (checked by `from_quant`), so the flat data quantizes
+                // block by block exactly as each row would.
+                let mut bytes = Vec::new();
+                if self.rank() == 2 && self.dim(1).is_multiple_of(ty.block_size()) {
+                    tessera_gguf::quantize(ty, &f, &mut bytes)
+                        .map_err(|e| KernelError::Unsupported { op: "Tensor::to_dtype", detail: e.to_string() })?;
+                }
+                return Tensor::from_quant(ty, bytes, &self.shape);
+            }
         };
         Ok(Tensor { shape: self.shape, storage })
     }
@@ -199,6 +248,12 @@ impl Tensor {
             Storage::F32(v) => v.clone(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Quant(ty, b) => {
+                let mut out = zeroed(self.numel(), 0f32)?;
+                tessera_gguf::dequantize(*ty, b, &mut out)
+                    .map_err(|e| KernelError::Unsupported { op: "Tensor::to_vec_f32", detail: e.to_string() })?;
+                out
+            }
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => crate::cuda::ops::to_host_f32(b)?,
         })
@@ -234,7 +289,7 @@ impl Tensor {
                 let buf = match &host.storage {
                     Storage::F32(v) => crate::cuda::ops::upload_f32(&gpu, v)?,
                     Storage::BF16(v) => crate::cuda::ops::upload_bf16(&gpu, v)?,
-                    _ => return Err(KernelError::Device { op: "Tensor::to_device (f16)", device }),
+                    _ => return Err(KernelError::Device { op: "Tensor::to_device (f16 or quantized)", device }),
                 };
                 Ok(Tensor { shape: self.shape.clone(), storage: Storage::Cuda(buf) })
             }
@@ -293,6 +348,11 @@ impl Tensor {
             return Ok(Tensor { shape, storage: Storage::Cuda(crate::cuda::ops::concat(&bufs)?) });
         }
         let storage = match first.dtype() {
+            DType::Quant(ty) => {
+                let bytes: Vec<u8> =
+                    parts.iter().flat_map(|p| p.quant_bytes().map_or(&[][..], |(_, b)| b)).copied().collect();
+                return Tensor::from_quant(ty, bytes, &shape);
+            }
             DType::F32 => Storage::F32(
                 parts.iter().map(|p| p.as_f32().map(<[f32]>::to_vec)).collect::<Result<Vec<_>>>()?.concat(),
             ),
@@ -317,6 +377,10 @@ impl Tensor {
             Storage::F32(v) => Storage::F32(v[start * row..end * row].to_vec()),
             Storage::BF16(v) => Storage::BF16(v[start * row..end * row].to_vec()),
             Storage::F16(v) => Storage::F16(v[start * row..end * row].to_vec()),
+            Storage::Quant(ty, b) => {
+                let row = DType::Quant(*ty).bytes_for(row);
+                Storage::Quant(*ty, Arc::new(b[start * row..end * row].to_vec()))
+            }
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => Storage::Cuda(crate::cuda::ops::copy_range(b, start * row, end * row)?),
         };

@@ -69,7 +69,7 @@ pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
     }
 }
 
-fn gemm_xwt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+pub(crate) fn gemm_xwt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     // wᵀ as a [k, n] matrix: element (kk, j) is w[j * k + kk], so its column stride is k and row stride 1.
     // SAFETY: strides describe the buffers checked in `linear`.
     unsafe {

@@ -9,5 +9,6 @@ pub mod elementwise;
 pub mod lora;
 pub mod matmul;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 pub mod sampling;

@@ -56,8 +56,11 @@ fn alloc_output(g: &Arc<Gpu>, dtype: DType, len: usize) -> Result<Buffer> {
     let data = match dtype {
         DType::BF16 => DeviceData::BF16(alloc_bf16(g, len)?),
         DType::F32 => DeviceData::F32(alloc_f32(g, len)?),
-        DType::F16 => {
-            return Err(KernelError::Device { op: "linear to f16", device: crate::device::Device::Cuda(g.ordinal) });
+        DType::F16 | DType::Quant(_) => {
+            return Err(KernelError::Device {
+                op: "linear to f16 or a quantized type",
+                device: crate::device::Device::Cuda(g.ordinal),
+            });
         }
     };
     Ok(Buffer::new(g.clone(), data))

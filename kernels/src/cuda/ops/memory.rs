@@ -18,8 +18,11 @@ pub(crate) fn zeros(gpu: &Arc<Gpu>, n: usize, dtype: DType) -> Result<Buffer> {
     let data = match dtype {
         DType::F32 => DeviceData::F32(gpu.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| gpu.err("alloc", e))?),
         DType::BF16 => DeviceData::BF16(gpu.stream.alloc_zeros::<bf16>(n.max(1)).map_err(|e| gpu.err("alloc", e))?),
-        DType::F16 => {
-            return Err(KernelError::Device { op: "zeros (f16)", device: crate::device::Device::Cuda(gpu.ordinal) });
+        DType::F16 | DType::Quant(_) => {
+            return Err(KernelError::Device {
+                op: "zeros (f16 or quantized)",
+                device: crate::device::Device::Cuda(gpu.ordinal),
+            });
         }
     };
     Ok(Buffer::new(gpu.clone(), data))
