@@ -18,7 +18,7 @@ use crate::{host::Host, synth};
 #[derive(Args, Debug)]
 pub struct CpuBenchArgs {
     /// Models to measure: `default` (stories260K), `synthetic` (the 124.7M-parameter benchmark shape,
-    /// random f32 weights) or a model directory. Comma-separated.
+    /// random f32 weights), a model directory or a GGUF file. Comma-separated.
     #[arg(long, default_value = "default,synthetic", value_delimiter = ',')]
     pub models: Vec<String>,
     /// Decode batch sizes.
@@ -36,6 +36,9 @@ pub struct CpuBenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Quantize the model directories' matrices as they load: q8_0, q4_0 or q4_k (as `serve --quantize`).
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<tessera_worker::quantize::QuantizeTo>,
     /// Keep the synthetic model in this directory (for side-by-side runs of other engines on the same
     /// weights) instead of a temporary one.
     #[arg(long, value_name = "DIR")]
@@ -111,7 +114,13 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 fn bench_model(name: &str, dir: &std::path::Path, a: &CpuBenchArgs, bandwidth: f64) -> Result<ModelReport> {
-    let model = Model::load(dir, Shard::WHOLE).with_context(|| format!("loading {}", dir.display()))?;
+    let quantize = a.quantize.filter(|_| dir.is_dir());
+    let model = Model::load_with(dir, Shard::WHOLE, tessera_kernels::Device::Cpu, quantize)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let name = match quantize {
+        Some(q) => format!("{name} {q}"),
+        None => name.to_string(),
+    };
     let c = model.config.clone();
     let plan = Plan::new(&c, &a.batch, a.context, a.steps, a.prefill)?;
     let cache = KvCache::new(&model.kv_geometry(), plan.blocks(), plan.block_size)?;
@@ -128,7 +137,7 @@ fn bench_model(name: &str, dir: &std::path::Path, a: &CpuBenchArgs, bandwidth: f
         })
         .collect();
     Ok(ModelReport {
-        model: name.to_string(),
+        model: name,
         parameters: c.num_parameters(),
         weight_bytes_per_token: bytes,
         decode,

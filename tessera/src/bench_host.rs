@@ -31,8 +31,14 @@ impl BenchHost for Host {
     }
 
     fn workers(&self, dir: &Path, tp: usize, kv_cache_mib: usize) -> Result<Running> {
-        let args =
-            ModelArgs { model: Some(dir.to_path_buf()), kv_cache_mib, tp, device: "cpu".into(), worker_args: vec![] };
+        let args = ModelArgs {
+            model: Some(dir.to_path_buf()),
+            kv_cache_mib,
+            tp,
+            device: "cpu".into(),
+            quantize: None,
+            worker_args: vec![],
+        };
         Ok(Self::running(Runner::start_workers(&args, dir)?))
     }
 }

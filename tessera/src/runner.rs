@@ -10,7 +10,7 @@ use tessera_coordinator::engine::{
     backend::Backend,
     group::{GroupClient, GroupTimeouts},
 };
-use tessera_worker::{Engine, Model, Shard, collective::Single, kv_cache::KvCache};
+use tessera_worker::{Engine, Model, Shard, collective::Single, kv_cache::KvCache, quantize::QuantizeTo};
 
 use crate::{default_model, local_backend::LocalBackend, local_cluster::LocalCluster};
 
@@ -30,6 +30,10 @@ pub struct ModelArgs {
     /// group falls back to TCP collectives).
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
+    /// Quantize a model directory's matrices as they load: q8_0, q4_0 or q4_k (llama.cpp's block formats;
+    /// the output projection takes Q6_K for q4_0 and q4_k). CPU only; GGUF files run as they are.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<QuantizeTo>,
     /// Arguments every local worker gets (log format, OTLP export), from the global options.
     #[arg(skip)]
     pub worker_args: Vec<String>,
@@ -50,10 +54,16 @@ pub fn mib_to_bytes(mib: usize) -> Result<usize> {
         .with_context(|| format!("--kv-cache-mib {mib} is more memory than this machine can address"))
 }
 
-/// Loads a model (directory or GGUF file) into an in-process engine on `device` with `kv_cache_mib` of KV cache.
-pub fn load_local(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<LocalBackend> {
-    let model =
-        Model::load_on(dir, Shard::WHOLE, device).with_context(|| format!("loading model {}", dir.display()))?;
+/// Loads a model (directory or GGUF file) into an in-process engine on `device` with `kv_cache_mib` of KV cache,
+/// its matrices quantized to `quantize` if given.
+pub fn load_local(
+    dir: &Path,
+    kv_cache_mib: usize,
+    device: tessera_kernels::Device,
+    quantize: Option<QuantizeTo>,
+) -> Result<LocalBackend> {
+    let model = Model::load_with(dir, Shard::WHOLE, device, quantize)
+        .with_context(|| format!("loading model {}", dir.display()))?;
     let cache = KvCache::with_budget(
         &model.kv_geometry(),
         mib_to_bytes(kv_cache_mib)?,
@@ -78,7 +88,8 @@ impl Runner {
     /// In this process for tp = 1, else on a local cluster of worker processes.
     pub fn start(args: &ModelArgs, dir: &Path) -> Result<Self> {
         if args.tp == 1 {
-            Self::in_process_on(dir, args.kv_cache_mib, args.device.parse()?)
+            let backend = load_local(dir, args.kv_cache_mib, args.device.parse()?, args.quantize)?;
+            Ok(Runner { backend: Box::new(backend), _cluster: None })
         } else {
             Self::start_workers(args, dir)
         }
@@ -86,12 +97,8 @@ impl Runner {
 
     /// An engine in this process, on the CPU.
     pub fn in_process(dir: &Path, kv_cache_mib: usize) -> Result<Self> {
-        Self::in_process_on(dir, kv_cache_mib, tessera_kernels::Device::Cpu)
-    }
-
-    /// An engine in this process on `device`.
-    pub fn in_process_on(dir: &Path, kv_cache_mib: usize, device: tessera_kernels::Device) -> Result<Self> {
-        Ok(Runner { backend: Box::new(load_local(dir, kv_cache_mib, device)?), _cluster: None })
+        let backend = load_local(dir, kv_cache_mib, tessera_kernels::Device::Cpu, None)?;
+        Ok(Runner { backend: Box::new(backend), _cluster: None })
     }
 
     /// `args.tp` worker processes on loopback, even for tp = 1.
@@ -100,13 +107,15 @@ impl Runner {
             bail!("--tp must be at least 1");
         }
         // Refuse a split the model cannot take before starting any process.
-        let config = Model::config_at(dir)?;
-        tessera_worker::model::ShardLayout::new(&config, Shard { rank: 0, world: args.tp })?;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let device: tessera_kernels::Device = args.device.parse()?;
+        Model::check_split(dir, args.tp, device)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tessera_kernels::ensure_available(device)?;
         let mut extra = args.worker_args.clone();
         extra.extend(["--device".to_string(), device.to_string()]);
+        if let Some(q) = args.quantize {
+            extra.extend(["--quantize".to_string(), q.to_string()]);
+        }
         // A fresh token for these workers alone: other users of the machine can reach loopback ports.
         let token = tessera_proto::auth::ClusterToken::generate();
         let cluster = LocalCluster::start(args.tp, (cores / args.tp).max(1), args.kv_cache_mib, &extra, &token)?;

@@ -63,6 +63,10 @@ pub struct WorkerArgs {
     /// ports is served).
     #[arg(long, value_name = "FILE")]
     pub cluster_token_file: Option<std::path::PathBuf>,
+    /// Quantize a model directory's matrices as they load: q8_0, q4_0 or q4_k (llama.cpp's block formats;
+    /// the output projection takes Q6_K for q4_0 and q4_k). CPU only; GGUF files run as they are.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<crate::quantize::QuantizeTo>,
     /// Exit when standard input closes (used by `--tp N` local clusters).
     #[arg(long, hide = true)]
     pub exit_with_parent: bool,
@@ -114,6 +118,7 @@ async fn serve(a: WorkerArgs, builtin_models: Vec<BuiltinModel>) -> Result<()> {
         collective_timeout: Duration::from_secs(a.collective_timeout.max(1)),
         builtin_models,
         token: token.clone(),
+        quantize: a.quantize,
     };
     let service = WorkerService::new(config, coll, coll_advertise.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

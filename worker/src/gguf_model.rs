@@ -25,11 +25,14 @@
 //!   (and their biases) from Hugging Face's "rotate half" layout, where dimension `i` pairs with `i + d/2`,
 //!   to GGML's interleaved one, where `2i` pairs with `2i + 1`: Hugging Face row `s·d/2 + i` of a head is
 //!   stored as row `2i + s`. Loading puts each row back. `qwen2` is not permuted.
-//! - **Dequantizing**: each tensor, of any type `tessera_gguf` dequantizes (F32, F16, BF16, Q4_0 … Q8_0, the
-//!   K-quants), is turned into f32 when it is loaded, row by row (in parallel), and only this rank's rows or
-//!   columns of it ([`Slice`], as `WeightFiles::load` reads a safetensors file). Keeping quantized weights in
-//!   memory in their own format, with kernels that read them, is a later step: today a quantized file takes
-//!   as much memory as an f32 (CPU) or bf16 (GPU) model once loaded.
+//! - **Quantized weights** (CPU): a matrix in a block format the CPU kernels run (Q4_0, Q4_1, Q5_0, Q5_1,
+//!   Q8_0, Q2_K–Q6_K) stays in it: this rank's rows, or its columns cut on block boundaries, are copied
+//!   as blocks into a quantized [`Tensor`] ([`GgufModel::load_blocks`]). A `tp` whose column split would cut
+//!   a block is refused before any worker starts ([`GgufModel::check_split`]).
+//! - **Dequantizing**: every other tensor of a type `tessera_gguf` dequantizes (the F32/F16/BF16 norms and
+//!   biases; everything for a GPU, which computes in bf16) is turned into f32 when it is loaded, row by row
+//!   (in parallel), and only this rank's rows or columns of it ([`Slice`], as `WeightFiles::load` reads a
+//!   safetensors file).
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +40,7 @@ use rayon::prelude::*;
 use tessera_gguf::{GgmlType, GgufFile, Metadata};
 use tessera_kernels::{
     Tensor,
+    cpu::quant,
     rope::{Rope, RopeScaling},
 };
 
@@ -74,12 +78,18 @@ impl GgufModel {
         self.file.path()
     }
 
-    /// The tensor the decoder calls `name` (a Hugging Face name), checked to have the full shape `shape`
-    /// (Hugging Face order), dequantized to f32: the part `slice` of it.
-    pub fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<Tensor, ModelError> {
+    /// The GGUF tensor the decoder calls `name`, checked to have the full shape `shape` (Hugging Face order),
+    /// and an error constructor naming both.
+    fn find(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(tessera_gguf::Tensor<'_>, impl Fn(String) -> ModelError + '_), ModelError> {
         let gguf = gguf_name(name).ok_or_else(|| self.tensor_err(name, "no GGUF tensor holds this weight".into()))?;
-        let err = |message: String| self.tensor_err(&gguf, format!("({name}) {message}"));
-        let t = self.file.tensor(&gguf).ok_or_else(|| err("missing".into()))?;
+        let found = self.file.tensor(&gguf);
+        let hf = name.to_string();
+        let err = move |message: String| self.tensor_err(&gguf, format!("({hf}) {message}"));
+        let t = found.ok_or_else(|| err("missing".into()))?;
         // ggml order, fastest first, with trailing dimensions of one dropped.
         let mut ne: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
         while ne.len() > shape.len() && ne.last() == Some(&1) {
@@ -92,11 +102,67 @@ impl GgufModel {
                 shape.iter().rev().collect::<Vec<_>>()
             )));
         }
+        Ok((t, err))
+    }
+
+    /// This rank's part `slice` of the matrix the decoder calls `name`, kept in its block format, or `None`
+    /// when it is not a matrix in a format the CPU kernels run (then [`GgufModel::load`] dequantizes it).
+    pub fn load_blocks(&self, name: &str, shape: &[usize], slice: Slice) -> Result<Option<Tensor>, ModelError> {
+        let (t, err) = self.find(name, shape)?;
+        let ty = t.ggml_type();
+        if shape.len() != 2 || !quant::supported(ty) {
+            return Ok(None);
+        }
+        let Bounds { rows, cols, r0, r1, c0, c1 } = slice.bounds(shape).map_err(&err)?;
+        let bs = ty.block_size();
+        if !c0.is_multiple_of(bs) || !c1.is_multiple_of(bs) {
+            return Err(err(format!("columns {c0}..{c1} cut its {ty} blocks of {bs} values; choose another tp")));
+        }
+        let row_bytes = quant::row_bytes(ty, cols);
+        let (b0, b1) = (quant::row_bytes(ty, c0), quant::row_bytes(ty, c1));
+        let heads = self.permuted_heads(name);
+        let data = t.data();
+        let mut bytes = Vec::with_capacity((r1 - r0) * (b1 - b0));
+        for r in r0..r1 {
+            let src = heads.map_or(r, |h| unpermuted(r, rows / h));
+            bytes.extend_from_slice(&data[src * row_bytes + b0..src * row_bytes + b1]);
+        }
+        Ok(Some(Tensor::from_quant(ty, bytes, &[r1 - r0, c1 - c0])?))
+    }
+
+    /// Refuses a split into `world` ranks that would cut the blocks of a quantized matrix: the columns of
+    /// `o_proj` and `down_proj` are divided among the ranks, and each rank's share must be whole blocks.
+    pub fn check_split(&self, world: usize) -> Result<(), ModelError> {
+        let c = &self.config;
+        let shares = [("self_attn.o_proj", c.num_heads * c.head_dim), ("mlp.down_proj", c.intermediate_size)];
+        for layer in 0..c.num_layers {
+            for (part, cols) in shares {
+                let name = format!("model.layers.{layer}.{part}.weight");
+                let Some(t) = gguf_name(&name).and_then(|g| self.file.tensor(&g)) else { continue };
+                let (ty, share) = (t.ggml_type(), cols / world.max(1));
+                if quant::supported(ty) && !share.is_multiple_of(ty.block_size()) {
+                    return Err(ModelError::Sharding(format!(
+                        "tp = {world} would give each rank {share} columns of {} ({ty}, blocks of {} values) in {}; \
+                         choose a tp that divides it into whole blocks",
+                        t.name(),
+                        ty.block_size(),
+                        self.file.path().display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor the decoder calls `name` (a Hugging Face name), checked to have the full shape `shape`
+    /// (Hugging Face order), dequantized to f32: the part `slice` of it.
+    pub fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<Tensor, ModelError> {
+        let (t, err) = self.find(name, shape)?;
         let ty = t.ggml_type();
         if !ty.can_dequantize() {
             return Err(err(format!("type {ty} cannot be dequantized")));
         }
-        let Bounds { rows, cols, r0, r1, c0, c1 } = slice.bounds(shape).map_err(err)?;
+        let Bounds { rows, cols, r0, r1, c0, c1 } = slice.bounds(shape).map_err(&err)?;
         let row_bytes = ty.bytes_for(cols as u64).ok_or_else(|| err("row size overflows".into()))? as usize;
         let data = t.data();
         let heads = self.permuted_heads(name);

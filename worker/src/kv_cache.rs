@@ -39,7 +39,9 @@ pub struct KvCache {
 impl KvCache {
     /// Bytes one block takes across all layers (keys and values).
     pub fn bytes_per_block(g: &KvGeometry, block_size: usize) -> usize {
-        [2, g.layers, block_size, g.kv_heads, g.head_dim, g.dtype().size()].into_iter().fold(1, usize::saturating_mul)
+        [2, g.layers, block_size, g.kv_heads, g.head_dim, g.dtype().bytes_for(1)]
+            .into_iter()
+            .fold(1, usize::saturating_mul)
     }
 
     /// A pool of `num_blocks` blocks of `g`'s shape, on its device.

@@ -2,10 +2,12 @@
 //!
 //! - [`config`]: `config.json` for Llama, Mistral and Qwen2;
 //! - [`weights`]: memory-mapped safetensors, single or sharded, sliced per rank;
-//! - [`gguf_model`]: a model from one GGUF file (llama.cpp's format): config, tensor names, dequantizing;
+//! - [`gguf_model`]: a model from one GGUF file (llama.cpp's format): config, tensor names, its quantized
+//!   matrices kept as blocks;
 //! - [`files`]: a model directory's files opened as untrusted input (regular files only, JSON bounded);
 //! - [`model`]: the decoder and its batched forward pass over a paged KV cache;
 //! - [`kv_cache`]: the pool of fixed-size KV blocks;
+//! - [`quantize`]: `--quantize`, a safetensors model's matrices put in llama.cpp's block formats as they load;
 //! - [`kept`]: what a worker keeps of each sequence between steps (block table, sampling parameters), so
 //!   steps carry only what changed;
 //! - [`lora`]: LoRA adapters over the base weights, several in one batch;
@@ -32,6 +34,7 @@ pub mod kv_cache;
 pub mod lora;
 pub mod model;
 pub mod nccl_collective;
+pub mod quantize;
 pub mod registration;
 pub mod sampling;
 pub mod server;

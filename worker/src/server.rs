@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     /// The cluster token peers must prove in the collective handshake (gRPC calls are checked by the
     /// server's [`tessera_proto::auth::Guard`]).
     pub token: tessera_proto::auth::ClusterToken,
+    /// Quantize a model directory's matrices as they load (`--quantize`).
+    pub quantize: Option<crate::quantize::QuantizeTo>,
 }
 
 impl Default for WorkerConfig {
@@ -60,6 +62,7 @@ impl Default for WorkerConfig {
             collective_timeout: Duration::from_secs(30),
             builtin_models: Vec::new(),
             token: Default::default(),
+            quantize: None,
         }
     }
 }
@@ -241,6 +244,7 @@ impl Worker for WorkerService {
             return Err(Status::invalid_argument(format!("rank {rank} is not in a group of {world}")));
         }
         let device = self.config.device;
+        let quantize = self.config.quantize;
         let native = if device == Device::Cpu { "f32" } else { "bf16" };
         if !(r.dtype.is_empty() || r.dtype == native) {
             return Err(Status::invalid_argument(format!(
@@ -264,7 +268,7 @@ impl Worker for WorkerService {
             )));
         }
         let engine = tokio::task::spawn_blocking(move || -> Result<Engine, crate::ModelError> {
-            let model = Model::load_on(&path, Shard { rank, world }, device)?;
+            let model = Model::load_with(&path, Shard { rank, world }, device, quantize)?;
             let kv_bytes = match tessera_kernels::memory_info(device)? {
                 _ if asked > 0 => asked,
                 // On a GPU, 0 means: what the weights left, less room for activations and the dense

@@ -172,20 +172,27 @@ fn weights_are_what_gguf_py_dequantizes_for_every_file_and_type() {
     }
 }
 
-/// The Q8_0 file through the engine: what transformers computes with the weights gguf-py dequantizes from
-/// it (greedy ids exactly, logits within 1e-4), and close to the f32 model: its logits within 0.3 of the
-/// f32 golden file's (measured: 0.198 at worst, on logits of magnitude up to ~20), its first greedy tokens
-/// the same.
+/// The Q8_0 file through the engine, its matrices kept in Q8_0 and multiplied with int8 activations as
+/// llama.cpp multiplies them: close to what transformers computes with the weights gguf-py dequantizes from
+/// it (the first 16 greedy ids exactly, logits within 0.3), and close to the f32 model: its logits within
+/// 0.4 of the f32 golden file's, its first greedy tokens the same. (Agreement with llama.cpp itself is
+/// checked on the files of `testdata/gguf-quant/`, in `gguf_quantized.rs`.)
 #[test]
 fn the_q8_0_file_is_its_dequantized_weights_and_stays_close_to_the_f32_model() {
     let file = gguf_dir().join("stories260K-q8_0.gguf");
     let mut e = engine(&file, 1);
     let (ids, worst) = run_golden(&mut e, &gguf_dir().join("stories260K-q8_0-golden"));
-    for (got, want) in &ids {
-        assert_eq!(got, want, "stories260K-q8_0: greedy ids against transformers on the dequantized weights");
-    }
     println!("stories260K-q8_0: worst |logit - dequantized golden| = {worst:.2e}");
-    assert!(worst < 1e-4, "Q8_0 logits differ from transformers' on the same weights by {worst}");
+    for (got, want) in &ids {
+        assert_eq!(
+            got[..16],
+            want[..16],
+            "stories260K-q8_0: greedy ids against transformers on the dequantized weights"
+        );
+    }
+    // The engine quantizes activations to int8 per 32 values for the Q8_0 matrices, as llama.cpp does
+    // (measured: 0.237 at worst on logits of magnitude up to ~20; the weights' own quantization costs 0.198).
+    assert!(worst < 0.3, "Q8_0 logits differ from transformers' on the same weights by {worst}");
 
     let f32_dir = repo().join("models/stories260K");
     let (ids, worst) = run_golden(&mut e, &f32_dir);
@@ -197,7 +204,8 @@ fn the_q8_0_file_is_its_dequantized_weights_and_stays_close_to_the_f32_model() {
          equal before a first difference: {same}/{total}"
     );
     assert!(worst > 0.0, "Q8_0 cannot be exact");
-    assert!(worst < 0.3, "Q8_0 logits differ from the f32 model's by {worst}");
+    // Measured: 0.355 at worst (0.198 with f32 activations, before the matrices stayed in Q8_0).
+    assert!(worst < 0.4, "Q8_0 logits differ from the f32 model's by {worst}");
     assert!(ids.iter().all(|(g, w)| g[..8] == w[..8]), "the first greedy tokens should survive Q8_0: {ids:?}");
 }
 

@@ -7,14 +7,14 @@ use std::time::Instant;
 use tessera_kernels::{Tensor, ops};
 
 use super::{
-    pass::{Ctx, WeightSource, optional, stack},
+    pass::{Ctx, Fused, WeightSource, optional, stack},
     shard::ShardLayout,
 };
 use crate::{config::ModelConfig, error::ModelError, kv_cache::KvCache, lora::Target, weights::Slice};
 
 pub struct Attention {
     /// q, k and v one above the other: one projection.
-    qkv: Tensor,
+    qkv: Fused,
     qkv_bias: Option<Tensor>,
     o: Tensor,
     /// Added by rank 0 only, before the all-reduce sums the partial outputs.
@@ -49,7 +49,7 @@ impl Attention {
             _ => None,
         };
         Ok(Attention {
-            qkv: stack(&[&q, &k, &v])?,
+            qkv: Fused::new(&[&q, &k, &v])?,
             qkv_bias,
             o: get(&format!("{p}.o_proj.weight"), &[h, qd], Slice::Cols(q_rows))?,
             o_bias: optional(get, c.o_bias && first_rank, format!("{p}.o_proj.bias"), &[h], Slice::Full)?,
@@ -73,7 +73,7 @@ impl Attention {
     ) -> Result<Tensor, ModelError> {
         let (t, hd) = (ctx.rows, ctx.shape.head_dim);
         let (nh, nkv) = (ctx.shape.num_heads, ctx.shape.num_kv_heads);
-        let mut qkv = ops::linear(h, &self.qkv, self.qkv_bias.as_ref())?;
+        let mut qkv = self.qkv.linear(h, self.qkv_bias.as_ref())?;
         ctx.lap("qkv projection", at)?;
         if !ctx.lora.is_empty() {
             let targets = [(Target::Q, 0), (Target::K, nh * hd), (Target::V, (nh + nkv) * hd)];

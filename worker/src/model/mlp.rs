@@ -6,14 +6,14 @@ use std::time::Instant;
 use tessera_kernels::{Tensor, ops};
 
 use super::{
-    pass::{Ctx, WeightSource, optional, stack},
+    pass::{Ctx, Fused, WeightSource, optional, stack},
     shard::ShardLayout,
 };
 use crate::{config::ModelConfig, error::ModelError, lora::Target, weights::Slice};
 
 pub struct Mlp {
     /// gate and up one above the other: one projection.
-    gate_up: Tensor,
+    gate_up: Fused,
     gate_up_bias: Option<Tensor>,
     down: Tensor,
     /// Added by rank 0 only, before the all-reduce sums the partial outputs.
@@ -43,7 +43,7 @@ impl Mlp {
         };
         let cols = Slice::Cols(layout.intermediate.clone());
         Ok(Mlp {
-            gate_up: stack(&[&gate, &up])?,
+            gate_up: Fused::new(&[&gate, &up])?,
             gate_up_bias,
             down: get(&format!("{p}.down_proj.weight"), &[h, inter], cols)?,
             down_bias: optional(get, c.mlp_bias && first_rank, format!("{p}.down_proj.bias"), &[h], Slice::Full)?,
@@ -57,7 +57,7 @@ impl Mlp {
 
     /// The MLP's output for the normed input `h`, summed across the group.
     pub fn forward(&self, h: &Tensor, ctx: &Ctx<'_>, layer: usize, at: &mut Instant) -> Result<Tensor, ModelError> {
-        let mut gate_up = ops::linear(h, &self.gate_up, self.gate_up_bias.as_ref())?;
+        let mut gate_up = self.gate_up.linear(h, self.gate_up_bias.as_ref())?;
         ctx.lap("gate/up projection", at)?;
         if !ctx.lora.is_empty() {
             let inter = gate_up.dim(1) / 2;

@@ -46,6 +46,7 @@ use crate::{
     gguf_model::GgufModel,
     kv_cache::{KvCache, KvGeometry},
     lora::{Adapter, LoraBatch},
+    quantize::QuantizeTo,
     weights::{Slice, WeightFiles},
 };
 
@@ -111,17 +112,41 @@ impl Model {
     /// Loads the shard `shard` of the model at `path` onto `device`: a Hugging Face model directory, or a
     /// GGUF file ([`crate::gguf_model`]).
     pub fn load_on(path: &Path, shard: Shard, device: Device) -> Result<Self, ModelError> {
+        Self::load_with(path, shard, device, None)
+    }
+
+    /// [`Model::load_on`], with a model directory's matrices quantized to `quantize` as they load
+    /// ([`crate::quantize`]; CPU only, and not for a GGUF file, whose weights are quantized already).
+    pub fn load_with(
+        path: &Path,
+        shard: Shard,
+        device: Device,
+        quantize: Option<QuantizeTo>,
+    ) -> Result<Self, ModelError> {
+        tessera_kernels::ensure_available(device)?;
+        if let Some(q) = quantize {
+            if device != Device::Cpu {
+                return Err(ModelError::File {
+                    path: path.to_path_buf(),
+                    message: format!("--quantize {q} runs on the CPU only; {device} computes in bf16"),
+                });
+            }
+            if path.is_file() {
+                return Err(ModelError::File {
+                    path: path.to_path_buf(),
+                    message: format!("--quantize {q} is for model directories: a GGUF file runs in its own formats"),
+                });
+            }
+        }
         if path.is_file() {
-            tessera_kernels::ensure_available(device)?;
             return Self::from_gguf(&GgufModel::open(path)?, shard, device);
         }
         if !path.is_dir() {
             return Err(ModelError::NoModel(path.to_path_buf()));
         }
-        tessera_kernels::ensure_available(device)?;
         let config = ModelConfig::load(path)?;
         let files = WeightFiles::open(path)?;
-        Self::from_weights(config, &files, shard, device)
+        Self::from_weights_quantized(config, &files, shard, device, quantize)
     }
 
     /// The config of the model at `path`: a directory's `config.json`, or a GGUF file's metadata.
@@ -135,13 +160,30 @@ impl Model {
         }
     }
 
-    /// The shard `shard` of an opened GGUF model, dequantized to f32 (bf16 on a GPU) as it is loaded.
+    /// The shard `shard` of an opened GGUF model. On the CPU its quantized matrices stay in their block
+    /// formats and everything else becomes f32; a GPU gets every tensor dequantized to bf16.
     pub fn from_gguf(gguf: &GgufModel, shard: Shard, device: Device) -> Result<Self, ModelError> {
         let dtype = Self::weight_dtype(device);
         Self::build(gguf.config.clone(), shard, device, &|name, shape, slice| {
-            let t = gguf.load(name, shape, slice)?;
-            if device == Device::Cpu { Ok(t) } else { Ok(t.to_dtype(dtype)?.to_device(device)?) }
+            if device == Device::Cpu {
+                if let Some(t) = gguf.load_blocks(name, shape, slice.clone())? {
+                    return Ok(t);
+                }
+                return gguf.load(name, shape, slice);
+            }
+            Ok(gguf.load(name, shape, slice)?.to_dtype(dtype)?.to_device(device)?)
         })
+    }
+
+    /// Refuses, before anything is loaded, a split into `tp` ranks that the model at `path` cannot take on
+    /// `device`: uneven heads or features, or (a GGUF file on the CPU) quantized blocks cut between ranks.
+    pub fn check_split(path: &Path, tp: usize, device: Device) -> Result<(), ModelError> {
+        let config = Self::config_at(path)?;
+        ShardLayout::new(&config, Shard { rank: 0, world: tp })?;
+        if path.is_file() && device == Device::Cpu {
+            GgufModel::open(path)?.check_split(tp)?;
+        }
+        Ok(())
     }
 
     pub fn from_weights(
@@ -150,10 +192,25 @@ impl Model {
         shard: Shard,
         device: Device,
     ) -> Result<Self, ModelError> {
+        Self::from_weights_quantized(config, w, shard, device, None)
+    }
+
+    fn from_weights_quantized(
+        config: ModelConfig,
+        w: &WeightFiles,
+        shard: Shard,
+        device: Device,
+        quantize: Option<QuantizeTo>,
+    ) -> Result<Self, ModelError> {
         let dtype = Self::weight_dtype(device);
+        let tied = config.tie_word_embeddings;
         Self::build(config, shard, device, &|name, shape, slice| {
             let t = w.load(name, shape, slice)?;
-            if device == Device::Cpu { Ok(t) } else { Ok(t.to_dtype(dtype)?.to_device(device)?) }
+            match quantize {
+                Some(q) => q.apply(name, t, tied),
+                None if device == Device::Cpu => Ok(t),
+                None => Ok(t.to_dtype(dtype)?.to_device(device)?),
+            }
         })
     }
 
@@ -229,6 +286,11 @@ impl Model {
     /// The recorded (op, seconds, calls), in first-seen order, and clears them.
     pub fn take_op_profile(&self) -> Vec<(&'static str, f64, usize)> {
         self.profile.take()
+    }
+
+    /// The format the embedding table is kept in (a quantized file's stays quantized on the CPU).
+    pub fn embedding_dtype(&self) -> DType {
+        self.embed.dtype()
     }
 
     /// KV heads held by this rank.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tessera_kernels::{
     Device, Tensor,
-    ops::{AttentionSeq, AttentionShape},
+    ops::{self, AttentionSeq, AttentionShape},
 };
 
 use super::profile::OpProfile;
@@ -30,6 +30,49 @@ pub fn optional(
 /// one pass over the activations instead of several).
 pub fn stack(parts: &[&Tensor]) -> Result<Tensor, ModelError> {
     Ok(Tensor::concat_rows(parts)?)
+}
+
+/// Projections of one input (q/k/v, gate/up) as one matrix, or, when their weights are in different formats
+/// (a `Q4_K_M` file keeps some layers' v in Q6_K beside q and k in Q4_K), as separate matrices whose outputs
+/// are put side by side: the same `[tokens, Σ outputs]` either way.
+pub enum Fused {
+    One(Tensor),
+    Parts(Vec<Tensor>),
+}
+
+impl Fused {
+    pub fn new(parts: &[&Tensor]) -> Result<Self, ModelError> {
+        if parts.iter().all(|p| p.dtype() == parts[0].dtype()) {
+            Ok(Fused::One(stack(parts)?))
+        } else {
+            Ok(Fused::Parts(parts.iter().map(|&p| p.clone()).collect()))
+        }
+    }
+
+    /// Bytes of the weights.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Fused::One(w) => w.size_in_bytes(),
+            Fused::Parts(ws) => ws.iter().map(Tensor::size_in_bytes).sum(),
+        }
+    }
+
+    /// `x · wᵀ + bias` for the stacked `w` (`bias` covering all outputs).
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ModelError> {
+        let ws = match self {
+            Fused::One(w) => return Ok(ops::linear(x, w, bias)?),
+            Fused::Parts(ws) => ws,
+        };
+        let mut outs = Vec::with_capacity(ws.len());
+        let mut row0 = 0;
+        for w in ws {
+            let rows = w.dim(0);
+            let b = bias.map(|b| b.narrow_rows(row0, row0 + rows)).transpose()?;
+            outs.push(ops::linear(x, w, b.as_ref())?);
+            row0 += rows;
+        }
+        Ok(ops::concat_cols(&outs.iter().collect::<Vec<_>>())?)
+    }
 }
 
 /// Per token of the batch: its position, its cache slot, and its RoPE frequencies (one table shared by
