@@ -11,19 +11,19 @@
 
 use std::arch::x86_64::*;
 
-use half::f16;
 use tessera_gguf::GgmlType;
 
 use super::{act::QuantizedRows, unpack::k4_scale_min};
 
 /// Activation rows dotted with one weight row at a time.
-pub const ROWS: usize = 4;
+pub const ROWS: usize = 8;
 
 /// Whether this CPU runs the direct kernels for `ty`.
 pub fn available(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K)
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// `out[r] = w · x[i0 + r]` for the weight row `w` (blocks of `ty`) and `out.len()` (1..=[`ROWS`])
@@ -31,51 +31,67 @@ pub fn available(ty: GgmlType) -> bool {
 pub fn dot_rows(ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: usize, out: &mut [f32]) {
     assert!(available(ty) && (1..=ROWS).contains(&out.len()) && i0 + out.len() <= acts.rows());
     assert_eq!(w.len(), super::row_bytes(ty, acts.k));
-    // SAFETY: AVX2 and FMA are present (`available`); the row and activation lengths were checked above,
+    // SAFETY: AVX2, FMA and F16C are present (`available`); the row and activation lengths were checked above,
     // and every load below stays inside them.
     unsafe {
         match out.len() {
             1 => row::<1>(ty, w, acts, i0, out),
             2 => row::<2>(ty, w, acts, i0, out),
             3 => row::<3>(ty, w, acts, i0, out),
-            _ => row::<4>(ty, w, acts, i0, out),
+            4 => row::<4>(ty, w, acts, i0, out),
+            5 => row::<5>(ty, w, acts, i0, out),
+            6 => row::<6>(ty, w, acts, i0, out),
+            7 => row::<7>(ty, w, acts, i0, out),
+            _ => row::<8>(ty, w, acts, i0, out),
         }
     }
 }
 
+/// The little-endian f16 at `b[at..]`, widened by the F16C instruction (the `half` crate's conversion is a
+/// call per value, and a block's step is converted for every 32 weights).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 /// The running sums of `N` activation rows against one weight row.
 struct Acc<'a, const N: usize> {
     lanes: [__m256; N],
     offsets: [f32; N],
-    acts: &'a QuantizedRows,
-    i0: usize,
+    /// Each row's levels, steps and half sums.
+    rows: [(&'a [i8], &'a [f32], &'a [[f32; 2]]); N],
 }
 
-impl<const N: usize> Acc<'_, N> {
-    /// Adds group `g`, whose levels are `w` (unsigned unless `signed`), steps `d_lo`/`d_hi` and offsets
-    /// `m_lo`/`m_hi` (`w = d·q − m` per half of 16).
+impl<'a, const N: usize> Acc<'a, N> {
+    fn new(acts: &'a QuantizedRows, i0: usize) -> Self {
+        // SAFETY: all-zero bits are a valid __m256.
+        Acc { lanes: unsafe { std::mem::zeroed() }, offsets: [0.0; N], rows: std::array::from_fn(|r| acts.row(i0 + r)) }
+    }
+
+    /// Adds group `g`, whose levels are `w` (unsigned unless `signed`), steps `d` and offsets `m` per half
+    /// of 16 (`w = d·q − m`; `offsets` false when every `m` of the format is zero). Callers pass `signed`
+    /// and `offsets` as constants, so each inlined copy keeps only its own branch.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn group(&mut self, g: usize, w: __m256i, signed: bool, d: [f32; 2], m: [f32; 2]) {
-        let a = self.acts;
+    unsafe fn group(&mut self, g: usize, w: __m256i, signed: bool, offsets: bool, d: [f32; 2], m: [f32; 2]) {
         let ones = _mm256_set1_epi16(1);
         let abs_w = if signed { _mm256_sign_epi8(w, w) } else { w };
+        let wstep = _mm256_setr_m128(_mm_set1_ps(d[0]), _mm_set1_ps(d[1]));
         for r in 0..N {
-            let row = self.i0 + r;
-            let gi = row * (a.k / 32) + g;
-            // SAFETY: `gi` is a group of a row `dot_rows` checked to exist.
-            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr().add(gi * 32).cast()) };
+            let (q, steps, sums) = self.rows[r];
+            // SAFETY: `dot_rows` checked that every row holds the weight row's groups.
+            let (x, dx, xs) = unsafe {
+                (_mm256_loadu_si256(q.as_ptr().add(g * 32).cast()), *steps.get_unchecked(g), *sums.get_unchecked(g))
+            };
             let x = if signed { _mm256_sign_epi8(x, w) } else { x };
             let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, x), ones));
-            let dx = a.d[gi];
-            let step = _mm256_setr_m128(_mm_set1_ps(d[0] * dx), _mm_set1_ps(d[1] * dx));
+            let step = _mm256_mul_ps(wstep, _mm256_set1_ps(dx));
             self.lanes[r] = _mm256_fmadd_ps(sums, step, self.lanes[r]);
-            let xs = a.sums[gi];
-            self.offsets[r] += m[0] * xs[0] + m[1] * xs[1];
+            if offsets {
+                self.offsets[r] += m[0] * xs[0] + m[1] * xs[1];
+            }
         }
     }
 
@@ -89,9 +105,9 @@ impl<const N: usize> Acc<'_, N> {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row<const N: usize>(ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: usize, out: &mut [f32]) {
-    let mut acc = Acc::<N> { lanes: [_mm256_setzero_ps(); N], offsets: [0.0; N], acts, i0 };
+    let mut acc = Acc::<N>::new(acts, i0);
     let low4 = _mm256_set1_epi8(0x0F);
     // SAFETY (every load): each block slice below has the format's full size, from `chunks_exact`.
     unsafe {
@@ -100,14 +116,14 @@ unsafe fn row<const N: usize>(ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: 
                 for (g, b) in w.chunks_exact(34).enumerate() {
                     let d = f16_at(b, 0);
                     let q = _mm256_loadu_si256(b.as_ptr().add(2).cast());
-                    acc.group(g, q, true, [d, d], [0.0, 0.0]);
+                    acc.group(g, q, true, false, [d, d], [0.0, 0.0]);
                 }
             }
             GgmlType::Q4_0 => {
                 for (g, b) in w.chunks_exact(18).enumerate() {
                     let d = f16_at(b, 0);
                     let q = nibbles(_mm_loadu_si128(b.as_ptr().add(2).cast()), low4);
-                    acc.group(g, q, false, [d, d], [8.0 * d, 8.0 * d]);
+                    acc.group(g, q, false, true, [d, d], [8.0 * d, 8.0 * d]);
                 }
             }
             GgmlType::Q4_K => {
@@ -123,7 +139,7 @@ unsafe fn row<const N: usize>(ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: 
                             let j = 2 * c + half;
                             let (sc, m) = k4_scale_min(j, packed);
                             let (step, off) = (d * sc as f32, dmin * m as f32);
-                            acc.group(8 * sb + j, q, false, [step, step], [off, off]);
+                            acc.group(8 * sb + j, q, false, true, [step, step], [off, off]);
                         }
                     }
                 }
@@ -159,7 +175,7 @@ unsafe fn row<const N: usize>(ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: 
                             let j = 4 * n + t;
                             let lo = d * scales[2 * j] as i8 as f32;
                             let hi = d * scales[2 * j + 1] as i8 as f32;
-                            acc.group(8 * sb + j, q, false, [lo, hi], [32.0 * lo, 32.0 * hi]);
+                            acc.group(8 * sb + j, q, false, true, [lo, hi], [32.0 * lo, 32.0 * hi]);
                         }
                     }
                 }
@@ -209,7 +225,7 @@ mod tests {
             };
             for b in w.chunks_exact_mut(ty.type_size()) {
                 for &at in d_at {
-                    let v = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
+                    let v = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
                     b[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
                 }
             }

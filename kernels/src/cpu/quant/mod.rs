@@ -7,7 +7,7 @@
 //!   values, Q8_K per 256 for the K-quants);
 //! - [`dot`]: the integer dot product of a decoded weight row and an activation row (AVX2 at run time);
 //! - `direct` (x86-64): AVX2 kernels for Q8_0, Q4_0, Q4_K and Q6_K that decode in registers and dot a
-//!   weight row with four activation rows at a time, used whenever the CPU has AVX2 and FMA.
+//!   weight row with up to eight activation rows at a time, used whenever the CPU has AVX2, FMA and F16C.
 //!
 //! Up to [`INT8_MAX_ROWS`] input rows (decode and batched decode), each weight row is decoded once and
 //! dotted with every input row while it is in cache: the weights are read once per step whatever the
@@ -33,8 +33,9 @@ use self::{
 /// At or below this many input rows the int8 path is used.
 pub const INT8_MAX_ROWS: usize = 64;
 
-/// Weight rows per rayon task on the int8 path.
-const ROWS_PER_TASK: usize = 32;
+/// Rayon tasks per thread on the int8 path, and the fewest weight rows a task gets.
+const TASKS_PER_THREAD: usize = 4;
+const MIN_ROWS_PER_TASK: usize = 16;
 
 /// Weight rows dequantized at once on the prefill path (a few MB of f32 at most).
 const TILE_ROWS: usize = 256;
@@ -71,43 +72,41 @@ pub fn linear(x: &[f32], ty: GgmlType, w: &[u8], bias: Option<&[f32]>, out: &mut
 fn int8_rows(x: &[f32], ty: GgmlType, w: &[u8], out: &mut [f32], m: usize, k: usize, n: usize) {
     let acts = QuantizedRows::new(x, k, ActFormat::for_weights(ty));
     let rb = row_bytes(ty, k);
-    let offsets = has_offsets(ty);
     #[cfg(target_arch = "x86_64")]
     let direct = direct::available(ty);
     #[cfg(not(target_arch = "x86_64"))]
     let direct = false;
-    // Each task fills a column stripe of `out` ([rows, m]); they are scattered afterwards.
-    let mut stripes: Vec<Vec<f32>> = vec![Vec::new(); n.div_ceil(ROWS_PER_TASK)];
-    stripes.par_iter_mut().enumerate().for_each(|(t, stripe)| {
-        let (j0, j1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(n));
+    // Fills `o`, weight rows from `j0` on, each with its `m` results (the transpose of `out`'s layout).
+    let fill = |j0: usize, o: &mut [f32]| {
         let (mut wq, mut ws): (Vec<i8>, Vec<Scales>) =
             if direct { (Vec::new(), Vec::new()) } else { (vec![0i8; k], vec![[0.0; 4]; k / GROUP]) };
-        stripe.reserve_exact((j1 - j0) * m);
-        for j in j0..j1 {
-            let row = &w[j * rb..(j + 1) * rb];
+        for (jj, vals) in o.chunks_exact_mut(m).enumerate() {
+            let row = &w[(j0 + jj) * rb..(j0 + jj + 1) * rb];
             #[cfg(target_arch = "x86_64")]
             if direct {
-                let mut vals = [0f32; direct::ROWS];
-                for i in (0..m).step_by(direct::ROWS) {
-                    let n = direct::ROWS.min(m - i);
-                    direct::dot_rows(ty, row, &acts, i, &mut vals[..n]);
-                    stripe.extend_from_slice(&vals[..n]);
+                for (c, chunk) in vals.chunks_mut(direct::ROWS).enumerate() {
+                    direct::dot_rows(ty, row, &acts, c * direct::ROWS, chunk);
                 }
                 continue;
             }
             unpack_row(ty, row, &mut wq, &mut ws);
-            for i in 0..m {
+            for (i, v) in vals.iter_mut().enumerate() {
                 let (xq, xd, xs) = acts.row(i);
-                stripe.push(dot(&Operands { wq: &wq, ws: &ws, xq, xd, xs, offsets }));
+                *v = dot(&Operands { wq: &wq, ws: &ws, xq, xd, xs, offsets: has_offsets(ty) });
             }
         }
-    });
-    for (t, stripe) in stripes.iter().enumerate() {
-        let j0 = t * ROWS_PER_TASK;
-        for (jj, vals) in stripe.chunks_exact(m).enumerate() {
-            for (i, &v) in vals.iter().enumerate() {
-                out[i * n + j0 + jj] = v;
-            }
+    };
+    // A few tasks per thread: enough to balance, few enough that scheduling them costs nothing.
+    let per_task = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+    if m == 1 {
+        out.par_chunks_mut(per_task).enumerate().for_each(|(t, o)| fill(t * per_task, o));
+        return;
+    }
+    let mut by_row = vec![0f32; n * m];
+    by_row.par_chunks_mut(per_task * m).enumerate().for_each(|(t, o)| fill(t * per_task, o));
+    for (j, vals) in by_row.chunks_exact(m).enumerate() {
+        for (i, &v) in vals.iter().enumerate() {
+            out[i * n + j] = v;
         }
     }
 }
