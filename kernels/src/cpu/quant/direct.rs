@@ -2,9 +2,9 @@
 //! weights in registers, and dot it with up to [`ROWS`] activation rows before moving on: the weights of a
 //! row are read once for every input row, and nothing is written back to memory in between.
 //!
-//! A group's levels go to `maddubs` as unsigned bytes where the format allows (Q4_0 as `q + 8`, Q6_K as
-//! `q + 32`, Q4_K as they are), with the shift folded into the group's offsets, which are subtracted
-//! through the activations' half sums; Q8_0's signed levels use the sign trick. The result equals
+//! A group's levels go to `maddubs` as unsigned bytes where the format has offsets anyway (Q4_K as they
+//! are, Q6_K as `q + 32` with the shift folded into its offsets), which are subtracted through the
+//! activations' half sums; Q8_0's and Q4_0's signed levels use the sign trick. The result equals
 //! [`super::dot::dot`] on the decoded row to f32 rounding (the tests compare both with an f64 product).
 
 #![cfg(target_arch = "x86_64")]
@@ -120,10 +120,13 @@ unsafe fn row<const N: usize>(ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: 
                 }
             }
             GgmlType::Q4_0 => {
+                let eight = _mm256_set1_epi8(8);
                 for (g, b) in w.chunks_exact(18).enumerate() {
                     let d = f16_at(b, 0);
-                    let q = nibbles(_mm_loadu_si128(b.as_ptr().add(2).cast()), low4);
-                    acc.group(g, q, false, true, [d, d], [8.0 * d, 8.0 * d]);
+                    // Signed levels (q − 8) cost one subtraction per group; as unsigned ones with an offset,
+                    // every row would pay for the offset.
+                    let q = _mm256_sub_epi8(nibbles(_mm_loadu_si128(b.as_ptr().add(2).cast()), low4), eight);
+                    acc.group(g, q, true, false, [d, d], [0.0, 0.0]);
                 }
             }
             GgmlType::Q4_K => {
