@@ -172,6 +172,21 @@ def greedy(llm, prompt_ids):
     return out, first
 
 
+def load(path):
+    return llama_cpp.Llama(str(path), n_ctx=CTX, n_batch=CTX, n_threads=2, logits_all=True, verbose=False, seed=0,
+                           **EXACT)
+
+
+def greedy_cases(llm):
+    cases = []
+    for p in PROMPTS:
+        ids = llm.tokenize(p.encode(), add_bos=True)
+        toks, first = greedy(llm, ids)
+        cases.append({"prompt": p, "prompt_ids": ids, "greedy_ids": toks,
+                      "first_logits": [round(float(x), 5) for x in first]})
+    return cases
+
+
 def perplexity(llm, tokens, n_ctx):
     bos = llm.token_bos()
     first = n_ctx // 2
@@ -217,28 +232,16 @@ def main():
     for name, ftype in FTYPES.items():
         dst = OUT / f"quant-llama-{name}.gguf"
         quantize(src, dst, ftype)
-        llm = llama_cpp.Llama(str(dst), n_ctx=CTX, n_batch=CTX, n_threads=2, logits_all=True, verbose=False, seed=0,
-                               **EXACT)
-        cases = []
-        for p in PROMPTS:
-            ids = llm.tokenize(p.encode(), add_bos=True)
-            toks, first = greedy(llm, ids)
-            cases.append({"prompt": p, "prompt_ids": ids, "greedy_ids": toks, "first_logits": [round(float(x), 5) for x in first]})
+        llm = load(dst)
         runs = [perplexity(llm, list(text_tokens), n) for n in (64, 128)]
-        reference["files"][dst.name] = {"types": tensor_types(dst), "cases": cases, "perplexity": runs,
+        reference["files"][dst.name] = {"types": tensor_types(dst), "cases": greedy_cases(llm), "perplexity": runs,
                                         "text_tokens": len(text_tokens)}
         print(dst.name, {r["context"]: round(r["ppl"], 4) for r in runs}, sorted(set(tensor_types(dst).values())))
         del llm
     # The converter-made Q8_0 file of testdata/gguf-models/, as llama.cpp runs it.
     stories = ROOT / "testdata" / "gguf-models" / "stories260K-q8_0.gguf"
-    llm = llama_cpp.Llama(str(stories), n_ctx=CTX, n_batch=CTX, n_threads=2, logits_all=True, verbose=False, seed=0,
-                               **EXACT)
-    cases = []
-    for p in PROMPTS:
-        ids = llm.tokenize(p.encode(), add_bos=True)
-        toks, first = greedy(llm, ids)
-        cases.append({"prompt": p, "prompt_ids": ids, "greedy_ids": toks, "first_logits": [round(float(x), 5) for x in first]})
-    reference["files"][stories.name] = {"path": "testdata/gguf-models/" + stories.name, "cases": cases,
+    llm = load(stories)
+    reference["files"][stories.name] = {"path": "testdata/gguf-models/" + stories.name, "cases": greedy_cases(llm),
                                         "perplexity": [perplexity(llm, list(text_tokens), n) for n in (64, 128)],
                                         "text_tokens": len(text_tokens),
                                         "llama_cpp_text_tokens": len(llm.tokenize(TEXT.read_bytes(), add_bos=True))}
