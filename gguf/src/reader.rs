@@ -171,6 +171,25 @@ impl GgufFile {
         self.header.by_name.get(name).map(|&i| Tensor { file: self, info: &self.header.tensors[i] })
     }
 
+    /// Gives the pages holding `tensor`'s bytes back to the operating system (for a memory-mapped file; a
+    /// no-op otherwise). A loader that has copied or converted a tensor calls it, so that the file's pages
+    /// do not stay resident beside the copy while the rest loads; reading the tensor again reads the file
+    /// again. The pages at either end may be shared with the neighbouring tensors, which are read again
+    /// from the file just the same.
+    pub fn release(&self, tensor: &Tensor<'_>) {
+        if let Backing::Mmap(map) = &self.bytes {
+            let start = tensor.file_offset() as usize;
+            // SAFETY: the map is read-only and private, so MADV_DONTNEED discards no change: later reads
+            // see the file's bytes again, which is what every borrowed slice of the map already shows.
+            // The range lies inside the map (checked when the file was opened).
+            let advised =
+                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, tensor.info.size) };
+            // Advice the kernel refuses leaves the pages resident: it costs memory, not correctness, so
+            // there is nothing to report.
+            drop(advised);
+        }
+    }
+
     /// The tensor table without the data.
     pub fn tensor_infos(&self) -> &[TensorInfo] {
         &self.header.tensors

@@ -258,3 +258,17 @@ fn from_bytes_reads_the_same_file() {
     assert_eq!(mem.tensor_infos(), file.tensor_infos());
     assert!(mem.tensors().zip(file.tensors()).all(|(a, b)| a.data() == b.data()));
 }
+
+/// Releasing a tensor's pages (after a loader copied it) changes nothing a reader sees: the bytes are read
+/// from the file again, for it and for its neighbours.
+#[test]
+fn released_tensors_read_the_same_bytes_again() {
+    let (file, _) = open_fixture();
+    let before: Vec<Vec<u8>> = file.tensors().map(|t| t.data().to_vec()).collect();
+    assert!(before.iter().any(|b| b.iter().any(|&x| x != 0)), "the fixture's tensors are all zeros");
+    for t in file.tensors() {
+        file.release(&t);
+    }
+    let after: Vec<Vec<u8>> = file.tensors().map(|t| t.data().to_vec()).collect();
+    assert_eq!(before, after);
+}

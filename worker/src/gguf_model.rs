@@ -33,6 +33,8 @@
 //!   biases; everything for a GPU, which computes in bf16) is turned into f32 when it is loaded, row by row
 //!   (in parallel), and only this rank's rows or columns of it ([`Slice`], as `WeightFiles::load` reads a
 //!   safetensors file).
+//! - **Memory**: once a tensor is copied or converted, its pages of the file's map are given back
+//!   (`GgufFile::release`), so a load peaks near the model's size rather than twice it.
 
 use std::path::{Path, PathBuf};
 
@@ -127,6 +129,7 @@ impl GgufModel {
             let src = heads.map_or(r, |h| unpermuted(r, rows / h));
             bytes.extend_from_slice(&data[src * row_bytes + b0..src * row_bytes + b1]);
         }
+        self.file.release(&t);
         Ok(Some(Tensor::from_quant(ty, bytes, &[r1 - r0, c1 - c0])?))
     }
 
@@ -199,6 +202,7 @@ impl GgufModel {
             )?;
             out
         };
+        self.file.release(&t);
         let out_shape = if shape.len() == 1 { vec![c1 - c0] } else { vec![r1 - r0, c1 - c0] };
         Ok(Tensor::from_f32(out, &out_shape)?)
     }
