@@ -6,8 +6,9 @@
 //! - [`act`]: activations quantized to int8 as llama.cpp quantizes them for its dot products (Q8_0 per 32
 //!   values, Q8_K per 256 for the K-quants);
 //! - [`dot`]: the integer dot product of a decoded weight row and an activation row (AVX2 at run time);
-//! - `direct` (x86-64): AVX2 kernels for Q8_0, Q4_0, Q4_K and Q6_K that decode in registers and dot a
-//!   weight row with up to eight activation rows at a time, used whenever the CPU has AVX2, FMA and F16C.
+//! - `direct` (x86-64): kernels for Q8_0, Q4_0, Q4_K and Q6_K that decode in registers and dot a weight row
+//!   with up to eight activation rows at a time, used whenever the CPU has AVX2, FMA and F16C (an AVX-VNNI
+//!   build where it has that too).
 //!
 //! Up to [`INT8_MAX_ROWS`] input rows (decode and batched decode), each weight row is decoded once and
 //! dotted with every input row while it is in cache: the weights are read once per step whatever the
