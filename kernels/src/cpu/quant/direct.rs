@@ -1,4 +1,4 @@
-//! AVX2 (and AVX-VNNI, where the CPU has it) dot products that read Q8_0, Q4_0, Q4_K and Q6_K blocks where they lie, decoding each group of 32
+//! AVX2 (and VNNI, AVX-VNNI or AVX-512 VNNI, where the CPU has it) dot products that read Q8_0, Q4_0, Q4_K and Q6_K blocks where they lie, decoding each group of 32
 //! weights in registers, and dot it with up to [`ROWS`] activation rows before moving on: the weights of a
 //! row are read once for every input row, and nothing is written back to memory in between.
 //!
@@ -26,14 +26,45 @@ pub fn available(ty: GgmlType) -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// A build of the kernels: the same code, with the byte products summed by the best instruction the CPU
+/// has for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Build {
+    /// `vpmaddubsw` then `vpmaddwd`.
+    Avx2,
+    /// One `vpdpbusd` (AVX-VNNI, VEX-encoded: Alder Lake and later, Zen 5).
+    AvxVnni,
+    /// One `vpdpbusd` on 256-bit registers from AVX-512 VNNI with VL (Cascade Lake, Ice Lake, Zen 4).
+    Avx512Vnni,
+}
+
+impl Build {
+    /// Every build this CPU runs, the best last.
+    fn supported() -> Vec<Build> {
+        let mut builds = vec![Build::Avx2];
+        if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
+            builds.push(Build::Avx512Vnni);
+        }
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            builds.push(Build::AvxVnni);
+        }
+        builds
+    }
+
+    fn best() -> Build {
+        static BEST: std::sync::OnceLock<Build> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Build::supported().last().expect("AVX2 is always listed"))
+    }
+}
+
 /// `out[r] = w · x[i0 + r]` for the weight row `w` (blocks of `ty`) and `out.len()` (1..=[`ROWS`])
 /// activation rows from `i0`.
 pub fn dot_rows(ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: usize, out: &mut [f32]) {
-    dot_rows_on(std::arch::is_x86_feature_detected!("avxvnni"), ty, w, acts, i0, out)
+    dot_rows_on(Build::best(), ty, w, acts, i0, out)
 }
 
-/// [`dot_rows`] with the AVX-VNNI build (`vnni`, which the caller has checked the CPU has) or the AVX2 one.
-fn dot_rows_on(vnni: bool, ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: usize, out: &mut [f32]) {
+/// [`dot_rows`] with `build`, which the caller has checked the CPU runs ([`Build::supported`]).
+fn dot_rows_on(build: Build, ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: usize, out: &mut [f32]) {
     assert!(available(ty) && (1..=ROWS).contains(&out.len()) && i0 + out.len() <= acts.rows());
     assert_eq!(w.len(), super::row_bytes(ty, acts.k));
     macro_rules! rows {
@@ -50,9 +81,15 @@ fn dot_rows_on(vnni: bool, ty: GgmlType, w: &[u8], acts: &QuantizedRows, i0: usi
             }
         };
     }
-    // SAFETY: AVX2, FMA and F16C are present (`available`), and AVX-VNNI where the VNNI build runs; the row
-    // and activation lengths were checked above, and every load below stays inside them.
-    unsafe { if vnni { rows!(vnni) } else { rows!(avx2) } }
+    // SAFETY: AVX2, FMA and F16C are present (`available`), and the VNNI extension of the build chosen (the
+    // caller's check); the row and activation lengths were checked above, and every load stays inside them.
+    unsafe {
+        match build {
+            Build::Avx2 => rows!(avx2),
+            Build::AvxVnni => rows!(vnni),
+            Build::Avx512Vnni => rows!(vnni512),
+        }
+    }
 }
 
 /// `u · s` four bytes at a time with `maddubs` and `madd` (no pair saturates: `u` is at most 127).
@@ -67,6 +104,13 @@ fn pairs_avx2(u: __m256i, s: __m256i) -> __m256i {
 #[inline]
 fn pairs_vnni(u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+}
+
+/// `u · s` four bytes at a time in one AVX-512 VNNI instruction, on 256-bit registers.
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+#[inline]
+fn pairs_vnni512(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 }
 
 /// One build of the kernels for a set of CPU features: `$pairs(u, s)` sums each four products of the
@@ -258,6 +302,7 @@ macro_rules! kernels {
 
 kernels!(avx2, "avx2,fma,f16c", pairs_avx2);
 kernels!(vnni, "avx2,fma,f16c,avxvnni", pairs_vnni);
+kernels!(vnni512, "avx2,fma,f16c,avx512vnni,avx512vl", pairs_vnni512);
 
 #[cfg(test)]
 mod tests {
@@ -298,15 +343,14 @@ mod tests {
             let acts = QuantizedRows::new(&x, k, super::super::act::ActFormat::for_weights(ty));
             let (mut wq, mut ws) = (vec![0i8; k], vec![[0f32; 4]; k / GROUP]);
             unpack_row(ty, &w, &mut wq, &mut ws);
-            let builds = if std::arch::is_x86_feature_detected!("avxvnni") { &[false, true][..] } else { &[false] };
-            for &vnni in builds {
+            for build in Build::supported() {
                 for n in 1..=ROWS {
                     let mut got = vec![0f32; n];
-                    dot_rows_on(vnni, ty, &w, &acts, ROWS - n, &mut got);
+                    dot_rows_on(build, ty, &w, &acts, ROWS - n, &mut got);
                     for (r, g) in got.iter().enumerate() {
                         let (xq, xd, xs) = acts.row(ROWS - n + r);
                         let want = dot(&Operands { wq: &wq, ws: &ws, xq, xd, xs, offsets: has_offsets(ty) });
-                        let what = format!("{ty} vnni={vnni} n={n} row {r}: {g} vs {want}");
+                        let what = format!("{ty} {build:?} n={n} row {r}: {g} vs {want}");
                         assert!((g - want).abs() <= 1e-4 * want.abs().max(1.0), "{what}");
                     }
                 }

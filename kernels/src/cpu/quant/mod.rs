@@ -8,7 +8,7 @@
 //! - [`dot`]: the integer dot product of a decoded weight row and an activation row (AVX2 at run time);
 //! - `direct` (x86-64): kernels for Q8_0, Q4_0, Q4_K and Q6_K that decode in registers and dot a weight row
 //!   with up to eight activation rows at a time, used whenever the CPU has AVX2, FMA and F16C (an AVX-VNNI
-//!   build where it has that too).
+//!   or AVX-512 VNNI build where it has one of those too).
 //!
 //! Up to [`INT8_MAX_ROWS`] input rows (decode and batched decode), each weight row is decoded once and
 //! dotted with every input row while it is in cache: the weights are read once per step whatever the
