@@ -31,6 +31,7 @@ use crate::{
         contract::{FinishReason, GenRequest, seq_id},
         engine_loop,
         link::{Command, Hub, LoopHost, Migrant, ReplicaStats},
+        postman::Postman,
     },
     lora::{AdapterSpec, Adapters, LoraError},
     metrics::Metrics,
@@ -85,6 +86,8 @@ pub struct Replicas {
     parked: Mutex<Parking>,
     /// The LoRA adapters served over the model: every replica loads them.
     pub adapters: Adapters,
+    /// Delivers every replica's events, and the failover path's.
+    postman: Postman,
 }
 
 #[derive(Default)]
@@ -109,6 +112,7 @@ impl Replicas {
             on_failure: Mutex::new(None),
             parked: Mutex::new(Parking::default()),
             adapters: Adapters::default(),
+            postman: Postman::start(),
         })
     }
 
@@ -130,7 +134,7 @@ impl Replicas {
         tracing::error!("no replica can be started any more: {reason}");
         for m in waiting {
             self.metrics.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
-            m.fail(&format!("no replica can be started any more ({reason})"));
+            m.fail(&format!("no replica can be started any more ({reason})"), &self.postman);
         }
     }
 
@@ -173,7 +177,7 @@ impl Replicas {
             eos,
             self.metrics.clone(),
             keep_alive,
-            Hub { replica: id, stats: stats.clone(), host: self.clone() },
+            Hub { replica: id, stats: stats.clone(), host: self.clone(), postman: self.postman.clone() },
         );
         let mut live = self.lock();
         // Under the routing lock, as `load_adapter` registers an adapter and walks the replicas: an adapter
@@ -413,7 +417,7 @@ impl Replicas {
                     } else {
                         drop(parking);
                         self.metrics.request_failure.get_or_create(&vec![("kind", "backend")]).inc();
-                        m.fail(&format!("no healthy replica is left ({reason})"));
+                        m.fail(&format!("no healthy replica is left ({reason})"), &self.postman);
                     }
                     break;
                 };

@@ -10,6 +10,7 @@
 
 use std::{
     io::IsTerminal,
+    sync::atomic::{AtomicBool, Ordering},
     task::{Context as TaskContext, Poll},
     time::Duration,
 };
@@ -52,6 +53,15 @@ impl Drop for Telemetry {
             let _ = p.shutdown();
         }
     }
+}
+
+/// Whether spans are exported (see [`exporting`]).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans over OTLP: what only an exported trace shows (links between spans)
+/// need not be computed otherwise.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// Installs the global subscriber: log lines on stderr (`json` or text, filtered by `RUST_LOG`, else
@@ -97,6 +107,7 @@ pub fn init(json: bool, default_filter: &str, otlp: Option<Otlp>) -> Result<Tele
         .with_tracked_inactivity(false)
         .with_filter(tracing_subscriber::filter::Targets::new().with_target("tessera", tracing::Level::INFO));
     registry.with(otel).init();
+    EXPORTING.store(true, Ordering::Relaxed);
     global::set_tracer_provider(provider.clone());
     Ok(Telemetry { provider: Some(provider) })
 }

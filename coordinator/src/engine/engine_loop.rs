@@ -2,7 +2,8 @@
 //! requests into steps.
 //!
 //! HTTP handlers submit a [`GenRequest`] (one sequence per choice) through `Replicas` with a channel for
-//! [`Event`]s and get tokens back as they are sampled. A handler that goes away (the client disconnected)
+//! [`Event`]s and get tokens back as they are sampled: a step's events leave together, through the
+//! [`Postman`](super::postman::Postman) (its thread wakes the handlers). A handler that goes away (the client disconnected)
 //! closes its channel: the loop notices before the next step and aborts the sequence, freeing its blocks at
 //! once. Detokenizing and stop strings belong to the handler, so this thread does only scheduling and
 //! bookkeeping.
@@ -29,11 +30,15 @@ use super::{
     backend::{Backend, OwnedStepSeq, StepFailure},
     contract::{Event, FinishReason, seq_id},
     link::{Command, Hub, Migrant, Track},
+    postman::Outbox,
 };
 use crate::{
     metrics::Metrics,
     scheduler::{Outcome, Planned, Scheduler, SchedulerConfig, SchedulerStats, Sequence},
 };
+
+/// Steps between looks at every handler's channel for one that is closed.
+const SWEEP_EVERY: u32 = 16;
 
 /// CPU seconds this thread has used.
 fn thread_cpu_time() -> f64 {
@@ -68,9 +73,12 @@ pub fn spawn(
         sched,
         eos,
         metrics,
-        tracks: HashMap::new(),
+        tracks: HashMap::default(),
         flows: HashMap::new(),
+        outbox: Outbox::new(hub.postman.clone()),
         hub,
+        backend_cpu: 0.0,
+        until_sweep: 0,
         published: Default::default(),
         failed: None,
         deferred: Vec::new(),
@@ -114,10 +122,17 @@ struct Loop {
     sched: Scheduler,
     eos: Vec<u32>,
     metrics: Arc<Metrics>,
-    tracks: HashMap<u64, Track>,
+    tracks: HashMap<u64, Track, foldhash::fast::RandomState>,
     /// Tracked sequences per flow.
     flows: HashMap<Option<String>, usize>,
     hub: Hub,
+    /// Events of the step under way, sent together once it is applied.
+    outbox: Outbox,
+    /// Steps until the next look at every handler's channel ([`Loop::drop_abandoned`]).
+    until_sweep: u32,
+    /// This thread's CPU seconds inside the backend during the current iteration (the forward pass, with
+    /// an in-process backend): not the loop's own cost.
+    backend_cpu: f64,
     /// Counter values already added to the shared metrics (preemptions, prefix cache queries and hits,
     /// newcomer steps, steps paused).
     published: SchedulerStats,
@@ -134,6 +149,9 @@ struct Loop {
 impl Loop {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
+            // Waiting for a command below takes no CPU time: what this counts is the loop's own work.
+            let cpu_started = thread_cpu_time();
+            self.backend_cpu = 0.0;
             for c in std::mem::take(&mut self.deferred) {
                 self.handle(c);
             }
@@ -153,13 +171,21 @@ impl Loop {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
+            let mut stepped = false;
             if self.failed.is_none() {
                 self.drop_abandoned();
-                self.step(&rx);
+                stepped = self.step(&rx);
                 self.publish();
                 if !self.unloading.is_empty() {
                     self.unload_idle_adapters();
                 }
+            }
+            self.outbox.flush();
+            if stepped {
+                // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled,
+                // and that is not the loop's cost.
+                let cpu = thread_cpu_time() - cpu_started - self.backend_cpu;
+                self.metrics.scheduler_step_seconds.observe(cpu.max(0.0));
             }
             if let Some(reason) = self.failed.take() {
                 self.hand_over(&reason, rx);
@@ -183,6 +209,7 @@ impl Loop {
                     seq.adapter = r.adapter;
                     self.sched.add(seq);
                     self.enter_flow(&r.flow);
+                    self.outbox.open(id, &r.events);
                     self.tracks.insert(
                         id,
                         Track {
@@ -203,6 +230,7 @@ impl Loop {
                 let (id, adapter) = (m.id, m.adapter);
                 self.sched.add(m.sequence());
                 self.enter_flow(&m.track.flow);
+                self.outbox.open(id, &m.track.events);
                 self.tracks.insert(m.id, m.track);
                 self.refuse_without_adapter(adapter, [id]);
             }
@@ -256,9 +284,11 @@ impl Loop {
         }
     }
 
-    /// Forgets a sequence's bookkeeping; its tokens no longer count against this replica.
+    /// Forgets a sequence's bookkeeping; its tokens no longer count against this replica, and its handler
+    /// hears nothing more from this loop.
     fn untrack(&mut self, id: u64) -> Option<Track> {
         let t = self.tracks.remove(&id)?;
+        self.outbox.close(id);
         self.hub.stats.outstanding_tokens.fetch_sub(t.charge, Ordering::Relaxed);
         if let Some(n) = self.flows.get_mut(&t.flow) {
             *n -= 1;
@@ -268,6 +298,13 @@ impl Loop {
             }
         }
         Some(t)
+    }
+
+    /// Sends sequence `id`'s handler its last event, made from its track, and forgets the sequence.
+    fn untrack_with(&mut self, id: u64, last: impl FnOnce(&Track) -> Event) -> Option<Track> {
+        let event = last(self.tracks.get(&id)?);
+        self.outbox.push(id, event);
+        self.untrack(id)
     }
 
     /// A sequence of `flow` is tracked: the replica's published flows include it.
@@ -301,6 +338,8 @@ impl Loop {
         }
         drop(rx);
         self.publish();
+        // Their events so far go out before anything the host sends them (the postman keeps order).
+        self.outbox.flush();
         self.hub.host.adopt(migrants, reason);
     }
 
@@ -340,37 +379,52 @@ impl Loop {
         }
     }
 
-    /// Sequences whose handler is gone (client disconnected) are aborted before they cost a step.
+    /// Sequences whose handler is gone (client disconnected) are aborted: those the postman found gone at
+    /// once, and every [`SWEEP_EVERY`] steps any other (one still waiting has not been sent anything).
+    /// Looking at every handler's channel each step would cost a cache miss per sequence per step.
     fn drop_abandoned(&mut self) {
-        let gone: Vec<u64> = self.tracks.iter().filter(|(_, t)| t.events.is_closed()).map(|(&id, _)| id).collect();
+        let mut gone = self.outbox.take_gone();
+        self.until_sweep = self.until_sweep.saturating_sub(1);
+        if self.until_sweep == 0 {
+            self.until_sweep = SWEEP_EVERY;
+            gone.extend(self.tracks.iter().filter(|(_, t)| t.events.is_closed()).map(|(&id, _)| id));
+        }
         for id in gone {
             self.finish_abort(id, None);
         }
     }
 
-    fn step(&mut self, rx: &mpsc::Receiver<Command>) {
+    /// Plans and runs a step; false if there was nothing to run.
+    fn step(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
         let started = Instant::now();
         let plan = self.sched.schedule();
         if plan.is_empty() {
             self.fail_unschedulable();
-            return;
+            return false;
         }
         let pausable = self.backend.can_pause();
         self.execute(&plan, started, pausable.then_some(rx));
+        true
     }
 
     /// One span per step, shared by the requests in it: a child of the first request's span, linked to
-    /// the others' (never one span per request per step).
+    /// the others' where spans are exported (never one span per request per step).
     fn step_span(&self, plan: &[Planned], tokens: usize) -> tracing::Span {
         let prefill: usize =
             plan.iter().filter(|p| !(p.end - p.start == 1 && p.start > 0)).map(|p| p.end - p.start).sum();
         let mut parents = plan.iter().filter_map(|p| self.tracks.get(&p.id)).map(|t| &t.span);
         let Some(first) = parents.next() else { return tracing::Span::none() };
         let s = tracing::info_span!(target: "tessera::engine", parent: first, "step", sequences = plan.len(), tokens, prefill_tokens = prefill);
-        let mut seen = vec![first.id()];
+        if !tessera_telemetry::exporting() {
+            // Links are seen only in an exported trace; finding every request's span costs a look-up per
+            // sequence per step.
+            return s;
+        }
+        // A request's choices share its span: linked once.
+        let mut seen = std::collections::HashSet::with_capacity(plan.len());
+        seen.insert(first.id());
         for other in parents {
-            if !seen.contains(&other.id()) {
-                seen.push(other.id());
+            if seen.insert(other.id()) {
                 tessera_telemetry::link(&s, other);
             }
         }
@@ -379,7 +433,6 @@ impl Loop {
 
     /// Runs a planned step and applies it. With `rx` the step may pause for a newcomer (module doc).
     fn execute(&mut self, plan: &[Planned], started: Instant, rx: Option<&mpsc::Receiver<Command>>) {
-        let cpu_started = thread_cpu_time();
         for p in plan {
             if p.start == 0
                 && let Some(s) = self.sched.get(p.id)
@@ -391,14 +444,15 @@ impl Loop {
         let inputs = self.sched.inputs(plan);
         let tokens: usize = plan.iter().map(|p| p.end - p.start).sum();
         let step_span = self.step_span(plan, tokens);
-        let cpu_before_backend = thread_cpu_time() - cpu_started;
         let t = Instant::now();
         let stats = self.hub.stats.clone();
         let pause = move || stats.newcomer.load(Ordering::Acquire);
+        let cpu = thread_cpu_time();
         let first = step_span.in_scope(|| match rx {
             Some(_) => self.backend.step_pausable(&inputs, &pause),
             None => self.backend.step(&inputs).map(Some),
         });
+        self.backend_cpu += thread_cpu_time() - cpu;
         // Time the loop spent on other work while the step was paused: not the step's cost.
         let mut aside = Duration::ZERO;
         let result = match (first, rx) {
@@ -415,7 +469,6 @@ impl Loop {
             }
         };
         let on_workers = t.elapsed().saturating_sub(aside);
-        let cpu_after = thread_cpu_time();
         // Step timings before any event goes out, like the other metrics: a client whose response completes
         // must find the step that completed it counted.
         self.metrics.step_seconds.observe(on_workers.as_secs_f64());
@@ -429,7 +482,7 @@ impl Loop {
             Ok(sampled) => {
                 // Prompt logprobs before the tokens they precede.
                 self.send_prompt_scores();
-                let mut outcomes = self.sched.apply(plan, sampled, &self.eos);
+                let outcomes = self.sched.apply(plan, sampled, &self.eos);
                 // The next masks of the constrained sequences, before anything else can schedule them.
                 let stuck = self.sched.prepare_masks();
                 // Metrics first, events second: a client whose response completes must see its own request
@@ -438,11 +491,14 @@ impl Loop {
                 // First tokens go out first: their handlers are then first in the HTTP runtime's queue, ahead
                 // of the streams that already have theirs (a newcomer's time to first token should not
                 // include 64 other streams' writes).
-                outcomes.sort_by_key(|o| self.tracks.get(&o.id).is_some_and(|t| t.last_token.is_some()));
+                let (first, flowing): (Vec<Outcome>, Vec<Outcome>) =
+                    outcomes.into_iter().partition(|o| self.tracks.get(&o.id).is_some_and(|t| t.last_token.is_none()));
                 let now = Instant::now();
-                for o in outcomes {
-                    self.emit(o, now);
+                let mut generated = 0;
+                for o in first.into_iter().chain(flowing) {
+                    generated += self.emit(o, now) as u64;
                 }
+                self.metrics.generation_tokens.inc_by(generated);
                 for (id, message) in stuck {
                     self.fail_sequence(id, &message, "grammar");
                 }
@@ -451,9 +507,8 @@ impl Loop {
             Err(e) if e.is_fatal() => self.failed = Some(e.to_string()),
             Err(e) => self.fail_refused(plan, &e.to_string()),
         }
-        // CPU time of this thread, not wall time: on a busy machine the thread is also descheduled, and that
-        // is not the scheduler's cost. (With an in-process backend the forward pass runs on rayon threads.)
-        self.metrics.scheduler_step_seconds.observe(cpu_before_backend + (thread_cpu_time() - cpu_after));
+        // A newcomer's first token leaves now, while the step it paused goes on.
+        self.outbox.flush();
     }
 
     /// The step in flight (`tokens` tokens) paused after running for `own`: take new requests in and, if the scheduler plans a
@@ -493,7 +548,10 @@ impl Loop {
             let resumed = Instant::now();
             let pause = move || resumed.elapsed() >= owed && stats.newcomer.load(Ordering::Acquire);
             // Refusing to resume is not refusing a step: the paused step is stuck half-way, the replica lost.
-            let out = span.in_scope(|| self.backend.resume(&views, &pause)).map_err(|e| match e {
+            let cpu = thread_cpu_time();
+            let out = span.in_scope(|| self.backend.resume(&views, &pause));
+            self.backend_cpu += thread_cpu_time() - cpu;
+            let out = out.map_err(|e| match e {
                 StepFailure::Refused(m) => StepFailure::Internal(format!("resuming a paused step: {m}")),
                 e => e,
             })?;
@@ -516,12 +574,13 @@ impl Loop {
             let (mut tokens, mut ranks) = (p.tokens, p.ranks);
             tokens.truncate(n);
             ranks.truncate(n);
-            let _ = t.events.send(Event::Prompt { choice: t.choice, first_position: p.first_position, tokens, ranks });
+            self.outbox.push(p.id, Event::Prompt { choice: t.choice, first_position: p.first_position, tokens, ranks });
         }
     }
 
-    fn emit(&mut self, o: Outcome, now: Instant) {
-        let Some(t) = self.tracks.get_mut(&o.id) else { return };
+    /// Sends a sampled token to its handler, and the end if it finished; false if no one waits for it.
+    fn emit(&mut self, o: Outcome, now: Instant) -> bool {
+        let Some(t) = self.tracks.get_mut(&o.id) else { return false };
         match t.last_token {
             None => {
                 self.metrics.time_to_first_token.observe((now - t.arrival).as_secs_f64());
@@ -530,26 +589,27 @@ impl Loop {
             Some(prev) => self.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
         }
         t.last_token = Some(now);
-        self.metrics.generation_tokens.inc();
-        let _ = t.events.send(Event::Token {
+        let token = Event::Token {
             choice: t.choice,
             token: o.sampled.token,
             logprob: o.sampled.logprob,
             top_logprobs: o.sampled.top_logprobs,
-        });
+        };
+        self.outbox.push(o.id, token);
         if let Some(reason) = o.finished {
-            let t = self.untrack(o.id).expect("tracked");
-            self.backend.release(&[o.id]);
-            let label = if reason == FinishReason::Stop { "stop" } else { "length" };
-            self.metrics.request_success.get_or_create(&vec![("finished_reason", label)]).inc();
-            self.metrics.e2e_request_latency.observe(t.arrival.elapsed().as_secs_f64());
-            let _ = t.events.send(Event::Finished {
+            let finished = |t: &Track| Event::Finished {
                 choice: t.choice,
                 reason,
                 prompt_tokens: t.prompt_tokens,
                 cached_tokens: o.cached_tokens,
-            });
+            };
+            let t = self.untrack_with(o.id, finished).expect("tracked");
+            self.backend.release(&[o.id]);
+            let label = if reason == FinishReason::Stop { "stop" } else { "length" };
+            self.metrics.request_success.get_or_create(&vec![("finished_reason", label)]).inc();
+            self.metrics.e2e_request_latency.observe(t.arrival.elapsed().as_secs_f64());
         }
+        true
     }
 
     /// Nothing could be scheduled although sequences are there: prefills are waiting for blocks other
@@ -560,10 +620,9 @@ impl Loop {
             return;
         }
         if let Some(id) = self.sched.unstick() {
-            if let Some(t) = self.untrack(id) {
-                let _ = t
-                    .events
-                    .send(Event::Error { choice: t.choice, message: "the request does not fit the KV cache".into() });
+            let error =
+                |t: &Track| Event::Error { choice: t.choice, message: "the request does not fit the KV cache".into() };
+            if self.untrack_with(id, error).is_some() {
                 self.metrics.request_failure.get_or_create(&vec![("kind", "kv_cache")]).inc();
             }
             self.backend.release(&[id]);
@@ -575,8 +634,7 @@ impl Loop {
         if self.sched.abort(id).is_some() {
             self.backend.release(&[id]);
         }
-        if let Some(t) = self.untrack(id) {
-            let _ = t.events.send(Event::Error { choice: t.choice, message: message.to_string() });
+        if self.untrack_with(id, |t| Event::Error { choice: t.choice, message: message.to_string() }).is_some() {
             self.metrics.request_failure.get_or_create(&vec![("kind", kind)]).inc();
         }
     }

@@ -15,7 +15,10 @@ use std::{
 use tessera_proto::step::{AdapterSpec, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::contract::{Event, FinishReason, GenRequest};
+use super::{
+    contract::{Event, FinishReason, GenRequest},
+    postman::Postman,
+};
 use crate::{constrain::Constraint, scheduler::Sequence};
 
 pub enum Command {
@@ -63,9 +66,9 @@ impl Migrant {
         self.track.charge
     }
 
-    /// Nowhere to go: the handler hears why.
-    pub fn fail(self, message: &str) {
-        let _ = self.track.events.send(Event::Error { choice: self.track.choice, message: message.to_string() });
+    /// Nowhere to go: the handler hears why, through `postman`, after the events its replica posted.
+    pub fn fail(self, message: &str, postman: &Postman) {
+        postman.post(&self.track.events, Event::Error { choice: self.track.choice, message: message.to_string() });
     }
 
     /// The sequence to schedule again: prompt plus what was already sent, recomputed as after a preemption.
@@ -136,6 +139,9 @@ pub struct Hub {
     pub replica: u64,
     pub stats: Arc<ReplicaStats>,
     pub host: Arc<dyn LoopHost>,
+    /// Delivers the loop's events (the same one as the host's, so that a sequence's events stay in order
+    /// when it moves).
+    pub postman: Postman,
 }
 
 /// Per-sequence bookkeeping the scheduler does not need.

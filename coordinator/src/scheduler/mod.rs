@@ -29,11 +29,13 @@
 //!
 //! - `sequence`: a sequence as the scheduler sees it;
 //! - `queue`: the waiting queue in fair-queuing order, and the preemption victim for fairness;
+//! - `running`: the running batch, kept between steps and updated as sequences come and go;
 //! - `blocks`: the paged KV block manager, with the prefix cache;
 //! - `step_cost`: what a step of each size costs on this replica, measured.
 
 mod blocks;
 mod queue;
+mod running;
 mod sequence;
 mod step_cost;
 
@@ -47,6 +49,7 @@ use crate::engine::contract::FinishReason;
 use self::{
     blocks::BlockManager,
     queue::{FairQueue, fairness_victim},
+    running::Running,
     step_cost::StepCost,
 };
 pub use self::{
@@ -102,7 +105,7 @@ pub struct Scheduler {
     blocks: BlockManager,
     waiting: FairQueue,
     /// In admission order: preemption takes from the back.
-    running: Vec<Sequence>,
+    running: Running,
     preemptions: u64,
     newcomer_steps: u64,
     steps_paused: u64,
@@ -119,7 +122,7 @@ impl Scheduler {
             cfg,
             blocks: BlockManager::new(num_blocks, block_size),
             waiting: FairQueue::default(),
-            running: Vec::new(),
+            running: Running::default(),
             preemptions: 0,
             newcomer_steps: 0,
             steps_paused: 0,
@@ -191,16 +194,13 @@ impl Scheduler {
     }
 
     pub fn get(&self, id: u64) -> Option<&Sequence> {
-        self.running.iter().chain(self.waiting.iter()).find(|s| s.id == id)
+        self.running.get(id).or_else(|| self.waiting.iter().find(|s| s.id == id))
     }
 
     /// Removes a sequence wherever it is and frees its blocks at once.
     pub fn abort(&mut self, id: u64) -> Option<Sequence> {
-        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
-        } else {
-            self.waiting.remove(id)?
-        };
+        let seq =
+            if let Some(i) = self.running.position(id) { self.running.remove(i) } else { self.waiting.remove(id)? };
         self.blocks.release(&seq.blocks);
         Some(seq)
     }
@@ -431,7 +431,7 @@ impl Scheduler {
     pub fn inputs<'a>(&'a self, plan: &[Planned]) -> Vec<StepSeq<'a>> {
         plan.iter()
             .map(|p| {
-                let s = self.running.iter().find(|s| s.id == p.id).expect("planned sequences are running");
+                let s = self.running.get(p.id).expect("planned sequences are running");
                 let first = s.fresh;
                 // Prompt logprobs: every chunk that covers prompt positions scores them (again, after a
                 // recompute: whoever reads them keeps the first score of each position).
@@ -462,7 +462,7 @@ impl Scheduler {
     pub fn apply(&mut self, plan: &[Planned], sampled: Vec<SeqSampled>, eos: &[u32]) -> Vec<Outcome> {
         let bs = self.blocks.block_size();
         for p in plan {
-            let Some(s) = self.running.iter_mut().find(|s| s.id == p.id) else { continue };
+            let Some(s) = self.running.get_mut(p.id) else { continue };
             s.fresh = false;
             s.num_computed = s.num_computed.max(p.end);
             while (s.num_hashed + 1) * bs <= s.num_computed {
@@ -472,9 +472,9 @@ impl Scheduler {
             }
         }
         let mut out = Vec::with_capacity(sampled.len());
+        let mut finished_ids = Vec::new();
         for x in sampled {
-            let Some(i) = self.running.iter().position(|s| s.id == x.id) else { continue };
-            let s = &mut self.running[i];
+            let Some(s) = self.running.get_mut(x.id) else { continue };
             let cached_tokens = s.cached_tokens;
             let token = x.sampled.token;
             s.tokens.push(token);
@@ -494,10 +494,13 @@ impl Scheduler {
                 None
             };
             if finished.is_some() {
-                let s = self.running.remove(i);
-                self.blocks.release(&s.blocks);
+                finished_ids.push(x.id);
             }
             out.push(Outcome { id: x.id, sampled: x.sampled, finished, cached_tokens });
+        }
+        // Together, in one pass over the batch: several sequences often finish in the same step.
+        for s in self.running.remove_all(&finished_ids) {
+            self.blocks.release(&s.blocks);
         }
         out
     }
@@ -587,6 +590,26 @@ mod tests {
         );
         assert_eq!(out[0].finished, Some(FinishReason::Stop));
         assert!(s.is_idle());
+    }
+
+    #[test]
+    fn sequences_finishing_together_leave_the_others_running_in_order() {
+        let mut s = sched(64, 4, 100, 8);
+        for (id, max_tokens) in [(1, 2), (2, 5), (3, 2), (4, 5), (5, 2)] {
+            s.add(seq(id, 3, max_tokens));
+        }
+        let p = s.schedule();
+        step(&mut s, &p);
+        let p = s.schedule();
+        let finished: Vec<u64> = step(&mut s, &p).iter().filter(|o| o.finished.is_some()).map(|o| o.id).collect();
+        assert_eq!(finished, [1, 3, 5]);
+        assert_eq!(s.running.iter().map(|q| q.id).collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(s.blocks.num_used(), 2, "one block each for the two left");
+        // The next step finds each of them where it is.
+        let p = s.schedule();
+        assert_eq!(p.iter().map(|p| (p.id, p.start)).collect::<Vec<_>>(), [(2, 4), (4, 4)]);
+        assert_eq!(s.inputs(&p).iter().map(|i| i.id).collect::<Vec<_>>(), [2, 4]);
+        assert!(s.get(3).is_none());
     }
 
     #[test]

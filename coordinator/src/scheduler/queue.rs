@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::sequence::Sequence;
+use super::{running::Running, sequence::Sequence};
 
 #[derive(Default)]
 pub struct FairQueue {
@@ -69,18 +69,14 @@ impl FairQueue {
     }
 
     /// The head of the queue belongs to a flow with nothing in `running`.
-    pub fn head_is_newcomer(&self, running: &[Sequence]) -> bool {
-        self.waiting.front().is_some_and(|head| !running.iter().any(|s| s.flow == head.flow))
+    pub fn head_is_newcomer(&self, running: &Running) -> bool {
+        self.waiting.front().is_some_and(|head| running.of_flow(&head.flow) == 0)
     }
 }
 
 /// The sequence fairness preempts: the newest of the flow running the most, if it runs two or more.
-pub fn fairness_victim(running: &[Sequence]) -> Option<usize> {
-    let mut counts: HashMap<&Option<String>, usize> = HashMap::new();
-    for s in running {
-        *counts.entry(&s.flow).or_default() += 1;
-    }
-    let (flow, n) = counts.into_iter().max_by_key(|(_, n)| *n)?;
+pub fn fairness_victim(running: &Running) -> Option<usize> {
+    let (flow, n) = running.busiest_flow()?;
     if n < 2 {
         return None;
     }
