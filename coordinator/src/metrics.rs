@@ -47,7 +47,8 @@ pub struct Metrics {
     /// Steps that ran a newcomer's prefill alone, ahead of the decodes (fair share, compute-bound backends).
     pub newcomer_steps: Counter,
     pub steps_paused: Counter,
-    /// Coordinator CPU time per step, excluding the wait for the workers.
+    /// The engine loop's CPU time per step: the whole loop iteration (planning, taking requests in, bookkeeping,
+    /// events) less the time its thread spent in the backend.
     pub scheduler_step_seconds: Histogram,
     /// Wall time of the step on the workers, as the coordinator sees it.
     pub step_seconds: Histogram,
@@ -214,7 +215,7 @@ impl Metrics {
     fn register_steps(&self, r: &mut Registry) {
         r.register(
             "tessera:scheduler_step_seconds",
-            "Coordinator CPU time per step, excluding the wait for workers",
+            "Engine loop CPU time per step (planning, bookkeeping, events), excluding the backend's forward pass",
             self.scheduler_step_seconds.clone(),
         );
         r.register("tessera:step_seconds", "Step wall time on the workers", self.step_seconds.clone());
