@@ -3,10 +3,11 @@
 //!
 //! HTTP handlers submit a [`GenRequest`] (one sequence per choice) through `Replicas` with a channel for
 //! [`Event`]s and get tokens back as they are sampled: a step's events leave together, through the
-//! [`Postman`](super::postman::Postman) (its thread wakes the handlers). A handler that goes away (the client disconnected)
-//! closes its channel: the loop notices before the next step and aborts the sequence, freeing its blocks at
-//! once. Detokenizing and stop strings belong to the handler, so this thread does only scheduling and
-//! bookkeeping.
+//! [`Postman`](super::postman::Postman), whose thread wakes the handlers. A handler that goes away (the
+//! client disconnected) closes its channel: the loop hears it from the postman at the sequence's next token
+//! (or finds it within `SWEEP_EVERY` steps, for one not yet sent anything) and aborts the sequence,
+//! freeing its blocks at once. Detokenizing and stop strings belong to the handler, so this thread does only
+//! scheduling and bookkeeping.
 //!
 //! With an in-process backend a step can pause before a layer's attention or MLP: when a request of a flow
 //! (API key) with nothing on the replica arrives, the submitter raises [`ReplicaStats::newcomer`], the step
