@@ -39,15 +39,17 @@ impl Running {
     pub fn remove(&mut self, i: usize) -> Sequence {
         let seq = self.seqs.remove(i);
         self.forget(&seq);
-        self.reindex_from(i);
+        self.moved_up(&[i]);
         seq
     }
 
     /// Takes out every sequence in `ids` (those not running are ignored), in one pass over the batch.
     pub fn remove_all(&mut self, ids: &[u64]) -> Vec<Sequence> {
-        let Some(first) = ids.iter().filter_map(|id| self.position(*id)).min() else { return Vec::new() };
-        let mut kept = Vec::with_capacity(self.seqs.len());
-        let mut gone = Vec::with_capacity(ids.len());
+        let mut places: Vec<usize> = ids.iter().filter_map(|id| self.position(*id)).collect();
+        let Some(&first) = places.iter().min() else { return Vec::new() };
+        places.sort_unstable();
+        let mut kept = Vec::with_capacity(self.seqs.len() - first);
+        let mut gone = Vec::with_capacity(places.len());
         for seq in self.seqs.drain(first..) {
             if ids.contains(&seq.id) { gone.push(seq) } else { kept.push(seq) }
         }
@@ -55,7 +57,7 @@ impl Running {
         for seq in &gone {
             self.forget(seq);
         }
-        self.reindex_from(first);
+        self.moved_up(&places);
         gone
     }
 
@@ -95,9 +97,11 @@ impl Running {
         }
     }
 
-    fn reindex_from(&mut self, first: usize) {
-        for (i, s) in self.seqs.iter().enumerate().skip(first) {
-            self.at.insert(s.id, i);
+    /// The sequences at the (sorted) places `removed` left: every other one moves up by the number removed
+    /// before it. One pass over the index's table, not a hash look-up per sequence that moved.
+    fn moved_up(&mut self, removed: &[usize]) {
+        for at in self.at.values_mut() {
+            *at -= removed.partition_point(|&r| r < *at);
         }
     }
 }
@@ -171,5 +175,38 @@ mod tests {
         r.push(seq(7, "a"));
         assert_eq!(ids(&r), [3, 5, 7]);
         consistent(&r);
+    }
+
+    #[test]
+    fn any_sequence_of_updates_keeps_the_order_the_index_and_the_counts() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut r, mut model, mut id) = (Running::default(), Vec::new(), 0);
+        for _ in 0..2000 {
+            match next(4) {
+                0 | 1 => {
+                    id += 1;
+                    r.push(seq(id, ["a", "b", "c"][next(3) as usize]));
+                    model.push(id);
+                }
+                2 if !model.is_empty() => {
+                    let i = next(model.len() as u64) as usize;
+                    assert_eq!(r.remove(i).id, model.remove(i));
+                }
+                _ => {
+                    let ids: Vec<u64> = (0..next(4)).map(|_| next(id + 2)).collect();
+                    let want: Vec<u64> = model.iter().copied().filter(|m| ids.contains(m)).collect();
+                    model.retain(|m| !ids.contains(m));
+                    assert_eq!(r.remove_all(&ids).iter().map(|s| s.id).collect::<Vec<_>>(), want);
+                }
+            }
+            assert_eq!(ids(&r), model);
+            consistent(&r);
+        }
     }
 }
