@@ -11,7 +11,6 @@ llama.cpp (llama-cpp-python) batch-1 decode after 128 tokens of context and a 51
 """
 
 import argparse
-import ctypes
 import json
 import math
 import pathlib
@@ -21,10 +20,10 @@ import time
 import gguf
 import llama_cpp
 import numpy as np
+from llama_gguf import FTYPES, add_llama_hparams, quantize
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB, CTX = 768, 2048, 12, 12, 4, 32000, 2048
-FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 
 
 def write_f16(path):
@@ -40,17 +39,9 @@ def write_f16(path):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    w.add_vocab_size(VOCAB)
-    w.add_context_length(CTX)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_block_count(LAYERS)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    add_llama_hparams(
+        w, vocab=VOCAB, ctx=CTX, hidden=HIDDEN, inter=INTER, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS
+    )
     hd = HIDDEN // HEADS
 
     def matrix(name, rows, cols):
@@ -76,13 +67,6 @@ def write_f16(path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def quantize(src, dst, ftype):
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 
 def llama_cpp_figures(path, context=128, steps=32, prefill=512):

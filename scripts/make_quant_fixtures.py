@@ -16,7 +16,6 @@ llama.cpp runs with 2 threads on the CPU, `logits_all`, an f32 KV cache and no f
 (chunks of n_ctx tokens with BOS first, the second half of each chunk scored).
 """
 
-import ctypes
 import json
 import math
 import pathlib
@@ -26,6 +25,7 @@ import llama_cpp
 import numpy as np
 import safetensors.numpy
 import tokenizers
+from llama_gguf import FTYPES, add_llama_hparams, quantize
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "testdata" / "gguf-quant"
@@ -45,7 +45,6 @@ PROMPTS = [
     "Mom said",
     "He found a red ball under the tree",
 ]
-FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 # The KV cache in f32 and attention without flash attention, as Tessera's CPU engine computes them: what is
 # left to differ is the engines' summation order, not llama.cpp's f16 cache.
 EXACT = {"type_k": 0, "type_v": 0, "flash_attn": False}
@@ -83,17 +82,9 @@ def write_f16_model(path, hf_dir):
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tessera quantization fixture")
     vocab = copy_vocab(w)
-    w.add_vocab_size(vocab)
-    w.add_context_length(CTX)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_block_count(LAYERS)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    add_llama_hparams(
+        w, vocab=vocab, ctx=CTX, hidden=HIDDEN, inter=INTER, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS
+    )
 
     def hf_name(name):
         fixed = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
@@ -146,14 +137,6 @@ def write_f16_model(path, hf_dir):
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
     }
     (hf_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-
-
-def quantize(src, dst, ftype):
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize {dst}: {rc}"
 
 
 def tensor_types(path):
