@@ -580,7 +580,7 @@ mod tests {
         let failed = Arc::new(Mutex::new(Vec::new()));
         let seen = failed.clone();
         r.set_failure_hook(Box::new(move |id, why| seen.lock().unwrap().push((id, why.to_string()))));
-        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 64 };
+        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 64, overlap: true };
         let id = r.add(Box::new(Panics { on_cpu }), cfg, vec![], "g1", vec![], Box::new(()));
         let (req, mut rx) = request(&r);
         assert!(r.submit(req));

@@ -166,7 +166,8 @@ fn manager_config(
         model_path,
         kv_cache_bytes: a.kv_cache_mib.map_or(0, |m| (m as u64).saturating_mul(1 << 20)),
         block_size: block_size as u32,
-        sched: front.scheduler_config(max_position_embeddings),
+        // The workers are processes of their own, on other machines as a rule.
+        sched: front.scheduler_config(max_position_embeddings, false),
         eos: front.tokenizer.eos_token_ids.clone(),
         timeouts: GroupTimeouts {
             connect: Duration::from_secs(10),

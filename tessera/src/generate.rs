@@ -140,6 +140,8 @@ pub fn generate(
         max_num_seqs: 1,
         max_batched_tokens: PREFILL_CHUNK,
         max_model_len: info.max_position_embeddings,
+        // One sequence: nothing to plan while its step runs.
+        overlap: false,
     };
     replicas.add(backend, cfg, tok.eos_token_ids.clone(), "local", vec![], Box::new(cluster));
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -106,6 +106,8 @@ pub fn perplexity(
         max_num_seqs: CHUNKS_AT_ONCE,
         max_batched_tokens: PREFILL_CHUNK.max(CHUNKS_AT_ONCE),
         max_model_len: info.max_position_embeddings,
+        // Prefill chunks of a few sequences: planning them ahead saves nothing worth the cores.
+        overlap: false,
     };
     replicas.add(backend, cfg, tok.eos_token_ids.clone(), "local", vec![], Box::new(cluster));
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();

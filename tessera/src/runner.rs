@@ -40,6 +40,12 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// Whether steps run on this machine's CPU: with `--tp` > 1 its worker processes then take every core
+    /// (`cores / tp` threads each), and the engine loop's planning has none to overlap them on.
+    pub fn computes_on_cpu(&self) -> bool {
+        self.device.parse::<tessera_kernels::Device>().is_ok_and(|d| d == tessera_kernels::Device::Cpu)
+    }
+
     pub fn dir(&self) -> Result<PathBuf> {
         match &self.model {
             Some(p) => Ok(p.clone()),

@@ -30,6 +30,14 @@ pub struct ServeArgs {
     pub http: HttpArgs,
 }
 
+/// Whether a replica's steps overlap its engine loop's planning (`--overlap`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlap {
+    Auto,
+    On,
+    Off,
+}
+
 /// The HTTP side, the same for `tessera serve` and `tessera coordinator`.
 #[derive(Args, Debug, Clone)]
 pub struct HttpArgs {
@@ -50,6 +58,12 @@ pub struct HttpArgs {
     /// `--max-num-seqs`.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
+    /// Plan each step (take requests in, allocate blocks, build the message) while the workers run the
+    /// step before, and deliver its tokens while they run the next: `on`, `off`, or `auto` (on, but where
+    /// the workers are processes computing on this machine's CPU, which take every core and leave the
+    /// planning none of its own). An engine in this process never overlaps.
+    #[arg(long, value_enum, default_value_t = Overlap::Auto)]
+    pub overlap: Overlap,
     /// Requests allowed to wait for a slot; more get 429 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
@@ -207,12 +221,18 @@ impl Frontend {
         Ok(())
     }
 
-    /// The scheduler settings of every replica of a model with a context of `max_model_len`.
-    pub fn scheduler_config(&self, max_model_len: usize) -> SchedulerConfig {
+    /// The scheduler settings of every replica of a model with a context of `max_model_len`; `cpu_workers`
+    /// when its workers are processes computing on this machine's CPU.
+    pub fn scheduler_config(&self, max_model_len: usize, cpu_workers: bool) -> SchedulerConfig {
         SchedulerConfig {
             max_num_seqs: self.http.max_num_seqs,
             max_batched_tokens: self.http.max_num_batched_tokens,
             max_model_len,
+            overlap: match self.http.overlap {
+                Overlap::On => true,
+                Overlap::Off => false,
+                Overlap::Auto => !cpu_workers,
+            },
         }
     }
 
@@ -325,7 +345,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // A model that cannot start at all is an error now, not a replica restarted in the background.
     let mut first = start()?;
     let info = first.backend.info();
-    let cfg = front.scheduler_config(info.max_position_embeddings);
+    let cfg = front.scheduler_config(info.max_position_embeddings, a.model.computes_on_cpu());
     let replicas = Replicas::new(info, Arc::new(Metrics::new(&front.name)));
     front.register_adapters(&replicas, Some(first.backend.as_mut()))?;
     let eos = front.tokenizer.eos_token_ids.clone();

@@ -200,7 +200,7 @@ mod tests {
     fn state() -> Arc<AppState> {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K");
         let replicas = Replicas::new(Panics.info(), Arc::new(Metrics::new("m")));
-        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 256 };
+        let cfg = SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 64, max_model_len: 256, overlap: true };
         replicas.add(Box::new(Panics), cfg, vec![], "local", vec![], Box::new(()));
         Arc::new(AppState {
             engine: replicas,

@@ -32,15 +32,19 @@ pub enum StepFailure {
     /// The group failed at an earlier step and runs no more.
     #[error("the group failed earlier and cannot run steps: {0}")]
     Retired(String),
+    /// The workers hold no state of these sequences and did not run the step: it goes again with them in
+    /// full (only from [`Backend::wait`]: [`Backend::step`] does that itself).
+    #[error("the workers hold no state of sequences {0:?}")]
+    Resend(Vec<u64>),
     /// The backend in this process failed (a kernel, the device), or broke its own contract.
     #[error("{0}")]
     Internal(String),
 }
 
 impl StepFailure {
-    /// Whether the replica is gone: everything but a refused step.
+    /// Whether the replica is gone: everything but a refused step, or one to send again.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, StepFailure::Refused(_))
+        !matches!(self, StepFailure::Refused(_) | StepFailure::Resend(_))
     }
 }
 
@@ -118,6 +122,21 @@ pub trait Backend: Send {
         _pause: &(dyn Fn() -> bool + Sync),
     ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
         Err(StepFailure::Internal("this backend does not pause steps".into()))
+    }
+    /// Whether a step can run while the engine loop prepares the next ([`Backend::submit`], then
+    /// [`Backend::wait`]): where the forward pass runs off the loop's thread (a group of worker processes).
+    fn can_overlap(&self) -> bool {
+        false
+    }
+    /// Sends a step and returns while it runs; [`Backend::wait`] takes its result. Called only when
+    /// [`Backend::can_overlap`], and never twice without a `wait` between.
+    fn submit(&mut self, _batch: &[StepSeq<'_>]) -> Result<(), StepFailure> {
+        Err(StepFailure::Internal("this backend does not overlap steps".into()))
+    }
+    /// The result of the step [`Backend::submit`] sent: as [`Backend::step`]'s, or
+    /// [`StepFailure::Resend`] when the workers asked for sequences in full (the step did not run).
+    fn wait(&mut self) -> Result<Vec<SeqSampled>, StepFailure> {
+        Err(StepFailure::Internal("no step was submitted".into()))
     }
     /// Forgets per-sequence state of finished sequences.
     fn release(&mut self, ids: &[u64]);

@@ -6,6 +6,9 @@
 //! rank concurrently; the group waits for all and takes rank 0's tokens. Any rank's error, or a rank not
 //! answering within the step deadline, fails the step with a message naming the rank and its address;
 //! a group that failed once is not used again.
+//!
+//! A step can also be submitted and waited for apart (`Backend::submit`, `Backend::wait`): its calls are
+//! put on the sockets at once, and the answers wait there while the engine loop plans the next step.
 
 use std::time::Duration;
 
@@ -70,7 +73,12 @@ pub struct GroupClient {
     adapters: std::collections::HashSet<u32>,
     /// What the ranks hold of each sequence, so steps carry what changed.
     sent: Sent,
+    /// The step submitted and not yet waited for, with its sequences' ids.
+    in_flight: Option<(Calls, Vec<u64>)>,
 }
+
+/// Turns of the group's runtime that get a step's calls onto their sockets ([`Backend::submit`]).
+const FLUSH_TURNS: usize = 8;
 
 fn describe(status: &tonic::Status) -> String {
     match status.code() {
@@ -109,6 +117,7 @@ impl GroupClient {
             scores: Vec::new(),
             adapters: Default::default(),
             sent: Sent::default(),
+            in_flight: None,
         })
     }
 
@@ -231,6 +240,19 @@ impl GroupClient {
         finished: &[u64],
         return_logits: bool,
     ) -> Result<StepResult, Resend> {
+        let calls = self.calls(batch, finished, return_logits);
+        // Polled on this thread, with no task to hand each call to.
+        let answers = self.rt.block_on(futures_util::future::join_all(calls));
+        self.answers(answers)
+    }
+
+    /// A step's call to each rank, in rank order, to be polled on the group's runtime.
+    fn calls(
+        &mut self,
+        batch: &[StepSeq<'_>],
+        finished: &[u64],
+        return_logits: bool,
+    ) -> Vec<impl Future<Output = Answer> + Send + 'static> {
         let req = StepRequest {
             step_id: self.next_step,
             sequences: batch.iter().map(|s| self.sent.encode(s)).collect(),
@@ -240,13 +262,21 @@ impl GroupClient {
         };
         self.next_step += 1;
         let timeout = self.timeouts.step;
-        let calls = self.ranks.iter().enumerate().map(|(r, rank)| {
-            let mut client = rank.client.clone();
-            let mut req = tonic::Request::new(req.clone());
-            tessera_telemetry::inject_current(req.metadata_mut());
-            async move { (r, tokio::time::timeout(timeout, client.step(req)).await) }
-        });
-        let results = self.rt.block_on(futures_util::future::join_all(calls));
+        self.ranks
+            .iter()
+            .map(|rank| {
+                let mut client = rank.client.clone();
+                let mut req = tonic::Request::new(req.clone());
+                tessera_telemetry::inject_current(req.metadata_mut());
+                async move { tokio::time::timeout(timeout, client.step(req)).await }
+            })
+            .collect()
+    }
+
+    /// The step's result from every rank's answer, in rank order.
+    fn answers(&mut self, answers: Vec<Answer>) -> Result<StepResult, Resend> {
+        let timeout = self.timeouts.step;
+        let results = answers.into_iter().enumerate();
         let mut errors = Vec::new();
         let mut reply = None;
         let mut timings = vec![WorkerTiming::default(); self.ranks.len()];
@@ -315,6 +345,12 @@ impl GroupClient {
 /// Rank 0 asked for these sequences in full.
 struct Resend(Vec<u64>);
 
+/// One rank's answer to a step: its reply, its error, or none within the step deadline.
+type Answer = Result<Result<tonic::Response<pb::StepReply>, tonic::Status>, tokio::time::error::Elapsed>;
+
+/// A step's calls, in rank order, under way as tasks on the group's runtime.
+type Calls = Vec<tokio::task::JoinHandle<Answer>>;
+
 /// What a step that ran gives: each sampled token with its logits row (when asked for), or how it failed.
 type StepResult = Result<Vec<(SeqSampled, Vec<f32>)>, StepFailure>;
 
@@ -333,6 +369,56 @@ impl Backend for GroupClient {
 
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure> {
         Ok(self.step_full(batch, false)?.into_iter().map(|x| x.0).collect())
+    }
+
+    fn can_overlap(&self) -> bool {
+        true
+    }
+
+    fn submit(&mut self, batch: &[StepSeq<'_>]) -> Result<(), StepFailure> {
+        if let Some(f) = &self.failed {
+            return Err(StepFailure::Retired(f.clone()));
+        }
+        if self.in_flight.is_some() {
+            return Err(StepFailure::Internal("a step was submitted while another is in flight".into()));
+        }
+        let finished = std::mem::take(&mut self.finished);
+        let calls: Calls = self.calls(batch, &finished, false).into_iter().map(|c| self.rt.spawn(c)).collect();
+        // The calls go out now, not at `wait`: the runtime runs them only while it is driven, and each takes
+        // a few turns (the call, the channel's buffer, the HTTP/2 connection) to reach its socket. The
+        // answers then wait in the sockets while the engine loop plans the next step.
+        self.rt.block_on(async {
+            for _ in 0..FLUSH_TURNS {
+                tokio::task::yield_now().await;
+            }
+        });
+        self.in_flight = Some((calls, batch.iter().map(|s| s.id).collect()));
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<Vec<SeqSampled>, StepFailure> {
+        let Some((calls, ids)) = self.in_flight.take() else {
+            return Err(StepFailure::Internal("no step was submitted".into()));
+        };
+        let answers = self.rt.block_on(futures_util::future::join_all(calls));
+        // A call's task panicked or was cancelled: that rank's answer is lost.
+        let answers = answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|e| Ok(Err(tonic::Status::unknown(format!("the step call failed: {e}"))))))
+            .collect();
+        match self.answers(answers) {
+            // Nothing ran: the engine loop sends the step again, these sequences in full.
+            Err(Resend(unknown)) => {
+                self.sent.forget(ids);
+                Err(StepFailure::Resend(unknown))
+            }
+            Ok(result) => {
+                if result.is_err() {
+                    self.sent.forget(ids);
+                }
+                Ok(result?.into_iter().map(|x| x.0).collect())
+            }
+        }
     }
 
     fn release(&mut self, ids: &[u64]) {

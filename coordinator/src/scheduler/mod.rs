@@ -28,12 +28,14 @@
 //! generated so far) when there is room.
 //!
 //! - `sequence`: a sequence as the scheduler sees it;
+//! - `in_flight`: planning the next step while one is in flight (placeholders for the tokens it samples);
 //! - `queue`: the waiting queue in fair-queuing order, and the preemption victim for fairness;
 //! - `running`: the running batch, kept between steps and updated as sequences come and go;
 //! - `blocks`: the paged KV block manager, with the prefix cache;
 //! - `step_cost`: what a step of each size costs on this replica, measured.
 
 mod blocks;
+mod in_flight;
 mod queue;
 mod running;
 mod sequence;
@@ -65,6 +67,9 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     /// The model's context: no sequence grows past it.
     pub max_model_len: usize,
+    /// Plan the next step while one runs, where the backend runs steps off the engine loop's thread
+    /// (`Backend::can_overlap`).
+    pub overlap: bool,
 }
 
 /// One sequence's share of a planned step: compute tokens `start..end`, sample after them if `sample`.
@@ -259,7 +264,8 @@ impl Scheduler {
         // 1. Decodes, in admission order; preempt from the back when blocks run out.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            if self.running[i].remaining() != 1 {
+            // A sequence that finishes whatever the step in flight samples needs no decode.
+            if self.running[i].remaining() != 1 || self.running[i].ends_with_pending(self.cfg.max_model_len) {
                 i += 1;
                 continue;
             }
@@ -447,7 +453,7 @@ impl Scheduler {
                     block_table: &s.blocks,
                     sample: p.sample.then_some(&s.params),
                     penalty_context: if first { &s.tokens[..s.prompt_len] } else { &[] },
-                    output_context: if first { &s.tokens[s.prompt_len..] } else { &[] },
+                    output_context: if first { &s.known_tokens()[s.prompt_len..] } else { &[] },
                     starts: first,
                     score_prompt,
                     allowed: s.constraint.as_ref().filter(|_| p.sample).and_then(Constraint::mask),
@@ -460,49 +466,42 @@ impl Scheduler {
     /// Records a completed step: computed positions, prefix-cache registration, sampled tokens and
     /// finished sequences (whose blocks are released). `eos` are the end-of-sequence ids.
     pub fn apply(&mut self, plan: &[Planned], sampled: Vec<SeqSampled>, eos: &[u32]) -> Vec<Outcome> {
-        let bs = self.blocks.block_size();
-        for p in plan {
-            let Some(s) = self.running.get_mut(p.id) else { continue };
-            s.fresh = false;
-            s.num_computed = s.num_computed.max(p.end);
-            while (s.num_hashed + 1) * bs <= s.num_computed {
-                let b = s.num_hashed;
-                s.last_hash = self.blocks.register(s.blocks[b], s.last_hash, &s.tokens[b * bs..(b + 1) * bs]);
-                s.num_hashed += 1;
-            }
-        }
+        self.record_computed(plan, true);
         let mut out = Vec::with_capacity(sampled.len());
         let mut finished_ids = Vec::new();
         for x in sampled {
+            let max_model_len = self.cfg.max_model_len;
             let Some(s) = self.running.get_mut(x.id) else { continue };
-            let cached_tokens = s.cached_tokens;
-            let token = x.sampled.token;
-            s.tokens.push(token);
-            // A constraint that is complete ends the choice as an end-of-sequence would; one the token broke
-            // (it was sampled without the mask, which cannot happen) ends it too rather than go on unchecked.
-            let complete = s.constraint.as_mut().is_some_and(|c| {
-                c.advance(token).unwrap_or_else(|e| {
-                    tracing::error!(sequence = s.id, "{e}");
-                    true
-                })
-            });
-            let finished = if (!s.ignore_eos && eos.contains(&token)) || complete {
-                Some(FinishReason::Stop)
-            } else if s.generated().len() >= s.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
+            s.tokens.push(x.sampled.token);
+            let finished = s.took_token(eos, max_model_len);
             if finished.is_some() {
                 finished_ids.push(x.id);
             }
-            out.push(Outcome { id: x.id, sampled: x.sampled, finished, cached_tokens });
+            out.push(Outcome { id: x.id, cached_tokens: s.cached_tokens, sampled: x.sampled, finished });
         }
         // Together, in one pass over the batch: several sequences often finish in the same step.
         for s in self.running.remove_all(&finished_ids) {
             self.blocks.release(&s.blocks);
         }
         out
+    }
+
+    /// After a step ran: its running sequences are begun on the workers (their computed positions advance
+    /// to the plan's, with `advance`), and the full blocks it computed join the prefix cache.
+    fn record_computed(&mut self, plan: &[Planned], advance: bool) {
+        let bs = self.blocks.block_size();
+        for p in plan {
+            let Some(s) = self.running.get_mut(p.id) else { continue };
+            s.fresh = false;
+            if advance {
+                s.num_computed = s.num_computed.max(p.end);
+            }
+            while (s.num_hashed + 1) * bs <= s.num_computed {
+                let b = s.num_hashed;
+                s.last_hash = self.blocks.register(s.blocks[b], s.last_hash, &s.tokens[b * bs..(b + 1) * bs]);
+                s.num_hashed += 1;
+            }
+        }
     }
 }
 
@@ -514,7 +513,7 @@ mod tests {
 
     fn sched(blocks: usize, bs: usize, budget: usize, max_seqs: usize) -> Scheduler {
         Scheduler::new(
-            SchedulerConfig { max_num_seqs: max_seqs, max_batched_tokens: budget, max_model_len: 1000 },
+            SchedulerConfig { max_num_seqs: max_seqs, max_batched_tokens: budget, max_model_len: 1000, overlap: false },
             blocks,
             bs,
         )

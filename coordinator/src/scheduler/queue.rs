@@ -63,6 +63,10 @@ impl FairQueue {
         self.waiting.remove(i)
     }
 
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Sequence> {
+        self.waiting.iter_mut().find(|s| s.id == id)
+    }
+
     /// `seq` leaves the queue to run: virtual time catches up with it.
     pub fn admitted(&mut self, seq: &Sequence) {
         self.vtime = self.vtime.max(seq.start_tag);

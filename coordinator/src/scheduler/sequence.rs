@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tessera_proto::step::SamplingParams;
 
-use crate::constrain::Constraint;
+use crate::{constrain::Constraint, engine::contract::FinishReason};
 
 /// A sequence as the scheduler sees it.
 pub struct Sequence {
@@ -35,6 +35,10 @@ pub struct Sequence {
     pub(super) last_hash: u64,
     /// Admitted (or re-admitted) and not yet stepped: the next step begins it on the workers.
     pub(super) fresh: bool,
+    /// Its last token is a placeholder for the one the step in flight samples (`in_flight`).
+    pub(super) pending: bool,
+    /// In the step in flight as it was sent (not preempted since).
+    pub(super) launched: bool,
     /// Fair-share flow (the API key id; `None`: the flow of requests without a key) and its weight.
     pub flow: Option<String>,
     pub weight: f64,
@@ -62,6 +66,8 @@ impl Sequence {
             num_hashed: 0,
             last_hash: 0,
             fresh: true,
+            pending: false,
+            launched: false,
             flow: None,
             weight: 1.0,
             start_tag: 0.0,
@@ -85,6 +91,28 @@ impl Sequence {
         self.tokens.len() - self.num_computed
     }
 
+    /// Its last token was just sampled: advances its constraint, and says whether it finished (`eos` are the
+    /// end-of-sequence ids; no sequence grows past `max_model_len`).
+    pub(super) fn took_token(&mut self, eos: &[u32], max_model_len: usize) -> Option<FinishReason> {
+        let token = *self.tokens.last().expect("a token was just sampled");
+        // A constraint that is complete ends the choice as an end-of-sequence would; one the token broke
+        // (it was sampled without the mask, which cannot happen) ends it too rather than go on unchecked.
+        let id = self.id;
+        let complete = self.constraint.as_mut().is_some_and(|c| {
+            c.advance(token).unwrap_or_else(|e| {
+                tracing::error!(sequence = id, "{e}");
+                true
+            })
+        });
+        if (!self.ignore_eos && eos.contains(&token)) || complete {
+            Some(FinishReason::Stop)
+        } else if self.generated().len() >= self.max_tokens || self.tokens.len() >= max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
     /// Back to nothing computed and no blocks (preempted, to be recomputed).
     pub(super) fn reset(&mut self) {
         self.blocks.clear();
@@ -92,5 +120,16 @@ impl Sequence {
         self.num_hashed = 0;
         self.last_hash = 0;
         self.fresh = true;
+        self.launched = false;
+    }
+
+    /// Its tokens but a placeholder (`in_flight`).
+    pub(super) fn known_tokens(&self) -> &[u32] {
+        &self.tokens[..self.tokens.len() - self.pending as usize]
+    }
+
+    /// It holds a placeholder for its last allowed token: whatever is sampled, it then finishes.
+    pub(super) fn ends_with_pending(&self, max_model_len: usize) -> bool {
+        self.pending && (self.generated().len() >= self.max_tokens || self.tokens.len() >= max_model_len)
     }
 }

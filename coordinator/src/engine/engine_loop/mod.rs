@@ -15,9 +15,16 @@
 //! its own pays, runs the newcomer's prefill and sends its first token before the step goes on. Other commands that arrive
 //! meanwhile (aborts) wait until the step is done: its sequences must stay as they are.
 //!
+//! With a group of worker processes the steps overlap the loop (`--overlap`): while the workers run step
+//! n, the loop takes requests in and plans step n + 1 as if every sequence goes on; what step n changes is
+//! corrected before step n + 1 leaves, and step n's tokens are delivered while step n + 1 runs.
+//!
 //! A step that fails ends the replica: the loop takes itself out of routing, collects every sequence it
 //! held (and every request still in its channel) as [`Migrant`]s, hands them to its [`LoopHost`] (`Replicas`) to
 //! continue elsewhere, and exits, dropping its backend and whatever it kept alive.
+//!
+//! - `in_turn`: steps one after the other, and pausing a step for a newcomer;
+//! - `overlapped`: steps that overlap the loop's planning.
 
 use std::{
     collections::HashMap,
@@ -25,14 +32,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tessera_proto::step::{SeqSampled, StepSeq};
-
 use super::{
-    backend::{Backend, OwnedStepSeq, StepFailure},
+    backend::Backend,
     contract::{Event, FinishReason, seq_id},
     link::{Command, Hub, Migrant, Track},
     postman::Outbox,
 };
+mod in_turn;
+mod overlapped;
+
 use crate::{
     metrics::Metrics,
     scheduler::{Outcome, Planned, Scheduler, SchedulerConfig, SchedulerStats, Sequence},
@@ -69,6 +77,8 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel();
     let sched = Scheduler::new(cfg, info.num_blocks, info.block_size);
     let on_cpu = backend.computes_on_cpu();
+    let overlap = cfg.overlap && backend.can_overlap() && !backend.can_pause();
+    tracing::info!(replica = hub.replica, overlap, "engine loop starting");
     let mut lp = Loop {
         backend,
         sched,
@@ -85,6 +95,8 @@ pub fn spawn(
         deferred: Vec::new(),
         unloading: Vec::new(),
         adapters: Default::default(),
+        overlap,
+        in_flight: None,
     };
     if on_cpu {
         // The loop runs as a worker of its own compute pool: a step's forward pass then runs on the loop's
@@ -145,6 +157,18 @@ struct Loop {
     unloading: Vec<u32>,
     /// LoRA adapters the backend holds.
     adapters: std::collections::HashSet<u32>,
+    /// Whether the next step is planned while one runs (module doc).
+    overlap: bool,
+    /// The step sent and not yet landed, when steps overlap.
+    in_flight: Option<InFlight>,
+}
+
+/// A step the backend runs while the loop plans the next.
+struct InFlight {
+    plan: Vec<Planned>,
+    tokens: usize,
+    span: tracing::Span,
+    sent: Instant,
 }
 
 impl Loop {
@@ -157,7 +181,7 @@ impl Loop {
                 self.handle(c);
             }
             // (A failure among the deferred commands is handed over below, not after the next command.)
-            if self.sched.is_idle() && self.failed.is_none() {
+            if self.sched.is_idle() && self.in_flight.is_none() && self.failed.is_none() {
                 match rx.recv() {
                     Ok(c) => self.handle(c),
                     Err(_) => return,
@@ -321,6 +345,7 @@ impl Loop {
     /// request still in the channel, goes to [`LoopHost::adopt`].
     fn hand_over(&mut self, reason: &str, rx: mpsc::Receiver<Command>) {
         self.hub.host.withdraw(self.hub.replica, reason);
+        self.give_up_in_flight();
         let mut migrants = Vec::new();
         self.take_all(&mut migrants);
         // Commands put off while a step was paused, and requests routed here before the replica left routing,
@@ -397,6 +422,9 @@ impl Loop {
 
     /// Plans and runs a step; false if there was nothing to run.
     fn step(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
+        if self.overlap {
+            return self.step_overlapped();
+        }
         let started = Instant::now();
         let plan = self.sched.schedule();
         if plan.is_empty() {
@@ -432,8 +460,8 @@ impl Loop {
         s
     }
 
-    /// Runs a planned step and applies it. With `rx` the step may pause for a newcomer (module doc).
-    fn execute(&mut self, plan: &[Planned], started: Instant, rx: Option<&mpsc::Receiver<Command>>) {
+    /// Queueing ends for the sequences `plan` (planned at `started`) begins.
+    fn observe_queue_times(&self, plan: &[Planned], started: Instant) {
         for p in plan {
             if p.start == 0
                 && let Some(s) = self.sched.get(p.id)
@@ -442,36 +470,12 @@ impl Loop {
                 self.metrics.request_queue_time.observe((started - s.arrival).as_secs_f64());
             }
         }
-        let inputs = self.sched.inputs(plan);
-        let tokens: usize = plan.iter().map(|p| p.end - p.start).sum();
-        let step_span = self.step_span(plan, tokens);
-        let t = Instant::now();
-        let stats = self.hub.stats.clone();
-        let pause = move || stats.newcomer.load(Ordering::Acquire);
-        let cpu = thread_cpu_time();
-        let first = step_span.in_scope(|| match rx {
-            Some(_) => self.backend.step_pausable(&inputs, &pause),
-            None => self.backend.step(&inputs).map(Some),
-        });
-        self.backend_cpu += thread_cpu_time() - cpu;
-        // Time the loop spent on other work while the step was paused: not the step's cost.
-        let mut aside = Duration::ZERO;
-        let result = match (first, rx) {
-            (Ok(None), Some(rx)) => {
-                let batch: Vec<OwnedStepSeq> = inputs.iter().map(OwnedStepSeq::new).collect();
-                drop(inputs);
-                self.while_paused(rx, &batch, tokens, &step_span, t.elapsed(), &mut aside)
-            }
-            (first, _) => {
-                drop(inputs);
-                first.and_then(|out| {
-                    out.ok_or_else(|| StepFailure::Internal("the backend paused a step it was not asked to".into()))
-                })
-            }
-        };
-        let on_workers = t.elapsed().saturating_sub(aside);
-        // Step timings before any event goes out, like the other metrics: a client whose response completes
-        // must find the step that completed it counted.
+    }
+
+    /// A step of `tokens` tokens took `on_workers`. Step timings are recorded before any event goes out,
+    /// like the other metrics: a client whose response completes must find the step that completed it
+    /// counted.
+    fn observe_step(&mut self, tokens: usize, on_workers: Duration) {
         self.metrics.step_seconds.observe(on_workers.as_secs_f64());
         self.sched.observe_step(tokens, on_workers.as_secs_f64(), Instant::now());
         for (rank, t) in self.backend.last_timings().iter().enumerate() {
@@ -479,88 +483,20 @@ impl Loop {
             self.metrics.worker_step_seconds.get_or_create(&label).observe(t.step_seconds);
             self.metrics.worker_collective_seconds.get_or_create(&label).observe(t.collective_seconds);
         }
-        match result {
-            Ok(sampled) => {
-                // Prompt logprobs before the tokens they precede.
-                self.send_prompt_scores();
-                let outcomes = self.sched.apply(plan, sampled, &self.eos);
-                // The next masks of the constrained sequences, before anything else can schedule them.
-                let stuck = self.sched.prepare_masks();
-                // Metrics first, events second: a client whose response completes must see its own request
-                // counted and no longer running.
-                self.publish();
-                // First tokens go out first: their handlers are then first in the HTTP runtime's queue, ahead
-                // of the streams that already have theirs (a newcomer's time to first token should not
-                // include 64 other streams' writes).
-                let (first, flowing): (Vec<Outcome>, Vec<Outcome>) =
-                    outcomes.into_iter().partition(|o| self.tracks.get(&o.id).is_some_and(|t| t.last_token.is_none()));
-                let now = Instant::now();
-                let mut generated = 0;
-                for o in first.into_iter().chain(flowing) {
-                    generated += self.emit(o, now) as u64;
-                }
-                self.metrics.generation_tokens.inc_by(generated);
-                for (id, message) in stuck {
-                    self.fail_sequence(id, &message, "grammar");
-                }
-            }
-            // The replica is lost; `run` hands its sequences over.
-            Err(e) if e.is_fatal() => self.failed = Some(e.to_string()),
-            Err(e) => self.fail_refused(plan, &e.to_string()),
-        }
-        // A newcomer's first token leaves now, while the step it paused goes on.
-        self.outbox.flush();
     }
 
-    /// The step in flight (`tokens` tokens) paused after running for `own`: take new requests in and, if the scheduler plans a
-    /// newcomer's step, run it (its first token goes out) before the step goes on. Newcomers get at most as
-    /// much time as the paused step itself, so its decodes advance at least half the time (as "never twice
-    /// in a row" keeps between whole steps): the step pauses again only once it has run as long as what ran
-    /// in its pauses. Commands other than new requests wait for the step to end: its sequences must stay as
-    /// they are.
-    fn while_paused(
-        &mut self,
-        rx: &mpsc::Receiver<Command>,
-        batch: &[OwnedStepSeq],
-        tokens: usize,
-        span: &tracing::Span,
-        mut own: Duration,
-        aside: &mut Duration,
-    ) -> Result<Vec<SeqSampled>, StepFailure> {
-        let views: Vec<StepSeq<'_>> = batch.iter().map(OwnedStepSeq::view).collect();
-        loop {
-            let t = Instant::now();
-            self.hub.stats.newcomer.store(false, Ordering::Release);
-            while let Ok(c) = rx.try_recv() {
-                match c {
-                    Command::Submit(..) | Command::Adopt(_) => self.handle(c),
-                    other => self.deferred.push(other),
-                }
-            }
-            if *aside <= own && self.failed.is_none() {
-                let plan = self.sched.schedule_during(tokens, t);
-                if !plan.is_empty() {
-                    self.execute(&plan, t, None);
-                }
-            }
-            *aside += t.elapsed();
-            let owed = aside.saturating_sub(own);
-            let stats = self.hub.stats.clone();
-            let resumed = Instant::now();
-            let pause = move || resumed.elapsed() >= owed && stats.newcomer.load(Ordering::Acquire);
-            // Refusing to resume is not refusing a step: the paused step is stuck half-way, the replica lost.
-            let cpu = thread_cpu_time();
-            let out = span.in_scope(|| self.backend.resume(&views, &pause));
-            self.backend_cpu += thread_cpu_time() - cpu;
-            let out = out.map_err(|e| match e {
-                StepFailure::Refused(m) => StepFailure::Internal(format!("resuming a paused step: {m}")),
-                e => e,
-            })?;
-            own += resumed.elapsed();
-            if let Some(out) = out {
-                return Ok(out);
-            }
+    /// A step's tokens, to their handlers. First tokens go out first: their handlers are then first in the
+    /// HTTP runtime's queue, ahead of the streams that already have theirs (a newcomer's time to first
+    /// token should not include 64 other streams' writes).
+    fn deliver(&mut self, outcomes: Vec<Outcome>) {
+        let (first, flowing): (Vec<Outcome>, Vec<Outcome>) =
+            outcomes.into_iter().partition(|o| self.tracks.get(&o.id).is_some_and(|t| t.last_token.is_none()));
+        let now = Instant::now();
+        let mut generated = 0;
+        for o in first.into_iter().chain(flowing) {
+            generated += self.emit(o, now) as u64;
         }
+        self.metrics.generation_tokens.inc_by(generated);
     }
 
     /// The prompt tokens the step scored, to each choice's handler: only prompt positions (a recompute after
@@ -671,422 +607,4 @@ impl Loop {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{
-        engine::{
-            backend::{ModelInfo, RankFailure, WorkerTiming},
-            contract::GenRequest,
-        },
-        replicas::Replicas,
-    };
-    use tessera_proto::step::SamplingParams;
-    use tessera_proto::step::{Sampled, SeqSampled, StepSeq};
-    use tokio::sync::mpsc::UnboundedSender;
-    use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError, unbounded_channel};
-
-    /// What the test lets a waiting step do.
-    #[derive(Debug)]
-    enum Go {
-        /// Finish.
-        Finish,
-        /// Pause if asked to (a pausable step), else finish.
-        Check,
-        /// Fail the step this way.
-        Fail(StepFailure),
-    }
-
-    /// Samples `id % 1000` for every sequence that asks, one step per message on `go`; says on `entered`
-    /// which sequences a step holds once it is planned and waiting for that message. Pausable.
-    struct Stepped {
-        go: mpsc::Receiver<Go>,
-        entered: mpsc::Sender<Vec<u64>>,
-        /// Adapters loaded, refusing steps that name any other (as a worker does); each load and unload is
-        /// reported on `adapter_log`.
-        adapters: std::collections::HashSet<u32>,
-        adapter_log: mpsc::Sender<String>,
-    }
-
-    impl Stepped {
-        fn wait(
-            &mut self,
-            batch: &[StepSeq<'_>],
-            pause: &(dyn Fn() -> bool + Sync),
-        ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
-            if let Some(s) = batch.iter().find(|s| s.adapter != 0 && !self.adapters.contains(&s.adapter)) {
-                return Err(StepFailure::Refused(format!("adapter {} is not loaded", s.adapter)));
-            }
-            let _ = self.entered.send(batch.iter().map(|s| s.id).collect());
-            let go = self.go.recv().map_err(|_| StepFailure::Internal("the test is over".into()))?;
-            match go {
-                Go::Fail(f) => return Err(f),
-                Go::Check if pause() => return Ok(None),
-                _ => {}
-            }
-            Ok(Some(
-                batch
-                    .iter()
-                    .filter(|s| s.sample.is_some())
-                    .map(|s| SeqSampled {
-                        id: s.id,
-                        sampled: Sampled { token: (s.id % 1000) as u32, logprob: None, top_logprobs: vec![] },
-                    })
-                    .collect(),
-            ))
-        }
-    }
-
-    impl Backend for Stepped {
-        fn info(&self) -> ModelInfo {
-            ModelInfo { vocab_size: 2000, max_position_embeddings: 64, num_blocks: 64, block_size: 4, world_size: 1 }
-        }
-        fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure> {
-            Ok(self.wait(batch, &|| false)?.unwrap_or_default())
-        }
-        fn can_pause(&self) -> bool {
-            true
-        }
-        fn step_pausable(
-            &mut self,
-            batch: &[StepSeq<'_>],
-            pause: &(dyn Fn() -> bool + Sync),
-        ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
-            self.wait(batch, pause)
-        }
-        fn resume(
-            &mut self,
-            batch: &[StepSeq<'_>],
-            pause: &(dyn Fn() -> bool + Sync),
-        ) -> Result<Option<Vec<SeqSampled>>, StepFailure> {
-            self.wait(batch, pause)
-        }
-        fn release(&mut self, _: &[u64]) {}
-        fn last_timings(&self) -> Vec<WorkerTiming> {
-            Vec::new()
-        }
-        fn load_adapter(&mut self, spec: &tessera_proto::step::AdapterSpec) -> Result<(), String> {
-            if spec.path.contains("bad") {
-                return Err(format!("{}: no adapter_config.json", spec.path));
-            }
-            self.adapters.insert(spec.id);
-            let _ = self.adapter_log.send(format!("load {}", spec.id));
-            Ok(())
-        }
-        fn unload_adapter(&mut self, id: u32) -> Result<(), String> {
-            self.adapters.remove(&id);
-            let _ = self.adapter_log.send(format!("unload {id}"));
-            Ok(())
-        }
-    }
-
-    fn token(rx: &mut UnboundedReceiver<Event>) -> u32 {
-        match rx.blocking_recv() {
-            Some(Event::Token { token, .. }) => token,
-            other => panic!("expected a token, got {other:?}"),
-        }
-    }
-
-    /// The token of a one-token request, and its end.
-    fn only_token(rx: &mut UnboundedReceiver<Event>) -> u32 {
-        let t = token(rx);
-        assert!(matches!(rx.blocking_recv(), Some(Event::Finished { .. })));
-        t
-    }
-
-    struct Harness {
-        replicas: Arc<Replicas>,
-        metrics: Arc<Metrics>,
-        go: mpsc::Sender<Go>,
-        entered: mpsc::Receiver<Vec<u64>>,
-        adapter_log: mpsc::Receiver<String>,
-    }
-
-    impl Harness {
-        fn new(max_num_seqs: usize) -> Self {
-            let (go, steps) = mpsc::channel();
-            let (entered_tx, entered) = mpsc::channel();
-            let (log_tx, adapter_log) = mpsc::channel();
-            let backend = Stepped { go: steps, entered: entered_tx, adapters: Default::default(), adapter_log: log_tx };
-            let metrics = Arc::new(Metrics::new("m"));
-            let replicas = Replicas::new(backend.info(), metrics.clone());
-            let cfg = SchedulerConfig { max_num_seqs, max_batched_tokens: 64, max_model_len: 64 };
-            replicas.add(Box::new(backend), cfg, vec![], "g", vec![], Box::new(()));
-            Harness { replicas, metrics, go, entered, adapter_log }
-        }
-
-        /// Submits a request of `flow` reporting to `events`; returns the token its sequence samples.
-        fn submit(&self, flow: &str, max_tokens: usize, events: &UnboundedSender<Event>) -> u32 {
-            self.submit_n(flow, max_tokens, 1, events)[0]
-        }
-
-        /// A request of `n` choices: the tokens of its sequences.
-        fn submit_n(&self, flow: &str, max_tokens: usize, n: usize, events: &UnboundedSender<Event>) -> Vec<u32> {
-            self.submit_with(flow, max_tokens, n, 0, events)
-        }
-
-        /// [`Harness::submit_n`] with LoRA adapter `adapter`.
-        fn submit_with(
-            &self,
-            flow: &str,
-            max_tokens: usize,
-            n: usize,
-            adapter: u32,
-            events: &UnboundedSender<Event>,
-        ) -> Vec<u32> {
-            let id = self.replicas.next_request_id();
-            let req = GenRequest {
-                id,
-                prompt: vec![1, 2, 3],
-                params: SamplingParams::greedy(),
-                max_tokens,
-                ignore_eos: true,
-                constraint: None,
-                adapter,
-                n,
-                first_choice: 0,
-                flow: Some(flow.into()),
-                weight: 1.0,
-                events: events.clone(),
-                span: tracing::Span::none(),
-            };
-            assert!(self.replicas.submit(req));
-            (0..n).map(|c| (seq_id(id, c) % 1000) as u32).collect()
-        }
-
-        /// Waits for the next step to be planned; returns its sequences' tokens.
-        fn entered(&self) -> Vec<u32> {
-            self.entered.recv().unwrap().into_iter().map(|id| (id % 1000) as u32).collect()
-        }
-
-        fn step(&self) -> Vec<u32> {
-            let ids = self.entered();
-            self.go.send(Go::Finish).unwrap();
-            ids
-        }
-    }
-
-    /// The next event, whatever it is (the loop runs on its own thread).
-    fn next(rx: &mut UnboundedReceiver<Event>) -> Event {
-        rx.blocking_recv().expect("the loop keeps the channel open until the request ends")
-    }
-
-    #[test]
-    fn a_refused_step_fails_only_its_sequences_and_the_replica_serves_on() {
-        let h = Harness::new(4);
-        let (events, mut rx) = unbounded_channel();
-        h.submit("a", 4, &events);
-        h.entered();
-        h.go.send(Go::Fail(StepFailure::Refused("worker rank 0 at x refused the step: bad".into()))).unwrap();
-        match next(&mut rx) {
-            Event::Error { message, .. } => assert!(message.contains("refused the step: bad"), "{message}"),
-            other => panic!("expected the refusal, got {other:?}"),
-        }
-        assert!(h.replicas.is_ready(), "a refused step leaves the replica in routing");
-        let (events, mut rx) = unbounded_channel();
-        let t = h.submit("a", 1, &events);
-        h.step();
-        assert_eq!(only_token(&mut rx), t, "the replica still serves");
-        let refused = h.metrics.request_failure.get_or_create(&vec![("kind", "refused")]).get();
-        assert_eq!(refused, 1);
-    }
-
-    #[test]
-    fn a_lost_rank_retires_the_replica_and_names_the_rank() {
-        let h = Harness::new(4);
-        let (events, mut rx) = unbounded_channel();
-        h.submit("a", 4, &events);
-        h.entered();
-        let lost = RankFailure::Lost { rank: 1, address: "10.0.0.7:50051".into(), message: "unreachable".into() };
-        h.go.send(Go::Fail(StepFailure::Group(vec![lost]))).unwrap();
-        match next(&mut rx) {
-            Event::Error { message, .. } => {
-                assert!(message.contains("no healthy replica"), "{message}");
-                assert!(message.contains("worker rank 1 at 10.0.0.7:50051 failed: unreachable"), "{message}");
-            }
-            other => panic!("expected the failure, got {other:?}"),
-        }
-        assert!(!h.replicas.is_ready(), "the only replica is gone");
-    }
-
-    #[test]
-    fn a_groups_failures_name_causes_before_consequences() {
-        let mut f = vec![
-            RankFailure::CollectiveBroken { rank: 0, address: "a:1".into(), message: "peer closed".into() },
-            RankFailure::Timeout { rank: 2, address: "c:1".into(), timeout: Duration::from_secs(5) },
-            RankFailure::Lost { rank: 1, address: "b:1".into(), message: "unreachable".into() },
-        ];
-        RankFailure::sort(&mut f);
-        let failure = StepFailure::Group(f);
-        assert!(failure.is_fatal());
-        assert_eq!(
-            failure.to_string(),
-            "tensor-parallel group failed: worker rank 1 at b:1 failed: unreachable; \
-             worker rank 2 at c:1 did not answer within 5s; worker rank 0 at a:1: peer closed"
-        );
-        assert!(!StepFailure::Refused("x".into()).is_fatal());
-    }
-
-    #[test]
-    fn a_first_token_goes_out_before_the_tokens_of_streams_already_flowing() {
-        let h = Harness::new(4);
-        // Both requests report to one channel, so the order of their events is visible.
-        let (events, mut rx) = unbounded_channel();
-        let flowing = h.submit("a", 8, &events);
-        h.step();
-        assert_eq!(token(&mut rx), flowing, "its prefill");
-        // Once the loop has planned `flowing`'s next decode, the new request can only join the step after.
-        h.entered();
-        let new = h.submit("a", 8, &events);
-        h.go.send(Go::Finish).unwrap();
-        assert_eq!(token(&mut rx), flowing);
-        h.step();
-        // One step: `flowing`'s decode is planned first, the newcomer's first token is sent first.
-        assert_eq!([token(&mut rx), token(&mut rx)], [new, flowing]);
-    }
-
-    #[test]
-    fn a_newcomer_runs_while_the_step_in_flight_is_paused() {
-        let h = Harness::new(2);
-        let (a_events, mut a) = unbounded_channel();
-        let (b_events, mut b) = unbounded_channel();
-        // A holds both slots (one request of two choices): its prefills, then a decode step in flight.
-        let a12 = h.submit_n("a", 8, 2, &a_events);
-        let (a1, a2) = (a12[0], a12[1]);
-        assert_eq!(h.step(), [a1, a2]);
-        assert_eq!((token(&mut a), token(&mut a)), (a1, a2));
-        assert_eq!(h.entered(), [a1, a2]);
-
-        // The submission raises the replica's flag; the step pauses when it next looks.
-        let newcomer = h.submit("b", 8, &b_events);
-        h.go.send(Go::Check).unwrap();
-        // B's prefill runs in the middle, over the full slots, and its first token goes out at once.
-        assert_eq!(h.step(), [newcomer]);
-        assert_eq!(token(&mut b), newcomer);
-        assert!(matches!(a.try_recv(), Err(TryRecvError::Empty)), "A's step has not finished");
-        // A's step goes on, and is not paused again.
-        assert_eq!(h.entered(), [a1, a2]);
-        h.go.send(Go::Check).unwrap();
-        assert_eq!((token(&mut a), token(&mut a)), (a1, a2));
-        // The slot B took is given back before the next step: A's newest waits.
-        assert_eq!(h.step(), [a1, newcomer]);
-        // (Its tokens go out after the metrics are published.)
-        assert_eq!((token(&mut a), token(&mut b)), (a1, newcomer));
-        assert_eq!(h.metrics.steps_paused.get(), 1);
-        assert_eq!(h.metrics.newcomer_steps.get(), 1);
-        assert_eq!(h.metrics.num_preemptions.get(), 1);
-    }
-
-    #[test]
-    fn newcomers_get_at_most_as_much_time_in_a_paused_step_as_the_step_itself() {
-        // Step durations here are the test's: a step "computes" for as long as the test holds it.
-        let compute = || std::thread::sleep(Duration::from_millis(150));
-        let h = Harness::new(16);
-        let (a_events, mut a) = unbounded_channel();
-        let (n_events, mut n) = unbounded_channel();
-        let a_seqs = h.submit_n("a", 8, 8, &a_events);
-        h.entered();
-        compute();
-        h.go.send(Go::Finish).unwrap();
-        for _ in 0..8 {
-            token(&mut a);
-        }
-        let decodes = |ids: Vec<u32>| assert_eq!(ids, a_seqs);
-
-        // A's decode step computes for a while, then pauses for newcomer B (one token, done at once).
-        decodes(h.entered());
-        compute();
-        let b = h.submit("b", 1, &n_events);
-        h.go.send(Go::Check).unwrap();
-        assert_eq!(h.step(), [b]);
-        assert_eq!(only_token(&mut n), b);
-        // B took little of the step's time: it pauses again at once for newcomer C.
-        decodes(h.entered());
-        let c = h.submit("c", 1, &n_events);
-        h.go.send(Go::Check).unwrap();
-        assert_eq!(h.step(), [c]);
-        assert_eq!(only_token(&mut n), c);
-        decodes(h.step());
-        for _ in 0..8 {
-            token(&mut a);
-        }
-
-        // The next decode step pauses at once for D, whose step takes long.
-        decodes(h.entered());
-        let d = h.submit("d", 1, &n_events);
-        h.go.send(Go::Check).unwrap();
-        assert_eq!(h.entered(), [d]);
-        compute();
-        h.go.send(Go::Finish).unwrap();
-        assert_eq!(only_token(&mut n), d);
-        // E arrives: the step owes its decodes D's time first, so it finishes instead of pausing.
-        decodes(h.entered());
-        let e = h.submit("e", 1, &n_events);
-        h.go.send(Go::Check).unwrap();
-        for _ in 0..8 {
-            token(&mut a);
-        }
-        assert!(matches!(n.try_recv(), Err(TryRecvError::Empty)), "E waited for the step");
-        assert!(h.step().contains(&e));
-        assert_eq!(only_token(&mut n), e);
-        assert_eq!(h.metrics.steps_paused.get(), 3);
-    }
-
-    #[test]
-    fn a_request_of_a_flow_already_running_does_not_pause_the_step() {
-        let h = Harness::new(4);
-        let (events, mut a) = unbounded_channel();
-        let a1 = h.submit("a", 8, &events);
-        h.step();
-        assert_eq!(token(&mut a), a1);
-        assert_eq!(h.entered(), [a1]);
-        let a2 = h.submit("a", 8, &events);
-        h.go.send(Go::Check).unwrap();
-        // The step finished instead of pausing; A's second request joins the next one.
-        assert_eq!(token(&mut a), a1);
-        assert_eq!(h.step(), [a1, a2]);
-        assert_eq!(h.metrics.steps_paused.get(), 0);
-    }
-
-    #[test]
-    fn an_adapter_unloaded_while_in_use_goes_once_its_sequences_finish_and_a_failed_load_leaves_nothing() {
-        let h = Harness::new(4);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let err = rt.block_on(h.replicas.load_adapter("broken", "/bad/dir", "m")).unwrap_err();
-        assert!(err.to_string().contains("/bad/dir: no adapter_config.json"), "{err}");
-        assert_eq!(h.replicas.adapters.resolve("broken"), None, "a failed load registers nothing");
-        // Replicas that did load a failed adapter drop it again (here none had).
-        assert_eq!(h.adapter_log.recv().unwrap(), "unload 1");
-        let spec = rt.block_on(h.replicas.load_adapter("sql", "/adapters/sql", "m")).unwrap();
-        assert_eq!(spec.id, 2, "ids are never reused");
-        assert_eq!(h.adapter_log.recv().unwrap(), "load 2");
-        assert_eq!(h.replicas.adapters.resolve("sql"), Some(spec.id));
-
-        let (tx, mut rx) = unbounded_channel();
-        h.submit_with("a", 3, 1, spec.id, &tx);
-        h.step();
-        assert!(matches!(next(&mut rx), Event::Token { .. }));
-        h.replicas.unload_adapter("sql").unwrap();
-        assert_eq!(h.replicas.adapters.resolve("sql"), None, "new requests cannot name it");
-        // The loop takes the unload in before its next step, and keeps the adapter for the sequence.
-        h.step();
-        assert!(matches!(next(&mut rx), Event::Token { .. }));
-        assert_eq!(h.adapter_log.try_recv(), Err(mpsc::TryRecvError::Empty), "unloaded under a running sequence");
-        h.step();
-        assert!(matches!(next(&mut rx), Event::Token { .. }));
-        assert!(matches!(next(&mut rx), Event::Finished { .. }));
-        assert_eq!(h.adapter_log.recv().unwrap(), format!("unload {}", spec.id));
-
-        // A request that resolved the adapter before its unload and arrives after it fails alone; a step
-        // naming the adapter would be refused whole.
-        let (late_tx, mut late) = unbounded_channel();
-        h.submit_with("b", 2, 1, spec.id, &late_tx);
-        match next(&mut late) {
-            Event::Error { message, .. } => assert!(message.contains("is not loaded"), "{message}"),
-            other => panic!("expected an error, got {other:?}"),
-        }
-        let (base_tx, mut base) = unbounded_channel();
-        h.submit("c", 1, &base_tx);
-        h.step();
-        assert!(matches!(next(&mut base), Event::Token { .. }));
-    }
-}
+mod tests;
