@@ -1,22 +1,39 @@
 //! `tessera bench cluster`: what the distributed path costs. The same decode steps run on the in-process
 //! engine and on local clusters of worker processes (gRPC + TCP collectives), side by side; the difference
-//! per step is the overhead. Also the TCP all-reduce's bandwidth on loopback.
+//! per step is the overhead. Then the same through the engine loop, where a group's steps overlap the
+//! loop's planning (and without, `--no-overlap`'s way). Also the TCP all-reduce's bandwidth on loopback.
 
 use std::{
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_coordinator::engine::{backend::Backend, step_delta::Sent};
+use tessera_coordinator::{
+    engine::{
+        backend::{Backend, ModelInfo, StepFailure, WorkerTiming},
+        contract::{Event, GenRequest},
+        step_delta::Sent,
+    },
+    metrics::Metrics,
+    replicas::Replicas,
+    scheduler::SchedulerConfig,
+};
 use tessera_proto::{
-    step::{SamplingParams, StepSeq},
+    step::{SamplingParams, SeqSampled, StepSeq},
     v1::StepRequest,
 };
 use tessera_worker::{Collective, tcp_collective};
 
-use crate::{cpu::greedy_step, host::Host};
+use crate::{
+    cpu::greedy_step,
+    host::{Host, Running},
+};
 
 #[derive(Args, Debug)]
 pub struct ClusterBenchArgs {
@@ -32,6 +49,9 @@ pub struct ClusterBenchArgs {
     /// Timed decode steps per configuration.
     #[arg(long, default_value_t = 200)]
     pub steps: usize,
+    /// Tokens each sequence generates in the engine-loop runs.
+    #[arg(long, default_value_t = 64)]
+    pub engine_tokens: usize,
     /// All-reduce buffer sizes in bytes.
     #[arg(long, default_value = "1048576,16777216", value_delimiter = ',')]
     pub allreduce_bytes: Vec<usize>,
@@ -83,6 +103,91 @@ fn time_decode(backend: &mut dyn Backend, batch: usize, steps: usize) -> Result<
     let dt = t.elapsed().as_secs_f64() / steps as f64;
     backend.release(&(0..batch as u64).map(|i| base + i).collect::<Vec<_>>());
     Ok(dt)
+}
+
+/// A backend that counts the steps it runs.
+struct Counted {
+    inner: Box<dyn Backend>,
+    steps: Arc<AtomicUsize>,
+}
+
+impl Backend for Counted {
+    fn info(&self) -> ModelInfo {
+        self.inner.info()
+    }
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<SeqSampled>, StepFailure> {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.inner.step(batch)
+    }
+    fn can_overlap(&self) -> bool {
+        self.inner.can_overlap()
+    }
+    fn submit(&mut self, batch: &[StepSeq<'_>]) -> Result<(), StepFailure> {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.inner.submit(batch)
+    }
+    fn wait(&mut self) -> Result<Vec<SeqSampled>, StepFailure> {
+        self.inner.wait()
+    }
+    fn release(&mut self, ids: &[u64]) {
+        self.inner.release(ids)
+    }
+    fn computes_on_cpu(&self) -> bool {
+        self.inner.computes_on_cpu()
+    }
+    fn last_timings(&self) -> Vec<WorkerTiming> {
+        self.inner.last_timings()
+    }
+}
+
+/// Mean wall seconds per step of an engine loop over `started` serving `batch` requests at once (prompts of
+/// 32 tokens, `tokens` generated each), planning each step while the one before runs if `overlap`.
+fn time_engine(started: Running, batch: usize, tokens: usize, overlap: bool) -> Result<f64> {
+    let Running { backend, keep_alive } = started;
+    let info = backend.info();
+    let steps = Arc::new(AtomicUsize::new(0));
+    let backend = Box::new(Counted { inner: backend, steps: steps.clone() });
+    let replicas = Replicas::new(info, Arc::new(Metrics::new("bench")));
+    let cfg = SchedulerConfig {
+        max_num_seqs: batch,
+        max_batched_tokens: (32 * batch).max(batch),
+        max_model_len: info.max_position_embeddings,
+        overlap,
+    };
+    replicas.add(backend, cfg, vec![], "bench", vec![], keep_alive);
+    let t = Instant::now();
+    let mut streams = Vec::new();
+    for i in 0..batch {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let prompt = (0..32).map(|t| 3 + ((t * 7 + i * 13) % 200) as u32).collect();
+        let req = GenRequest {
+            id: replicas.next_request_id(),
+            prompt,
+            params: SamplingParams::greedy(),
+            max_tokens: tokens,
+            ignore_eos: true,
+            constraint: None,
+            adapter: 0,
+            n: 1,
+            first_choice: 0,
+            flow: None,
+            weight: 1.0,
+            events,
+            span: tracing::Span::none(),
+        };
+        anyhow::ensure!(replicas.submit(req), "the replica took no request");
+        streams.push(rx);
+    }
+    for mut rx in streams {
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Token { .. }) => {}
+                Some(Event::Finished { .. }) => break,
+                other => anyhow::bail!("a benchmark request ended with {other:?}"),
+            }
+        }
+    }
+    Ok(t.elapsed().as_secs_f64() / steps.load(Ordering::Relaxed).max(1) as f64)
 }
 
 /// Seconds per all-reduce of `bytes` over a 2-rank loopback ring (best of several).
@@ -153,6 +258,25 @@ pub fn run(a: ClusterBenchArgs, host: &dyn Host) -> Result<()> {
     for (label, b, dt) in &rows {
         let base = rows.iter().find(|r| r.0 == "in-process" && r.1 == *b).map_or(*dt, |r| r.2);
         println!("{label:<16} {b:>6} {:>12.1} {:>14.1} {:>8.2}", dt * 1e6, (dt - base) * 1e6, dt / base);
+    }
+    println!(
+        "engine loop, {} tokens generated per sequence (prompt 32), all sequences at once: mean µs per step",
+        a.engine_tokens
+    );
+    println!("{:<16} {:>6} {:>12} {:>14} {:>14}", "path", "batch", "in process", "no overlap", "overlap");
+    for &tp in &a.tp {
+        for &b in &a.batch {
+            let inner = time_engine(host.in_process(&dir, kv_mib)?, b, a.engine_tokens, true)?;
+            let plain = time_engine(host.workers(&dir, tp, kv_mib)?, b, a.engine_tokens, false)?;
+            let overlapped = time_engine(host.workers(&dir, tp, kv_mib)?, b, a.engine_tokens, true)?;
+            println!(
+                "{:<16} {b:>6} {:>12.1} {:>14} {:>14}",
+                format!("workers tp={tp}"),
+                inner * 1e6,
+                format!("{:.1} (+{:.1})", plain * 1e6, (plain - inner) * 1e6),
+                format!("{:.1} (+{:.1})", overlapped * 1e6, (overlapped - inner) * 1e6),
+            );
+        }
     }
     for &(seqs, context) in &[(32, 160), (256, 4096)] {
         let (full, incremental) = step_bytes(seqs, context);

@@ -2,10 +2,7 @@
 //! model in this process or on local worker processes. The `tessera` binary implements [`Host`]; the
 //! benchmarks stay independent of its wiring.
 
-use std::{
-    any::Any,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use tessera_coordinator::engine::backend::Backend;
@@ -14,7 +11,7 @@ use tessera_coordinator::engine::backend::Backend;
 pub struct Running {
     pub backend: Box<dyn Backend>,
     /// Dropped after the backend (field order): a group's connections close before its workers stop.
-    pub keep_alive: Box<dyn Any>,
+    pub keep_alive: Box<dyn Send>,
 }
 
 pub trait Host {
