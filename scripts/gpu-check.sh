@@ -66,6 +66,9 @@ step cluster 120 bash -c '
     curl -s localhost:18000/v1/cluster | tee "$O/cluster.json" | grep -o "\"device\":\"cuda:0\"" || exit 1
     echo "$out" | grep -q "little girl named Lily. She loved to play outside in the park."' "$BIN" "$OUT"
 step tessera 300 "$BIN/tessera" bench gpu --json "$OUT/tessera.json"
+# The same 8B shape with its matrices as Q4_K_M-like blocks (Q4_K, the output projection Q6_K), decoded on the
+# device: beside bf16 above, what a quantized GGUF file costs and saves there.
+step tessera-q4k 300 "$BIN/tessera" bench gpu --quantize q4_k --json "$OUT/tessera-q4k.json"
 step transformers 300 python3 scripts/bench_transformers_gpu.py --json "$OUT/transformers.json"
 
 echo
@@ -79,7 +82,7 @@ def load(n):
         return json.load(open(os.path.join(out, n)))
     except Exception:
         return None
-t, h = load("tessera.json"), load("transformers.json")
+t, h, q = load("tessera.json"), load("transformers.json"), load("tessera-q4k.json")
 if t:
     print(f"{t['device']}: copy {t['copy_gb_per_s']:.0f} GB/s, bf16 GEMM {t['gemm_tflop_per_s']:.0f} TFLOP/s")
     hd = {d["batch"]: d for d in (h or {}).get("decode", [])}
@@ -93,4 +96,15 @@ if t:
     print(f"prefill {t['prefill_tokens']}: {t['prefill_tokens_per_s']:.0f} tok/s = "
           f"{t['prefill_fraction_of_gemm'] * 100:.1f}% of GEMM rate; transformers "
           + (f"{hp:.0f} tok/s ({t['prefill_tokens_per_s'] / hp:.2f}x)" if hp else "-"))
+if t and q:
+    qd = {d["batch"]: d for d in q["decode"]}
+    print(f"{q['shape']}: {q['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token against "
+          f"{t['weight_bytes_per_token'] / 1e9:.2f} (bf16)")
+    for d in t["decode"]:
+        o = qd.get(d["batch"])
+        if o:
+            print(f"  batch {d['batch']:>3}: {o['tokens_per_s']:.1f} tok/s against bf16 {d['tokens_per_s']:.1f} "
+                  f"({o['tokens_per_s'] / d['tokens_per_s']:.2f}x)")
+    print(f"  prefill {q['prefill_tokens']}: {q['prefill_tokens_per_s']:.0f} tok/s against bf16 "
+          f"{t['prefill_tokens_per_s']:.0f}")
 PY

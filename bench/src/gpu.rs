@@ -37,6 +37,10 @@ pub struct GpuBenchArgs {
     /// Prompt length of the prefill measurement.
     #[arg(long, default_value_t = 2048)]
     pub prefill: usize,
+    /// Keep the matrices in a block format, as a GGUF file of this quantization holds them: q8_0, q4_0 or
+    /// q4_k (`Q4_K_M`-like: the output projection in Q6_K). Random blocks, not a quantized model.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<tessera_worker::quantize::QuantizeTo>,
     /// Write the report as JSON to this file as well.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -197,7 +201,8 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
 
     let config = ModelConfig::parse(&synth::config_json(s).to_string(), std::path::Path::new("<bench shape>"))?;
     let t = Instant::now();
-    let model = Model::random(config.clone(), Shard::WHOLE, device, 42).context("building the random model")?;
+    let model =
+        Model::random_in(config.clone(), Shard::WHOLE, device, 42, a.quantize).context("building the random model")?;
     tessera_kernels::synchronize(device)?;
     eprintln!(
         "built a {:.2}B-parameter model in {:.1} s",
@@ -233,7 +238,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     let prefill_flops = flops * prefill_tps / tokens;
     let report = GpuReport {
         device: tessera_kernels::device_name(device),
-        shape: a.shape.clone(),
+        shape: a.quantize.map_or(a.shape.clone(), |q| format!("{} {q}", a.shape)),
         parameters: c.num_parameters(),
         weight_bytes_per_token: bytes,
         copy_gb_per_s: copy / 1e9,

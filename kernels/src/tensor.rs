@@ -276,6 +276,13 @@ impl Tensor {
         crate::ensure_available(device)?;
         match device {
             Device::Cpu => {
+                #[cfg(feature = "cuda")]
+                if let Storage::Cuda(b) = &self.storage
+                    && let DType::Quant(_) = b.dtype()
+                {
+                    let (ty, bytes) = crate::cuda::ops::to_host_bytes(b)?;
+                    return Tensor::from_quant(ty, bytes, &self.shape);
+                }
                 let v = self.to_vec_f32()?;
                 Tensor::from_f32(v, &self.shape)?.to_dtype(self.dtype())
             }
@@ -289,6 +296,7 @@ impl Tensor {
                 let buf = match &host.storage {
                     Storage::F32(v) => crate::cuda::ops::upload_f32(&gpu, v)?,
                     Storage::BF16(v) => crate::cuda::ops::upload_bf16(&gpu, v)?,
+                    Storage::Quant(ty, bytes) => crate::cuda::ops::upload_quant(&gpu, *ty, bytes)?,
                     _ => return Err(KernelError::Device { op: "Tensor::to_device (f16 or quantized)", device }),
                 };
                 Ok(Tensor { shape: self.shape.clone(), storage: Storage::Cuda(buf) })

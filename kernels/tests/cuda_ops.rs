@@ -11,7 +11,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tessera_kernels::{
-    DType, Device, Tensor,
+    DType, Device, GgmlType, Tensor,
+    cpu::quant::random::random_blocks,
     ops::{self, AttentionSeq, AttentionShape, RowSampling},
     rope::{Rope, RopeScaling},
 };
@@ -400,4 +401,76 @@ fn a_tensor_dropped_on_another_thread_leaves_the_device_usable() {
     let again = gpu(&data, &[64, 64]);
     assert_eq!(ops::count_nonfinite(&again).unwrap(), 0);
     assert_eq!(again.to_vec_f32().unwrap(), data, "the values are bf16-exact, so the round trip is too");
+}
+
+/// Every block format the device runs as its blocks (`cuda/quant.cu`).
+const BLOCK_FORMATS: [GgmlType; 10] = [
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// `rows` × `k` random blocks of `ty` (values about `scale`), on the host.
+fn blocks(r: &mut ChaCha8Rng, ty: GgmlType, rows: usize, k: usize, scale: f32) -> Tensor {
+    let bytes = random_blocks(ty, rows, k, r.random(), scale).expect("a block format");
+    Tensor::from_quant(ty, bytes, &[rows, k]).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn block_formats_decode_on_the_device_as_on_the_cpu_bit_for_bit() {
+    let mut r = rng("block_decode");
+    for ty in BLOCK_FORMATS {
+        let host = blocks(&mut r, ty, 5, 1024, 0.5);
+        let dev = host.to_device(GPU).unwrap();
+        assert_eq!(dev.dtype(), DType::Quant(ty), "{ty}: the blocks stay blocks on the device");
+        let (want, got) = (host.to_vec_f32().unwrap(), dev.to_vec_f32().unwrap());
+        assert!(want.iter().any(|v| *v != 0.0), "{ty}: all zeros");
+        let differ = want.iter().zip(&got).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{ty}: {differ} decoded values differ from the CPU's");
+        let back = dev.to_device(Device::Cpu).unwrap();
+        assert_eq!(back.quant_bytes(), host.quant_bytes(), "{ty}: the blocks come back as they went");
+        // The embedding lookup decodes the rows it takes, to bf16.
+        let ids = [4u32, 0, 2, 2];
+        let rows: Vec<f32> = ops::embedding(&ids, &host).unwrap().to_vec_f32().unwrap();
+        let rows: Vec<f32> = rows.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+        assert_eq!(ops::embedding(&ids, &dev).unwrap().to_vec_f32().unwrap(), rows, "{ty}: embedding rows");
+        // Fused projections stack their matrices as blocks.
+        let stacked = Tensor::concat_rows(&[&dev, &dev]).unwrap().to_device(Device::Cpu).unwrap();
+        let want = Tensor::concat_rows(&[&host, &host]).unwrap();
+        assert_eq!(stacked.quant_bytes(), want.quant_bytes(), "{ty}: stacked blocks");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn projections_of_block_format_weights_match_the_cpu_on_the_decoded_weights() {
+    let mut r = rng("block_linear");
+    // m <= 8 decodes in the GEMV kernel; more rows decode bands of weight rows for cuBLAS.
+    let mut cases: Vec<(GgmlType, usize, usize, usize)> = Vec::new();
+    for ty in BLOCK_FORMATS {
+        cases.extend([(ty, 1, 256, 96), (ty, 3, 1024, 130), (ty, 8, 512, 77), (ty, 9, 512, 64), (ty, 40, 2048, 300)]);
+    }
+    // More than one band (64 MB of bf16 weights each).
+    cases.push((GgmlType::Q4_K, 16, 4096, 9000));
+    for (ty, m, k, n) in cases {
+        let w = blocks(&mut r, ty, n, k, 0.1);
+        let decoded = cpu(&w.to_vec_f32().unwrap(), &[n, k]);
+        let (x, b) = (randn(&mut r, m * k, 1.0), randn(&mut r, n, 1.0));
+        let want = ops::linear(&cpu(&x, &[m, k]), &decoded, Some(&cpu(&b, &[n]))).unwrap();
+        let wd = w.to_device(GPU).unwrap();
+        for out in [DType::BF16, DType::F32] {
+            poison_next(m * n, out);
+            let got = ops::linear_to(&gpu(&x, &[m, k]), &wd, Some(&gpu(&b, &[n])), out).unwrap();
+            assert_eq!(got.dtype(), out);
+            check(&format!("{ty} linear {m}x{k}x{n} -> {out:?}"), &got, &want);
+        }
+    }
 }

@@ -114,7 +114,7 @@ impl Runner {
         }
         // Refuse a split the model cannot take before starting any process.
         let device: tessera_kernels::Device = args.device.parse()?;
-        Model::check_split(dir, args.tp, device)?;
+        Model::check_split(dir, args.tp)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tessera_kernels::ensure_available(device)?;
         let mut extra = args.worker_args.clone();

@@ -135,3 +135,51 @@ fn lora_adapters_in_a_mixed_batch_follow_peft_on_cuda() {
         assert!(diff / norm < 3e-2, "{name}: last-prompt logits rel err {}", diff / norm);
     }
 }
+
+/// llama.cpp's quantized files (`testdata/gguf-quant/`, and stories260K's Q8_0) on `cuda:0`: their
+/// matrices stay blocks on the device, decoded where they are read, and the device follows the CPU on the
+/// same file (itself checked against llama.cpp in `gguf_quantized.rs`). The CPU rounds activations to int8
+/// for its dot products and the GPU to bf16, so logits are compared by relative error; the trained
+/// stories260K keeps its greedy text.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn quantized_gguf_files_run_as_blocks_on_cuda_and_follow_the_cpu() {
+    let repo = repo();
+    let files = [
+        repo.join("testdata/gguf-quant/quant-llama-q8_0.gguf"),
+        repo.join("testdata/gguf-quant/quant-llama-q4_0.gguf"),
+        repo.join("testdata/gguf-quant/quant-llama-q4_k_m.gguf"),
+        repo.join("testdata/gguf-models/stories260K-q8_0.gguf"),
+    ];
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("testdata/gguf-quant/reference.json")).unwrap())
+            .unwrap();
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        // The prompts llama.cpp's references use for the file.
+        let prompts: Vec<Vec<u32>> = reference["files"][&name]["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+            .collect();
+        let mut gpu = engine_on(&path, prompts.len(), Device::Cuda(0));
+        assert!(
+            matches!(gpu.model.embedding_dtype(), tessera_kernels::DType::Quant(_)),
+            "{name}: the embedding table was decoded at load instead of kept as blocks"
+        );
+        let mut cpu = engine(&path, prompts.len());
+        let (g_ids, g_logits) = greedy_batch(&mut gpu, &prompts, 16, None);
+        let (c_ids, c_logits) = greedy_batch(&mut cpu, &prompts, 16, None);
+        for (i, (g, c)) in g_logits.iter().zip(&c_logits).enumerate() {
+            let norm: f32 = c.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let diff: f32 = g.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+            let agree = g_ids[i].iter().zip(&c_ids[i]).take_while(|(a, b)| a == b).count();
+            println!("{name} prompt {i}: logits rel err {:.2e}, greedy ids agree for {agree}/16", diff / norm);
+            assert!(diff / norm < 5e-2, "{name}: last-prompt logits rel err {}", diff / norm);
+            if name.starts_with("stories260K") {
+                assert_eq!(g_ids[i], c_ids[i], "{name}: greedy text differs from the CPU's");
+            }
+        }
+    }
+}

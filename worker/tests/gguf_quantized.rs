@@ -172,12 +172,12 @@ fn quantize_on_load_equals_llama_cpp_s_q8_0_file() {
 #[test]
 fn tensor_parallel_splits_fall_on_block_boundaries() {
     let q4k = dir().join("quant-llama-q4_k_m.gguf");
-    let err = Model::check_split(&q4k, 2, tessera_kernels::Device::Cpu).unwrap_err().to_string();
+    let err = Model::check_split(&q4k, 2).unwrap_err().to_string();
     assert!(err.contains("tp = 2") && err.contains("blk.0.attn_output.weight") && err.contains("256"), "{err}");
     assert!(Model::load(&q4k, Shard { rank: 0, world: 2 }).is_err());
 
     let q8 = dir().join("quant-llama-q8_0.gguf");
-    Model::check_split(&q8, 2, tessera_kernels::Device::Cpu).unwrap();
+    Model::check_split(&q8, 2).unwrap();
     let ring = loopback_ring(2, std::time::Duration::from_secs(20)).unwrap();
     let mut group: Vec<Engine> = ring
         .into_iter()

@@ -35,6 +35,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("../../cuda/attention.cu")),
     ("sampling", include_str!("../../cuda/sampling.cu")),
     ("gemv", include_str!("../../cuda/gemv.cu")),
+    ("quant", include_str!("../../cuda/quant.cu")),
 ];
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
@@ -313,6 +314,8 @@ pub(crate) struct Buffer {
 pub(crate) enum DeviceData {
     F32(CudaSlice<f32>),
     BF16(CudaSlice<half::bf16>),
+    /// A weight matrix in one of llama.cpp's block formats, its rows whole blocks (`ops::quant`).
+    Quant(tessera_gguf::GgmlType, CudaSlice<u8>),
 }
 
 impl Drop for Buffer {
@@ -342,6 +345,7 @@ impl Buffer {
         match *self.data {
             DeviceData::F32(_) => crate::dtype::DType::F32,
             DeviceData::BF16(_) => crate::dtype::DType::BF16,
+            DeviceData::Quant(ty, _) => crate::dtype::DType::Quant(ty),
         }
     }
 

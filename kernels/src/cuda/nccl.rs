@@ -91,6 +91,7 @@ impl NcclComm {
         let r = match data {
             DeviceData::BF16(s) => comm.all_reduce_in_place(&mut s.slice_mut(0..n), &ReduceOp::Sum),
             DeviceData::F32(s) => comm.all_reduce_in_place(&mut s.slice_mut(0..n), &ReduceOp::Sum),
+            DeviceData::Quant(..) => return Err(gpu.err("NCCL all-reduce", "a tensor in a block format")),
         };
         r.map(|_| ()).map_err(|e| gpu.err("ncclAllReduce", format!("{e:?}")))
     }

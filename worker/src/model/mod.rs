@@ -30,6 +30,7 @@ use tessera_proto::step::ScorePrompt;
 
 use tessera_kernels::{
     DType, Device, Tensor,
+    cpu::quant::random::random_blocks,
     ops::{self, AttentionSeq, AttentionShape},
 };
 
@@ -160,27 +161,27 @@ impl Model {
         }
     }
 
-    /// The shard `shard` of an opened GGUF model. On the CPU its quantized matrices stay in their block
-    /// formats and everything else becomes f32; a GPU gets every tensor dequantized to bf16.
+    /// The shard `shard` of an opened GGUF model. Its quantized matrices stay in their block formats, on
+    /// either device (decoded where they are read); everything else becomes f32 on the CPU, bf16 on a GPU.
     pub fn from_gguf(gguf: &GgufModel, shard: Shard, device: Device) -> Result<Self, ModelError> {
         let dtype = Self::weight_dtype(device);
         Self::build(gguf.config.clone(), shard, device, &|name, shape, slice| {
+            if let Some(t) = gguf.load_blocks(name, shape, slice.clone())? {
+                return Ok(t.to_device(device)?);
+            }
             if device == Device::Cpu {
-                if let Some(t) = gguf.load_blocks(name, shape, slice.clone())? {
-                    return Ok(t);
-                }
                 return gguf.load(name, shape, slice);
             }
             Ok(gguf.load(name, shape, slice)?.to_dtype(dtype)?.to_device(device)?)
         })
     }
 
-    /// Refuses, before anything is loaded, a split into `tp` ranks that the model at `path` cannot take on
-    /// `device`: uneven heads or features, or (a GGUF file on the CPU) quantized blocks cut between ranks.
-    pub fn check_split(path: &Path, tp: usize, device: Device) -> Result<(), ModelError> {
+    /// Refuses, before anything is loaded, a split into `tp` ranks that the model at `path` cannot take:
+    /// uneven heads or features, or (a GGUF file) quantized blocks cut between ranks.
+    pub fn check_split(path: &Path, tp: usize) -> Result<(), ModelError> {
         let config = Self::config_at(path)?;
         ShardLayout::new(&config, Shard { rank: 0, world: tp })?;
-        if path.is_file() && device == Device::Cpu {
+        if path.is_file() {
             GgufModel::open(path)?.check_split(tp)?;
         }
         Ok(())
@@ -218,8 +219,21 @@ impl Model {
     /// matrix's fan-in; norms one): benchmarks use it where no checkpoint of that size exists. The same
     /// seed gives the same weights on every device.
     pub fn random(config: ModelConfig, shard: Shard, device: Device, seed: u64) -> Result<Self, ModelError> {
+        Self::random_in(config, shard, device, seed, None)
+    }
+
+    /// [`Model::random`] with its matrices as random blocks of the formats `quantize` gives them (for
+    /// benchmarks of quantized models: their speed does not depend on the values).
+    pub fn random_in(
+        config: ModelConfig,
+        shard: Shard,
+        device: Device,
+        seed: u64,
+        quantize: Option<QuantizeTo>,
+    ) -> Result<Self, ModelError> {
         tessera_kernels::ensure_available(device)?;
         let dtype = Self::weight_dtype(device);
+        let tied = config.tie_word_embeddings;
         Self::build(config, shard, device, &|name, shape, slice| {
             let full = shape.to_vec();
             let local: Vec<usize> = match (&slice, shape) {
@@ -237,6 +251,13 @@ impl Model {
             let mut h = std::hash::DefaultHasher::new();
             std::hash::Hash::hash(&(name, seed), &mut h);
             let s = std::hash::Hasher::finish(&h);
+            if let (Some(q), [rows, cols]) = (quantize, &local[..])
+                && name.ends_with(".weight")
+                && let Some(ty) = q.type_for(name, *cols, tied)
+                && let Some(bytes) = random_blocks(ty, *rows, *cols, s, 1.0 / fan_in.sqrt())
+            {
+                return Ok(Tensor::from_quant(ty, bytes, &local)?.to_device(device)?);
+            }
             Ok(Tensor::uniform(&local, dtype, device, s, 1.0 / fan_in.sqrt())?)
         })
     }

@@ -5,6 +5,7 @@
 //!   values;
 //! - [`act`]: activations quantized to int8 as llama.cpp quantizes them for its dot products (Q8_0 per 32
 //!   values, Q8_K per 256 for the K-quants);
+//! - [`random`]: random matrices in a block format, for benchmarks;
 //! - [`dot`]: the integer dot product of a decoded weight row and an activation row (AVX2 at run time);
 //! - `direct` (x86-64): kernels for Q8_0, Q4_0, Q4_K and Q6_K that decode in registers and dot a weight row
 //!   with up to eight activation rows at a time, used whenever the CPU has AVX2, FMA and F16C (an AVX-VNNI
@@ -19,6 +20,7 @@ pub mod act;
 #[cfg(target_arch = "x86_64")]
 pub mod direct;
 pub mod dot;
+pub mod random;
 pub mod unpack;
 
 use rayon::prelude::*;

@@ -32,6 +32,7 @@ pub(super) fn gemm_x_wt(
             let (p, s) = c.device_ptr_mut(&g.stream);
             (p, cudaDataType_t::CUDA_R_32F, s)
         }
+        DeviceData::Quant(..) => return Err(g.err("cublasGemmEx", "the output cannot be in a block format")),
     };
     // Row-major y[m, n] is column-major yᵀ[n, m] = W[n, k] (column-major Wᵀ, transposed) · xᵀ[k, m].
     // SAFETY: pointers cover w (n·k), x (m·k) and y (m·n) elements, as the leading dimensions say.

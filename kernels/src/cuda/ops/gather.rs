@@ -6,12 +6,16 @@ use cudarc::driver::PushKernelArg;
 use super::launch::{alloc_bf16, alloc_f32};
 use crate::{
     cuda::{Buffer, DeviceData, Gpu},
+    dtype::DType,
     error::Result,
 };
 
 pub(crate) fn embedding(ids: &[u32], table: &Buffer, h: usize) -> Result<Buffer> {
     const OP: &str = "embedding";
     let g = &table.gpu;
+    if let DType::Quant(_) = table.dtype() {
+        return super::quant::dequantize(table, Some(ids), 0, ids.len(), h, DType::BF16);
+    }
     let n = ids.len() * h;
     let mut out = alloc_bf16(g, n)?;
     if n > 0 {
@@ -60,6 +64,7 @@ pub(crate) fn gather_rows(x: &Buffer, rows: &[u32], w: usize) -> Result<Buffer> 
             }
             DeviceData::F32(out)
         }
+        DeviceData::Quant(..) => return super::quant::dequantize(x, Some(rows), 0, rows.len(), w, DType::BF16),
     };
     Ok(Buffer::new(g.clone(), data))
 }

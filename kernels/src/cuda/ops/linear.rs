@@ -35,11 +35,16 @@ pub(crate) fn linear(
 ) -> Result<Buffer> {
     const OP: &str = "linear";
     let g = &x.gpu;
-    let (xs, ws) = (x.bf16(OP)?, w.bf16(OP)?);
+    let xs = x.bf16(OP)?;
     let mut out = alloc_output(g, out_dtype, m * n)?;
     if m == 0 || n == 0 {
         return Ok(out);
     }
+    if let DType::Quant(_) = w.dtype() {
+        super::quant::qlinear(xs, w, bias, &mut out, m, k, n)?;
+        return Ok(out);
+    }
+    let ws = w.bf16(OP)?;
     if m <= GEMV_MAX_M && k.is_multiple_of(8) && n <= i32::MAX as usize {
         gemv(g, xs, ws, bias, &mut out, m, k, n)?;
         return Ok(out);
@@ -86,7 +91,7 @@ fn gemm(
 }
 
 /// Adds the bias row to each of the `m` output rows (the GEMV kernel adds its own).
-fn add_bias(g: &Gpu, bs: &CudaSlice<bf16>, out: &mut Buffer, m: usize, n: usize) -> Result<()> {
+pub(super) fn add_bias(g: &Gpu, bs: &CudaSlice<bf16>, out: &mut Buffer, m: usize, n: usize) -> Result<()> {
     let (rows, cols) = (m as u64, n as u64);
     let cfg = Gpu::elementwise_cfg(m * n);
     let data = Arc::get_mut(&mut out.data).expect("fresh buffer");
@@ -100,6 +105,7 @@ fn add_bias(g: &Gpu, bs: &CudaSlice<bf16>, out: &mut Buffer, m: usize, n: usize)
             let f = g.kernel("bias_add_f32")?;
             unsafe { g.stream.launch_builder(f).arg(c).arg(bs).arg(&rows).arg(&cols).launch(cfg) }
         }
+        DeviceData::Quant(..) => unreachable!("outputs are bf16 or f32"),
     }
     .map_err(|e| g.err("bias_add", e))?;
     Ok(())
@@ -127,6 +133,7 @@ fn gemv(
     let (y_ptr, y_f32) = match data {
         DeviceData::BF16(c) => (c.device_ptr_mut(&g.stream).0, 0i32),
         DeviceData::F32(c) => (c.device_ptr_mut(&g.stream).0, 1i32),
+        DeviceData::Quant(..) => unreachable!("outputs are bf16 or f32"),
     };
     let (mi, ki, ni) = (m as i32, k as i32, n as i32);
     let cfg = LaunchConfig {

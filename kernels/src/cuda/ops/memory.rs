@@ -47,6 +47,11 @@ pub(crate) fn to_host_f32(b: &Buffer) -> Result<Vec<f32>> {
         DeviceData::BF16(s) => {
             g.stream.clone_dtoh(s).map_err(|e| g.err("copy to host", e))?.into_iter().map(|x| x.to_f32()).collect()
         }
+        DeviceData::Quant(ty, s) => {
+            // Decoded on the device, as one row of all its blocks.
+            let values = s.len() / ty.type_size() * ty.block_size();
+            return to_host_f32(&super::quant::dequantize(b, None, 0, 1, values, DType::F32)?);
+        }
     })
 }
 
@@ -55,6 +60,7 @@ fn len(b: &Buffer) -> usize {
     match &*b.data {
         DeviceData::F32(s) => s.len(),
         DeviceData::BF16(s) => s.len(),
+        DeviceData::Quant(_, s) => s.len(),
     }
 }
 
@@ -77,20 +83,38 @@ pub(crate) fn copy_range(b: &Buffer, start: usize, end: usize) -> Result<Buffer>
             }
             DeviceData::BF16(out)
         }
+        DeviceData::Quant(..) => return Err(quant_unsupported(g, "copy_range")),
     };
     Ok(Buffer::new(g.clone(), data))
 }
 
-/// The first `n` elements of each buffer, one after another (same dtype, same GPU).
+/// An op that takes no tensor in a block format was given one.
+fn quant_unsupported(g: &Gpu, op: &'static str) -> KernelError {
+    KernelError::Device { op, device: crate::device::Device::Cuda(g.ordinal) }
+}
+
+/// The first `n` elements of each buffer, one after another (same dtype, same GPU). Weights in a block
+/// format go as their blocks (whole rows of them: fused projections).
 pub(crate) fn concat(parts: &[(&Buffer, usize)]) -> Result<Buffer> {
     let g = &parts[0].0.gpu;
-    let total: usize = parts.iter().map(|(_, n)| n).sum();
+    let dtype = parts[0].0.dtype();
+    // Elements, or bytes of blocks, per part.
+    let len = |n: usize| if let DType::Quant(_) = dtype { dtype.bytes_for(n) } else { n };
+    let total: usize = parts.iter().map(|&(_, n)| len(n)).sum();
     let mut data = match *parts[0].0.data {
         DeviceData::BF16(_) => DeviceData::BF16(alloc_bf16(g, total)?),
         DeviceData::F32(_) => DeviceData::F32(alloc_f32(g, total)?),
+        // SAFETY: every byte is copied in below before anything reads it.
+        DeviceData::Quant(ty, _) => {
+            DeviceData::Quant(ty, unsafe { g.stream.alloc::<u8>(total.max(1)) }.map_err(|e| g.err("alloc", e))?)
+        }
     };
     let mut at = 0;
     for &(p, n) in parts {
+        if p.dtype() != dtype {
+            return Err(KernelError::DType { op: "concat_rows", expected: dtype, got: p.dtype() });
+        }
+        let n = len(n);
         if n == 0 {
             continue;
         }
@@ -99,6 +123,9 @@ pub(crate) fn concat(parts: &[(&Buffer, usize)]) -> Result<Buffer> {
                 g.stream.memcpy_dtod(&s.slice(0..n), &mut d.slice_mut(at..at + n))
             }
             (DeviceData::F32(s), DeviceData::F32(d)) => {
+                g.stream.memcpy_dtod(&s.slice(0..n), &mut d.slice_mut(at..at + n))
+            }
+            (DeviceData::Quant(_, s), DeviceData::Quant(_, d)) => {
                 g.stream.memcpy_dtod(&s.slice(0..n), &mut d.slice_mut(at..at + n))
             }
             _ => return Err(KernelError::DType { op: "concat_rows", expected: parts[0].0.dtype(), got: p.dtype() }),
@@ -141,6 +168,7 @@ pub(crate) fn fill_bits(b: &mut Buffer, bits: u32) -> Result<()> {
             let f = g.kernel("fill_u32")?;
             unsafe { g.stream.launch_builder(f).arg(&mut *s).arg(&bits).arg(&n64).launch(Gpu::elementwise_cfg(n)) }
         }
+        DeviceData::Quant(..) => return Err(quant_unsupported(&g, "fill")),
     }
     .map_err(|e| g.err("fill", e))?;
     Ok(())
@@ -162,6 +190,7 @@ pub(crate) fn count_nonfinite(b: &Buffer, n: usize) -> Result<u32> {
                 let f = g.kernel("count_nonfinite_f32")?;
                 unsafe { g.stream.launch_builder(f).arg(s).arg(&n64).arg(&mut count).launch(Gpu::elementwise_cfg(n)) }
             }
+            DeviceData::Quant(..) => return Err(quant_unsupported(g, "count_nonfinite")),
         }
         .map_err(|e| g.err("count_nonfinite", e))?;
     }

@@ -17,6 +17,7 @@ mod launch;
 mod linear;
 mod memory;
 mod norm;
+mod quant;
 mod rope;
 mod sampling;
 
@@ -28,5 +29,6 @@ pub(crate) use memory::{
     cast, concat, copy_range, count_nonfinite, fill_bits, to_host_f32, uniform, upload_bf16, upload_f32, zeros,
 };
 pub(crate) use norm::{add_rms_norm, rms_norm};
+pub(crate) use quant::{to_host_bytes, upload_quant};
 pub(crate) use rope::rope;
 pub(crate) use sampling::{argmax, sample};
