@@ -52,6 +52,24 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     /// Quantizes `x` (`m × k`, `k` a multiple of `format`'s block).
     pub fn new(x: &[f32], k: usize, format: ActFormat) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above), the only feature the copy is compiled for.
+            return unsafe { Self::new_avx2(x, k, format) };
+        }
+        Self::quantize(x, k, format)
+    }
+
+    /// [`QuantizedRows::new`] compiled for AVX2: its rounding is then one instruction per eight values, where
+    /// the baseline build calls libm's `rintf` per value (5% of a Q4_0 decode step on two cores).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn new_avx2(x: &[f32], k: usize, format: ActFormat) -> Self {
+        Self::quantize(x, k, format)
+    }
+
+    #[inline(always)]
+    fn quantize(x: &[f32], k: usize, format: ActFormat) -> Self {
         debug_assert!(k.is_multiple_of(format.block()));
         let mut q = vec![0i8; x.len()];
         let mut d = Vec::with_capacity(x.len() / GROUP);
@@ -86,6 +104,7 @@ impl QuantizedRows {
 }
 
 /// One Q8_0 block; returns its step.
+#[inline(always)]
 fn q8_0(xs: &[f32], qs: &mut [i8]) -> f32 {
     let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
     let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -96,6 +115,7 @@ fn q8_0(xs: &[f32], qs: &mut [i8]) -> f32 {
 }
 
 /// One Q8_K block; returns its step.
+#[inline(always)]
 fn q8_k(xs: &[f32], qs: &mut [i8]) -> f32 {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in xs {
