@@ -280,7 +280,9 @@ impl Tensor {
                 if let Storage::Cuda(b) = &self.storage
                     && let DType::Quant(_) = b.dtype()
                 {
-                    let (ty, bytes) = crate::cuda::ops::to_host_bytes(b)?;
+                    let (ty, mut bytes) = crate::cuda::ops::to_host_bytes(b)?;
+                    // An empty matrix's buffer holds a placeholder byte.
+                    bytes.truncate(self.dtype().bytes_for(self.numel()));
                     return Tensor::from_quant(ty, bytes, &self.shape);
                 }
                 let v = self.to_vec_f32()?;

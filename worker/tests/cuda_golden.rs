@@ -139,8 +139,9 @@ fn lora_adapters_in_a_mixed_batch_follow_peft_on_cuda() {
 /// llama.cpp's quantized files (`testdata/gguf-quant/`, and stories260K's Q8_0) on `cuda:0`: their
 /// matrices stay blocks on the device, decoded where they are read, and the device follows the CPU on the
 /// same file (itself checked against llama.cpp in `gguf_quantized.rs`). The CPU rounds activations to int8
-/// for its dot products and the GPU to bf16, so logits are compared by relative error; the trained
-/// stories260K keeps its greedy text.
+/// for its dot products and the GPU to bf16, so logits are compared by relative error and greedy text as
+/// the CPU is compared with llama.cpp (another int8 engine): the first four tokens of every prompt, all 16
+/// of most, on the trained stories260K. The tolerances are first guesses until a device has run them.
 #[test]
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
 fn quantized_gguf_files_run_as_blocks_on_cuda_and_follow_the_cpu() {
@@ -171,15 +172,24 @@ fn quantized_gguf_files_run_as_blocks_on_cuda_and_follow_the_cpu() {
         let mut cpu = engine(&path, prompts.len());
         let (g_ids, g_logits) = greedy_batch(&mut gpu, &prompts, 16, None);
         let (c_ids, c_logits) = greedy_batch(&mut cpu, &prompts, 16, None);
+        let mut whole = 0;
         for (i, (g, c)) in g_logits.iter().zip(&c_logits).enumerate() {
             let norm: f32 = c.iter().map(|v| v * v).sum::<f32>().sqrt();
             let diff: f32 = g.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
             let agree = g_ids[i].iter().zip(&c_ids[i]).take_while(|(a, b)| a == b).count();
             println!("{name} prompt {i}: logits rel err {:.2e}, greedy ids agree for {agree}/16", diff / norm);
-            assert!(diff / norm < 5e-2, "{name}: last-prompt logits rel err {}", diff / norm);
+            assert!(diff / norm < 1e-1, "{name}: last-prompt logits rel err {}", diff / norm);
             if name.starts_with("stories260K") {
-                assert_eq!(g_ids[i], c_ids[i], "{name}: greedy text differs from the CPU's");
+                assert_eq!(g_ids[i][..4], c_ids[i][..4], "{name}: the first greedy tokens differ from the CPU's");
             }
+            whole += (agree == 16) as usize;
+        }
+        if name.starts_with("stories260K") {
+            assert!(
+                whole * 4 >= prompts.len() * 3,
+                "{name}: only {whole}/{} prompts agree on 16 tokens",
+                prompts.len()
+            );
         }
     }
 }

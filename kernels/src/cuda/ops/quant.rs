@@ -20,8 +20,11 @@ use crate::{
     error::{KernelError, Result},
 };
 
-/// Projections of at most this many rows decode in `qgemv` (`QGEMV_MAX_M` in quant.cu)...
-pub(crate) const QGEMV_MAX_M: usize = 8;
+/// `qgemv` takes at most this many rows a pass (`QGEMV_MAX_M` in quant.cu)...
+const QGEMV_MAX_M: usize = 8;
+/// ...and projections of up to this many rows (batched decode) go through it, a pass per eight rows: four
+/// passes read about 2.3 bytes a weight for Q4_K, decoding the matrix to bf16 for cuBLAS about 4.6.
+const QGEMV_PASSES_MAX_M: usize = 32;
 /// ...in blocks of this many warps, one output column each (`QGEMV_WARPS`).
 const QGEMV_WARPS: usize = 4;
 /// Bytes of bf16 weights a prefill decodes at once before its GEMM.
@@ -158,37 +161,44 @@ pub(crate) fn qlinear(
     };
     let dims =
         |v: usize| i32::try_from(v).map_err(|_| KernelError::shape(OP, format!("dimension {v} too large for CUDA")));
-    if m <= QGEMV_MAX_M {
-        let (mi, ki, ni) = (dims(m)?, dims(k)?, dims(n)?);
+    let (_, ki, ni) = (dims(m)?, dims(k)?, dims(n)?);
+    let y_size = if y_f32 { 4 } else { 2 };
+    let x_ptr = x.device_ptr(&g.stream).0;
+    if m <= QGEMV_PASSES_MAX_M {
+        // Up to QGEMV_MAX_M rows a pass; each pass reads the blocks again (a few passes read fewer bytes than
+        // decoding the matrix to bf16 and reading that back).
         let f = g.kernel(gemv)?;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(QGEMV_WARPS) as u32, 1, 1),
             block_dim: (32 * QGEMV_WARPS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let y_f32 = y_f32 as i32;
-        // SAFETY: w holds n rows of k / block-size blocks, x is m×k, y is m×n (f32 or bf16 as the flag says),
-        // bias n or null.
-        unsafe {
-            g.stream
-                .launch_builder(f)
-                .arg(s)
-                .arg(x)
-                .arg(&bias_ptr)
-                .arg(&y_ptr)
-                .arg(&y_f32)
-                .arg(&mi)
-                .arg(&ki)
-                .arg(&ni)
-                .launch(cfg)
+        for r0 in (0..m).step_by(QGEMV_MAX_M) {
+            let rows = dims(QGEMV_MAX_M.min(m - r0))?;
+            let (xr, yr) = (x_ptr + (r0 * k * 2) as u64, y_ptr + (r0 * n * y_size) as u64);
+            let y_f32 = y_f32 as i32;
+            // SAFETY: w holds n rows of k / block-size blocks; xr is `rows`×k of x, yr `rows`×n of y (f32 or
+            // bf16 as the flag says); bias n or null.
+            unsafe {
+                g.stream
+                    .launch_builder(f)
+                    .arg(s)
+                    .arg(&xr)
+                    .arg(&bias_ptr)
+                    .arg(&yr)
+                    .arg(&y_f32)
+                    .arg(&rows)
+                    .arg(&ki)
+                    .arg(&ni)
+                    .launch(cfg)
+            }
+            .map_err(|e| g.err("qgemv", e))?;
         }
-        .map_err(|e| g.err("qgemv", e))?;
         return Ok(());
     }
     // Prefill: a band of weight rows at a time, decoded to bf16, then one GEMM into the band's columns of y.
-    let band = (BAND_BYTES / (2 * k)).clamp(1, n);
-    let x_ptr = x.device_ptr(&g.stream).0;
-    let y_size = if y_f32 { 4 } else { 2 };
+    // Bands of a multiple of 64 rows keep the GEMM's shapes and the output columns aligned.
+    let band = (BAND_BYTES / (2 * k.max(1)) / 64 * 64).clamp(64, n.max(64)).min(n.max(1));
     g.ctx.bind_to_thread().map_err(|e| g.err("bind", e))?;
     for c0 in (0..n).step_by(band) {
         let cols = band.min(n - c0);
