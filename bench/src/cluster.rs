@@ -160,21 +160,9 @@ fn time_engine(started: Running, batch: usize, tokens: usize, overlap: bool) -> 
     for i in 0..batch {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let prompt = (0..32).map(|t| 3 + ((t * 7 + i * 13) % 200) as u32).collect();
-        let req = GenRequest {
-            id: replicas.next_request_id(),
-            prompt,
-            params: SamplingParams::greedy(),
-            max_tokens: tokens,
-            ignore_eos: true,
-            constraint: None,
-            adapter: 0,
-            n: 1,
-            first_choice: 0,
-            flow: None,
-            weight: 1.0,
-            events,
-            span: tracing::Span::none(),
-        };
+        let id = replicas.next_request_id();
+        let req =
+            GenRequest { ignore_eos: true, ..GenRequest::one(id, prompt, SamplingParams::greedy(), tokens, events) };
         anyhow::ensure!(replicas.submit(req), "the replica took no request");
         streams.push(rx);
     }

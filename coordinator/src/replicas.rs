@@ -550,19 +550,8 @@ mod tests {
     fn request(r: &Replicas) -> (GenRequest, tokio::sync::mpsc::UnboundedReceiver<crate::engine::contract::Event>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let req = GenRequest {
-            id: r.next_request_id(),
-            prompt: vec![1, 2, 3],
-            params: SamplingParams::greedy(),
-            max_tokens: 4,
             ignore_eos: true,
-            constraint: None,
-            adapter: 0,
-            n: 1,
-            first_choice: 0,
-            flow: None,
-            weight: 1.0,
-            events: tx,
-            span: tracing::Span::none(),
+            ..GenRequest::one(r.next_request_id(), vec![1, 2, 3], SamplingParams::greedy(), 4, tx)
         };
         (req, rx)
     }

@@ -145,20 +145,10 @@ pub fn generate(
     };
     replicas.add(backend, cfg, tok.eos_token_ids.clone(), "local", vec![], Box::new(cluster));
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = replicas.next_request_id();
     let submitted = replicas.submit(GenRequest {
-        id: replicas.next_request_id(),
-        prompt: req.prompt_ids.clone(),
-        params: req.params.clone(),
-        max_tokens: req.max_tokens,
         ignore_eos: req.ignore_eos,
-        constraint: None,
-        adapter: 0,
-        n: 1,
-        first_choice: 0,
-        flow: None,
-        weight: 1.0,
-        events,
-        span: tracing::Span::current(),
+        ..GenRequest::one(id, req.prompt_ids.clone(), req.params.clone(), req.max_tokens, events)
     });
     if !submitted {
         bail!("the engine stopped before the request could run");

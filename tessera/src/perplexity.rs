@@ -118,20 +118,11 @@ pub fn perplexity(
         if let Some(b) = bos {
             prompt[0] = b;
         }
+        let id = replicas.next_request_id();
         replicas.submit(GenRequest {
-            id: replicas.next_request_id(),
-            prompt,
-            params: params.clone(),
-            max_tokens: 1,
             ignore_eos: true,
-            constraint: None,
-            adapter: 0,
-            n: 1,
             first_choice: c,
-            flow: None,
-            weight: 1.0,
-            events: events.clone(),
-            span: tracing::Span::current(),
+            ..GenRequest::one(id, prompt, params.clone(), 1, events.clone())
         })
     };
     // Each chunk's scored tokens' negative log-likelihoods, by position (a prefill recomputed after a

@@ -88,6 +88,34 @@ pub struct GenRequest {
     pub span: tracing::Span,
 }
 
+impl GenRequest {
+    /// A request of one choice on the base model: no constraint, no flow (weight 1), stopping at an end
+    /// of sequence, in the current span. Callers change what differs with struct update syntax.
+    pub fn one(
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        max_tokens: usize,
+        events: UnboundedSender<Event>,
+    ) -> Self {
+        GenRequest {
+            id,
+            prompt,
+            params,
+            max_tokens,
+            ignore_eos: false,
+            constraint: None,
+            adapter: 0,
+            n: 1,
+            first_choice: 0,
+            flow: None,
+            weight: 1.0,
+            events,
+            span: tracing::Span::current(),
+        }
+    }
+}
+
 /// The id of a request's choice: choices are the low bits of sequence ids.
 pub fn seq_id(request: u64, choice: usize) -> u64 {
     request * MAX_CHOICES as u64 + choice as u64

@@ -163,19 +163,11 @@ impl Harness {
     ) -> Vec<u32> {
         let id = self.replicas.next_request_id();
         let req = GenRequest {
-            id,
-            prompt: vec![1, 2, 3],
-            params: SamplingParams::greedy(),
-            max_tokens,
             ignore_eos: true,
-            constraint: None,
             adapter,
             n,
-            first_choice: 0,
             flow: Some(flow.into()),
-            weight: 1.0,
-            events: events.clone(),
-            span: tracing::Span::none(),
+            ..GenRequest::one(id, vec![1, 2, 3], SamplingParams::greedy(), max_tokens, events.clone())
         };
         assert!(self.replicas.submit(req));
         (0..n).map(|c| (seq_id(id, c) % 1000) as u32).collect()
@@ -510,21 +502,7 @@ impl Overlap {
     /// Submits a one-choice request that stops at [`EOS`]; returns the token its sequence samples.
     fn submit(&self, max_tokens: usize, events: &UnboundedSender<Event>) -> u32 {
         let id = self.replicas.next_request_id();
-        let req = GenRequest {
-            id,
-            prompt: vec![1, 2, 3],
-            params: SamplingParams::greedy(),
-            max_tokens,
-            ignore_eos: false,
-            constraint: None,
-            adapter: 0,
-            n: 1,
-            first_choice: 0,
-            flow: None,
-            weight: 1.0,
-            events: events.clone(),
-            span: tracing::Span::none(),
-        };
+        let req = GenRequest::one(id, vec![1, 2, 3], SamplingParams::greedy(), max_tokens, events.clone());
         assert!(self.replicas.submit(req));
         short(seq_id(id, 0))
     }
