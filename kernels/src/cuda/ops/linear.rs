@@ -57,7 +57,7 @@ pub(crate) fn linear(
 }
 
 /// An uninitialised output of `len` elements in the projection's dtype (every path writes all of them).
-fn alloc_output(g: &Arc<Gpu>, dtype: DType, len: usize) -> Result<Buffer> {
+pub(super) fn alloc_output(g: &Arc<Gpu>, dtype: DType, len: usize) -> Result<Buffer> {
     let data = match dtype {
         DType::BF16 => DeviceData::BF16(alloc_bf16(g, len)?),
         DType::F32 => DeviceData::F32(alloc_f32(g, len)?),

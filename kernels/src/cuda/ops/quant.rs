@@ -9,10 +9,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 use half::bf16;
 use tessera_gguf::GgmlType;
 
-use super::{
-    blas,
-    launch::{alloc_bf16, alloc_f32},
-};
+use super::blas;
 use crate::{
     cuda::{Buffer, DeviceData, Gpu},
     device::Device,
@@ -96,23 +93,15 @@ pub(crate) fn dequantize(
     let (kernel, _) = kernels_for(g, ty)?;
     let n = n_rows * row_len;
     let row_blocks = (row_len / ty.block_size()) as u64;
-    let mut data = match out {
-        DType::BF16 => DeviceData::BF16(alloc_bf16(g, n)?),
-        DType::F32 => DeviceData::F32(alloc_f32(g, n)?),
-        _ => {
-            return Err(KernelError::Device {
-                op: "dequantize to f16 or a block format",
-                device: Device::Cuda(g.ordinal),
-            });
-        }
-    };
+    let mut buf = super::linear::alloc_output(g, out, n)?;
     if n == 0 {
-        return Ok(Buffer::new(g.clone(), data));
+        return Ok(buf);
     }
     let ids = rows.map(|r| g.upload_u32(r)).transpose()?;
     let ids_ptr = ids.as_ref().map_or(0, |i| i.device_ptr(&g.stream).0);
     let w_ptr = s.device_ptr(&g.stream).0 + (first_row as u64) * row_blocks * ty.type_size() as u64;
-    let (out_ptr, out_f32) = match &mut data {
+    let data = Arc::get_mut(&mut buf.data).expect("fresh buffer");
+    let (out_ptr, out_f32) = match data {
         DeviceData::BF16(c) => (c.device_ptr_mut(&g.stream).0, 0i32),
         DeviceData::F32(c) => (c.device_ptr_mut(&g.stream).0, 1i32),
         DeviceData::Quant(..) => unreachable!("allocated above as bf16 or f32"),
@@ -134,7 +123,7 @@ pub(crate) fn dequantize(
     }
     .map_err(|e| g.err(OP, e))?;
     drop(ids);
-    Ok(Buffer::new(g.clone(), data))
+    Ok(buf)
 }
 
 /// `x[m, k] · w[n, k]ᵀ (+ bias)` for a weight in a block format (bf16 `x`), output in `out_dtype`.
