@@ -59,7 +59,8 @@ impl Scheduler {
             if finished.is_some() {
                 finished_ids.push(x.id);
             }
-            out.push(Outcome { id: x.id, cached_tokens: s.cached_tokens, sampled: x.sampled, finished });
+            let first = s.generated().len() == 1;
+            out.push(Outcome { id: x.id, cached_tokens: s.cached_tokens, sampled: x.sampled, finished, first });
         }
         // A sampling sequence the step did not answer for (the backend broke its contract, or it was left
         // out of a step sent again) has no token to put in place.

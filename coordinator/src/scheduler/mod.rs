@@ -89,6 +89,8 @@ pub struct Outcome {
     pub finished: Option<FinishReason>,
     /// Prompt tokens the prefix cache served at admission.
     pub cached_tokens: usize,
+    /// The sequence's first generated token.
+    pub first: bool,
 }
 
 /// Counters of what the scheduler did, and the pool's state, for the metrics.
@@ -466,18 +468,32 @@ impl Scheduler {
     /// Records a completed step: computed positions, prefix-cache registration, sampled tokens and
     /// finished sequences (whose blocks are released). `eos` are the end-of-sequence ids.
     pub fn apply(&mut self, plan: &[Planned], sampled: Vec<SeqSampled>, eos: &[u32]) -> Vec<Outcome> {
-        self.record_computed(plan, true);
+        let max_model_len = self.cfg.max_model_len;
         let mut out = Vec::with_capacity(sampled.len());
         let mut finished_ids = Vec::new();
-        for x in sampled {
-            let max_model_len = self.cfg.max_model_len;
-            let Some(s) = self.running.get_mut(x.id) else { continue };
+        let mut take = |s: &mut Sequence, x: SeqSampled| {
             s.tokens.push(x.sampled.token);
             let finished = s.took_token(eos, max_model_len);
             if finished.is_some() {
                 finished_ids.push(x.id);
             }
-            out.push(Outcome { id: x.id, cached_tokens: s.cached_tokens, sampled: x.sampled, finished });
+            let first = s.generated().len() == 1;
+            out.push(Outcome { id: x.id, cached_tokens: s.cached_tokens, sampled: x.sampled, finished, first });
+        };
+        // The tokens come in the plan's order (the backend's contract): each sequence is found once.
+        let mut sampled = sampled.into_iter().peekable();
+        for p in plan {
+            let Some(i) = self.running.position(p.id) else { continue };
+            self.record_computed_at(i, p.end, true);
+            if let Some(x) = sampled.next_if(|x| x.id == p.id) {
+                take(&mut self.running[i], x);
+            }
+        }
+        // Tokens out of that order, if a backend broke it.
+        for x in sampled {
+            if let Some(s) = self.running.get_mut(x.id) {
+                take(s, x);
+            }
         }
         // Together, in one pass over the batch: several sequences often finish in the same step.
         for s in self.running.remove_all(&finished_ids) {
@@ -489,18 +505,25 @@ impl Scheduler {
     /// After a step ran: its running sequences are begun on the workers (their computed positions advance
     /// to the plan's, with `advance`), and the full blocks it computed join the prefix cache.
     fn record_computed(&mut self, plan: &[Planned], advance: bool) {
-        let bs = self.blocks.block_size();
         for p in plan {
-            let Some(s) = self.running.get_mut(p.id) else { continue };
-            s.fresh = false;
-            if advance {
-                s.num_computed = s.num_computed.max(p.end);
+            if let Some(i) = self.running.position(p.id) {
+                self.record_computed_at(i, p.end, advance);
             }
-            while (s.num_hashed + 1) * bs <= s.num_computed {
-                let b = s.num_hashed;
-                s.last_hash = self.blocks.register(s.blocks[b], s.last_hash, &s.tokens[b * bs..(b + 1) * bs]);
-                s.num_hashed += 1;
-            }
+        }
+    }
+
+    /// [`Scheduler::record_computed`] for `running[i]`, planned up to `end`.
+    fn record_computed_at(&mut self, i: usize, end: usize, advance: bool) {
+        let bs = self.blocks.block_size();
+        let s = &mut self.running[i];
+        s.fresh = false;
+        if advance {
+            s.num_computed = s.num_computed.max(end);
+        }
+        while (s.num_hashed + 1) * bs <= s.num_computed {
+            let b = s.num_hashed;
+            s.last_hash = self.blocks.register(s.blocks[b], s.last_hash, &s.tokens[b * bs..(b + 1) * bs]);
+            s.num_hashed += 1;
         }
     }
 }
@@ -694,6 +717,27 @@ mod tests {
         s.add(Sequence::new(3, other, SamplingParams::greedy(), 1, false));
         let p = s.schedule();
         assert_eq!(p[0].start, 4);
+    }
+
+    #[test]
+    fn only_a_sequences_first_generated_token_is_first_even_after_a_recompute() {
+        let mut s = sched(4, 2, 100, 8);
+        s.add(seq(1, 3, 6));
+        s.add(seq(2, 3, 6));
+        let firsts = |o: &[Outcome]| o.iter().map(|o| (o.id, o.first)).collect::<Vec<_>>();
+        let p = s.schedule();
+        assert_eq!(firsts(&step(&mut s, &p)), [(1, true), (2, true)]);
+        let p = s.schedule();
+        assert_eq!(firsts(&step(&mut s, &p)), [(1, false), (2, false)]);
+        // Seq 2 is preempted for blocks, then recomputed with the tokens it generated: not first again.
+        let p = s.schedule();
+        assert_eq!(firsts(&step(&mut s, &p)), [(1, false)]);
+        while s.get(1).is_some() {
+            let p = s.schedule();
+            step(&mut s, &p);
+        }
+        let p = s.schedule();
+        assert_eq!(firsts(&step(&mut s, &p)), [(2, false)]);
     }
 
     #[test]

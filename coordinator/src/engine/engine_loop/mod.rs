@@ -489,8 +489,7 @@ impl Loop {
     /// HTTP runtime's queue, ahead of the streams that already have theirs (a newcomer's time to first
     /// token should not include 64 other streams' writes).
     fn deliver(&mut self, outcomes: Vec<Outcome>) {
-        let (first, flowing): (Vec<Outcome>, Vec<Outcome>) =
-            outcomes.into_iter().partition(|o| self.tracks.get(&o.id).is_some_and(|t| t.last_token.is_none()));
+        let (first, flowing): (Vec<Outcome>, Vec<Outcome>) = outcomes.into_iter().partition(|o| o.first);
         let now = Instant::now();
         let mut generated = 0;
         for o in first.into_iter().chain(flowing) {
