@@ -64,13 +64,13 @@ pub fn linear_to(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> R
     {
         return Err(KernelError::shape(OP, format!("bias {:?} for {n} outputs", b.shape())));
     }
-    if let Some((ty, bytes)) = w.quant_bytes() {
+    if let Some(q) = w.quant_matrix() {
         if out != DType::F32 {
             return Err(KernelError::DType { op: OP, expected: DType::F32, got: out });
         }
         let mut out = vec![0f32; m * n];
         let b = bias.map(|b| f32s(OP, b)).transpose()?;
-        cpu::quant::linear(f32s(OP, x)?, ty, bytes, b, &mut out, m, k, n);
+        cpu::quant::linear(f32s(OP, x)?, q, b, &mut out, m);
         return Tensor::from_f32(out, &[m, n]);
     }
     #[cfg(feature = "cuda")]
@@ -291,11 +291,9 @@ pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
         return Ok(Tensor::from_cuda(gpu::embedding(ids, b, h)?, &[ids.len(), h]));
     }
     let mut out = vec![0f32; ids.len() * h];
-    if let Some((ty, bytes)) = table.quant_bytes() {
-        let rb = cpu::quant::row_bytes(ty, h);
+    if let Some(q) = table.quant_matrix() {
         for (&id, row) in ids.iter().zip(out.chunks_exact_mut(h)) {
-            let src = &bytes[id as usize * rb..(id as usize + 1) * rb];
-            tessera_gguf::dequantize(ty, src, row)
+            q.dequantize_rows(id as usize, id as usize + 1, row)
                 .map_err(|e| KernelError::Unsupported { op: OP, detail: e.to_string() })?;
         }
         return Tensor::from_f32(out, &[ids.len(), h]);

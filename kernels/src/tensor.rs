@@ -9,6 +9,7 @@ use std::{borrow::Cow, sync::Arc};
 use half::{bf16, f16};
 
 use crate::{
+    cpu::quant::QuantMatrix,
     device::Device,
     dtype::{DType, GgmlType},
     error::KernelError,
@@ -21,9 +22,9 @@ pub(crate) enum Storage {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
-    /// A weight matrix's blocks in a llama.cpp format, row after row; shared on clone (a tied embedding
-    /// and `lm_head` are one table).
-    Quant(GgmlType, Arc<Vec<u8>>),
+    /// A weight matrix's blocks in a llama.cpp format, as the CPU kernels keep them; shared on clone (a
+    /// tied embedding and `lm_head` are one table).
+    Quant(Arc<QuantMatrix>),
     #[cfg(feature = "cuda")]
     Cuda(crate::cuda::Buffer),
 }
@@ -81,27 +82,31 @@ impl Tensor {
     /// `cols / block_size` blocks, row after row. Only the formats [`crate::cpu::quant`] computes with are
     /// accepted.
     pub fn from_quant(ty: GgmlType, bytes: Vec<u8>, shape: &[usize]) -> Result<Self> {
-        const OP: &str = "Tensor::from_quant";
-        if !crate::cpu::quant::supported(ty) {
-            return Err(KernelError::Unsupported { op: OP, detail: format!("no kernels for {ty} weights") });
-        }
-        let &[rows, cols] = shape else {
-            return Err(KernelError::shape(OP, format!("a quantized tensor is a matrix, not {shape:?}")));
-        };
-        if !cols.is_multiple_of(ty.block_size()) {
-            return Err(KernelError::shape(OP, format!("rows of {cols} values are not whole {ty} blocks")));
-        }
-        let want = rows.checked_mul(DType::Quant(ty).bytes_for(cols));
-        if want != Some(bytes.len()) {
-            return Err(KernelError::shape(OP, format!("{} bytes for {shape:?} in {ty}", bytes.len())));
-        }
-        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Quant(ty, Arc::new(bytes)) })
+        let (rows, cols) = check_quant("Tensor::from_quant", ty, bytes.len(), shape)?;
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Quant(Arc::new(QuantMatrix::new(ty, bytes, rows, cols))) })
     }
 
-    /// The block format and bytes of a quantized tensor (`None` for any other).
-    pub fn quant_bytes(&self) -> Option<(GgmlType, &[u8])> {
+    /// [`Tensor::from_quant`] on `device`. A GPU takes the blocks as they are: the CPU's interleaved
+    /// layout is not made only to be undone.
+    pub fn from_quant_on(ty: GgmlType, bytes: Vec<u8>, shape: &[usize], device: Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(i) = device {
+            check_quant("Tensor::from_quant_on", ty, bytes.len(), shape)?;
+            let buf = crate::cuda::ops::upload_quant(&crate::cuda::gpu(i)?, ty, &bytes)?;
+            return Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cuda(buf) });
+        }
+        Tensor::from_quant(ty, bytes, shape)?.to_device(device)
+    }
+
+    /// The block format and bytes, in the file's layout, of a quantized CPU tensor (`None` for any other).
+    pub fn quant_bytes(&self) -> Option<(GgmlType, Cow<'_, [u8]>)> {
+        self.quant_matrix().map(|q| (q.ty(), q.blocks(0, q.rows())))
+    }
+
+    /// The matrix of a quantized CPU tensor (`None` for any other).
+    pub fn quant_matrix(&self) -> Option<&QuantMatrix> {
         match &self.storage {
-            Storage::Quant(ty, b) => Some((*ty, b)),
+            Storage::Quant(q) => Some(q),
             _ => None,
         }
     }
@@ -187,7 +192,7 @@ impl Tensor {
             Storage::F32(_) => DType::F32,
             Storage::BF16(_) => DType::BF16,
             Storage::F16(_) => DType::F16,
-            Storage::Quant(ty, _) => DType::Quant(*ty),
+            Storage::Quant(q) => DType::Quant(q.ty()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.dtype(),
         }
@@ -248,9 +253,9 @@ impl Tensor {
             Storage::F32(v) => v.clone(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            Storage::Quant(ty, b) => {
+            Storage::Quant(q) => {
                 let mut out = zeroed(self.numel(), 0f32)?;
-                tessera_gguf::dequantize(*ty, b, &mut out)
+                q.dequantize_rows(0, q.rows(), &mut out)
                     .map_err(|e| KernelError::Unsupported { op: "Tensor::to_vec_f32", detail: e.to_string() })?;
                 out
             }
@@ -298,7 +303,7 @@ impl Tensor {
                 let buf = match &host.storage {
                     Storage::F32(v) => crate::cuda::ops::upload_f32(&gpu, v)?,
                     Storage::BF16(v) => crate::cuda::ops::upload_bf16(&gpu, v)?,
-                    Storage::Quant(ty, bytes) => crate::cuda::ops::upload_quant(&gpu, *ty, bytes)?,
+                    Storage::Quant(q) => crate::cuda::ops::upload_quant(&gpu, q.ty(), &q.blocks(0, q.rows()))?,
                     _ => return Err(KernelError::Device { op: "Tensor::to_device (f16 or quantized)", device }),
                 };
                 Ok(Tensor { shape: self.shape.clone(), storage: Storage::Cuda(buf) })
@@ -359,8 +364,10 @@ impl Tensor {
         }
         let storage = match first.dtype() {
             DType::Quant(ty) => {
-                let bytes: Vec<u8> =
-                    parts.iter().flat_map(|p| p.quant_bytes().map_or(&[][..], |(_, b)| b)).copied().collect();
+                let mut bytes = Vec::new();
+                for p in parts {
+                    bytes.extend_from_slice(&p.quant_bytes().map(|(_, b)| b).unwrap_or_default());
+                }
                 return Tensor::from_quant(ty, bytes, &shape);
             }
             DType::F32 => Storage::F32(
@@ -387,15 +394,33 @@ impl Tensor {
             Storage::F32(v) => Storage::F32(v[start * row..end * row].to_vec()),
             Storage::BF16(v) => Storage::BF16(v[start * row..end * row].to_vec()),
             Storage::F16(v) => Storage::F16(v[start * row..end * row].to_vec()),
-            Storage::Quant(ty, b) => {
-                let row = DType::Quant(*ty).bytes_for(row);
-                Storage::Quant(*ty, Arc::new(b[start * row..end * row].to_vec()))
+            Storage::Quant(q) => {
+                let bytes = q.blocks(start, end).into_owned();
+                Storage::Quant(Arc::new(QuantMatrix::new(q.ty(), bytes, end - start, q.cols())))
             }
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => Storage::Cuda(crate::cuda::ops::copy_range(b, start * row, end * row)?),
         };
         Ok(Tensor { shape, storage })
     }
+}
+
+/// The rows and columns of a quantized matrix of `ty` blocks, `len` bytes, shaped `shape`, or the error
+/// saying what does not fit.
+fn check_quant(op: &'static str, ty: GgmlType, len: usize, shape: &[usize]) -> Result<(usize, usize)> {
+    if !crate::cpu::quant::supported(ty) {
+        return Err(KernelError::Unsupported { op, detail: format!("no kernels for {ty} weights") });
+    }
+    let &[rows, cols] = shape else {
+        return Err(KernelError::shape(op, format!("a quantized tensor is a matrix, not {shape:?}")));
+    };
+    if !cols.is_multiple_of(ty.block_size()) {
+        return Err(KernelError::shape(op, format!("rows of {cols} values are not whole {ty} blocks")));
+    }
+    if rows.checked_mul(DType::Quant(ty).bytes_for(cols)) != Some(len) {
+        return Err(KernelError::shape(op, format!("{len} bytes for {shape:?} in {ty}")));
+    }
+    Ok((rows, cols))
 }
 
 fn check_len(op: &'static str, len: usize, shape: &[usize]) -> Result<()> {

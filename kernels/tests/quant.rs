@@ -106,17 +106,19 @@ fn reference(ty: GgmlType, w: &[u8], x: &[f32], m: usize, k: usize, n: usize, in
 #[test]
 fn linear_on_quantized_weights_equals_the_f64_product_on_both_paths() {
     let mut r = ChaCha8Rng::seed_from_u64(2);
-    let (k, n) = (512, 40);
+    // 43 rows: five interleaved groups and three rows after them, where the CPU interleaves.
+    let (k, n) = (512, 43);
     for ty in TYPES {
         let bytes = random_blocks(&mut r, ty, n, k);
         let w = Tensor::from_quant(ty, bytes.clone(), &[n, k]).unwrap();
         let bias = random_f32(&mut r, n);
-        for m in [1, 3, quant::INT8_MAX_ROWS, quant::INT8_MAX_ROWS + 7] {
+        for m in [1, 3, 9, quant::INT8_MAX_ROWS, quant::INT8_MAX_ROWS + 7, 70] {
             let x = random_f32(&mut r, m * k);
             let xt = Tensor::from_f32(x.clone(), &[m, k]).unwrap();
             let got = ops::linear(&xt, &w, Some(&Tensor::from_f32(bias.clone(), &[n]).unwrap())).unwrap();
             let got = got.as_f32().unwrap();
-            let (want, scale) = reference(ty, &bytes, &x, m, k, n, m <= quant::INT8_MAX_ROWS);
+            let int8 = quant::int8_inputs(w.quant_matrix().unwrap(), m);
+            let (want, scale) = reference(ty, &bytes, &x, m, k, n, int8);
             for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 let w = w + bias[idx % n] as f64;
                 assert!((g as f64 - w).abs() <= 2e-6 * scale + 1e-6, "{ty} m={m} [{idx}]: {g} vs {w} (scale {scale})");
@@ -125,16 +127,23 @@ fn linear_on_quantized_weights_equals_the_f64_product_on_both_paths() {
     }
 }
 
+/// A row's result does not depend on its batch: not on how many rows come with it (the interleaved
+/// formats at every batch, the others up to the int8 path's limit), nor on where it sits among them.
 #[test]
 fn a_row_is_the_same_whatever_it_is_batched_with() {
     let mut r = ChaCha8Rng::seed_from_u64(3);
-    let (k, n) = (256, 24);
-    let w = Tensor::from_quant(GgmlType::Q4_K, random_blocks(&mut r, GgmlType::Q4_K, n, k), &[n, k]).unwrap();
-    let x = random_f32(&mut r, 8 * k);
-    let batch = ops::linear(&Tensor::from_f32(x.clone(), &[8, k]).unwrap(), &w, None).unwrap();
-    for i in 0..8 {
-        let one = ops::linear(&Tensor::from_f32(x[i * k..(i + 1) * k].to_vec(), &[1, k]).unwrap(), &w, None).unwrap();
-        assert_eq!(one.as_f32().unwrap(), &batch.as_f32().unwrap()[i * n..(i + 1) * n], "row {i}");
+    let (k, n) = (256, 27);
+    for (ty, m) in
+        [(GgmlType::Q5_K, 8), (GgmlType::Q8_0, 40), (GgmlType::Q4_0, 40), (GgmlType::Q4_K, 40), (GgmlType::Q6_K, 40)]
+    {
+        let w = Tensor::from_quant(ty, random_blocks(&mut r, ty, n, k), &[n, k]).unwrap();
+        let x = random_f32(&mut r, m * k);
+        let batch = ops::linear(&Tensor::from_f32(x.clone(), &[m, k]).unwrap(), &w, None).unwrap();
+        for i in 0..m {
+            let one = Tensor::from_f32(x[i * k..(i + 1) * k].to_vec(), &[1, k]).unwrap();
+            let one = ops::linear(&one, &w, None).unwrap();
+            assert_eq!(one.as_f32().unwrap(), &batch.as_f32().unwrap()[i * n..(i + 1) * n], "{ty} row {i}");
+        }
     }
 }
 
@@ -150,8 +159,8 @@ fn quantized_tensors_slice_stack_and_embed_by_whole_blocks() {
     assert_eq!(ta.size_in_bytes(), a.len());
     let both = Tensor::concat_rows(&[&ta, &tb]).unwrap();
     assert_eq!(both.shape(), &[5, k]);
-    assert_eq!(both.quant_bytes().unwrap().1, [a.clone(), b.clone()].concat().as_slice());
-    assert_eq!(both.narrow_rows(3, 5).unwrap().quant_bytes().unwrap().1, b.as_slice());
+    assert_eq!(both.quant_bytes().unwrap().1, [a.clone(), b.clone()].concat());
+    assert_eq!(both.narrow_rows(3, 5).unwrap().quant_bytes().unwrap().1, b);
     let all = dequantized(ty, &[a, b].concat(), 5 * k);
     assert_eq!(both.to_vec_f32().unwrap(), all);
     let rows = ops::embedding(&[4, 0, 4], &both).unwrap();
@@ -169,7 +178,7 @@ fn quantizing_a_tensor_equals_the_reference_quantizer_and_bad_shapes_are_errors(
         let q = t.clone().to_dtype(DType::Quant(ty)).unwrap();
         let mut want = Vec::new();
         tessera_gguf::quantize(ty, &x, &mut want).unwrap();
-        assert_eq!(q.quant_bytes().unwrap(), (ty, want.as_slice()));
+        assert_eq!(q.quant_bytes().unwrap(), (ty, want.as_slice().into()));
     }
     let err = |r: Result<Tensor, tessera_kernels::KernelError>| r.unwrap_err().to_string();
     let row = Tensor::from_f32(random_f32(&mut r, 256), &[1, 256]).unwrap();

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use tessera_gguf::{GgmlType, GgufFile, Metadata};
 use tessera_kernels::{
-    Tensor,
+    Device, Tensor,
     cpu::quant,
     rope::{Rope, RopeScaling},
 };
@@ -109,7 +109,13 @@ impl GgufModel {
 
     /// This rank's part `slice` of the matrix the decoder calls `name`, kept in its block format, or `None`
     /// when it is not a matrix in a format the CPU kernels run (then [`GgufModel::load`] dequantizes it).
-    pub fn load_blocks(&self, name: &str, shape: &[usize], slice: Slice) -> Result<Option<Tensor>, ModelError> {
+    pub fn load_blocks(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+        device: Device,
+    ) -> Result<Option<Tensor>, ModelError> {
         let (t, err) = self.find(name, shape)?;
         let ty = t.ggml_type();
         if shape.len() != 2 || !quant::supported(ty) {
@@ -130,7 +136,7 @@ impl GgufModel {
             bytes.extend_from_slice(&data[src * row_bytes + b0..src * row_bytes + b1]);
         }
         self.file.release(&t);
-        Ok(Some(Tensor::from_quant(ty, bytes, &[r1 - r0, c1 - c0])?))
+        Ok(Some(Tensor::from_quant_on(ty, bytes, &[r1 - r0, c1 - c0], device)?))
     }
 
     /// Refuses a split into `world` ranks that would cut the blocks of a quantized matrix: the columns of

@@ -166,8 +166,8 @@ impl Model {
     pub fn from_gguf(gguf: &GgufModel, shard: Shard, device: Device) -> Result<Self, ModelError> {
         let dtype = Self::weight_dtype(device);
         Self::build(gguf.config.clone(), shard, device, &|name, shape, slice| {
-            if let Some(t) = gguf.load_blocks(name, shape, slice.clone())? {
-                return Ok(t.to_device(device)?);
+            if let Some(t) = gguf.load_blocks(name, shape, slice.clone(), device)? {
+                return Ok(t);
             }
             if device == Device::Cpu {
                 return gguf.load(name, shape, slice);
@@ -256,7 +256,7 @@ impl Model {
                 && let Some(ty) = q.type_for(name, *cols, tied)
                 && let Some(bytes) = random_blocks(ty, *rows, *cols, s, 1.0 / fan_in.sqrt())
             {
-                return Ok(Tensor::from_quant(ty, bytes, &local)?.to_device(device)?);
+                return Ok(Tensor::from_quant_on(ty, bytes, &local, device)?);
             }
             Ok(Tensor::uniform(&local, dtype, device, s, 1.0 / fan_in.sqrt())?)
         })

@@ -47,6 +47,10 @@ pub struct QuantizedRows {
     pub d: Vec<f32>,
     /// Per group, `step · Σ q` over each half of 16: what a weight offset multiplies.
     pub sums: Vec<[f32; 2]>,
+    /// Per group, `Σ q`: what a constant added to the weights' levels adds to an integer dot product.
+    pub level_sums: Vec<i32>,
+    /// `Σ q` per 16 values, for formats whose levels carry their offset per 16.
+    pub half_level_sums: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -80,6 +84,8 @@ impl QuantizedRows {
             };
             d.extend(std::iter::repeat_n(step, format.block() / GROUP));
         }
+        let half_level_sums: Vec<i32> = q.chunks_exact(GROUP / 2).map(|h| h.iter().map(|&v| v as i32).sum()).collect();
+        let level_sums = half_level_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
         let sums = q
             .chunks_exact(GROUP)
             .zip(&d)
@@ -88,12 +94,24 @@ impl QuantizedRows {
                 [half(&g[..16]), half(&g[16..])]
             })
             .collect();
-        QuantizedRows { k, q, d, sums }
+        QuantizedRows { k, q, d, sums, level_sums, half_level_sums }
     }
 
     /// Rows held.
     pub fn rows(&self) -> usize {
         self.q.len().checked_div(self.k).unwrap_or(0)
+    }
+
+    /// Row `i`'s level sums, one per group.
+    pub fn level_sums(&self, i: usize) -> &[i32] {
+        let g = self.k / GROUP;
+        &self.level_sums[i * g..(i + 1) * g]
+    }
+
+    /// Row `i`'s level sums, one per 16 values.
+    pub fn half_level_sums(&self, i: usize) -> &[i32] {
+        let h = 2 * self.k / GROUP;
+        &self.half_level_sums[i * h..(i + 1) * h]
     }
 
     /// Row `i`: its levels, steps and half sums.

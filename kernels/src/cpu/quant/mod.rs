@@ -7,31 +7,33 @@
 //!   values, Q8_K per 256 for the K-quants);
 //! - [`random`]: random matrices in a block format, for benchmarks;
 //! - [`dot`]: the integer dot product of a decoded weight row and an activation row (AVX2 at run time);
-//! - `direct` (x86-64): kernels for Q8_0, Q4_0, Q4_K and Q6_K that decode in registers and dot a weight row
-//!   with up to eight activation rows at a time, used whenever the CPU has AVX2, FMA and F16C (an AVX-VNNI
-//!   or AVX-512 VNNI build where it has one of those too).
+//! - [`matrix`]: the matrix as the CPU keeps it: Q8_0, Q4_0, Q4_K and Q6_K rows interleaved eight at a time
+//!   where the CPU runs `interleaved` (x86-64 with AVX2, FMA and F16C; VNNI builds where it has AVX-VNNI
+//!   or AVX-512 VNNI), the kernels that dot such a group of rows with up to eight activation rows.
 //!
-//! Up to [`INT8_MAX_ROWS`] input rows (decode and batched decode), each weight row is decoded once and
-//! dotted with every input row while it is in cache: the weights are read once per step whatever the
-//! batch. Larger inputs (prefill) dequantize tiles of weight rows to f32 and multiply them with the `gemm`
-//! crate, where the arithmetic, not the reading, is the cost.
+//! Interleaved matrices take the int8 path for every batch, prefill included (measured faster than
+//! dequantizing into the f32 GEMM): a group of eight weight rows stays in cache while every input row
+//! passes it. Other matrices take it up to [`INT8_MAX_ROWS`] input rows, each weight row decoded once and
+//! dotted with every input row while it is in cache; larger inputs dequantize tiles of weight rows to f32
+//! and multiply them with the `gemm` crate.
 
 pub mod act;
-#[cfg(target_arch = "x86_64")]
-pub mod direct;
 pub mod dot;
+#[cfg(target_arch = "x86_64")]
+pub mod interleaved;
+pub mod matrix;
 pub mod random;
 pub mod unpack;
 
 use rayon::prelude::*;
 use tessera_gguf::GgmlType;
 
-pub use self::unpack::supported;
 use self::{
     act::{ActFormat, QuantizedRows},
     dot::{Operands, dot},
     unpack::{GROUP, Scales, has_offsets, unpack_row},
 };
+pub use self::{matrix::QuantMatrix, unpack::supported};
 
 /// At or below this many input rows the int8 path is used. Measured on the 124.7M shape in Q8_0 (2 cores):
 /// the int8 path costs ~6 ms per input row per step, the dequantizing one ~70 ms plus ~3.3 ms per row, so
@@ -50,20 +52,28 @@ pub fn row_bytes(ty: GgmlType, k: usize) -> usize {
     k / ty.block_size() * ty.type_size()
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`, `w` being `n` rows of `ty` blocks. The caller has checked
-/// that `ty` is [`supported`], `k` is whole blocks and the lengths match.
-#[allow(clippy::too_many_arguments)]
-pub fn linear(x: &[f32], ty: GgmlType, w: &[u8], bias: Option<&[f32]>, out: &mut [f32], m: usize, k: usize, n: usize) {
+/// Whether `linear` quantizes `m` input rows to int8 for `w` (where it does not, it multiplies in f32).
+pub fn int8_inputs(w: &QuantMatrix, m: usize) -> bool {
+    w.packed_rows() > 0 || m <= INT8_MAX_ROWS
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`, `w` being `n` rows of `k` values in a block format the
+/// caller has checked is [`supported`]; the lengths match.
+pub fn linear(x: &[f32], w: &QuantMatrix, bias: Option<&[f32]>, out: &mut [f32], m: usize) {
+    let (ty, k, n) = (w.ty(), w.cols(), w.rows());
     debug_assert!(supported(ty) && k.is_multiple_of(ty.block_size()));
-    debug_assert_eq!(w.len(), n * row_bytes(ty, k));
     debug_assert_eq!((x.len(), out.len()), (m * k, m * n));
     if m == 0 || n == 0 {
         return;
     }
-    if m <= INT8_MAX_ROWS {
-        int8_rows(x, ty, w, out, m, k, n);
+    if w.packed_rows() > 0 {
+        // Only x86-64 interleaves.
+        #[cfg(target_arch = "x86_64")]
+        interleaved_rows(x, w, out, m);
+    } else if m <= INT8_MAX_ROWS {
+        int8_rows(x, ty, w.raw(), out, m, k, n);
     } else {
-        dequantized_tiles(x, ty, w, out, m, k, n);
+        dequantized_tiles(x, w, out, m);
     }
     if let Some(b) = bias {
         for row in out.chunks_exact_mut(n) {
@@ -77,28 +87,11 @@ pub fn linear(x: &[f32], ty: GgmlType, w: &[u8], bias: Option<&[f32]>, out: &mut
 fn int8_rows(x: &[f32], ty: GgmlType, w: &[u8], out: &mut [f32], m: usize, k: usize, n: usize) {
     let acts = QuantizedRows::new(x, k, ActFormat::for_weights(ty));
     let rb = row_bytes(ty, k);
-    #[cfg(target_arch = "x86_64")]
-    let direct = direct::available(ty);
-    #[cfg(not(target_arch = "x86_64"))]
-    let direct = false;
     // Fills `o`, weight rows from `j0` on, each with its `m` results (the transpose of `out`'s layout).
     let fill = |j0: usize, o: &mut [f32]| {
-        let (mut wq, mut ws): (Vec<i8>, Vec<Scales>) =
-            if direct { (Vec::new(), Vec::new()) } else { (vec![0i8; k], vec![[0.0; 4]; k / GROUP]) };
+        let (mut wq, mut ws) = (vec![0i8; k], vec![[0.0; 4]; k / GROUP]);
         for (jj, vals) in o.chunks_exact_mut(m).enumerate() {
-            let row = &w[(j0 + jj) * rb..(j0 + jj + 1) * rb];
-            #[cfg(target_arch = "x86_64")]
-            if direct {
-                for (c, chunk) in vals.chunks_mut(direct::ROWS).enumerate() {
-                    direct::dot_rows(ty, row, &acts, c * direct::ROWS, chunk);
-                }
-                continue;
-            }
-            unpack_row(ty, row, &mut wq, &mut ws);
-            for (i, v) in vals.iter_mut().enumerate() {
-                let (xq, xd, xs) = acts.row(i);
-                *v = dot(&Operands { wq: &wq, ws: &ws, xq, xd, xs, offsets: has_offsets(ty) });
-            }
+            dot_decoded(ty, &w[(j0 + jj) * rb..(j0 + jj + 1) * rb], &acts, (&mut wq, &mut ws), vals);
         }
     };
     // A few tasks per thread: enough to balance, few enough that scheduling them costs nothing.
@@ -116,16 +109,91 @@ fn int8_rows(x: &[f32], ty: GgmlType, w: &[u8], out: &mut [f32], m: usize, k: us
     }
 }
 
-fn dequantized_tiles(x: &[f32], ty: GgmlType, w: &[u8], out: &mut [f32], m: usize, k: usize, n: usize) {
+/// `vals[i] = row · x[i]` for every activation row, the weight row decoded into `scratch` first.
+fn dot_decoded(
+    ty: GgmlType,
+    row: &[u8],
+    acts: &QuantizedRows,
+    (wq, ws): (&mut Vec<i8>, &mut Vec<Scales>),
+    vals: &mut [f32],
+) {
+    unpack_row(ty, row, wq, ws);
+    for (i, v) in vals.iter_mut().enumerate() {
+        let (xq, xd, xs) = acts.row(i);
+        *v = dot(&Operands { wq, ws, xq, xd, xs, offsets: has_offsets(ty) });
+    }
+}
+
+/// The output matrix, written by tasks that each own a set of its columns.
+#[cfg(target_arch = "x86_64")]
+struct Columns {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (`Columns::put`'s contract); the matrix outlives them (a scope).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Columns {}
+
+#[cfg(target_arch = "x86_64")]
+impl Columns {
+    /// Writes `vals` at `at`.
+    ///
+    /// # Safety
+    /// No other task writes or reads any of these elements while the matrix is shared.
+    unsafe fn put(&self, at: usize, vals: &[f32]) {
+        assert!(at + vals.len() <= self.len);
+        // SAFETY: in bounds (asserted); exclusive by the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.add(at), vals.len()) };
+    }
+}
+
+/// `linear` for an interleaved matrix: tasks take runs of groups, and pass every input row, eight at a
+/// time, over each of their groups while its weights are in cache. The rows after the last group are
+/// decoded one by one.
+#[cfg(target_arch = "x86_64")]
+fn interleaved_rows(x: &[f32], w: &QuantMatrix, out: &mut [f32], m: usize) {
+    use self::matrix::GROUP_ROWS;
+    let (ty, k, n) = (w.ty(), w.cols(), w.rows());
+    let acts = QuantizedRows::new(x, k, ActFormat::for_weights(ty));
+    let gb = GROUP_ROWS * row_bytes(ty, k);
+    let groups = w.packed_rows() / GROUP_ROWS;
+    let per_task = groups.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK / GROUP_ROWS);
+    let cols = Columns { ptr: out.as_mut_ptr(), len: out.len() };
+    let raw = w.raw();
+    (0..groups.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let mut res = [[0f32; GROUP_ROWS]; interleaved::ROWS];
+        for i0 in (0..m).step_by(interleaved::ROWS) {
+            let rows = interleaved::ROWS.min(m - i0);
+            for g in t * per_task..((t + 1) * per_task).min(groups) {
+                interleaved::dot_group(ty, &raw[g * gb..(g + 1) * gb], &acts, i0, &mut res[..rows]);
+                for (r, vals) in res[..rows].iter().enumerate() {
+                    // SAFETY: columns g·8..g·8+8 belong to this task's group g alone.
+                    unsafe { cols.put((i0 + r) * n + g * GROUP_ROWS, vals) };
+                }
+            }
+        }
+    });
+    // At most seven rows: decoded one at a time.
     let rb = row_bytes(ty, k);
+    let (mut wq, mut ws, mut vals) = (vec![0i8; k], vec![[0.0; 4]; k / GROUP], vec![0f32; m]);
+    for j in w.packed_rows()..n {
+        dot_decoded(ty, &raw[j * rb..(j + 1) * rb], &acts, (&mut wq, &mut ws), &mut vals);
+        for (i, &v) in vals.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+}
+
+fn dequantized_tiles(x: &[f32], w: &QuantMatrix, out: &mut [f32], m: usize) {
+    let (k, n) = (w.cols(), w.rows());
     let mut tile = vec![0f32; TILE_ROWS.min(n) * k];
     let mut stripe = vec![0f32; TILE_ROWS.min(n) * m];
     for j0 in (0..n).step_by(TILE_ROWS) {
         let rows = TILE_ROWS.min(n - j0);
         let (tile, stripe) = (&mut tile[..rows * k], &mut stripe[..rows * m]);
         tile.par_chunks_mut(k).enumerate().for_each(|(r, dst)| {
-            let src = &w[(j0 + r) * rb..(j0 + r + 1) * rb];
-            let done = tessera_gguf::dequantize(ty, src, dst);
+            let done = w.dequantize_rows(j0 + r, j0 + r + 1, dst);
             debug_assert!(done.is_ok(), "the caller checked the type and the lengths: {done:?}");
         });
         super::matmul::gemm_xwt(x, tile, stripe, m, k, rows);
