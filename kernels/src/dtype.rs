@@ -5,8 +5,8 @@ use std::fmt;
 pub use tessera_gguf::GgmlType;
 
 /// Element type. Compute on the CPU is f32; bf16/f16 exist for weights as stored on disk and for the GPU;
-/// `Quant` is a weight matrix kept in one of llama.cpp's block formats (CPU only), whose rows are whole
-/// blocks.
+/// `Quant` is a weight matrix kept in one of llama.cpp's block formats (on either device), whose rows are
+/// whole blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,

@@ -31,7 +31,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
     /// Quantize a model directory's matrices as they load: q8_0, q4_0 or q4_k (llama.cpp's block formats;
-    /// the output projection takes Q6_K for q4_0 and q4_k). CPU only; GGUF files run as they are.
+    /// the output projection takes Q6_K for q4_0 and q4_k); on a GPU the blocks are uploaded. GGUF files
+    /// run as they are.
     #[arg(long, value_name = "FORMAT")]
     pub quantize: Option<QuantizeTo>,
     /// Arguments every local worker gets (log format, OTLP export), from the global options.

@@ -64,7 +64,8 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "FILE")]
     pub cluster_token_file: Option<std::path::PathBuf>,
     /// Quantize a model directory's matrices as they load: q8_0, q4_0 or q4_k (llama.cpp's block formats;
-    /// the output projection takes Q6_K for q4_0 and q4_k). CPU only; GGUF files run as they are.
+    /// the output projection takes Q6_K for q4_0 and q4_k); on a GPU the blocks are uploaded. GGUF files
+    /// run as they are.
     #[arg(long, value_name = "FORMAT")]
     pub quantize: Option<crate::quantize::QuantizeTo>,
     /// Exit when standard input closes (used by `--tp N` local clusters).

@@ -1,5 +1,6 @@
 //! `--quantize`: a safetensors model's matrices quantized as they load, so a bf16 checkpoint is served in
-//! llama.cpp's block formats without converting it first (CPU only: the CUDA kernels compute in bf16).
+//! llama.cpp's block formats without converting it first, on the CPU or (the blocks uploaded as a GGUF
+//! file's are) on a GPU.
 //!
 //! The choice per tensor follows llama.cpp's quantizer (`llama_tensor_get_type`, no importance matrix):
 //! every matrix takes the chosen format, except the output projection (or, when it is tied, the

@@ -193,3 +193,35 @@ fn quantized_gguf_files_run_as_blocks_on_cuda_and_follow_the_cpu() {
         }
     }
 }
+
+/// `--quantize` on a GPU: a model directory's matrices, quantized as they load, go to the device as blocks
+/// (stories260K's 64-value rows take Q8_0 and, for `q4_k`, llama.cpp's fallback Q5_0), and the logits and
+/// first greedy tokens follow the same quantized model on the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn quantize_on_load_runs_as_blocks_on_cuda_and_follows_the_cpu() {
+    use tessera_worker::{Engine, Model, Shard, collective::Single, kv_cache::KvCache, quantize::QuantizeTo};
+    let dir = repo().join("models/stories260K");
+    let prompts: Vec<Vec<u32>> = golden(&dir).iter().map(|c| c.prompt_ids.clone()).collect();
+    for q in [QuantizeTo::Q8_0, QuantizeTo::Q4_K] {
+        let load = |device| {
+            let model = Model::load_with(&dir, Shard::WHOLE, device, Some(q)).unwrap();
+            let cache = KvCache::new(&model.kv_geometry(), prompts.len() * BLOCKS_PER_SEQ, BLOCK).unwrap();
+            Engine::new(model, cache, Box::new(Single))
+        };
+        let (mut gpu, mut cpu) = (load(Device::Cuda(0)), load(Device::Cpu));
+        assert!(
+            matches!(gpu.model.embedding_dtype(), tessera_kernels::DType::Quant(_)),
+            "{q}: the embedding table is not blocks on the device"
+        );
+        let (g_ids, g_logits) = greedy_batch(&mut gpu, &prompts, 16, None);
+        let (c_ids, c_logits) = greedy_batch(&mut cpu, &prompts, 16, None);
+        for (i, (g, c)) in g_logits.iter().zip(&c_logits).enumerate() {
+            let norm: f32 = c.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let diff: f32 = g.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+            println!("--quantize {q} prompt {i}: logits rel err {:.2e}", diff / norm);
+            assert!(diff / norm < 1e-1, "--quantize {q} prompt {i}: logits rel err {}", diff / norm);
+            assert_eq!(g_ids[i][..4], c_ids[i][..4], "--quantize {q} prompt {i}: first greedy tokens");
+        }
+    }
+}

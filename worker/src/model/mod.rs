@@ -117,7 +117,8 @@ impl Model {
     }
 
     /// [`Model::load_on`], with a model directory's matrices quantized to `quantize` as they load
-    /// ([`crate::quantize`]; CPU only, and not for a GGUF file, whose weights are quantized already).
+    /// ([`crate::quantize`]; not for a GGUF file, whose weights are quantized already). On a GPU the
+    /// blocks go to the device, as a GGUF file's do.
     pub fn load_with(
         path: &Path,
         shard: Shard,
@@ -125,19 +126,13 @@ impl Model {
         quantize: Option<QuantizeTo>,
     ) -> Result<Self, ModelError> {
         tessera_kernels::ensure_available(device)?;
-        if let Some(q) = quantize {
-            if device != Device::Cpu {
-                return Err(ModelError::File {
-                    path: path.to_path_buf(),
-                    message: format!("--quantize {q} runs on the CPU only; {device} computes in bf16"),
-                });
-            }
-            if path.is_file() {
-                return Err(ModelError::File {
-                    path: path.to_path_buf(),
-                    message: format!("--quantize {q} is for model directories: a GGUF file runs in its own formats"),
-                });
-            }
+        if let Some(q) = quantize
+            && path.is_file()
+        {
+            return Err(ModelError::File {
+                path: path.to_path_buf(),
+                message: format!("--quantize {q} is for model directories: a GGUF file runs in its own formats"),
+            });
         }
         if path.is_file() {
             return Self::from_gguf(&GgufModel::open(path)?, shard, device);
@@ -207,10 +202,14 @@ impl Model {
         let tied = config.tie_word_embeddings;
         Self::build(config, shard, device, &|name, shape, slice| {
             let t = w.load(name, shape, slice)?;
-            match quantize {
-                Some(q) => q.apply(name, t, tied),
-                None if device == Device::Cpu => Ok(t),
-                None => Ok(t.to_dtype(dtype)?.to_device(device)?),
+            let t = match quantize {
+                Some(q) => q.apply(name, t, tied)?,
+                None => t,
+            };
+            match t.dtype() {
+                _ if device == Device::Cpu => Ok(t),
+                DType::Quant(_) => Ok(t.to_device(device)?),
+                _ => Ok(t.to_dtype(dtype)?.to_device(device)?),
             }
         })
     }
