@@ -68,39 +68,49 @@ impl Build {
     }
 }
 
-/// `out[r][j] = w_j · x[i0 + r]` for the eight weight rows `w_j` of one interleaved group (`group`, all its
-/// bytes) and the `out.len()` (1..=[`ROWS`]) activation rows from `i0`.
-pub fn dot_group(ty: GgmlType, group: &[u8], acts: &QuantizedRows, i0: usize, out: &mut [[f32; GROUP_ROWS]]) {
-    dot_group_on(Build::best(), ty, group, acts, i0, out)
-}
-
-/// [`dot_group`] with `build`, which the caller has checked the CPU runs ([`Build::supported`]).
-fn dot_group_on(
-    build: Build,
+/// For each interleaved group in `groups` (whole groups, one after another) and each of `rows` (1..=[`ROWS`])
+/// activation rows from `i0`: `out[g · rows + r][j] = w_gj · x[i0 + r]`, `w_gj` the group's weight row `j`.
+/// One call takes a task's run of groups, so the checks and the choice of kernel are made once for all.
+pub fn dot_groups(
     ty: GgmlType,
-    group: &[u8],
+    groups: &[u8],
     acts: &QuantizedRows,
     i0: usize,
+    rows: usize,
     out: &mut [[f32; GROUP_ROWS]],
 ) {
-    assert!(available(ty) && (1..=ROWS).contains(&out.len()) && i0 + out.len() <= acts.rows());
-    assert_eq!(group.len(), GROUP_ROWS * super::row_bytes(ty, acts.k));
+    dot_groups_on(Build::best(), ty, groups, acts, i0, rows, out)
+}
+
+/// [`dot_groups`] with `build`, which the caller has checked the CPU runs ([`Build::supported`]).
+fn dot_groups_on(
+    build: Build,
+    ty: GgmlType,
+    groups: &[u8],
+    acts: &QuantizedRows,
+    i0: usize,
+    rows: usize,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    assert!(available(ty) && (1..=ROWS).contains(&rows) && i0 + rows <= acts.rows());
+    let gb = GROUP_ROWS * super::row_bytes(ty, acts.k);
+    assert!(groups.len().is_multiple_of(gb) && out.len() == groups.len() / gb * rows);
     macro_rules! rows {
         ($m:ident) => {
-            match out.len() {
-                1 => $m::group::<1>(ty, group, acts, i0, out),
-                2 => $m::group::<2>(ty, group, acts, i0, out),
-                3 => $m::group::<3>(ty, group, acts, i0, out),
-                4 => $m::group::<4>(ty, group, acts, i0, out),
-                5 => $m::group::<5>(ty, group, acts, i0, out),
-                6 => $m::group::<6>(ty, group, acts, i0, out),
-                7 => $m::group::<7>(ty, group, acts, i0, out),
-                _ => $m::group::<8>(ty, group, acts, i0, out),
+            match rows {
+                1 => $m::groups::<1>(ty, groups, gb, acts, i0, out),
+                2 => $m::groups::<2>(ty, groups, gb, acts, i0, out),
+                3 => $m::groups::<3>(ty, groups, gb, acts, i0, out),
+                4 => $m::groups::<4>(ty, groups, gb, acts, i0, out),
+                5 => $m::groups::<5>(ty, groups, gb, acts, i0, out),
+                6 => $m::groups::<6>(ty, groups, gb, acts, i0, out),
+                7 => $m::groups::<7>(ty, groups, gb, acts, i0, out),
+                _ => $m::groups::<8>(ty, groups, gb, acts, i0, out),
             }
         };
     }
     // SAFETY: AVX2, FMA and F16C are present (`available`), and the VNNI extension of the build chosen (the
-    // caller's check); the group's and the activations' lengths were checked above, and every load stays
+    // caller's check); the groups' and the activations' lengths were checked above, and every load stays
     // inside them.
     unsafe {
         match build {
@@ -152,8 +162,25 @@ macro_rules! kernels {
                 _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
             }
 
+            /// Every group of `w` (`gb` bytes each), `N` activation rows each.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn group<const N: usize>(
+            pub(super) unsafe fn groups<const N: usize>(
+                ty: GgmlType,
+                w: &[u8],
+                gb: usize,
+                acts: &QuantizedRows,
+                i0: usize,
+                out: &mut [[f32; GROUP_ROWS]],
+            ) {
+                for (g, o) in w.chunks_exact(gb).zip(out.chunks_exact_mut(N)) {
+                    // SAFETY: as for `groups`, whose checks cover each group.
+                    unsafe { group::<N>(ty, g, acts, i0, o) }
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn group<const N: usize>(
                 ty: GgmlType,
                 w: &[u8],
                 acts: &QuantizedRows,
@@ -352,7 +379,7 @@ macro_rules! kernels {
                                 }
                             }
                         }
-                        _ => unreachable!("dot_group of {ty}: `available` is checked"),
+                        _ => unreachable!("dot_groups of {ty}: `available` is checked"),
                     }
                     for (o, a) in out.iter_mut().zip(acc) {
                         _mm256_storeu_ps(o.as_mut_ptr(), a);
@@ -394,7 +421,8 @@ mod tests {
                 continue;
             }
             let rb = super::super::row_bytes(ty, k);
-            let mut w: Vec<u8> = (0..GROUP_ROWS * rb).map(|_| next() as u8).collect();
+            // Two groups, so that a call covers more than one.
+            let mut w: Vec<u8> = (0..2 * GROUP_ROWS * rb).map(|_| next() as u8).collect();
             let f16_at: &[usize] = match ty {
                 GgmlType::Q4_K => &[0, 2],
                 GgmlType::Q6_K => &[208],
@@ -411,19 +439,23 @@ mod tests {
             }
             let x: Vec<f32> = (0..ROWS * k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
             let acts = QuantizedRows::new(&x, k, ActFormat::for_weights(ty));
-            let matrix = QuantMatrix::new(ty, w.clone(), GROUP_ROWS, k);
-            assert_eq!(matrix.packed_rows(), GROUP_ROWS);
+            let matrix = QuantMatrix::new(ty, w.clone(), 2 * GROUP_ROWS, k);
+            assert_eq!(matrix.packed_rows(), 2 * GROUP_ROWS);
             for build in Build::supported() {
                 for n in 1..=ROWS {
-                    let mut got = vec![[0f32; GROUP_ROWS]; n];
-                    dot_group_on(build, ty, matrix.raw(), &acts, ROWS - n, &mut got);
+                    let mut got = vec![[0f32; GROUP_ROWS]; 2 * n];
+                    dot_groups_on(build, ty, matrix.raw(), &acts, ROWS - n, n, &mut got);
                     for (j, row) in w.chunks_exact(rb).enumerate() {
                         let (mut wq, mut ws) = (vec![0i8; k], vec![[0f32; 4]; k / GROUP]);
                         unpack_row(ty, row, &mut wq, &mut ws);
-                        for (r, g) in got.iter().enumerate() {
+                        let (group, j) = (j / GROUP_ROWS, j % GROUP_ROWS);
+                        for (r, g) in got[group * n..(group + 1) * n].iter().enumerate() {
                             let (xq, xd, xs) = acts.row(ROWS - n + r);
                             let want = dot(&Operands { wq: &wq, ws: &ws, xq, xd, xs, offsets: has_offsets(ty) });
-                            let what = format!("{ty} {build:?} n={n} weight row {j} row {r}: {} vs {want}", g[j]);
+                            let what = format!(
+                                "{ty} {build:?} n={n} group {group} weight row {j} row {r}: {} vs {want}",
+                                g[j]
+                            );
                             assert!((g[j] - want).abs() <= 1e-4 * want.abs().max(1.0), "{what}");
                         }
                     }

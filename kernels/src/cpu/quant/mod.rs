@@ -162,12 +162,14 @@ fn interleaved_rows(x: &[f32], w: &QuantMatrix, out: &mut [f32], m: usize) {
     let cols = Columns { ptr: out.as_mut_ptr(), len: out.len() };
     let raw = w.raw();
     (0..groups.div_ceil(per_task)).into_par_iter().for_each(|t| {
-        let mut res = [[0f32; GROUP_ROWS]; interleaved::ROWS];
+        let (g0, g1) = (t * per_task, ((t + 1) * per_task).min(groups));
+        let mut res = vec![[0f32; GROUP_ROWS]; (g1 - g0) * interleaved::ROWS];
         for i0 in (0..m).step_by(interleaved::ROWS) {
             let rows = interleaved::ROWS.min(m - i0);
-            for g in t * per_task..((t + 1) * per_task).min(groups) {
-                interleaved::dot_group(ty, &raw[g * gb..(g + 1) * gb], &acts, i0, &mut res[..rows]);
-                for (r, vals) in res[..rows].iter().enumerate() {
+            let res = &mut res[..(g1 - g0) * rows];
+            interleaved::dot_groups(ty, &raw[g0 * gb..g1 * gb], &acts, i0, rows, res);
+            for (g, vals) in (g0..g1).zip(res.chunks_exact(rows)) {
+                for (r, vals) in vals.iter().enumerate() {
                     // SAFETY: columns g·8..g·8+8 belong to this task's group g alone.
                     unsafe { cols.put((i0 + r) * n + g * GROUP_ROWS, vals) };
                 }
