@@ -67,19 +67,27 @@ pub fn paged_attention(
             owner[seq.q_start + i] = (si, seq.pos0 + i);
         }
     }
-    let attend: fn(&Row<'_>, &mut Vec<f32>, &mut [f32]) = attend_fn(s);
-    out.par_chunks_mut(width).zip(q.par_chunks(width)).zip(owner.par_iter()).for_each_init(
+    let (attend, whole_rows) = attend_fn(s);
+    // Work items: a query row's heads that share a KV head (so a decode of one sequence still spreads over
+    // the threads), or whole rows for the kernel that takes eight heads at a time.
+    let heads = if whole_rows { s.num_heads } else { s.num_heads / s.num_kv_heads };
+    let per_row = s.num_heads / heads;
+    let item = heads * s.head_dim;
+    out.par_chunks_mut(item).zip(q.par_chunks(item)).enumerate().for_each_init(
         Vec::new,
-        |scores, ((o_tok, q_tok), &(si, pos))| {
-            let row = Row { q: q_tok, k_cache, v_cache, block_table: seqs[si].block_table, pos, shape: s };
-            attend(&row, scores, o_tok)
+        |scores, (i, (o_part, q_part))| {
+            let (si, pos) = owner[i / per_row];
+            let h0 = i % per_row * heads;
+            let row = Row { q: q_part, h0, k_cache, v_cache, block_table: seqs[si].block_table, pos, shape: s };
+            attend(&row, scores, o_part)
         },
     );
 }
 
-/// One query token's inputs.
+/// One query token's inputs: its heads `h0..` (those `q` holds), which the output slice matches.
 struct Row<'a> {
     q: &'a [f32],
+    h0: usize,
     k_cache: &'a [f32],
     v_cache: &'a [f32],
     block_table: &'a [u32],
@@ -105,21 +113,25 @@ fn visible_runs<'r>(row: &'r Row<'_>) -> (usize, impl Iterator<Item = (usize, us
     (row.pos + 1 - first, runs)
 }
 
-/// The fastest version of [`attend`] this CPU runs for heads of this shape.
-fn attend_fn(s: &AttentionShape) -> fn(&Row<'_>, &mut Vec<f32>, &mut [f32]) {
+/// A version of [`attend`].
+type Attend = fn(&Row<'_>, &mut Vec<f32>, &mut [f32]);
+
+/// The fastest version of [`attend`] this CPU runs for heads of this shape, and whether it takes whole rows
+/// (every head) rather than the heads of one KV head.
+fn attend_fn(s: &AttentionShape) -> (Attend, bool) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             if s.head_dim == HEAD_OF_8 {
                 // SAFETY (of the call inside): the CPU supports AVX2 and FMA, checked just above.
-                return |row, scores, out| unsafe { heads_of_8::attend(row, scores, out) };
+                return (|row, scores, out| unsafe { heads_of_8::attend(row, scores, out) }, true);
             }
             // SAFETY (of the call inside): the CPU supports AVX2 and FMA, checked just above.
-            return |row, scores, out| unsafe { attend_avx2_fma(row, scores, out) };
+            return (|row, scores, out| unsafe { attend_avx2_fma(row, scores, out) }, false);
         }
     }
     let _ = s;
-    |row, scores, out| attend(row, scores, out, |acc, x, y| acc + x * y)
+    (attend_plain, false)
 }
 
 /// Head dimension that [`heads_of_8`] handles: one AVX register per head.
@@ -222,16 +234,90 @@ mod heads_of_8 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2_fma(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(row, scores, out, |acc, x, y| x.mul_add(y, acc))
+    let fma = |acc: f32, x: f32, y: f32| x.mul_add(y, acc);
+    let hd = row.shape.head_dim;
+    if hd >= 16 && hd.is_multiple_of(8) {
+        let qk = |q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]| {
+            // SAFETY: this function runs only where the CPU has AVX2 and FMA (`attend_fn`).
+            unsafe { scores_by_eight(q, k, row.shape.num_kv_heads * hd, scale, scores) }
+        };
+        attend(row, scores, out, fma, qk)
+    } else {
+        attend(row, scores, out, fma, |q, k, scale, scores| scores_one_by_one(q, k, row.shape, scale, scores, fma))
+    }
 }
 
-/// One query token, every head. Positions are walked block by block (no division per position), and
+/// `scores[i] = scale · q · k_i` for the cache rows `k_i` that start every `kv_row` values of `k` (each at
+/// the query's KV head), eight at a time: eight rows' products summed lane-wise in eight registers, then
+/// one transposed reduction (six `hadd`s, one cross-lane add) gives the eight scores in one register,
+/// where a dot product per row would end in a horizontal sum and a call each. Heads a multiple of 8 long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_by_eight(q: &[f32], k: &[f32], kv_row: usize, scale: f32, scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = q.len();
+    let row = |i: usize| &k[i * kv_row..i * kv_row + hd];
+    let mut eights = scores.chunks_exact_mut(8);
+    let mut i0 = 0;
+    for out in &mut eights {
+        let rows: [&[f32]; 8] = std::array::from_fn(|j| row(i0 + j));
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..hd).step_by(8) {
+            // SAFETY: `q` and every row hold `hd` values, a multiple of 8, so `c + 8 <= hd`.
+            unsafe {
+                let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (a, r) in acc.iter_mut().zip(rows) {
+                    *a = _mm256_fmadd_ps(qc, _mm256_loadu_ps(r.as_ptr().add(c)), *a);
+                }
+            }
+        }
+        let u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        let u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        let dots = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        // SAFETY: `out` is a chunk of eight.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(dots, _mm256_set1_ps(scale))) };
+        i0 += 8;
+    }
+    for (j, score) in eights.into_remainder().iter_mut().enumerate() {
+        *score = dot(q, row(i0 + j)) * scale;
+    }
+}
+
+/// [`attend`] without vector extensions.
+fn attend_plain(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let fma = |acc: f32, x: f32, y: f32| acc + x * y;
+    attend(row, scores, out, fma, |q, k, scale, sc| scores_one_by_one(q, k, row.shape, scale, sc, fma))
+}
+
+/// `scores[i] = scale · q · k_i` (as [`scores_by_eight`]), one row at a time.
+#[inline(always)]
+fn scores_one_by_one(
+    q: &[f32],
+    k: &[f32],
+    s: &AttentionShape,
+    scale: f32,
+    scores: &mut [f32],
+    fma: impl Fn(f32, f32, f32) -> f32 + Copy,
+) {
+    let (hd, kv_row) = (s.head_dim, s.num_kv_heads * s.head_dim);
+    for (i, score) in scores.iter_mut().enumerate() {
+        *score = short_dot(q, &k[i * kv_row..i * kv_row + hd], fma) * scale;
+    }
+}
+
+/// One query token, the heads `row` holds. Positions are walked block by block (no division per position), and
 /// everything is inlined into the caller so that, in the AVX2 version, the short dot products and `axpy`s
 /// compile to vector FMAs. (Doing the heads that share a KV head together, to read each cached row once,
 /// measured slower: the rows are in cache for the next head anyway, and the interleaved loops vectorise
 /// worse.)
 #[inline(always)]
-fn attend(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32], fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
+fn attend(
+    row: &Row<'_>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    fma: impl Fn(f32, f32, f32) -> f32 + Copy,
+    qk: impl Fn(&[f32], &[f32], f32, &mut [f32]),
+) {
     let s = row.shape;
     let hd = s.head_dim;
     let group = s.num_heads / s.num_kv_heads;
@@ -239,14 +325,15 @@ fn attend(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32], fma: impl Fn(f3
     let (n, runs) = visible_runs(row);
     scores.clear();
     scores.resize(n, 0.0);
-    for h in 0..s.num_heads {
-        let kv = (h / group) * hd;
+    for h in 0..row.q.len() / hd {
+        let kv = ((row.h0 + h) / group) * hd;
         let q = &row.q[h * hd..(h + 1) * hd];
-        let mut sc = scores.iter_mut();
+        let mut j = 0;
         for (slot0, len) in runs.clone() {
-            for (base, score) in (slot0..slot0 + len).map(|r| r * kv_row + kv).zip(&mut sc) {
-                *score = short_dot(q, &row.k_cache[base..base + hd], fma) * s.scale;
-            }
+            // The run's rows at this KV head: `k` from the first one's, `kv_row` apart.
+            let k = &row.k_cache[slot0 * kv_row + kv..(slot0 + len - 1) * kv_row + kv + hd];
+            qk(q, k, s.scale, &mut scores[j..j + len]);
+            j += len;
         }
         let inv_sum = exp_shifted(scores, fma);
         let o = &mut out[h * hd..(h + 1) * hd];
