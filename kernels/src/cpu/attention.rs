@@ -256,18 +256,21 @@ unsafe fn attend_avx2_fma(row: &Row<'_>, scores: &mut Vec<f32>, out: &mut [f32])
 unsafe fn scores_by_eight(q: &[f32], k: &[f32], kv_row: usize, scale: f32, scores: &mut [f32]) {
     use std::arch::x86_64::*;
     let hd = q.len();
-    let row = |i: usize| &k[i * kv_row..i * kv_row + hd];
     let mut eights = scores.chunks_exact_mut(8);
     let mut i0 = 0;
     for out in &mut eights {
-        let rows: [&[f32]; 8] = std::array::from_fn(|j| row(i0 + j));
+        // Each row's start, its `hd` values checked to be in `k` (plain loops: a closure here is not inlined).
+        let mut rows = [k.as_ptr(); 8];
+        for (j, r) in rows.iter_mut().enumerate() {
+            *r = k[(i0 + j) * kv_row..(i0 + j) * kv_row + hd].as_ptr();
+        }
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in (0..hd).step_by(8) {
             // SAFETY: `q` and every row hold `hd` values, a multiple of 8, so `c + 8 <= hd`.
             unsafe {
                 let qc = _mm256_loadu_ps(q.as_ptr().add(c));
-                for (a, r) in acc.iter_mut().zip(rows) {
-                    *a = _mm256_fmadd_ps(qc, _mm256_loadu_ps(r.as_ptr().add(c)), *a);
+                for j in 0..8 {
+                    acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(rows[j].add(c)), acc[j]);
                 }
             }
         }
@@ -279,7 +282,8 @@ unsafe fn scores_by_eight(q: &[f32], k: &[f32], kv_row: usize, scale: f32, score
         i0 += 8;
     }
     for (j, score) in eights.into_remainder().iter_mut().enumerate() {
-        *score = dot(q, row(i0 + j)) * scale;
+        let at = (i0 + j) * kv_row;
+        *score = dot(q, &k[at..at + hd]) * scale;
     }
 }
 
