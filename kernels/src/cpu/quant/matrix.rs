@@ -23,8 +23,8 @@ const PIECE: usize = 4;
 /// A run of a block's bytes, as the interleaved layout arranges it.
 #[derive(Clone, Copy, Debug)]
 pub enum Region {
-    /// A field of this many bytes: the eight rows' copies one after another.
-    Field(usize),
+    /// `count` fields of `len` bytes each: each field's eight rows' copies one after another.
+    Fields { count: usize, len: usize },
     /// Quants, this many bytes: [`PIECE`] bytes of each row in turn.
     Pieces(usize),
 }
@@ -32,58 +32,26 @@ pub enum Region {
 impl Region {
     fn len(self) -> usize {
         match self {
-            Region::Field(n) | Region::Pieces(n) => n,
+            Region::Fields { count, len } => count * len,
+            Region::Pieces(n) => n,
         }
     }
 }
+
+/// One f16 step (or minimum).
+const F16: Region = Region::Fields { count: 1, len: 2 };
 
 /// The regions of a `ty` block in file order, covering it (empty for a format that does not interleave).
 pub fn regions(ty: GgmlType) -> &'static [Region] {
     use Region::*;
     match ty {
-        GgmlType::Q8_0 => &[Field(2), Pieces(32)],
-        GgmlType::Q4_0 => &[Field(2), Pieces(16)],
-        // d, dmin, then each of the twelve bytes of packed 6-bit scales and minimums on its own, so one load
-        // gives a byte of all eight rows' scales.
-        GgmlType::Q4_K => &[
-            Field(2),
-            Field(2),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Pieces(128),
-        ],
-        // Low nibbles, high bits, then each sub-block's scale on its own, then d.
-        GgmlType::Q6_K => &[
-            Pieces(128),
-            Pieces(64),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(1),
-            Field(2),
-        ],
+        GgmlType::Q8_0 => &[F16, Pieces(32)],
+        GgmlType::Q4_0 => &[F16, Pieces(16)],
+        // d, dmin, then each of the twelve bytes of packed 6-bit scales and minimums as a field of its own,
+        // so one load gives a byte of all eight rows' scales.
+        GgmlType::Q4_K => &[F16, F16, Fields { count: 12, len: 1 }, Pieces(128)],
+        // Low nibbles, high bits, then each sub-block's scale as a field of its own, then d.
+        GgmlType::Q6_K => &[Pieces(128), Pieces(64), Fields { count: 16, len: 1 }, F16],
         _ => &[],
     }
 }
@@ -204,7 +172,11 @@ fn runs(ty: GgmlType, b: usize, r: usize, mut each: impl FnMut(usize, usize, usi
     let (mut file, mut base) = (0, column);
     for &region in regions(ty) {
         match region {
-            Region::Field(n) => each(file, base + r * n, n),
+            Region::Fields { count, len } => {
+                for f in 0..count {
+                    each(file + f * len, base + (f * GROUP_ROWS + r) * len, len);
+                }
+            }
             Region::Pieces(n) => {
                 for p in 0..n / PIECE {
                     each(file + p * PIECE, base + (p * GROUP_ROWS + r) * PIECE, PIECE);
