@@ -35,9 +35,10 @@ use self::{
 };
 pub use self::{matrix::QuantMatrix, unpack::supported};
 
-/// At or below this many input rows the int8 path is used. Measured on the 124.7M shape in Q8_0 (2 cores):
-/// the int8 path costs ~6 ms per input row per step, the dequantizing one ~70 ms plus ~3.3 ms per row, so
-/// they cross near 24 rows (16 rows: 96 against 147 ms; 64 rows: 397 against 279 ms).
+/// At or below this many input rows a matrix that is not interleaved takes the int8 path. Measured on the
+/// 124.7M shape in Q8_0 before Q8_0 was interleaved (2 cores): a row at a time, the int8 path cost ~6 ms per
+/// input row per step, the dequantizing one ~70 ms plus ~3.3 ms per row, so they crossed near 24 rows
+/// (16 rows: 96 against 147 ms; 64 rows: 397 against 279 ms).
 pub const INT8_MAX_ROWS: usize = 24;
 
 /// Rayon tasks per thread on the int8 path, and the fewest weight rows a task gets.
