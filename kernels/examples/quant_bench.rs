@@ -3,7 +3,8 @@
 //! rows: milliseconds, multiply-adds per second and weight bytes read per second, so a kernel change shows
 //! without the rest of a model's step around it.
 //!
-//! `cargo run --release -p tessera-kernels --example quant_bench [-- FORMAT,... ROWS,...]`
+//! `cargo run --release -p tessera-kernels --example quant_bench [-- FORMAT,... ROWS,... [NxK,...]]`
+//! (shapes: weight rows x row length; e.g. `14336x4096` for Llama 3 8B's up projection).
 
 use std::time::Instant;
 
@@ -36,11 +37,20 @@ fn main() {
         .split(',')
         .map(|b| b.parse().unwrap_or_else(|e| panic!("rows {b}: {e}")))
         .collect();
+    let shapes: Vec<(usize, usize)> = args
+        .next()
+        .unwrap_or_else(|| "2048x768,768x2048".into())
+        .split(',')
+        .map(|s| {
+            let (n, k) = s.split_once('x').unwrap_or_else(|| panic!("shape {s}: NxK"));
+            (n.parse().unwrap_or_else(|e| panic!("{s}: {e}")), k.parse().unwrap_or_else(|e| panic!("{s}: {e}")))
+        })
+        .collect();
     println!("{} threads", rayon::current_num_threads());
     println!("{:<8} {:>12} {:>6} {:>10} {:>10} {:>10}", "format", "n x k", "rows", "ms", "GMAC/s", "GB/s");
     for ty in formats {
-        // An MLP's up projection and its down projection.
-        for (n, k) in [(2048usize, 768usize), (768, 2048)] {
+        // By default the 124.7M shape's MLP up projection and its down projection.
+        for &(n, k) in &shapes {
             let bytes = random_blocks(ty, n, k, 7, 0.05).unwrap_or_else(|| panic!("no random blocks of {ty}"));
             let size = bytes.len();
             let w = Tensor::from_quant(ty, bytes, &[n, k]).unwrap();

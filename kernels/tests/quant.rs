@@ -127,6 +127,24 @@ fn linear_on_quantized_weights_equals_the_f64_product_on_both_paths() {
     }
 }
 
+/// Rows long enough that a group of eight is more than the weights kept in cache at once, so each task
+/// passes its groups one at a time, with more input rows than one pass takes.
+#[test]
+fn linear_on_long_rows_equals_the_f64_product() {
+    let mut r = ChaCha8Rng::seed_from_u64(7);
+    let (k, n, m) = (32768, 27, 19);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_K] {
+        let bytes = random_blocks(&mut r, ty, n, k);
+        let w = Tensor::from_quant(ty, bytes.clone(), &[n, k]).unwrap();
+        let x = random_f32(&mut r, m * k);
+        let got = ops::linear(&Tensor::from_f32(x.clone(), &[m, k]).unwrap(), &w, None).unwrap();
+        let (want, scale) = reference(ty, &bytes, &x, m, k, n, quant::int8_inputs(w.quant_matrix().unwrap(), m));
+        for (idx, (&g, &w)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
+            assert!((g as f64 - w).abs() <= 2e-6 * scale + 1e-6, "{ty} [{idx}]: {g} vs {w} (scale {scale})");
+        }
+    }
+}
+
 /// A row's result does not depend on its batch: not on how many rows come with it (the interleaved
 /// formats at every batch, the others up to the int8 path's limit), nor on where it sits among them.
 #[test]
