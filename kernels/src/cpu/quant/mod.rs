@@ -115,7 +115,7 @@ fn int8_rows(x: &[f32], ty: GgmlType, w: &[u8], out: &mut [f32], m: usize, k: us
     }
 }
 
-/// `vals[i] = row · x[i]` for every activation row, the weight row decoded into `scratch` first.
+/// `vals[i] = row · x[i]` for every activation row, the weight row decoded into `wq` and `ws` first.
 fn dot_decoded(
     ty: GgmlType,
     row: &[u8],
