@@ -6,7 +6,8 @@
 //! Bytes: every decoding token reads its sequence's keys and values once per KV head (the heads that share
 //! it find them in cache), so a step reads `sequences * context * kv_heads * head_dim * 4 * 2` bytes.
 
-use std::time::Instant;
+#[path = "common/timing.rs"]
+mod timing;
 
 use rayon::prelude::*;
 use tessera_kernels::cpu::{
@@ -14,6 +15,7 @@ use tessera_kernels::cpu::{
     elementwise::softmax_inplace,
     matmul::dot,
 };
+use timing::time;
 
 /// The first version of the kernel, kept here as the baseline.
 fn straightforward(q: &[f32], kc: &[f32], vc: &[f32], seqs: &[AttentionSeq<'_>], s: &AttentionShape, out: &mut [f32]) {
@@ -54,15 +56,6 @@ fn random(n: usize, state: &mut u64) -> Vec<f32> {
             (*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         })
         .collect()
-}
-
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed().as_secs_f64() / reps as f64
 }
 
 fn main() {

@@ -6,18 +6,11 @@
 //! `cargo run --release -p tessera-kernels --example quant_bench [-- FORMAT,... ROWS,... [NxK,...]]`
 //! (shapes: weight rows x row length; e.g. `14336x4096` for Llama 3 8B's up projection).
 
-use std::time::Instant;
+#[path = "common/timing.rs"]
+mod timing;
 
 use tessera_kernels::{GgmlType, Tensor, cpu::quant::random::random_blocks, ops};
-
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed().as_secs_f64() / reps as f64
-}
+use timing::time;
 
 fn main() {
     let mut args = std::env::args().skip(1);
