@@ -8,10 +8,12 @@
 //! - [`step`]: a step's sequences, sampling parameters and sampled tokens as both sides handle them (the
 //!   coordinator's scheduler builds them, a worker's engine runs them).
 //! - [`record`]: the record a worker registers in etcd and the key layout under `/tessera/<cluster>/`.
-//! - [`etcd`]: how both sides connect to etcd (endpoints, timeouts, backoff).
+//! - [`etcd`]: how both sides connect to etcd (endpoints, timeouts, backoff, a lease kept alive).
+//! - [`channel`]: opening a gRPC channel to a worker.
 //! - [`auth`]: the cluster token every call to a worker and every collective handshake carries.
 
 pub mod auth;
+pub mod channel;
 pub mod etcd;
 pub mod record;
 pub mod step;

@@ -6,7 +6,7 @@
 //! cluster's workers never outlive the process that started them, however that process ends. With a cluster
 //! token, calls without it are refused (`UNAUTHENTICATED`) and logged.
 
-use std::{io::Write, net::SocketAddr, time::Duration};
+use std::{future::Future, io::Write, net::SocketAddr, pin::Pin, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -213,18 +213,20 @@ fn registration(
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on SIGINT or SIGTERM. Boxed so that its body is compiled once, here.
+pub fn shutdown_signal() -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+    })
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use etcd_client::{Client, PutOptions};
 use tokio::sync::watch;
 
-use tessera_proto::etcd::{Backoff, connect_options};
+use tessera_proto::etcd::{self, Backoff, Lease};
 
 pub struct Registration {
     pub endpoints: Vec<String>,
@@ -32,9 +32,10 @@ pub async fn run(reg: Registration, mut stop: watch::Receiver<bool>) {
         };
         if *stop.borrow() {
             if let Some((mut client, id)) = lease {
-                match tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id)).await {
-                    Ok(Ok(_)) => tracing::info!(key = %reg.key, "deregistered from etcd"),
-                    _ => tracing::warn!(key = %reg.key, "could not deregister; the record expires with its lease"),
+                if etcd::revoke(&mut client, id).await {
+                    tracing::info!(key = %reg.key, "deregistered from etcd");
+                } else {
+                    tracing::warn!(key = %reg.key, "could not deregister; the record expires with its lease");
                 }
             }
             return;
@@ -60,27 +61,15 @@ async fn hold(
     backoff: &mut Backoff,
     outage: &mut bool,
 ) -> Result<(), etcd_client::Error> {
-    let mut client = Client::connect(&reg.endpoints, Some(connect_options())).await?;
-    let ttl = reg.ttl.as_secs().max(1) as i64;
-    let granted = client.lease_grant(ttl, None).await?;
-    *lease = Some((client.clone(), granted.id()));
-    client.put(reg.key.as_str(), reg.value.as_str(), Some(PutOptions::new().with_lease(granted.id()))).await?;
-    tracing::info!(key = %reg.key, ttl_s = ttl, "registered in etcd");
+    let mut client = etcd::connect(&reg.endpoints).await?;
+    let mut granted = Lease::grant(&mut client, reg.ttl).await?;
+    *lease = Some((client.clone(), granted.id));
+    client.put(reg.key.as_str(), reg.value.as_str(), Some(PutOptions::new().with_lease(granted.id))).await?;
+    tracing::info!(key = %reg.key, ttl_s = reg.ttl.as_secs().max(1), "registered in etcd");
     backoff.reset();
     *outage = false;
-    let (mut keeper, mut responses) = client.lease_keep_alive(granted.id()).await?;
-    let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
     loop {
-        tokio::time::sleep(every).await;
-        keeper.keep_alive().await?;
-        match tokio::time::timeout(every.max(Duration::from_secs(2)), responses.message()).await {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-            Ok(Ok(Some(_))) => {
-                return Err(etcd_client::Error::LeaseKeepAliveError("the lease expired".into()));
-            }
-            Ok(Ok(None)) => return Err(etcd_client::Error::LeaseKeepAliveError("keep-alive stream ended".into())),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(etcd_client::Error::LeaseKeepAliveError("no keep-alive answer".into())),
-        }
+        tokio::time::sleep(granted.every()).await;
+        granted.renew().await?;
     }
 }

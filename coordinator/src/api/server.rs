@@ -18,6 +18,7 @@ use std::{
 };
 
 use axum::Router;
+use futures_util::future::BoxFuture;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
@@ -76,12 +77,22 @@ fn fd_limit() -> Option<u64> {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops accepting, asks every connection to
-/// close after its current response, and waits for them (at most 30 s).
-pub async fn serve(
+/// close after its current response, and waits for them (at most 30 s). Boxed, as is `shutdown`, so that the
+/// whole HTTP stack is compiled once, in this crate, rather than again in every crate that awaits it.
+pub fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
-    shutdown: impl Future<Output = ()>,
+    shutdown: BoxFuture<'static, ()>,
+) -> BoxFuture<'static, std::io::Result<()>> {
+    Box::pin(accept_until(listener, router, limits, shutdown))
+}
+
+async fn accept_until(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: BoxFuture<'static, ()>,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     // Connections hold a receiver; shutdown is sent to them all, and their being dropped says they closed.
@@ -89,7 +100,7 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
     let http = Arc::new(http);
-    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
     let mut full_since: Option<Instant> = None;
     let mut last_accept_error: Option<Instant> = None;
     loop {
@@ -145,18 +156,20 @@ const TRIM_EVERY: Duration = Duration::from_secs(5);
 /// glibc keeps memory freed by a burst of requests in its per-thread arenas, resident for good (the HTTP
 /// runtime's and the blocking pool's threads each have one). Once nothing is running or waiting, it is
 /// given back (`malloc_trim`), once per idle spell, so the process's RSS after a burst returns to about
-/// where it was.
-pub async fn give_back_memory_when_idle(engine: Arc<crate::replicas::Replicas>) {
-    let mut every = tokio::time::interval(TRIM_EVERY);
-    let mut trimmed = false;
-    loop {
-        every.tick().await;
-        let idle = engine.view().iter().all(|r| r.running == 0 && r.waiting == 0);
-        if idle && !trimmed {
-            super::whole::trim();
+/// where it was. Boxed so that its body is compiled once, here.
+pub fn give_back_memory_when_idle(engine: Arc<crate::replicas::Replicas>) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let mut every = tokio::time::interval(TRIM_EVERY);
+        let mut trimmed = false;
+        loop {
+            every.tick().await;
+            let idle = engine.view().iter().all(|r| r.running == 0 && r.waiting == 0);
+            if idle && !trimmed {
+                super::whole::trim();
+            }
+            trimmed = idle;
         }
-        trimmed = idle;
-    }
+    })
 }
 
 /// An accepted connection, with its slot and its part in the shutdown.
@@ -288,9 +301,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let router = Router::new().route("/health", get(|| async { "ok" }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, router, limits, async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(serve(
+            listener,
+            router,
+            limits,
+            Box::pin(async move {
+                let _ = stopped.await;
+            }),
+        ));
         (addr, stop)
     }
 
@@ -370,9 +388,14 @@ mod tests {
             header_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
         };
-        let server = tokio::spawn(serve(listener, router, limits, async move {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            limits,
+            Box::pin(async move {
+                let _ = stopped.await;
+            }),
+        ));
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
         in_handler.recv().await.unwrap();
@@ -399,7 +422,7 @@ mod tests {
             header_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_millis(300),
         };
-        tokio::spawn(serve(listener, router, limits, std::future::pending()));
+        tokio::spawn(serve(listener, router, limits, Box::pin(std::future::pending())));
         let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
         stuck.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
         // The only slot is the stuck client's until its write deadline passes.

@@ -11,9 +11,10 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc::UnboundedReceiver, oneshot, watch};
 
-use tessera_proto::etcd::{Backoff, connect_options};
+use tessera_proto::etcd::{self, Backoff, Lease};
 
 /// What a claims session tells the manager.
 #[derive(Debug)]
@@ -54,7 +55,18 @@ enum Outcome {
 }
 
 /// Serves claim requests until `stop` turns true, then revokes the lease and says so on `done`.
-pub async fn run(
+/// Boxed so that its body is compiled once, in this crate, rather than again in every crate that awaits it.
+pub fn run(
+    s: Session,
+    rx: UnboundedReceiver<Request>,
+    tx: Report,
+    stop: watch::Receiver<bool>,
+    done: oneshot::Sender<()>,
+) -> BoxFuture<'static, ()> {
+    Box::pin(serve(s, rx, tx, stop, done))
+}
+
+async fn serve(
     s: Session,
     mut rx: UnboundedReceiver<Request>,
     tx: Report,
@@ -109,15 +121,15 @@ async fn session(
     held: &mut BTreeSet<String>,
     backoff: &mut Backoff,
 ) -> Outcome {
-    let mut client = match Client::connect(&s.endpoints, Some(connect_options())).await {
+    let mut client = match etcd::connect(&s.endpoints).await {
         Ok(c) => c,
         Err(e) => return Outcome::Lost(e),
     };
-    let ttl = s.ttl.as_secs().max(1) as i64;
-    let lease = match client.lease_grant(ttl, None).await {
-        Ok(l) => l.id(),
+    let mut granted = match Lease::grant(&mut client, s.ttl).await {
+        Ok(l) => l,
         Err(e) => return Outcome::Lost(e),
     };
+    let lease = granted.id;
     // Claims held under an earlier lease: take them again (ours if nobody else took them meanwhile).
     for w in held.clone() {
         match claim(&mut client, s, lease, &w).await {
@@ -129,30 +141,17 @@ async fn session(
             Err(e) => return Outcome::Lost(e),
         }
     }
-    let (mut keeper, mut answers) = match client.lease_keep_alive(lease).await {
-        Ok(k) => k,
-        Err(e) => return Outcome::Lost(e),
-    };
     backoff.reset();
-    let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(granted.every());
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let alive = async {
-                    keeper.keep_alive().await?;
-                    match tokio::time::timeout(every.max(Duration::from_secs(2)), answers.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => Ok(()),
-                        Ok(Err(e)) => Err(e),
-                        _ => Err(etcd_client::Error::LeaseKeepAliveError("the claims' lease is gone".into())),
-                    }
-                };
-                if let Err(e) = alive.await {
+                if let Err(e) = granted.renew().await {
                     return Outcome::Lost(e);
                 }
             }
             _ = stopped(stop) => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+                etcd::revoke(&mut client, lease).await;
                 tracing::info!("worker claims released");
                 return Outcome::Stopped;
             }

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::future::BoxFuture;
 use tessera_proto::{
     record::{self, WorkerRecord},
     v1::{InfoRequest, worker_client::WorkerClient},
@@ -198,13 +199,17 @@ impl Manager {
         }
     }
 
-    pub async fn run(mut self, mut rx: UnboundedReceiver<Msg>) {
-        self.publish();
-        while let Some(m) = rx.recv().await {
-            self.handle(m);
-            self.form_groups();
+    /// Handles messages until every sender is gone. Boxed so that its body is compiled once, in this crate,
+    /// rather than again in every crate that awaits it.
+    pub fn run(mut self, mut rx: UnboundedReceiver<Msg>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
             self.publish();
-        }
+            while let Some(m) = rx.recv().await {
+                self.handle(m);
+                self.form_groups();
+                self.publish();
+            }
+        })
     }
 
     fn handle(&mut self, m: Msg) {
@@ -358,7 +363,7 @@ impl Manager {
         tokio::spawn(async move {
             let alive = tokio::time::timeout(PROBE_TIMEOUT, async {
                 let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).ok()?;
-                let mut c = WorkerClient::with_interceptor(channel.connect().await.ok()?, token);
+                let mut c = WorkerClient::with_interceptor(tessera_proto::channel::connect(channel).await.ok()?, token);
                 c.info(InfoRequest { create_nccl_id: false }).await.ok()
             })
             .await

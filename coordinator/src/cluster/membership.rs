@@ -10,10 +10,11 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc::UnboundedSender;
 
-use tessera_proto::etcd::{Backoff, connect_options};
+use tessera_proto::etcd::{self, Backoff};
 
 /// A change to the registered workers, as raw keys and values (the manager parses them).
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +26,22 @@ pub enum Change {
 }
 
 /// Watches `prefix` forever, sending changes to `tx`; `connected` tells whether etcd is reachable now.
-pub async fn watch(endpoints: Vec<String>, prefix: String, tx: UnboundedSender<Change>, connected: Arc<AtomicBool>) {
+/// Boxed so that its body is compiled once, in this crate, rather than again in every crate that awaits it.
+pub fn watch(
+    endpoints: Vec<String>,
+    prefix: String,
+    tx: UnboundedSender<Change>,
+    connected: Arc<AtomicBool>,
+) -> BoxFuture<'static, ()> {
+    Box::pin(watch_forever(endpoints, prefix, tx, connected))
+}
+
+async fn watch_forever(
+    endpoints: Vec<String>,
+    prefix: String,
+    tx: UnboundedSender<Change>,
+    connected: Arc<AtomicBool>,
+) {
     let mut backoff = Backoff::default();
     let mut outage = false;
     loop {
@@ -52,7 +68,7 @@ async fn follow(
     backoff: &mut Backoff,
     outage: &mut bool,
 ) -> Result<(), etcd_client::Error> {
-    let mut client = Client::connect(endpoints, Some(connect_options())).await?;
+    let mut client = etcd::connect(endpoints).await?;
     let snap = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
     let revision = snap.header().map_or(0, |h| h.revision());
     let kvs = snap.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())).collect();

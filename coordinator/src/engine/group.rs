@@ -499,11 +499,11 @@ async fn connect_rank(
     timeouts: GroupTimeouts,
     token: &ClusterToken,
 ) -> Result<(Client, InfoReply)> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+    let endpoint = Channel::from_shared(format!("http://{addr}"))
         .with_context(|| format!("worker address {addr:?}"))?
         .connect_timeout(timeouts.connect)
-        .tcp_nodelay(true)
-        .connect()
+        .tcp_nodelay(true);
+    let channel = tessera_proto::channel::connect(endpoint)
         .await
         .with_context(|| format!("connecting to worker rank {r} at {addr}"))?;
     let mut client = WorkerClient::with_interceptor(channel, token.clone())
