@@ -117,15 +117,7 @@ pub fn run(a: LoraBenchArgs) -> Result<()> {
     let per_seq = (a.context + 2 * a.steps + 4).div_ceil(block_size);
     let cache = KvCache::new(&model.kv_geometry(), per_seq * a.batch, block_size)?;
     let mut engine = Engine::new(model, cache, Box::new(Single));
-    let limits = AdapterLimits { max_rank: a.rank };
-    let mut load_ms = Vec::new();
-    for n in 0..a.adapters {
-        let adir = tmp.path().join(format!("lora{n}"));
-        write_adapter(&config, &adir, a.rank, 1000 + n as u64)?;
-        let t = Instant::now();
-        engine.load_adapter(n as u32 + 1, &format!("lora{n}"), &adir, limits)?;
-        load_ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let load_ms = load_adapters(&mut engine, &config, tmp.path(), &a)?;
 
     let greedy = SamplingParams::greedy();
     let tables: Vec<Vec<u32>> =
@@ -172,15 +164,40 @@ pub fn run(a: LoraBenchArgs) -> Result<()> {
         throughput_fraction: b / l,
         load_ms: median(load_ms),
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    print_report(&report, a.json)
+}
+
+/// Writes `a.adapters` random adapters of rank `a.rank` under `dir` and loads them as ids 1..; returns
+/// how long each load took, in ms.
+fn load_adapters(
+    engine: &mut Engine,
+    config: &tessera_worker::ModelConfig,
+    dir: &Path,
+    a: &LoraBenchArgs,
+) -> Result<Vec<f64>> {
+    let limits = AdapterLimits { max_rank: a.rank };
+    let mut load_ms = Vec::new();
+    for n in 0..a.adapters {
+        let adir = dir.join(format!("lora{n}"));
+        write_adapter(config, &adir, a.rank, 1000 + n as u64)?;
+        let t = Instant::now();
+        engine.load_adapter(n as u32 + 1, &format!("lora{n}"), &adir, limits)?;
+        load_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(load_ms)
+}
+
+fn print_report(report: &LoraReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
+        let (b, l) = (report.base_ms_per_step, report.lora_ms_per_step);
         println!(
             "batch {} over {} adapters of rank {}: base {:.2} ms/step, adapters {:.2} ms/step ({:.1}% of the \
              base's throughput); loading one adapter {:.1} ms",
-            a.batch,
-            a.adapters,
-            a.rank,
+            report.batch,
+            report.adapters,
+            report.rank,
             b,
             l,
             100.0 * b / l,

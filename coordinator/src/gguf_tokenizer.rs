@@ -101,123 +101,13 @@ pub fn load(path: &Path) -> Result<GgufTokenizer, String> {
 
 /// The tokenizer of an opened GGUF file.
 pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer, String> {
-    let md = file.metadata();
-    let path = file.path().display().to_string();
-    let err = |key: &str, message: String| format!("{path}: metadata key {key}: {message}");
-    let s = |e: tessera_gguf::GgufError| e.to_string();
-
-    let model = md.get_str("tokenizer.ggml.model").map_err(s)?;
-    let tokens = md.get_str_array("tokenizer.ggml.tokens").map_err(s)?;
-    if tokens.is_empty() {
-        return Err(err("tokenizer.ggml.tokens", "is empty".into()));
-    }
-    let n = tokens.len();
-    let types = match md.optional("tokenizer.ggml.token_type", Metadata::get_i32_array).map_err(s)? {
-        Some(t) if t.len() != n => {
-            return Err(err("tokenizer.ggml.token_type", format!("{} entries for {n} tokens", t.len())));
-        }
-        Some(t) => t,
-        None => vec![NORMAL; n],
-    };
-    let id_key = |key: &str| -> Result<Option<u32>, String> {
-        match md.optional(key, Metadata::get_u32).map_err(s)? {
-            Some(id) if id as usize >= n => Err(err(key, format!("token id {id} is outside the {n} tokens"))),
-            id => Ok(id),
-        }
-    };
-    let bos = id_key("tokenizer.ggml.bos_token_id")?;
-    let eos = id_key("tokenizer.ggml.eos_token_id")?;
-    let unk = id_key("tokenizer.ggml.unknown_token_id")?;
-    let eot = id_key("tokenizer.ggml.eot_token_id")?;
-    let eom = id_key("tokenizer.ggml.eom_token_id")?;
-    let flag = |key: &str| md.optional(key, Metadata::get_bool).map_err(s);
-    if flag("tokenizer.ggml.remove_extra_whitespaces")? == Some(true) {
-        return Err(err("tokenizer.ggml.remove_extra_whitespaces", "true is not supported".into()));
-    }
-
-    // The vocabulary: the first id of a text wins (unused padding tokens may repeat a text).
-    let mut vocab: HashMap<&str, u32> = HashMap::with_capacity(n);
-    for (id, t) in tokens.iter().enumerate() {
-        vocab.entry(t).or_insert(id as u32);
-    }
-    let vocab_json = || -> Value {
-        let mut m = serde_json::Map::with_capacity(vocab.len());
-        for (t, id) in &vocab {
-            m.insert(t.to_string(), json!(id));
-        }
-        Value::Object(m)
-    };
-
-    let (model_json, normalizer, pre_tokenizer, decoder, default_bos) = match model {
-        "llama" => {
-            let scores = match md.optional("tokenizer.ggml.scores", Metadata::get_f32_array).map_err(s)? {
-                Some(sc) if sc.len() != n => {
-                    return Err(err("tokenizer.ggml.scores", format!("{} entries for {n} tokens", sc.len())));
-                }
-                Some(sc) => sc.to_vec(),
-                None => vec![0.0; n],
-            };
-            let merges = spm_merges(&tokens, &types, &scores, &vocab);
-            let space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-            let model = json!({
-                "type": "BPE", "dropout": null, "unk_token": unk.map(|u| tokens[u as usize]),
-                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                "byte_fallback": true, "ignore_merges": false, "vocab": vocab_json(), "merges": merges,
-            });
-            let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
-            let normalizer = if space_prefix {
-                json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
-            } else {
-                replace
-            };
-            let mut decoders = vec![
-                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                json!({"type": "ByteFallback"}),
-                json!({"type": "Fuse"}),
-            ];
-            if space_prefix {
-                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-            }
-            (model, normalizer, Value::Null, json!({"type": "Sequence", "decoders": decoders}), true)
-        }
-        "gpt2" => {
-            let pre = md.optional("tokenizer.ggml.pre", Metadata::get_str).map_err(s)?.unwrap_or("default");
-            let Some((regexes, ignore_merges, default_bos)) = bpe_pre(pre) else {
-                return Err(err(
-                    "tokenizer.ggml.pre",
-                    format!(
-                        "unsupported pre-tokenizer {pre:?}; supported: default, the llama3 family (llama3, \
-                             llama-bpe, ...), qwen2, gpt-2, smollm and those llama.cpp splits the same way"
-                    ),
-                ));
-            };
-            let merges_raw = md.get_str_array("tokenizer.ggml.merges").map_err(s)?;
-            let mut merges = Vec::with_capacity(merges_raw.len());
-            for (i, m) in merges_raw.iter().enumerate() {
-                let (a, b) = m.split_once(' ').ok_or_else(|| {
-                    err("tokenizer.ggml.merges", format!("element {i} ({m:?}) is not two tokens separated by a space"))
-                })?;
-                merges.push(json!([a, b]));
-            }
-            let model = json!({
-                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": ignore_merges, "vocab": vocab_json(), "merges": merges,
-            });
-            let mut pre_tokenizers: Vec<Value> = regexes
-                .iter()
-                .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
-                .collect();
-            pre_tokenizers.push(
-                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}),
-            );
-            let pre = json!({"type": "Sequence", "pretokenizers": pre_tokenizers});
-            let decoder =
-                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
-            (model, Value::Null, pre, decoder, default_bos)
-        }
+    let model = file.metadata().get_str("tokenizer.ggml.model").map_err(gguf_err)?;
+    let v = Vocab::read(file)?;
+    let parts = match model {
+        "llama" => v.sentencepiece()?,
+        "gpt2" => v.byte_level()?,
         other => {
-            return Err(err(
+            return Err(v.err(
                 "tokenizer.ggml.model",
                 format!(
                     "unsupported tokenizer {other:?}; supported: llama (SentencePiece-style BPE), gpt2 (byte-level BPE)"
@@ -225,69 +115,240 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer, String> {
             ));
         }
     };
+    let add_bos = v.flag("tokenizer.ggml.add_bos_token")?.unwrap_or(parts.default_bos);
+    let add_eos = v.flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let spec = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": v.added_tokens(),
+        "normalizer": parts.normalizer, "pre_tokenizer": parts.pre_tokenizer,
+        "post_processor": v.post_processor(add_bos, add_eos)?, "decoder": parts.decoder, "model": parts.model,
+    });
+    let tokenizer: tokenizers::Tokenizer = spec
+        .to_string()
+        .parse()
+        .map_err(|e| format!("{}: cannot build a tokenizer from the tokenizer.ggml metadata: {e}", v.path))?;
+    let chat_template =
+        v.md.optional("tokenizer.chat_template", Metadata::get_str).map_err(gguf_err)?.map(str::to_string);
+    Ok(GgufTokenizer {
+        tokenizer,
+        bos_token_id: v.bos,
+        eos_token_ids: v.end_of_generation_ids(),
+        add_bos,
+        bos_token: v.text(v.bos),
+        eos_token: v.text(v.eos),
+        chat_template,
+    })
+}
 
-    let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos);
-    let add_eos = flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let text = |id: Option<u32>| id.map(|i| tokens[i as usize].to_string());
-    let post_processor = if add_bos || add_eos {
+fn gguf_err(e: tessera_gguf::GgufError) -> String {
+    e.to_string()
+}
+
+/// The parts of a `tokenizers` spec that depend on the tokenizer model.
+struct ModelParts {
+    model: Value,
+    normalizer: Value,
+    pre_tokenizer: Value,
+    decoder: Value,
+    /// Whether BOS is added when the file does not say.
+    default_bos: bool,
+}
+
+/// A GGUF file's vocabulary and special token ids, read and checked against each other.
+struct Vocab<'a> {
+    md: &'a Metadata,
+    path: String,
+    tokens: Vec<&'a str>,
+    types: Vec<i32>,
+    /// Text to id; the first id of a text wins (unused padding tokens may repeat a text).
+    ids: HashMap<&'a str, u32>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    unk: Option<u32>,
+    eot: Option<u32>,
+    eom: Option<u32>,
+}
+
+impl<'a> Vocab<'a> {
+    fn read(file: &'a GgufFile) -> Result<Self, String> {
+        let md = file.metadata();
+        let path = file.path().display().to_string();
+        let err = |key: &str, message: String| format!("{path}: metadata key {key}: {message}");
+        let tokens = md.get_str_array("tokenizer.ggml.tokens").map_err(gguf_err)?;
+        if tokens.is_empty() {
+            return Err(err("tokenizer.ggml.tokens", "is empty".into()));
+        }
+        let n = tokens.len();
+        let types = match md.optional("tokenizer.ggml.token_type", Metadata::get_i32_array).map_err(gguf_err)? {
+            Some(t) if t.len() != n => {
+                return Err(err("tokenizer.ggml.token_type", format!("{} entries for {n} tokens", t.len())));
+            }
+            Some(t) => t,
+            None => vec![NORMAL; n],
+        };
+        let id_key = |key: &str| -> Result<Option<u32>, String> {
+            match md.optional(key, Metadata::get_u32).map_err(gguf_err)? {
+                Some(id) if id as usize >= n => Err(err(key, format!("token id {id} is outside the {n} tokens"))),
+                id => Ok(id),
+            }
+        };
+        let (bos, eos, unk) = (
+            id_key("tokenizer.ggml.bos_token_id")?,
+            id_key("tokenizer.ggml.eos_token_id")?,
+            id_key("tokenizer.ggml.unknown_token_id")?,
+        );
+        let (eot, eom) = (id_key("tokenizer.ggml.eot_token_id")?, id_key("tokenizer.ggml.eom_token_id")?);
+        let mut ids: HashMap<&str, u32> = HashMap::with_capacity(n);
+        for (id, t) in tokens.iter().enumerate() {
+            ids.entry(t).or_insert(id as u32);
+        }
+        let v = Vocab { md, path, tokens, types, ids, bos, eos, unk, eot, eom };
+        if v.flag("tokenizer.ggml.remove_extra_whitespaces")? == Some(true) {
+            return Err(v.err("tokenizer.ggml.remove_extra_whitespaces", "true is not supported".into()));
+        }
+        Ok(v)
+    }
+
+    fn err(&self, key: &str, message: String) -> String {
+        format!("{}: metadata key {key}: {message}", self.path)
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<bool>, String> {
+        self.md.optional(key, Metadata::get_bool).map_err(gguf_err)
+    }
+
+    fn text(&self, id: Option<u32>) -> Option<String> {
+        id.map(|i| self.tokens[i as usize].to_string())
+    }
+
+    fn vocab_json(&self) -> Value {
+        let mut m = serde_json::Map::with_capacity(self.ids.len());
+        for (t, id) in &self.ids {
+            m.insert(t.to_string(), json!(id));
+        }
+        Value::Object(m)
+    }
+
+    /// `llama`: SentencePiece-style BPE with byte fallback, merges rebuilt from the scores.
+    fn sentencepiece(&self) -> Result<ModelParts, String> {
+        let n = self.tokens.len();
+        let scores = match self.md.optional("tokenizer.ggml.scores", Metadata::get_f32_array).map_err(gguf_err)? {
+            Some(sc) if sc.len() != n => {
+                return Err(self.err("tokenizer.ggml.scores", format!("{} entries for {n} tokens", sc.len())));
+            }
+            Some(sc) => sc.to_vec(),
+            None => vec![0.0; n],
+        };
+        let merges = spm_merges(&self.tokens, &self.types, &scores, &self.ids);
+        let space_prefix = self.flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+        let model = json!({
+            "type": "BPE", "dropout": null, "unk_token": self.unk.map(|u| self.tokens[u as usize]),
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": self.vocab_json(), "merges": merges,
+        });
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let normalizer = if space_prefix {
+            json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+        } else {
+            replace
+        };
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if space_prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let decoder = json!({"type": "Sequence", "decoders": decoders});
+        Ok(ModelParts { model, normalizer, pre_tokenizer: Value::Null, decoder, default_bos: true })
+    }
+
+    /// `gpt2`: byte-level BPE, split first by the regexes `tokenizer.ggml.pre` names.
+    fn byte_level(&self) -> Result<ModelParts, String> {
+        let pre = self.md.optional("tokenizer.ggml.pre", Metadata::get_str).map_err(gguf_err)?.unwrap_or("default");
+        let Some((regexes, ignore_merges, default_bos)) = bpe_pre(pre) else {
+            return Err(self.err(
+                "tokenizer.ggml.pre",
+                format!(
+                    "unsupported pre-tokenizer {pre:?}; supported: default, the llama3 family (llama3, \
+                         llama-bpe, ...), qwen2, gpt-2, smollm and those llama.cpp splits the same way"
+                ),
+            ));
+        };
+        let merges_raw = self.md.get_str_array("tokenizer.ggml.merges").map_err(gguf_err)?;
+        let mut merges = Vec::with_capacity(merges_raw.len());
+        for (i, m) in merges_raw.iter().enumerate() {
+            let (a, b) = m.split_once(' ').ok_or_else(|| {
+                self.err("tokenizer.ggml.merges", format!("element {i} ({m:?}) is not two tokens separated by a space"))
+            })?;
+            merges.push(json!([a, b]));
+        }
+        let model = json!({
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": ignore_merges, "vocab": self.vocab_json(), "merges": merges,
+        });
+        let mut pre_tokenizers: Vec<Value> = regexes
+            .iter()
+            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
+        pre_tokenizers.push(byte_level.clone());
+        let pre_tokenizer = json!({"type": "Sequence", "pretokenizers": pre_tokenizers});
+        Ok(ModelParts { model, normalizer: Value::Null, pre_tokenizer, decoder: byte_level, default_bos })
+    }
+
+    /// BOS and/or EOS around every encoding, as the file asks.
+    fn post_processor(&self, add_bos: bool, add_eos: bool) -> Result<Value, String> {
+        if !add_bos && !add_eos {
+            return Ok(Value::Null);
+        }
         let mut specials = serde_json::Map::new();
         let mut ends = |wanted: bool, id: Option<u32>, key: &str| -> Result<Vec<Value>, String> {
             if !wanted {
                 return Ok(vec![]);
             }
-            let id = id.ok_or_else(|| err(key, "missing, but the tokenizer adds that token".into()))?;
-            let t = tokens[id as usize];
+            let id = id.ok_or_else(|| self.err(key, "missing, but the tokenizer adds that token".into()))?;
+            let t = self.tokens[id as usize];
             specials.insert(t.into(), json!({"id": t, "ids": [id], "tokens": [t]}));
             Ok(vec![json!({"SpecialToken": {"id": t, "type_id": 0}})])
         };
-        let (b, e) =
-            (ends(add_bos, bos, "tokenizer.ggml.bos_token_id")?, ends(add_eos, eos, "tokenizer.ggml.eos_token_id")?);
+        let (b, e) = (
+            ends(add_bos, self.bos, "tokenizer.ggml.bos_token_id")?,
+            ends(add_eos, self.eos, "tokenizer.ggml.eos_token_id")?,
+        );
         let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
         let single: Vec<Value> = b.iter().cloned().chain([seq("A", 0)]).chain(e.iter().cloned()).collect();
         let pair: Vec<Value> =
             single.iter().cloned().chain(b.iter().cloned()).chain([seq("B", 1)]).chain(e.iter().cloned()).collect();
-        json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
-    } else {
-        Value::Null
-    };
-
-    let added: Vec<Value> = types
-        .iter()
-        .enumerate()
-        .filter(|&(_, &t)| t == CONTROL || t == UNKNOWN || t == USER_DEFINED)
-        .filter(|&(id, _)| vocab.get(tokens[id]) == Some(&(id as u32)))
-        .map(|(id, &t)| {
-            json!({"id": id, "content": tokens[id], "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": t != USER_DEFINED})
-        })
-        .collect();
-
-    let spec = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
-        "decoder": decoder, "model": model_json,
-    });
-    let tokenizer: tokenizers::Tokenizer = spec
-        .to_string()
-        .parse()
-        .map_err(|e| format!("{path}: cannot build a tokenizer from the tokenizer.ggml metadata: {e}"))?;
-
-    let mut eos_token_ids: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
-    for (id, t) in tokens.iter().enumerate() {
-        if types[id] == CONTROL && EOG_TEXTS.contains(t) && !eos_token_ids.contains(&(id as u32)) {
-            eos_token_ids.push(id as u32);
-        }
+        Ok(json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}))
     }
-    let chat_template = md.optional("tokenizer.chat_template", Metadata::get_str).map_err(s)?.map(str::to_string);
-    Ok(GgufTokenizer {
-        tokenizer,
-        bos_token_id: bos,
-        eos_token_ids,
-        add_bos,
-        bos_token: text(bos),
-        eos_token: text(eos),
-        chat_template,
-    })
+
+    /// Control, unknown and user-defined tokens: matched whole before the model splits text.
+    fn added_tokens(&self) -> Vec<Value> {
+        self.types
+            .iter()
+            .enumerate()
+            .filter(|&(_, &t)| t == CONTROL || t == UNKNOWN || t == USER_DEFINED)
+            .filter(|&(id, _)| self.ids.get(self.tokens[id]) == Some(&(id as u32)))
+            .map(|(id, &t)| {
+                json!({"id": id, "content": self.tokens[id], "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": t != USER_DEFINED})
+            })
+            .collect()
+    }
+
+    /// EOS, EOT and EOM, and every control token whose text llama.cpp treats as an end of generation.
+    fn end_of_generation_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = [self.eos, self.eot, self.eom].into_iter().flatten().collect();
+        for (id, t) in self.tokens.iter().enumerate() {
+            if self.types[id] == CONTROL && EOG_TEXTS.contains(t) && !ids.contains(&(id as u32)) {
+                ids.push(id as u32);
+            }
+        }
+        ids
+    }
 }
 
 /// The merges of a SentencePiece-style vocabulary: each normal token that splits into two tokens of the

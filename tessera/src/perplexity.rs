@@ -78,28 +78,7 @@ pub fn perplexity(
 ) -> Result<PerplexityReport> {
     let (backend, cluster) = runner.into_parts();
     let info = backend.info();
-    if n_ctx < 4 || n_ctx + 1 > info.max_position_embeddings {
-        bail!(
-            "--context {n_ctx}: must be at least 4 and at most {} (the model's context less the one token each \
-             chunk generates)",
-            info.max_position_embeddings.saturating_sub(1)
-        );
-    }
-    if tokens.len() < 2 * n_ctx {
-        bail!(
-            "the text tokenizes to {} tokens; a context of {n_ctx} needs at least {} (two chunks)",
-            tokens.len(),
-            2 * n_ctx
-        );
-    }
-    let need = (n_ctx + 1).div_ceil(info.block_size);
-    if need > info.num_blocks {
-        bail!("the KV cache holds {} blocks of {} tokens; a chunk needs {need}", info.num_blocks, info.block_size);
-    }
-    let n_chunks = (tokens.len() / n_ctx).min(max_chunks.unwrap_or(usize::MAX));
-    if n_chunks == 0 {
-        bail!("--chunks must be at least 1");
-    }
+    let n_chunks = chunks(&info, tokens.len(), n_ctx, max_chunks)?;
     let bos = tok.bos_token_id.filter(|&b| tokens.first() == Some(&b));
     let replicas = Replicas::new(info, Arc::new(Metrics::new("perplexity")));
     let cfg = SchedulerConfig {
@@ -136,8 +115,8 @@ pub fn perplexity(
         }
         next += 1;
     }
-    let (mut nll, mut nll2, mut count, mut reported) = (0.0f64, 0.0f64, 0usize, 0usize);
-    let mut running = Vec::with_capacity(n_chunks);
+    let mut tally = Tally::default();
+    let mut reported = 0;
     while reported < n_chunks {
         match rx.blocking_recv() {
             Some(Event::Prompt { choice, first_position, tokens: t, .. }) => {
@@ -161,13 +140,7 @@ pub fn perplexity(
                     next += 1;
                 }
                 while reported < n_chunks && done[reported] {
-                    for &v in scored[reported].values() {
-                        nll += v;
-                        nll2 += v * v;
-                        count += 1;
-                    }
-                    let ppl = (nll / count as f64).exp();
-                    running.push(ppl);
+                    let ppl = tally.add(scored[reported].values().copied());
                     reported += 1;
                     on_chunk(reported, ppl);
                 }
@@ -177,18 +150,75 @@ pub fn perplexity(
             None => bail!("the engine stopped before the text was scored"),
         }
     }
-    let mean = nll / count as f64;
-    let ppl = mean.exp();
-    let var = (nll2 / count as f64 - mean * mean).max(0.0);
-    Ok(PerplexityReport {
-        context: n_ctx,
-        chunks: n_chunks,
-        tokens: tokens.len(),
-        scored_tokens: count,
-        ppl,
-        ppl_error: (var / (count.max(2) - 1) as f64).sqrt() * ppl,
-        running_ppl: running,
-    })
+    Ok(tally.report(n_ctx, n_chunks, tokens.len()))
+}
+
+/// How many chunks of `n_ctx` of a text of `len` tokens to score: refused where the model's context,
+/// the text or the KV cache cannot hold them.
+fn chunks(
+    info: &tessera_coordinator::engine::backend::ModelInfo,
+    len: usize,
+    n_ctx: usize,
+    max_chunks: Option<usize>,
+) -> Result<usize> {
+    if n_ctx < 4 || n_ctx + 1 > info.max_position_embeddings {
+        bail!(
+            "--context {n_ctx}: must be at least 4 and at most {} (the model's context less the one token each \
+             chunk generates)",
+            info.max_position_embeddings.saturating_sub(1)
+        );
+    }
+    if len < 2 * n_ctx {
+        bail!("the text tokenizes to {len} tokens; a context of {n_ctx} needs at least {} (two chunks)", 2 * n_ctx);
+    }
+    let need = (n_ctx + 1).div_ceil(info.block_size);
+    if need > info.num_blocks {
+        bail!("the KV cache holds {} blocks of {} tokens; a chunk needs {need}", info.num_blocks, info.block_size);
+    }
+    let n_chunks = (len / n_ctx).min(max_chunks.unwrap_or(usize::MAX));
+    if n_chunks == 0 {
+        bail!("--chunks must be at least 1");
+    }
+    Ok(n_chunks)
+}
+
+/// The negative log-likelihoods so far: their sum, the sum of their squares, their count, and the
+/// perplexity after each chunk.
+#[derive(Default)]
+struct Tally {
+    nll: f64,
+    nll2: f64,
+    count: usize,
+    running: Vec<f64>,
+}
+
+impl Tally {
+    /// Adds a chunk's values; returns the perplexity over every chunk so far.
+    fn add(&mut self, values: impl Iterator<Item = f64>) -> f64 {
+        for v in values {
+            self.nll += v;
+            self.nll2 += v * v;
+            self.count += 1;
+        }
+        let ppl = (self.nll / self.count as f64).exp();
+        self.running.push(ppl);
+        ppl
+    }
+
+    fn report(self, context: usize, chunks: usize, tokens: usize) -> PerplexityReport {
+        let mean = self.nll / self.count as f64;
+        let ppl = mean.exp();
+        let var = (self.nll2 / self.count as f64 - mean * mean).max(0.0);
+        PerplexityReport {
+            context,
+            chunks,
+            tokens,
+            scored_tokens: self.count,
+            ppl,
+            ppl_error: (var / (self.count.max(2) - 1) as f64).sqrt() * ppl,
+            running_ppl: self.running,
+        }
+    }
 }
 
 /// `tessera perplexity`.

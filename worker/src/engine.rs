@@ -158,92 +158,98 @@ impl Engine {
     }
 
     fn validate(&self, batch: &[StepSeq<'_>]) -> Result<(), StepError> {
-        let c = &self.model.config;
-        let bs = self.cache.block_size;
         let mut ids = HashSet::new();
         for s in batch {
-            let bad = |m: String| Err(StepError::Invalid(format!("sequence {}: {m}", s.id)));
-            if !ids.insert(s.id) {
-                return bad("appears twice in one step".into());
-            }
-            if s.tokens.is_empty() {
-                return bad("no tokens".into());
-            }
-            if s.adapter != 0 && !self.adapters.contains_key(&s.adapter) {
-                return bad(format!("LoRA adapter {} is not loaded on this worker", s.adapter));
-            }
-            if let Some(&t) = s.tokens.iter().chain(s.penalty_context).find(|&&t| t as usize >= c.vocab_size) {
-                return bad(format!("token id {t} outside the vocabulary of {}", c.vocab_size));
-            }
-            let end = s.start_pos + s.tokens.len();
-            if end > c.max_position_embeddings {
-                return bad(format!(
-                    "positions up to {end} exceed the model's context of {}",
-                    c.max_position_embeddings
-                ));
-            }
-            if !s.begins() {
-                match self.seqs.get(&s.id) {
-                    None => {
-                        return bad(format!("unknown sequence (start position {} but never seen)", s.start_pos));
-                    }
-                    Some(st) if st.next_pos != s.start_pos => {
-                        return bad(format!(
-                            "start position {} but the cache holds {} positions",
-                            s.start_pos, st.next_pos
-                        ));
-                    }
-                    _ => {}
-                }
-            }
-            let needed = end.div_ceil(bs);
-            if s.block_table.len() < needed {
-                return bad(format!(
-                    "block table has {} blocks, positions up to {end} need {needed}",
-                    s.block_table.len()
-                ));
-            }
-            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
-                return bad(format!("block {b} out of range (pool has {})", self.cache.num_blocks));
-            }
-            if let Some(p) = s.sample {
-                p.validate().map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
-            }
-            if let Some(mask) = s.allowed.filter(|_| s.sample.is_some()) {
-                let words = c.vocab_size.div_ceil(32);
-                if mask.len() != words {
-                    return bad(format!(
-                        "allowed-token mask of {} words for a vocabulary of {} ({words} words)",
-                        mask.len(),
-                        c.vocab_size
+            let checked = if ids.insert(s.id) {
+                self.check_positions(s)
+                    .and_then(|()| self.check_sampling(s))
+                    .and_then(|()| self.check_against_paused(s))
+            } else {
+                Err("appears twice in one step".into())
+            };
+            checked.map_err(|m| StepError::Invalid(format!("sequence {}: {m}", s.id)))?;
+        }
+        Ok(())
+    }
+
+    /// Tokens, adapter, positions and blocks: within the model, the cache and what this engine holds.
+    fn check_positions(&self, s: &StepSeq<'_>) -> Result<(), String> {
+        let c = &self.model.config;
+        if s.tokens.is_empty() {
+            return Err("no tokens".into());
+        }
+        if s.adapter != 0 && !self.adapters.contains_key(&s.adapter) {
+            return Err(format!("LoRA adapter {} is not loaded on this worker", s.adapter));
+        }
+        if let Some(&t) = s.tokens.iter().chain(s.penalty_context).find(|&&t| t as usize >= c.vocab_size) {
+            return Err(format!("token id {t} outside the vocabulary of {}", c.vocab_size));
+        }
+        let end = s.start_pos + s.tokens.len();
+        if end > c.max_position_embeddings {
+            return Err(format!("positions up to {end} exceed the model's context of {}", c.max_position_embeddings));
+        }
+        if !s.begins() {
+            match self.seqs.get(&s.id) {
+                None => return Err(format!("unknown sequence (start position {} but never seen)", s.start_pos)),
+                Some(st) if st.next_pos != s.start_pos => {
+                    return Err(format!(
+                        "start position {} but the cache holds {} positions",
+                        s.start_pos, st.next_pos
                     ));
                 }
-                if !(0..c.vocab_size as u32).any(|t| mask_allows(mask, t)) {
-                    return bad("allowed-token mask allows no token".into());
-                }
+                _ => {}
             }
-            if let Some(sp) = s.score_prompt {
-                if let Some(t) = sp.next_token.filter(|&t| t as usize >= c.vocab_size) {
-                    return bad(format!("next prompt token {t} outside the vocabulary of {}", c.vocab_size));
-                }
-                if sp.top > c.vocab_size {
-                    return bad(format!(
-                        "{} prompt logprob alternatives from a vocabulary of {}",
-                        sp.top, c.vocab_size
-                    ));
-                }
+        }
+        let needed = end.div_ceil(self.cache.block_size);
+        if s.block_table.len() < needed {
+            return Err(format!("block table has {} blocks, positions up to {end} need {needed}", s.block_table.len()));
+        }
+        if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
+            return Err(format!("block {b} out of range (pool has {})", self.cache.num_blocks));
+        }
+        Ok(())
+    }
+
+    /// Sampling parameters, the allowed-token mask and prompt scoring: within the vocabulary.
+    fn check_sampling(&self, s: &StepSeq<'_>) -> Result<(), String> {
+        let vocab = self.model.config.vocab_size;
+        if let Some(p) = s.sample {
+            p.validate()?;
+        }
+        if let Some(mask) = s.allowed.filter(|_| s.sample.is_some()) {
+            let words = vocab.div_ceil(32);
+            if mask.len() != words {
+                return Err(format!(
+                    "allowed-token mask of {} words for a vocabulary of {vocab} ({words} words)",
+                    mask.len()
+                ));
             }
-            if let Some(p) = &self.paused {
-                if p.batch.iter().any(|&(id, ..)| id == s.id) {
-                    return bad("is in the paused step".into());
-                }
-                if let Some(b) = written_blocks(s, bs).find(|b| p.reads.contains(b)) {
-                    return bad(format!("writes block {b}, which the paused step uses"));
-                }
-                if let Some(b) = s.block_table.iter().find(|b| p.writes.contains(b)) {
-                    return bad(format!("reads block {b}, which the paused step writes"));
-                }
+            if !(0..vocab as u32).any(|t| mask_allows(mask, t)) {
+                return Err("allowed-token mask allows no token".into());
             }
+        }
+        if let Some(sp) = s.score_prompt {
+            if let Some(t) = sp.next_token.filter(|&t| t as usize >= vocab) {
+                return Err(format!("next prompt token {t} outside the vocabulary of {vocab}"));
+            }
+            if sp.top > vocab {
+                return Err(format!("{} prompt logprob alternatives from a vocabulary of {vocab}", sp.top));
+            }
+        }
+        Ok(())
+    }
+
+    /// A step taken while another is paused must not touch what the paused one reads or writes.
+    fn check_against_paused(&self, s: &StepSeq<'_>) -> Result<(), String> {
+        let Some(p) = &self.paused else { return Ok(()) };
+        if p.batch.iter().any(|&(id, ..)| id == s.id) {
+            return Err("is in the paused step".into());
+        }
+        if let Some(b) = written_blocks(s, self.cache.block_size).find(|b| p.reads.contains(b)) {
+            return Err(format!("writes block {b}, which the paused step uses"));
+        }
+        if let Some(b) = s.block_table.iter().find(|b| p.writes.contains(b)) {
+            return Err(format!("reads block {b}, which the paused step writes"));
         }
         Ok(())
     }

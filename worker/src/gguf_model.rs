@@ -269,122 +269,49 @@ fn gguf_name(name: &str) -> Option<String> {
 /// The metadata's model config, and whether q/k were permuted.
 fn config(file: &GgufFile) -> Result<(ModelConfig, bool), ModelError> {
     let md = file.metadata();
-    let path = file.path().to_path_buf();
-    let field = |key: &str, message: String| ModelError::Field { path: path.clone(), field: key.into(), message };
     let arch_name = md.get_str("general.architecture")?;
+    let keys = Keys { file, md, arch: arch_name };
     let (architecture, permuted) = match arch_name {
         "llama" => (Architecture::Llama, true),
         "qwen2" => (Architecture::Qwen2, false),
         other => {
-            return Err(field(
+            return Err(keys.field(
                 "general.architecture",
                 format!("unsupported architecture {other:?}; supported: llama, qwen2"),
             ));
         }
     };
-    let key = |k: &str| format!("{arch_name}.{k}");
-    // A positive integer: zero heads or layers would make a model that cannot run.
-    let positive = |k: &str| -> Result<usize, ModelError> {
-        let k = key(k);
-        match md.get_usize(&k)? {
-            0 => Err(field(&k, "must be positive, found 0".into())),
-            n => Ok(n),
-        }
-    };
-    let optional_positive = |k: &str| -> Result<Option<usize>, ModelError> {
-        if md.contains_key(&key(k)) { positive(k).map(Some) } else { Ok(None) }
-    };
-    let experts = key("expert_count");
-    if md.optional(&experts, Metadata::get_u32)?.unwrap_or(0) > 0 {
-        return Err(field(&experts, "mixture-of-experts models are not supported".into()));
-    }
-    if file.tensor("blk.0.attn_qkv.weight").is_some() {
-        return Err(ModelError::Tensor {
-            path: path.clone(),
-            tensor: "blk.0.attn_qkv.weight".into(),
-            message: "fused q/k/v tensors (converted with --fuse-qkv) are not supported".into(),
-        });
-    }
-
-    let max_position_embeddings = positive("context_length")?;
+    keys.refuse_unsupported()?;
+    let max_position_embeddings = keys.positive("context_length")?;
     if max_position_embeddings > u32::MAX as usize {
-        return Err(field(&key("context_length"), format!("{max_position_embeddings} is more than {}", u32::MAX)));
+        return Err(
+            keys.field(&keys.key("context_length"), format!("{max_position_embeddings} is more than {}", u32::MAX))
+        );
     }
-    let hidden_size = positive("embedding_length")?;
-    let intermediate_size = positive("feed_forward_length")?;
-    let num_layers = positive("block_count")?;
-    let num_heads = positive("attention.head_count")?;
-    let num_kv_heads = optional_positive("attention.head_count_kv")?.unwrap_or(num_heads);
-    if !num_heads.is_multiple_of(num_kv_heads) {
-        return Err(field(
-            &key("attention.head_count_kv"),
-            format!("{num_kv_heads} does not divide {} = {num_heads}", key("attention.head_count")),
-        ));
-    }
-    let head_dim = match optional_positive("attention.key_length")? {
-        Some(d) => d,
-        None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
-        None => {
-            return Err(field(
-                &key("attention.key_length"),
-                format!("missing, and the embedding length {hidden_size} is not a multiple of {num_heads} heads"),
-            ));
-        }
-    };
-    if let Some(v) = optional_positive("attention.value_length")?
-        && v != head_dim
-    {
-        return Err(field(&key("attention.value_length"), format!("{v} differs from the key length {head_dim}")));
-    }
-    if !head_dim.is_multiple_of(2) {
-        return Err(field(&key("attention.key_length"), format!("{head_dim} is odd; RoPE needs an even head size")));
-    }
-    if let Some(d) = optional_positive("rope.dimension_count")?
-        && d != head_dim
-    {
-        return Err(field(
-            &key("rope.dimension_count"),
-            format!("{d} differs from the head size {head_dim}: partial rotary embeddings are not supported"),
-        ));
-    }
-    let rms_key = key("attention.layer_norm_rms_epsilon");
+    let hidden_size = keys.positive("embedding_length")?;
+    let (num_heads, num_kv_heads, head_dim) = keys.heads(hidden_size)?;
+    let rms_key = keys.key("attention.layer_norm_rms_epsilon");
     let rms_norm_eps = md.get_f32(&rms_key)?;
     if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
-        return Err(field(&rms_key, format!("must be a positive number, found {rms_norm_eps}")));
+        return Err(keys.field(&rms_key, format!("must be a positive number, found {rms_norm_eps}")));
     }
-    let rope = rope(file, arch_name, head_dim)?;
-
-    let vocab_key = key("vocab_size");
-    let vocab_size = match md.optional(&vocab_key, Metadata::get_usize)? {
-        Some(0) => return Err(field(&vocab_key, "must be positive, found 0".into())),
-        Some(n) => n,
-        None => match md.get_array("tokenizer.ggml.tokens") {
-            Ok(tokens) if !tokens.is_empty() => tokens.len(),
-            Ok(_) => return Err(field("tokenizer.ggml.tokens", "is empty".into())),
-            Err(_) => {
-                return Err(field(&vocab_key, "missing, and so is the vocabulary (tokenizer.ggml.tokens)".into()));
-            }
-        },
-    };
-
     let has = |name: &str| file.tensor(name).is_some();
-    let qkv_bias = architecture == Architecture::Qwen2 || has("blk.0.attn_q.bias");
     let token_id = |k: &str| md.optional(k, Metadata::get_u32);
     Ok((
         ModelConfig {
             architecture,
             hidden_size,
-            intermediate_size,
-            num_layers,
+            intermediate_size: keys.positive("feed_forward_length")?,
+            num_layers: keys.positive("block_count")?,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size,
+            vocab_size: keys.vocab_size()?,
             max_position_embeddings,
             rms_norm_eps,
-            rope,
+            rope: rope(file, arch_name, head_dim)?,
             sliding_window: None,
-            qkv_bias,
+            qkv_bias: architecture == Architecture::Qwen2 || has("blk.0.attn_q.bias"),
             o_bias: has("blk.0.attn_output.bias"),
             mlp_bias: has("blk.0.ffn_gate.bias"),
             tie_word_embeddings: !has("output.weight"),
@@ -393,6 +320,110 @@ fn config(file: &GgufFile) -> Result<(ModelConfig, bool), ModelError> {
         },
         permuted,
     ))
+}
+
+/// The architecture's metadata keys (`<arch>.<name>`), read with errors naming the file and the key.
+struct Keys<'a> {
+    file: &'a GgufFile,
+    md: &'a Metadata,
+    arch: &'a str,
+}
+
+impl Keys<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    fn field(&self, key: &str, message: String) -> ModelError {
+        ModelError::Field { path: self.file.path().to_path_buf(), field: key.into(), message }
+    }
+
+    /// A positive integer: zero heads or layers would make a model that cannot run.
+    fn positive(&self, k: &str) -> Result<usize, ModelError> {
+        let k = self.key(k);
+        match self.md.get_usize(&k)? {
+            0 => Err(self.field(&k, "must be positive, found 0".into())),
+            n => Ok(n),
+        }
+    }
+
+    fn optional_positive(&self, k: &str) -> Result<Option<usize>, ModelError> {
+        if self.md.contains_key(&self.key(k)) { self.positive(k).map(Some) } else { Ok(None) }
+    }
+
+    /// Mixture-of-experts models and fused q/k/v tensors are refused up front.
+    fn refuse_unsupported(&self) -> Result<(), ModelError> {
+        let experts = self.key("expert_count");
+        if self.md.optional(&experts, Metadata::get_u32)?.unwrap_or(0) > 0 {
+            return Err(self.field(&experts, "mixture-of-experts models are not supported".into()));
+        }
+        if self.file.tensor("blk.0.attn_qkv.weight").is_some() {
+            return Err(ModelError::Tensor {
+                path: self.file.path().to_path_buf(),
+                tensor: "blk.0.attn_qkv.weight".into(),
+                message: "fused q/k/v tensors (converted with --fuse-qkv) are not supported".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Query heads, KV heads and the head size, checked against each other and against RoPE.
+    fn heads(&self, hidden_size: usize) -> Result<(usize, usize, usize), ModelError> {
+        let num_heads = self.positive("attention.head_count")?;
+        let num_kv_heads = self.optional_positive("attention.head_count_kv")?.unwrap_or(num_heads);
+        if !num_heads.is_multiple_of(num_kv_heads) {
+            return Err(self.field(
+                &self.key("attention.head_count_kv"),
+                format!("{num_kv_heads} does not divide {} = {num_heads}", self.key("attention.head_count")),
+            ));
+        }
+        let head_dim = match self.optional_positive("attention.key_length")? {
+            Some(d) => d,
+            None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
+            None => {
+                return Err(self.field(
+                    &self.key("attention.key_length"),
+                    format!("missing, and the embedding length {hidden_size} is not a multiple of {num_heads} heads"),
+                ));
+            }
+        };
+        if let Some(v) = self.optional_positive("attention.value_length")?
+            && v != head_dim
+        {
+            return Err(
+                self.field(&self.key("attention.value_length"), format!("{v} differs from the key length {head_dim}"))
+            );
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(self
+                .field(&self.key("attention.key_length"), format!("{head_dim} is odd; RoPE needs an even head size")));
+        }
+        if let Some(d) = self.optional_positive("rope.dimension_count")?
+            && d != head_dim
+        {
+            return Err(self.field(
+                &self.key("rope.dimension_count"),
+                format!("{d} differs from the head size {head_dim}: partial rotary embeddings are not supported"),
+            ));
+        }
+        Ok((num_heads, num_kv_heads, head_dim))
+    }
+
+    /// `<arch>.vocab_size`, or the number of tokens in the vocabulary.
+    fn vocab_size(&self) -> Result<usize, ModelError> {
+        let vocab_key = self.key("vocab_size");
+        match self.md.optional(&vocab_key, Metadata::get_usize)? {
+            Some(0) => Err(self.field(&vocab_key, "must be positive, found 0".into())),
+            Some(n) => Ok(n),
+            None => match self.md.get_array("tokenizer.ggml.tokens") {
+                Ok(tokens) if !tokens.is_empty() => Ok(tokens.len()),
+                Ok(_) => Err(self.field("tokenizer.ggml.tokens", "is empty".into())),
+                Err(_) => {
+                    Err(self.field(&vocab_key, "missing, and so is the vocabulary (tokenizer.ggml.tokens)".into()))
+                }
+            },
+        }
+    }
 }
 
 /// RoPE: the base, and the scaling from `rope.scaling.*` or a `rope_freqs.weight` tensor.

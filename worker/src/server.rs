@@ -388,34 +388,12 @@ fn load_adapter(engine: &mut Engine, a: &LoraAdapter) -> Result<(), crate::Model
 fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<StepReply, Status> {
     let mut guard = state.lock().map_err(|_| Status::internal("worker state poisoned by a panic"))?;
     let (engine, kept) = serving(&mut guard, &r.group_id, "step")?;
-    if let Some(s) = r
-        .sequences
-        .iter()
-        .find(|s| if s.incremental { !s.block_table.is_empty() || s.starts } else { !s.appended_blocks.is_empty() })
-    {
-        return Err(Status::invalid_argument(format!(
-            "sequence {}: an incremental step carries appended_blocks and never begins a sequence; a full one \
-             carries block_table",
-            s.sequence_id
-        )));
-    }
+    check_incremental(&r)?;
     for id in &r.finished_sequence_ids {
         engine.release(*id);
     }
     kept.release(r.finished_sequence_ids.iter().copied());
-    let expanded = match kept.apply(&r.sequences, |p| to_params(Some(p))) {
-        Ok(e) => e,
-        Err(unknown) => {
-            let ids = unknown.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-            let mut status = Status::failed_precondition(format!(
-                "incremental steps of sequences this worker holds nothing of: {ids}; send them in full"
-            ));
-            if let Ok(v) = ids.parse() {
-                status.metadata_mut().insert("tessera-resend", v);
-            }
-            return Err(status);
-        }
-    };
+    let expanded = kept.apply(&r.sequences, |p| to_params(Some(p))).map_err(|unknown| resend(&unknown))?;
     let batch: Vec<StepSeq> = r
         .sequences
         .iter()
@@ -454,16 +432,53 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
         }
         Err(e) => return Err(Status::internal(e.to_string())),
     };
+    Ok(reply(engine, sampled, logits.filter(|_| r.return_logits), started))
+}
+
+/// An incremental sequence carries appended blocks and never begins; a full one carries its block table.
+fn check_incremental(r: &StepRequest) -> Result<(), Status> {
+    match r
+        .sequences
+        .iter()
+        .find(|s| if s.incremental { !s.block_table.is_empty() || s.starts } else { !s.appended_blocks.is_empty() })
+    {
+        Some(s) => Err(Status::invalid_argument(format!(
+            "sequence {}: an incremental step carries appended_blocks and never begins a sequence; a full one \
+             carries block_table",
+            s.sequence_id
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The refusal of incremental steps for sequences this worker holds nothing of: the coordinator reads
+/// `tessera-resend` and sends them in full.
+fn resend(unknown: &[u64]) -> Status {
+    let ids = unknown.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let mut status = Status::failed_precondition(format!(
+        "incremental steps of sequences this worker holds nothing of: {ids}; send them in full"
+    ));
+    if let Ok(v) = ids.parse() {
+        status.metadata_mut().insert("tessera-resend", v);
+    }
+    status
+}
+
+/// A step's reply: the sampled tokens (with their logits rows, where `logits` is given) and the prompt
+/// scores.
+fn reply(
+    engine: &mut Engine,
+    sampled: Vec<tessera_proto::step::SeqSampled>,
+    logits: Option<tessera_kernels::Tensor>,
+    started: Instant,
+) -> StepReply {
     let vocab = engine.model.config.vocab_size;
     let rows = logits.as_ref().and_then(|l| l.as_f32().ok());
     let tokens = sampled
         .into_iter()
         .enumerate()
         .map(|(i, s)| {
-            let logits = match (r.return_logits, rows) {
-                (true, Some(rows)) => rows[i * vocab..(i + 1) * vocab].to_vec(),
-                _ => Vec::new(),
-            };
+            let logits = rows.map_or_else(Vec::new, |rows| rows[i * vocab..(i + 1) * vocab].to_vec());
             to_pb_token(s.id, &s.sampled, logits)
         })
         .collect();
@@ -477,13 +492,13 @@ fn run_step(state: &Mutex<State>, r: StepRequest, started: Instant) -> Result<St
             ranks: p.ranks,
         })
         .collect();
-    Ok(StepReply {
+    StepReply {
         tokens,
         forward_seconds: started.elapsed().as_secs_f64(),
         sample_seconds: 0.0,
         collective_seconds: engine.take_collective_seconds(),
         prompt_logprobs,
-    })
+    }
 }
 
 fn to_pb_token(sequence_id: u64, s: &Sampled, logits: Vec<f32>) -> pb::SampledToken {

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::{
     error::ApiError,
-    output::{LogprobsJson, PromptLogprobsJson},
+    output::{LogprobsJson, PromptLogprobsJson, TokenLp},
     reply::{Backlog, Inbox, Kind, Reply, backend_error},
     tools,
 };
@@ -184,29 +184,7 @@ fn chunk(r: &mut Reply, i: usize, mut delta: String, with_finish: bool) -> Optio
     if delta.is_empty() && lp_entries.is_empty() && finish.is_null() && r.kind == Kind::Completion {
         return None;
     }
-    let mut prompt_logprobs = None;
-    if r.kind == Kind::Completion
-        && let Some(p) = r.choices[i].prompt.as_mut()
-    {
-        // Echo: the prompt's text and entries go out with the choice's first chunk, and the completion's
-        // offsets count from after the prompt's text.
-        if r.opts.echo {
-            for e in &mut lp_entries {
-                e.offset += p.text.len();
-            }
-        }
-        if !std::mem::replace(&mut p.sent, true) {
-            if r.opts.echo {
-                delta.insert_str(0, &p.text);
-                if let Some(k) = r.opts.logprobs {
-                    lp_entries.splice(0..0, p.entries(k));
-                }
-            }
-            if let Some(k) = r.opts.prompt_logprobs {
-                prompt_logprobs = serde_json::to_value(PromptLogprobsJson { tok: &r.s.tokenizer, prompt: p, k }).ok();
-            }
-        }
-    }
+    let prompt_logprobs = with_prompt(r, i, &mut delta, &mut lp_entries);
     let logprobs = match r.opts.logprobs {
         None => Value::Null,
         Some(_) => {
@@ -266,6 +244,32 @@ fn chunk(r: &mut Reply, i: usize, mut delta: String, with_finish: bool) -> Optio
         c["usage"] = Value::Null;
     }
     Some(c)
+}
+
+/// A completion choice's prompt, in its first chunk: with `echo` its text and logprob entries go before
+/// the completion's (whose offsets then count from after the prompt's text); with `prompt_logprobs`,
+/// returned, those.
+fn with_prompt(r: &mut Reply, i: usize, delta: &mut String, lp_entries: &mut Vec<TokenLp>) -> Option<Value> {
+    if r.kind != Kind::Completion {
+        return None;
+    }
+    let p = r.choices[i].prompt.as_mut()?;
+    if r.opts.echo {
+        for e in lp_entries.iter_mut() {
+            e.offset += p.text.len();
+        }
+    }
+    if std::mem::replace(&mut p.sent, true) {
+        return None;
+    }
+    if r.opts.echo {
+        delta.insert_str(0, &p.text);
+        if let Some(k) = r.opts.logprobs {
+            lp_entries.splice(0..0, p.entries(k));
+        }
+    }
+    let k = r.opts.prompt_logprobs?;
+    serde_json::to_value(PromptLogprobsJson { tok: &r.s.tokenizer, prompt: p, k }).ok()
 }
 
 /// A streamed choice's text and call deltas (choice `choice` of response `response`), as a chat chunk's

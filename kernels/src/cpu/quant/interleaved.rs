@@ -178,6 +178,14 @@ macro_rules! kernels {
                 }
             }
 
+            /// The activation rows a group is multiplied by: each row's levels, steps and level sums.
+            struct Rows<'a, const N: usize> {
+                xs: [*const i8; N],
+                steps: [&'a [f32]; N],
+                level_sums: [&'a [i32]; N],
+                half_sums: [&'a [i32]; N],
+            }
+
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn group<const N: usize>(
@@ -188,201 +196,228 @@ macro_rules! kernels {
                 out: &mut [[f32; GROUP_ROWS]],
             ) {
                 let columns = acts.k / 32;
-                let mut xs = [std::ptr::null::<i8>(); N];
-                let mut steps: [&[f32]; N] = [&[]; N];
-                let mut level_sums: [&[i32]; N] = [&[]; N];
-                let mut half_sums: [&[i32]; N] = [&[]; N];
+                let mut rows =
+                    Rows { xs: [std::ptr::null(); N], steps: [&[]; N], level_sums: [&[]; N], half_sums: [&[]; N] };
                 for r in 0..N {
                     let (q, d, _) = acts.row(i0 + r);
-                    (xs[r], steps[r]) = (q.as_ptr(), d);
-                    (level_sums[r], half_sums[r]) = (acts.level_sums(i0 + r), acts.half_level_sums(i0 + r));
+                    (rows.xs[r], rows.steps[r]) = (q.as_ptr(), d);
+                    (rows.level_sums[r], rows.half_sums[r]) = (acts.level_sums(i0 + r), acts.half_level_sums(i0 + r));
                 }
                 let mut acc = [_mm256_setzero_ps(); N];
-                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
-                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                // SAFETY: as for `groups`, whose checks cover each group.
                 unsafe {
                     match ty {
-                        GgmlType::Q8_0 => {
-                            for b in 0..columns {
-                                let col = w.as_ptr().add(b * GROUP_ROWS * 34);
-                                let w_steps = _mm256_cvtph_ps(_mm_loadu_si128(col.cast()));
-                                let mut q = [_mm256_setzero_si256(); 8];
-                                for (c, q) in q.iter_mut().enumerate() {
-                                    *q = _mm256_loadu_si256(col.add(16 + 32 * c).cast());
-                                }
-                                let u = if $vnni {
-                                    q.map(|q| _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)))
-                                } else {
-                                    q.map(|q| _mm256_sign_epi8(q, q))
-                                };
-                                // Chunk by chunk across the rows, so that the rows' sums are independent
-                                // neighbours rather than one chain of eight dependent instructions each.
-                                let mut sums = [_mm256_setzero_si256(); N];
-                                for c in 0..8 {
-                                    for r in 0..N {
-                                        let xb = broadcast(xs[r].add(32 * b + 4 * c));
-                                        let s = if $vnni { xb } else { _mm256_sign_epi8(xb, q[c]) };
-                                        sums[r] = super::$dot4(sums[r], u[c], s);
-                                    }
-                                }
-                                for r in 0..N {
-                                    let mut sum = sums[r];
-                                    if $vnni {
-                                        let shift = 128 * *level_sums[r].get_unchecked(b);
-                                        sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(shift));
-                                    }
-                                    let step = _mm256_mul_ps(w_steps, _mm256_set1_ps(*steps[r].get_unchecked(b)));
-                                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), step, acc[r]);
-                                }
-                            }
-                        }
-                        GgmlType::Q4_0 => {
-                            let low4 = _mm256_set1_epi8(0x0F);
-                            for b in 0..columns {
-                                let col = w.as_ptr().add(b * GROUP_ROWS * 18);
-                                let w_steps = _mm256_cvtph_ps(_mm_loadu_si128(col.cast()));
-                                let (mut lo, mut hi) = ([_mm256_setzero_si256(); 4], [_mm256_setzero_si256(); 4]);
-                                for p in 0..4 {
-                                    let raw = _mm256_loadu_si256(col.add(16 + 32 * p).cast());
-                                    lo[p] = _mm256_and_si256(raw, low4);
-                                    hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
-                                }
-                                // Low nibbles are a block's values 0..16, high ones 16..32.
-                                let mut sums = [_mm256_setzero_si256(); N];
-                                for p in 0..4 {
-                                    for r in 0..N {
-                                        let x = xs[r].add(32 * b);
-                                        sums[r] = super::$dot4(sums[r], lo[p], broadcast(x.add(4 * p)));
-                                        sums[r] = super::$dot4(sums[r], hi[p], broadcast(x.add(16 + 4 * p)));
-                                    }
-                                }
-                                for r in 0..N {
-                                    let shift = 8 * *level_sums[r].get_unchecked(b);
-                                    let sum = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(shift));
-                                    let step = _mm256_mul_ps(w_steps, _mm256_set1_ps(*steps[r].get_unchecked(b)));
-                                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), step, acc[r]);
-                                }
-                            }
-                        }
-                        GgmlType::Q4_K => {
-                            let (low4, low6, top2) =
-                                (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x3F), _mm256_set1_epi8(0x30));
-                            for b in 0..columns / 8 {
-                                let col = w.as_ptr().add(b * GROUP_ROWS * 144);
-                                let d = _mm256_cvtph_ps(_mm_loadu_si128(col.cast()));
-                                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(col.add(16).cast()));
-                                // The twelve bytes of packed scales, each for the eight rows: bytes 0..4, 4..8
-                                // and 8..12. Decoded, sub-block j's scales for the eight rows are the bytes
-                                // `8j..8j + 8` of `decoded`, its minimums `64 + 8j..`.
-                                let y0 = _mm256_loadu_si256(col.add(32).cast());
-                                let y1 = _mm256_loadu_si256(col.add(64).cast());
-                                let y2 = _mm256_loadu_si256(col.add(96).cast());
-                                let top = |y| _mm256_and_si256(_mm256_srli_epi16::<2>(y), top2);
-                                let mut decoded = [0u8; 128];
-                                let parts = [
-                                    _mm256_and_si256(y0, low6),
-                                    _mm256_or_si256(_mm256_and_si256(y2, low4), top(y0)),
-                                    _mm256_and_si256(y1, low6),
-                                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(y2), low4), top(y1)),
-                                ];
-                                for (i, part) in parts.into_iter().enumerate() {
-                                    _mm256_storeu_si256(decoded.as_mut_ptr().add(32 * i).cast(), part);
-                                }
-                                let lanes =
-                                    |at: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(decoded.as_ptr().add(at).cast()));
-                                let mut isum = [_mm256_setzero_si256(); N];
-                                for j in 0..8 {
-                                    // Quants chunk j / 2: low nibbles are sub-block j for even j, high for odd.
-                                    let mut q = [_mm256_setzero_si256(); 8];
-                                    for (p, q) in q.iter_mut().enumerate() {
-                                        let raw = _mm256_loadu_si256(col.add(128 + (j / 2) * 256 + 32 * p).cast());
-                                        let raw = if j % 2 == 0 { raw } else { _mm256_srli_epi16::<4>(raw) };
-                                        *q = _mm256_and_si256(raw, low4);
-                                    }
-                                    let mut sums = [_mm256_setzero_si256(); N];
-                                    for p in 0..8 {
-                                        for r in 0..N {
-                                            let x = broadcast(xs[r].add(256 * b + 32 * j + 4 * p));
-                                            sums[r] = super::$dot4(sums[r], q[p], x);
-                                        }
-                                    }
-                                    let scale = lanes(8 * j);
-                                    for r in 0..N {
-                                        isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(sums[r], scale));
-                                    }
-                                }
-                                for r in 0..N {
-                                    let mut msum = _mm256_setzero_si256();
-                                    for j in 0..8 {
-                                        let xsum = _mm256_set1_epi32(*level_sums[r].get_unchecked(8 * b + j));
-                                        msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(lanes(64 + 8 * j), xsum));
-                                    }
-                                    let dx = _mm256_set1_ps(*steps[r].get_unchecked(8 * b));
-                                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r]);
-                                    acc[r] =
-                                        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[r]);
-                                }
-                            }
-                        }
-                        GgmlType::Q6_K => {
-                            let (low4, top2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-                            for b in 0..columns / 8 {
-                                // Low nibbles (1024 bytes for the eight rows), high bits (512), the sixteen
-                                // scales (8 bytes each), d.
-                                let col = w.as_ptr().add(b * GROUP_ROWS * 210);
-                                let d = _mm256_cvtph_ps(_mm_loadu_si128(col.add(1664).cast()));
-                                let mut isum = [_mm256_setzero_si256(); N];
-                                for n in 0..2 {
-                                    for t in 0..4 {
-                                        // Values 128n + 32t + 4p.., p in 0..8: sub-blocks 8n + 2t (p < 4) and
-                                        // 8n + 2t + 1 (`unpack::q6_k`'s order).
-                                        let mut q = [_mm256_setzero_si256(); 8];
-                                        for (p, q) in q.iter_mut().enumerate() {
-                                            let ql =
-                                                _mm256_loadu_si256(col.add(32 * (16 * n + 8 * (t % 2) + p)).cast());
-                                            let qh = _mm256_loadu_si256(col.add(1024 + 32 * (8 * n + p)).cast());
-                                            let lo = if t < 2 { ql } else { _mm256_srli_epi16::<4>(ql) };
-                                            let hi = match t {
-                                                0 => _mm256_slli_epi16::<4>(qh),
-                                                1 => _mm256_slli_epi16::<2>(qh),
-                                                2 => qh,
-                                                _ => _mm256_srli_epi16::<2>(qh),
-                                            };
-                                            *q =
-                                                _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_and_si256(hi, top2));
-                                        }
-                                        let s = 8 * n + 2 * t;
-                                        let scale = |s: usize| {
-                                            _mm256_cvtepi8_epi32(_mm_loadl_epi64(col.add(1536 + 8 * s).cast()))
-                                        };
-                                        let (sc0, sc1) = (scale(s), scale(s + 1));
-                                        for r in 0..N {
-                                            let x = xs[r].add(256 * b + 128 * n + 32 * t);
-                                            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                                            for p in 0..4 {
-                                                s0 = super::$dot4(s0, q[p], broadcast(x.add(4 * p)));
-                                                s1 = super::$dot4(s1, q[p + 4], broadcast(x.add(16 + 4 * p)));
-                                            }
-                                            // Levels are q − 32: take 32 times the activations' sum back out.
-                                            let half = |h: usize| {
-                                                _mm256_set1_epi32(32 * *half_sums[r].get_unchecked(16 * b + s + h))
-                                            };
-                                            let s0 = _mm256_mullo_epi32(_mm256_sub_epi32(s0, half(0)), sc0);
-                                            let s1 = _mm256_mullo_epi32(_mm256_sub_epi32(s1, half(1)), sc1);
-                                            isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(s0, s1));
-                                        }
-                                    }
-                                }
-                                for r in 0..N {
-                                    let dx = _mm256_set1_ps(*steps[r].get_unchecked(8 * b));
-                                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r]);
-                                }
-                            }
-                        }
+                        GgmlType::Q8_0 => q8_0::<N>(w, columns, &rows, &mut acc),
+                        GgmlType::Q4_0 => q4_0::<N>(w, columns, &rows, &mut acc),
+                        GgmlType::Q4_K => q4_k::<N>(w, columns, &rows, &mut acc),
+                        GgmlType::Q6_K => q6_k::<N>(w, columns, &rows, &mut acc),
                         _ => unreachable!("dot_groups of {ty}: `available` is checked"),
                     }
                     for (o, a) in out.iter_mut().zip(acc) {
                         _mm256_storeu_ps(o.as_mut_ptr(), a);
+                    }
+                }
+            }
+
+            /// Q8_0: 32 signed levels and one step per block.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q8_0<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
+                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
+                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                unsafe {
+                    for b in 0..columns {
+                        let col = w.as_ptr().add(b * GROUP_ROWS * 34);
+                        let w_steps = _mm256_cvtph_ps(_mm_loadu_si128(col.cast()));
+                        let mut q = [_mm256_setzero_si256(); 8];
+                        for (c, q) in q.iter_mut().enumerate() {
+                            *q = _mm256_loadu_si256(col.add(16 + 32 * c).cast());
+                        }
+                        let u = if $vnni {
+                            q.map(|q| _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)))
+                        } else {
+                            q.map(|q| _mm256_sign_epi8(q, q))
+                        };
+                        // Chunk by chunk across the rows, so that the rows' sums are independent
+                        // neighbours rather than one chain of eight dependent instructions each.
+                        let mut sums = [_mm256_setzero_si256(); N];
+                        for c in 0..8 {
+                            for r in 0..N {
+                                let xb = broadcast(rows.xs[r].add(32 * b + 4 * c));
+                                let s = if $vnni { xb } else { _mm256_sign_epi8(xb, q[c]) };
+                                sums[r] = super::$dot4(sums[r], u[c], s);
+                            }
+                        }
+                        for r in 0..N {
+                            let mut sum = sums[r];
+                            if $vnni {
+                                let shift = 128 * *rows.level_sums[r].get_unchecked(b);
+                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(shift));
+                            }
+                            let step = _mm256_mul_ps(w_steps, _mm256_set1_ps(*rows.steps[r].get_unchecked(b)));
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), step, acc[r]);
+                        }
+                    }
+                }
+            }
+
+            /// Q4_0: 32 levels of 4 bits, offset by 8, and one step per block.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q4_0<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
+                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
+                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                unsafe {
+                    let low4 = _mm256_set1_epi8(0x0F);
+                    for b in 0..columns {
+                        let col = w.as_ptr().add(b * GROUP_ROWS * 18);
+                        let w_steps = _mm256_cvtph_ps(_mm_loadu_si128(col.cast()));
+                        let (mut lo, mut hi) = ([_mm256_setzero_si256(); 4], [_mm256_setzero_si256(); 4]);
+                        for p in 0..4 {
+                            let raw = _mm256_loadu_si256(col.add(16 + 32 * p).cast());
+                            lo[p] = _mm256_and_si256(raw, low4);
+                            hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
+                        }
+                        // Low nibbles are a block's values 0..16, high ones 16..32.
+                        let mut sums = [_mm256_setzero_si256(); N];
+                        for p in 0..4 {
+                            for r in 0..N {
+                                let x = rows.xs[r].add(32 * b);
+                                sums[r] = super::$dot4(sums[r], lo[p], broadcast(x.add(4 * p)));
+                                sums[r] = super::$dot4(sums[r], hi[p], broadcast(x.add(16 + 4 * p)));
+                            }
+                        }
+                        for r in 0..N {
+                            let shift = 8 * *rows.level_sums[r].get_unchecked(b);
+                            let sum = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(shift));
+                            let step = _mm256_mul_ps(w_steps, _mm256_set1_ps(*rows.steps[r].get_unchecked(b)));
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), step, acc[r]);
+                        }
+                    }
+                }
+            }
+
+            /// Q4_K: super-blocks of 256 in eight sub-blocks, each with a 6-bit scale and minimum.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q4_k<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
+                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
+                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                unsafe {
+                    let (low4, low6, top2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x3F), _mm256_set1_epi8(0x30));
+                    for b in 0..columns / 8 {
+                        let col = w.as_ptr().add(b * GROUP_ROWS * 144);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(col.cast()));
+                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(col.add(16).cast()));
+                        // The twelve bytes of packed scales, each for the eight rows: bytes 0..4, 4..8
+                        // and 8..12. Decoded, sub-block j's scales for the eight rows are the bytes
+                        // `8j..8j + 8` of `decoded`, its minimums `64 + 8j..`.
+                        let y0 = _mm256_loadu_si256(col.add(32).cast());
+                        let y1 = _mm256_loadu_si256(col.add(64).cast());
+                        let y2 = _mm256_loadu_si256(col.add(96).cast());
+                        let top = |y| _mm256_and_si256(_mm256_srli_epi16::<2>(y), top2);
+                        let mut decoded = [0u8; 128];
+                        let parts = [
+                            _mm256_and_si256(y0, low6),
+                            _mm256_or_si256(_mm256_and_si256(y2, low4), top(y0)),
+                            _mm256_and_si256(y1, low6),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(y2), low4), top(y1)),
+                        ];
+                        for (i, part) in parts.into_iter().enumerate() {
+                            _mm256_storeu_si256(decoded.as_mut_ptr().add(32 * i).cast(), part);
+                        }
+                        let lanes = |at: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(decoded.as_ptr().add(at).cast()));
+                        let mut isum = [_mm256_setzero_si256(); N];
+                        for j in 0..8 {
+                            // Quants chunk j / 2: low nibbles are sub-block j for even j, high for odd.
+                            let mut q = [_mm256_setzero_si256(); 8];
+                            for (p, q) in q.iter_mut().enumerate() {
+                                let raw = _mm256_loadu_si256(col.add(128 + (j / 2) * 256 + 32 * p).cast());
+                                let raw = if j % 2 == 0 { raw } else { _mm256_srli_epi16::<4>(raw) };
+                                *q = _mm256_and_si256(raw, low4);
+                            }
+                            let mut sums = [_mm256_setzero_si256(); N];
+                            for p in 0..8 {
+                                for r in 0..N {
+                                    let x = broadcast(rows.xs[r].add(256 * b + 32 * j + 4 * p));
+                                    sums[r] = super::$dot4(sums[r], q[p], x);
+                                }
+                            }
+                            let scale = lanes(8 * j);
+                            for r in 0..N {
+                                isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(sums[r], scale));
+                            }
+                        }
+                        for r in 0..N {
+                            let mut msum = _mm256_setzero_si256();
+                            for j in 0..8 {
+                                let xsum = _mm256_set1_epi32(*rows.level_sums[r].get_unchecked(8 * b + j));
+                                msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(lanes(64 + 8 * j), xsum));
+                            }
+                            let dx = _mm256_set1_ps(*rows.steps[r].get_unchecked(8 * b));
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r]);
+                            acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[r]);
+                        }
+                    }
+                }
+            }
+
+            /// Q6_K: super-blocks of 256 in sixteen sub-blocks of 6-bit levels offset by 32, 8-bit scales.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q6_k<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
+                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
+                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                unsafe {
+                    let (low4, top2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+                    for b in 0..columns / 8 {
+                        // Low nibbles (1024 bytes for the eight rows), high bits (512), the sixteen
+                        // scales (8 bytes each), d.
+                        let col = w.as_ptr().add(b * GROUP_ROWS * 210);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(col.add(1664).cast()));
+                        let mut isum = [_mm256_setzero_si256(); N];
+                        for n in 0..2 {
+                            for t in 0..4 {
+                                // Values 128n + 32t + 4p.., p in 0..8: sub-blocks 8n + 2t (p < 4) and
+                                // 8n + 2t + 1 (`unpack::q6_k`'s order).
+                                let mut q = [_mm256_setzero_si256(); 8];
+                                for (p, q) in q.iter_mut().enumerate() {
+                                    let ql = _mm256_loadu_si256(col.add(32 * (16 * n + 8 * (t % 2) + p)).cast());
+                                    let qh = _mm256_loadu_si256(col.add(1024 + 32 * (8 * n + p)).cast());
+                                    let lo = if t < 2 { ql } else { _mm256_srli_epi16::<4>(ql) };
+                                    let hi = match t {
+                                        0 => _mm256_slli_epi16::<4>(qh),
+                                        1 => _mm256_slli_epi16::<2>(qh),
+                                        2 => qh,
+                                        _ => _mm256_srli_epi16::<2>(qh),
+                                    };
+                                    *q = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_and_si256(hi, top2));
+                                }
+                                let s = 8 * n + 2 * t;
+                                let scale =
+                                    |s: usize| _mm256_cvtepi8_epi32(_mm_loadl_epi64(col.add(1536 + 8 * s).cast()));
+                                let (sc0, sc1) = (scale(s), scale(s + 1));
+                                for r in 0..N {
+                                    let x = rows.xs[r].add(256 * b + 128 * n + 32 * t);
+                                    let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                                    for p in 0..4 {
+                                        s0 = super::$dot4(s0, q[p], broadcast(x.add(4 * p)));
+                                        s1 = super::$dot4(s1, q[p + 4], broadcast(x.add(16 + 4 * p)));
+                                    }
+                                    // Levels are q − 32: take 32 times the activations' sum back out.
+                                    let half = |h: usize| {
+                                        _mm256_set1_epi32(32 * *rows.half_sums[r].get_unchecked(16 * b + s + h))
+                                    };
+                                    let s0 = _mm256_mullo_epi32(_mm256_sub_epi32(s0, half(0)), sc0);
+                                    let s1 = _mm256_mullo_epi32(_mm256_sub_epi32(s1, half(1)), sc1);
+                                    isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(s0, s1));
+                                }
+                            }
+                        }
+                        for r in 0..N {
+                            let dx = _mm256_set1_ps(*rows.steps[r].get_unchecked(8 * b));
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r]);
+                        }
                     }
                 }
             }
