@@ -204,7 +204,9 @@ macro_rules! kernels {
                     (rows.level_sums[r], rows.half_sums[r]) = (acts.level_sums(i0 + r), acts.half_level_sums(i0 + r));
                 }
                 let mut acc = [_mm256_setzero_ps(); N];
-                // SAFETY: as for `groups`, whose checks cover each group.
+                // SAFETY: as for `groups`, whose checks cover each group: `dot_group_on` checked that the group
+                // holds `columns` columns of eight blocks and each activation row `columns` groups of 32 levels,
+                // one step and one level sum. The per-format functions load within those.
                 unsafe {
                     match ty {
                         GgmlType::Q8_0 => q8_0::<N>(w, columns, &rows, &mut acc),
@@ -219,12 +221,37 @@ macro_rules! kernels {
                 }
             }
 
+            /// Block `b` of a Q8_0 or Q4_0 column into each row's accumulator: the integer sums, less `offset`
+            /// times the activations' level sum (the weights' levels were stored plus `offset`), times the
+            /// weight row's step and the activation row's.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn add_blocks<const N: usize>(
+                sums: [__m256i; N],
+                offset: i32,
+                b: usize,
+                w_steps: __m256,
+                rows: &Rows<'_, N>,
+                acc: &mut [__m256; N],
+            ) {
+                for r in 0..N {
+                    // SAFETY: each activation row has `columns` level sums and steps, and `b < columns`.
+                    let (level_sum, x_step) =
+                        unsafe { (*rows.level_sums[r].get_unchecked(b), *rows.steps[r].get_unchecked(b)) };
+                    let mut sum = sums[r];
+                    if offset != 0 {
+                        sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(offset * level_sum));
+                    }
+                    let step = _mm256_mul_ps(w_steps, _mm256_set1_ps(x_step));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), step, acc[r]);
+                }
+            }
+
             /// Q8_0: 32 signed levels and one step per block.
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn q8_0<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
-                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
-                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                // SAFETY (every load): as for `group`.
                 unsafe {
                     for b in 0..columns {
                         let col = w.as_ptr().add(b * GROUP_ROWS * 34);
@@ -248,15 +275,8 @@ macro_rules! kernels {
                                 sums[r] = super::$dot4(sums[r], u[c], s);
                             }
                         }
-                        for r in 0..N {
-                            let mut sum = sums[r];
-                            if $vnni {
-                                let shift = 128 * *rows.level_sums[r].get_unchecked(b);
-                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(shift));
-                            }
-                            let step = _mm256_mul_ps(w_steps, _mm256_set1_ps(*rows.steps[r].get_unchecked(b)));
-                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), step, acc[r]);
-                        }
+                        let offset = if $vnni { 128 } else { 0 };
+                        add_blocks(sums, offset, b, w_steps, rows, acc);
                     }
                 }
             }
@@ -265,8 +285,7 @@ macro_rules! kernels {
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn q4_0<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
-                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
-                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                // SAFETY (every load): as for `group`.
                 unsafe {
                     let low4 = _mm256_set1_epi8(0x0F);
                     for b in 0..columns {
@@ -287,12 +306,7 @@ macro_rules! kernels {
                                 sums[r] = super::$dot4(sums[r], hi[p], broadcast(x.add(16 + 4 * p)));
                             }
                         }
-                        for r in 0..N {
-                            let shift = 8 * *rows.level_sums[r].get_unchecked(b);
-                            let sum = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(shift));
-                            let step = _mm256_mul_ps(w_steps, _mm256_set1_ps(*rows.steps[r].get_unchecked(b)));
-                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), step, acc[r]);
-                        }
+                        add_blocks(sums, 8, b, w_steps, rows, acc);
                     }
                 }
             }
@@ -301,8 +315,7 @@ macro_rules! kernels {
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn q4_k<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
-                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
-                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                // SAFETY (every load): as for `group`.
                 unsafe {
                     let (low4, low6, top2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x3F), _mm256_set1_epi8(0x30));
                     for b in 0..columns / 8 {
@@ -366,8 +379,7 @@ macro_rules! kernels {
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn q6_k<const N: usize>(w: &[u8], columns: usize, rows: &Rows<'_, N>, acc: &mut [__m256; N]) {
-                // SAFETY (every load): `dot_group_on` checked that the group holds `columns` columns of eight
-                // blocks and each activation row `columns` groups of 32 levels, one step and one level sum.
+                // SAFETY (every load): as for `group`.
                 unsafe {
                     let (low4, top2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
                     for b in 0..columns / 8 {
