@@ -134,15 +134,17 @@ impl Model {
                 message: format!("--quantize {q} is for model directories: a GGUF file runs in its own formats"),
             });
         }
-        if path.is_file() {
-            return Self::from_gguf(&GgufModel::open(path)?, shard, device);
-        }
-        if !path.is_dir() {
+        let model = if path.is_file() {
+            Self::from_gguf(&GgufModel::open(path)?, shard, device)?
+        } else if path.is_dir() {
+            let config = ModelConfig::load(path)?;
+            let files = WeightFiles::open(path)?;
+            Self::from_weights_quantized(config, &files, shard, device, quantize)?
+        } else {
             return Err(ModelError::NoModel(path.to_path_buf()));
-        }
-        let config = ModelConfig::load(path)?;
-        let files = WeightFiles::open(path)?;
-        Self::from_weights_quantized(config, &files, shard, device, quantize)
+        };
+        give_back_load_scratch();
+        Ok(model)
     }
 
     /// The config of the model at `path`: a directory's `config.json`, or a GGUF file's metadata.
@@ -541,3 +543,16 @@ fn attention_rows<'a>(seqs: &[SeqInput<'a>]) -> Vec<AttentionSeq<'a>> {
         })
         .collect()
 }
+
+/// Gives the loader's freed scratch (tensors copied, repacked or converted on their way in) back to the
+/// system. glibc keeps it in the heap's free lists, resident, and a process that goes straight from
+/// loading to generating never reaches a point where it would trim by itself: about 2.7 MB of an 80 MB
+/// GGUF file's load stayed resident for good.
+#[cfg(target_env = "gnu")]
+fn give_back_load_scratch() {
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn give_back_load_scratch() {}
