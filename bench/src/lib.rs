@@ -5,7 +5,8 @@
 //! step ([`lora`]). [`synth`] writes random-weight
 //! models of any shape. `BENCHMARKS.md` records what they measured.
 //!
-//! The binary lends what it owns through [`Host`]: its built-in model and its ways of starting a model.
+//! The binary lends what it owns through [`Host`] ([`host`]): its built-in model and its ways of starting a
+//! model.
 
 pub mod cluster;
 pub mod cpu;

@@ -5,6 +5,7 @@
 //! - [`gguf_model`]: a model from one GGUF file (llama.cpp's format): config, tensor names, its quantized
 //!   matrices kept as blocks;
 //! - [`files`]: a model directory's files opened as untrusted input (regular files only, JSON bounded);
+//! - [`error`]: what loading a model and running a step can fail with, naming the file, field or tensor;
 //! - [`model`]: the decoder and its batched forward pass over a paged KV cache;
 //! - [`kv_cache`]: the pool of fixed-size KV blocks;
 //! - [`quantize`]: `--quantize`, a safetensors model's matrices put in llama.cpp's block formats as they load;
@@ -13,8 +14,9 @@
 //! - [`lora`]: LoRA adapters over the base weights, several in one batch;
 //! - [`sampling`]: logits → next token (penalties, temperature, top-k/p, min-p, seeds, logprobs);
 //! - [`collective`]: all-reduce / all-gather within a group;
+//! - [`tcp_collective`]: the TCP ring between CPU worker processes; [`nccl_collective`]: NCCL between GPU
+//!   workers;
 //! - [`engine`]: a model + cache + per-sequence state behind one `step` call;
-//! - [`tcp_collective`]: the TCP ring between CPU worker processes;
 //! - [`server`]: the `tessera.v1.Worker` gRPC service around an engine;
 //! - [`registration`]: the worker's record in etcd, on a lease kept alive while it serves;
 //! - [`command`]: the `tessera worker` process: listeners, the gRPC server, registration, shutdown.

@@ -9,7 +9,8 @@
 //! - [`auth`]: API keys and the middleware that checks them; [`limits`]: per-key rate and concurrency limits.
 //! - `completions`, `chat`: the two generation endpoints, each validating and tokenizing its own request
 //!   ([`request`] parses and checks what both share; [`chat_template`] renders a conversation), off the
-//!   async runtime ([`offload`]).
+//!   async runtime ([`offload`]); [`structured`] reads `response_format` and `structured_outputs`, [`tools`]
+//!   reads `tools` and `tool_choice` and turns the model's output into `tool_calls`.
 //! - `generate`: runs a validated request for either endpoint; `admission` has the checks it must pass first.
 //! - `reply`: a request in flight, its choices, usage and billing; `whole` and `stream` assemble its answer
 //!   as one JSON body or as server-sent events ([`output`] builds the text and logprobs of a choice).

@@ -1,5 +1,5 @@
 //! Request bodies of `/v1/completions` and `/v1/chat/completions`, and their validation into one
-//! [`Prepared`] request. Every rejected value becomes a 400 naming the parameter, as OpenAI does;
+//! [`Options`] request. Every rejected value becomes a 400 naming the parameter, as OpenAI does;
 //! unknown fields are rejected too (a misspelt parameter must not be silently ignored).
 
 use serde::Deserialize;

@@ -1,6 +1,7 @@
 //! Constrained decoding: what a choice may generate (a JSON schema, a regular expression, one of a list of
 //! strings, a Lark grammar), compiled by llguidance into a [`Constraint`] that gives the allowed-token
-//! mask before each sampled token and follows the tokens sampled.
+//! mask before each sampled token and follows the tokens sampled. `vocab` gives llguidance the model's
+//! vocabulary as bytes.
 //!
 //! The API compiles a request's [`Spec`] once ([`Grammars::compile`], off the HTTP runtime, where a bad
 //! schema becomes a 400) and computes the first mask there; each choice gets its own copy. The engine loop
