@@ -33,8 +33,9 @@ pub fn stack(parts: &[&Tensor]) -> Result<Tensor, ModelError> {
 }
 
 /// Projections of one input (q/k/v, gate/up) as one matrix, or, when their weights are in different formats
-/// (a `Q4_K_M` file keeps some layers' v in Q6_K beside q and k in Q4_K), as separate matrices whose outputs
-/// are put side by side: the same `[tokens, Σ outputs]` either way.
+/// (a `Q4_K_M` file keeps some layers' v in Q6_K beside q and k in Q4_K), as one matrix per run of
+/// neighbours in the same format (q and k stacked, v apart) whose outputs are put side by side: the same
+/// `[tokens, Σ outputs]` either way.
 pub enum Fused {
     One(Tensor),
     Parts(Vec<Tensor>),
@@ -42,11 +43,8 @@ pub enum Fused {
 
 impl Fused {
     pub fn new(parts: &[&Tensor]) -> Result<Self, ModelError> {
-        if parts.iter().all(|p| p.dtype() == parts[0].dtype()) {
-            Ok(Fused::One(stack(parts)?))
-        } else {
-            Ok(Fused::Parts(parts.iter().map(|&p| p.clone()).collect()))
-        }
+        let mut runs = parts.chunk_by(|a, b| a.dtype() == b.dtype()).map(stack).collect::<Result<Vec<_>, _>>()?;
+        if runs.len() == 1 { Ok(Fused::One(runs.remove(0))) } else { Ok(Fused::Parts(runs)) }
     }
 
     /// Bytes of the weights.
