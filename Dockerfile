@@ -7,11 +7,13 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Manifests first: the dependency build is cached until Cargo.lock changes.
+# Every workspace member, and what the sources compile in (`models/`, `.cargo/`); scripts/check-chart.sh
+# checks that none is missing, since no machine that runs CI has a Docker engine to find out.
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY scripts/protoc scripts/protoc
 COPY proto proto
+COPY gguf gguf
 COPY telemetry telemetry
 COPY kernels kernels
 COPY worker worker

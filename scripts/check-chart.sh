@@ -20,6 +20,18 @@ trap 'rm -rf "$out"' EXIT
 echo "-- hadolint Dockerfile"
 "$tools/venv/bin/hadolint" Dockerfile
 
+echo "-- the Dockerfile's build stage copies every workspace member"
+# A member left out fails `docker build` (the workspace manifest names it), which CI cannot run: it has no
+# Docker engine. tessera-gguf was missing for a day.
+missing=$("$py" - <<'PY'
+import re, tomllib
+members = tomllib.load(open("Cargo.toml", "rb"))["workspace"]["members"]
+copied = set(re.findall(r"^COPY\s+(\S+)\s+(?:\./)?\1/?\s*$", open("Dockerfile").read(), re.M))
+print(" ".join(m for m in members + ["models", ".cargo", "scripts/protoc"] if m not in copied))
+PY
+)
+[ -z "$missing" ] || { echo "Dockerfile: the build stage does not COPY $missing"; exit 1; }
+
 sets=(default "$chart"/ci/*.yaml)
 for set in "${sets[@]}"; do
   name=$(basename "$set" .yaml)
