@@ -21,8 +21,8 @@ COPY coordinator coordinator
 COPY bench bench
 COPY tessera tessera
 COPY models models
-RUN cargo build --release --locked --bin tessera \
-    && install -D -m 0755 target/release/tessera /out/tessera
+RUN cargo build --profile dist --locked --bin tessera \
+    && install -D -m 0755 target/dist/tessera /out/tessera
 
 # CUDA 12 runtime libraries (cuBLAS, NVRTC, NCCL); no compiler, no headers.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS runtime

@@ -22,7 +22,7 @@ echo "-- hadolint Dockerfile"
 
 echo "-- the Dockerfile's build stage copies every workspace member"
 # A member left out fails `docker build` (the workspace manifest names it), which CI cannot run: it has no
-# Docker engine. tessera-gguf was missing for a day.
+# Docker engine. tessera-gguf was left out when it joined the workspace.
 missing=$("$py" - <<'PY'
 import re, tomllib
 members = tomllib.load(open("Cargo.toml", "rb"))["workspace"]["members"]
